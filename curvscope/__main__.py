@@ -1,0 +1,5 @@
+"""``python -m curvscope``."""
+
+from .cli import main
+
+main()

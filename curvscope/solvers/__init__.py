@@ -1,0 +1,3 @@
+"""Optimisers whose convergence curvscope analyses."""
+
+__all__: list[str] = []

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from curvscope import Problem
+from curvscope.operators import DenseOperator, HessianOperator
+
+from .cases import CASES, build
+from .truth import assert_close, dense_hessian
+
+
+@pytest.fixture(params=CASES, ids=[c["id"] for c in CASES])
+def case(request):
+    return request.param
+
+
+@pytest.mark.parametrize("mode", ["auto", "double-backward", "forward-over-reverse"])
+def test_hessian_products_match_dense_truth(case, mode):
+    model, loss, data, reduction = build(case)
+    truth = dense_hessian(model, loss, data, reduction)
+    H = HessianOperator(Problem(model, loss, data, reduction=reduction), mode=mode)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(H.shape[0], generator=g, dtype=torch.float64)
+    V = torch.randn(H.shape[0], 5, generator=g, dtype=torch.float64)
+    assert_close(H @ v, truth @ v, what="A @ v")
+    assert_close(H @ V, truth @ V, what="A @ V")
+    assert_close(torch.from_numpy(H.to_scipy() @ V.numpy()), truth @ V, what="to_scipy")
+    assert H.num_matvecs == 1 + 5 + 5
+
+
+def test_dense_and_blocks_match_slices(case):
+    model, loss, data, reduction = build(case)
+    truth = dense_hessian(model, loss, data, reduction)
+    problem = Problem(model, loss, data, reduction=reduction)
+    H = HessianOperator(problem)
+    assert_close(H.dense(), truth, what="dense()")
+    slices = problem.param_slices()
+    for name in problem.names:
+        s = slices[name]
+        assert_close(H.block(name).dense(), truth[s, s], what=f"block {name}")
+    for module, names in problem.module_blocks().items():
+        lo, hi = slices[names[0]].start, slices[names[-1]].stop
+        assert_close(H.block(module).dense(), truth[lo:hi, lo:hi], what=f"block {module}")
+
+
+def test_weight_decay_and_lazy_algebra():
+    model, loss, data, reduction = build(CASES[0])
+    truth = dense_hessian(model, loss, data, reduction, weight_decay=0.3)
+    problem = Problem(model, loss, data, reduction=reduction, weight_decay=0.3)
+    H = HessianOperator(problem)
+    assert_close(H.dense(), truth, what="weight decay")
+    from curvscope.operators import IdentityOperator
+
+    damped = H + 1e-2 * IdentityOperator(H.shape[0], H.dtype, H.device)
+    assert_close(damped.dense(), truth + 1e-2 * torch.eye(H.shape[0], dtype=torch.float64))
+    name = problem.names[0]
+    s = problem.param_slices()[name]
+    n = s.stop - s.start
+    assert_close(damped.block(name).dense(), truth[s, s] + 1e-2 * torch.eye(n, dtype=torch.float64))
+    assert_close((H - H).dense(), torch.zeros_like(truth))
+
+
+def test_model_untouched_and_mode_restored():
+    model, loss, data, reduction = build(CASES[4])
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    H = HessianOperator(Problem(model, loss, data, reduction=reduction))
+    H @ torch.ones(H.shape[0], dtype=torch.float64)
+    assert model.training
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_train_mode_uses_batch_statistics_without_updating():
+    model, loss, data, reduction = build(CASES[4])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    p_eval = Problem(model, loss, data, reduction=reduction)
+    p_train = Problem(model, loss, data, reduction=reduction, train_mode=True)
+    assert float(p_eval.loss()) != pytest.approx(float(p_train.loss()))
+    HessianOperator(p_train) @ torch.ones(p_train.num_params, dtype=torch.float64)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dtype_preserved(dtype):
+    model, loss, data, reduction = build(CASES[0], dtype)
+    H = HessianOperator(Problem(model, loss, data, reduction=reduction))
+    out = H @ torch.ones(H.shape[0], dtype=dtype)
+    assert out.dtype == dtype
+
+
+def test_dense_operator_blocks():
+    m = torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64))
+    D = DenseOperator(m, blocks={"a": slice(0, 2)})
+    assert_close(D.block("a").dense(), m[:2, :2])
+    with pytest.raises(Exception, match="block 'b' does not exist"):
+        D.block("b")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.cuda
+def test_cuda_products_match_cpu():
+    model, loss, data, reduction = build(CASES[0])
+    cpu = HessianOperator(Problem(model, loss, data, reduction=reduction))
+    v = torch.randn(cpu.shape[0], dtype=torch.float64)
+    expected = cpu @ v
+    model = model.cuda()
+    gpu = HessianOperator(Problem(model, loss, data, reduction=reduction))
+    assert_close((gpu @ v.cuda()).cpu(), expected, rtol=1e-10)
