@@ -34,9 +34,9 @@ def power_iteration(
     r"""``k`` eigenpairs by power iteration with deflation (Suk Alg. 5).
 
     Each pair iterates until its residual :math:`\lVert A v - \lambda v\rVert` falls below
-    ``tol / 10`` times the norm estimate (a margin: deflated pairs inherit the residuals of
-    the pairs removed before them; iterates are also kept orthogonal to them) (the first eigenvalue's magnitude, or the shift), or
-    ``max_iter`` products for that pair.
+    ``tol / 10`` times the norm estimate (the first eigenvalue's magnitude, or the shift), or
+    ``max_iter`` products for that pair. The margin is needed because deflated pairs inherit
+    the residuals of the pairs removed before them; iterates are also kept orthogonal to them.
 
     Args:
         A: symmetric operator.
