@@ -440,6 +440,31 @@ class Problem:
                 "stochastic layers); pass a fixed, ordered list of batches."
             )
 
+    def subsample(self, n: int, generator: torch.Generator) -> Problem:
+        """The same problem on a seeded random subset of ``n`` samples (for ``--repeats``).
+
+        Batches keep the largest batch size of this problem.
+
+        Raises:
+            OptionError: when ``n`` is not between 1 and the number of samples.
+        """
+        if not 1 <= n <= self.num_samples:
+            raise OptionError(
+                f"--samples {n} must be between 1 and the {self.num_samples} samples available."
+            )
+        xs, ys = zip(*list(self._raw_batches()), strict=True)
+        x, y = torch.cat(xs), torch.cat(ys)
+        idx = torch.randperm(self.num_samples, generator=generator)[:n].sort().values
+        x, y = x[idx], y[idx]
+        size = max(self.batch_sizes)
+        batches = [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
+        new = object.__new__(Problem)
+        new.__dict__.update(self.__dict__)
+        new.data = batches
+        new.data_passes = 0
+        new.num_samples, new.batch_sizes = new._count_samples()
+        return new
+
     def to(self, dtype: torch.dtype) -> Problem:
         """The same problem with the model cast to ``dtype`` (a copy; this one is untouched)."""
         import copy

@@ -1,3 +1,33 @@
 """Spectra, densities, traces, derivative checks, comparisons and loss surfaces."""
 
-__all__: list[str] = []
+from ._spectrum import (
+    BlockMode,
+    Method,
+    SpectrumEntry,
+    SpectrumResult,
+    make_matrix,
+    resolve_blocks,
+    spectrum,
+)
+from ._surface import (
+    SurfaceDirections,
+    SurfaceResult,
+    filter_normalized_direction,
+    load_directions,
+    surface,
+)
+
+__all__ = [
+    "BlockMode",
+    "Method",
+    "SpectrumEntry",
+    "SpectrumResult",
+    "make_matrix",
+    "resolve_blocks",
+    "spectrum",
+    "SurfaceDirections",
+    "SurfaceResult",
+    "filter_normalized_direction",
+    "load_directions",
+    "surface",
+]

@@ -1,5 +1,11 @@
 """Inputs (checkpoints, data sets) and outputs (result documents)."""
 
+from ._eigenvectors import (
+    EIGENVECTOR_FORMAT,
+    canonical_sign,
+    load_eigenvectors,
+    save_eigenvectors,
+)
 from ._results import (
     SCHEMA,
     file_sha256,
@@ -12,6 +18,10 @@ from ._results import (
 )
 
 __all__ = [
+    "EIGENVECTOR_FORMAT",
+    "canonical_sign",
+    "load_eigenvectors",
+    "save_eigenvectors",
     "SCHEMA",
     "file_sha256",
     "make_document",

@@ -1,0 +1,57 @@
+"""The ``curvscope`` command line: a thin typer app over the library.
+
+Each command lives in its own module ``curvscope.cli.<command>`` with a ``register(app)``
+function; this package assembles them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+
+__all__ = ["app", "main"]
+
+COMMANDS = ["example", "spectrum", "density", "check", "compare", "surface", "solve", "report"]
+
+app = typer.Typer(
+    name="curvscope",
+    help="A curvature microscope for trained PyTorch models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"curvscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Eigenvalues, densities, checks, surfaces and solver runs for trained models."""
+
+
+for _name in COMMANDS:
+    try:
+        _module = importlib.import_module(f"{__name__}.{_name}")
+    except ModuleNotFoundError as _exc:  # a command still being written is simply absent
+        if _exc.name != f"{__name__}.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

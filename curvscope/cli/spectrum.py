@@ -1,0 +1,209 @@
+"""``curvscope spectrum``: extreme eigenvalues with residuals, whole model or per block."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .._errors import OptionError
+from ..diagnostics import spectrum
+from ..io import save_eigenvectors
+from ._common import (
+    CommonArgs,
+    common_options,
+    console,
+    finish,
+    guarded,
+    open_session,
+    parse_list,
+    progress_bar,
+)
+
+__all__ = ["register", "spectrum_cli"]
+
+
+def _matrix_names() -> list[str]:
+    from .. import operators
+
+    return list(getattr(operators, "MATRIX_NAMES", ["hessian"]))
+
+
+@common_options
+def spectrum_cli(
+    common: CommonArgs,
+    matrix: Annotated[
+        str,
+        typer.Option(
+            "--matrix",
+            help="Comma-separated matrices: hessian, "
+            "ggn, fisher, fisher-mc, empirical-fisher, pch-abs, pch-clip, "
+            "pch-abs-persample, pch-clip-persample, kfac, kfac-mc, kfac-empirical, "
+            "ekfac.",
+        ),
+    ] = "hessian",
+    top: Annotated[int, typer.Option("--top", help="Largest eigenvalues per block.")] = 5,
+    bottom: Annotated[int, typer.Option("--bottom", help="Smallest eigenvalues per block.")] = 2,
+    method: Annotated[
+        str, typer.Option("--method", help="lanczos or power (Suk Alg. 5, shifted for top/bottom).")
+    ] = "lanczos",
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="Each module's block (weight and bias together).")
+    ] = False,
+    per_param: Annotated[
+        bool, typer.Option("--per-param", help="Each parameter tensor's block.")
+    ] = False,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            "--repeats", help="Recompute on R random subsets of --samples N and report the spread."
+        ),
+    ] = 0,
+    save_eigenvectors_: Annotated[
+        bool,
+        typer.Option(
+            "--save-eigenvectors", help="Write OUT/eigenvectors.pt for surface --directions."
+        ),
+    ] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Exit 3 when a requested pair did not converge.")
+    ] = False,
+) -> None:
+    """Extreme eigenvalues of the Hessian (or GGN, Fisher, PCH, KFAC), each with its residual."""
+    with guarded():
+        t0 = time.perf_counter()
+        matrices = parse_list(matrix, "--matrix", _matrix_names())
+        if not matrices:
+            raise OptionError("--matrix needs at least one matrix name.")
+        if per_layer and per_param:
+            raise OptionError("--per-layer and --per-param exclude each other; pick one.")
+        if top < 0 or bottom < 0 or top + bottom == 0:
+            raise OptionError(
+                f"--top {top} --bottom {bottom}: ask for at least one eigenvalue (and none "
+                "negative)."
+            )
+        repeat_samples = None
+        if repeats:
+            # With --repeats, --samples is the size of each random subset; the reported
+            # eigenvalues themselves use all the data.
+            if common.samples is None:
+                raise OptionError("--repeats R needs --samples N, the size of each subset.")
+            repeat_samples, common.samples = common.samples, None
+        session = open_session(common)
+        blocks = "per-layer" if per_layer else "per-param" if per_param else "all"
+        with progress_bar() as update:
+            result = spectrum(
+                session.problem,
+                matrices=matrices,
+                blocks=blocks,
+                top=top,
+                bottom=bottom,
+                method=method,
+                tol=common.tol,
+                max_iter=common.max_iter,
+                seed=common.seed,
+                repeats=repeats,
+                samples=repeat_samples,
+                progress=update,
+            )
+        notes = list(result.notes)
+        settings = {
+            "matrix": matrices,
+            "top": top,
+            "bottom": bottom,
+            "method": method,
+            "blocks": blocks,
+            "repeats": repeats,
+            "repeat_samples": repeat_samples,
+            "save_eigenvectors": save_eigenvectors_,
+            "strict": strict,
+        }
+        if save_eigenvectors_:
+            path = save_eigenvectors(
+                common.out / "eigenvectors.pt",
+                model_sha256=session.input_info["model"]["sha256"],
+                param_names=session.problem.names,
+                param_shapes=session.problem.shapes,
+                entries=[
+                    {
+                        "matrix": e.matrix,
+                        "block": e.block,
+                        "which": e.which,
+                        "eigenvalues": e.eigenvalues,
+                        "vectors": v,
+                    }
+                    for e, v in zip(result.spectra, result.eigenvectors, strict=True)
+                ],
+            )
+            notes.append(f"eigenvectors written to {path}")
+        doc_path = finish(
+            session,
+            "spectrum",
+            settings=settings,
+            results=result.to_results(),
+            timings={"total_s": time.perf_counter() - t0},
+            counts={"matvecs": result.num_matvecs},
+            notes=notes,
+        )
+        _print(result, session, doc_path, save_eigenvectors_)
+    if strict and not result.all_converged:
+        raise typer.Exit(code=3)
+
+
+def _print(result, session, doc_path, saved) -> None:
+    p = session.problem
+    title = (
+        f"{p.num_params} parameters, {p.num_samples} samples, {session.input_info['loss']} "
+        f"({session.input_info['reduction']}), {session.input_info['dtype']}"
+        + (", train mode" if p.train_mode else "")
+    )
+    table = Table(title=title, title_style="bold")
+    for col, kw in [
+        ("matrix", {}),
+        ("block", {}),
+        ("end", {}),
+        ("#", {"justify": "right"}),
+        ("eigenvalue", {"justify": "right"}),
+        ("residual", {"justify": "right"}),
+        ("converged", {"justify": "center"}),
+    ]:
+        table.add_column(col, **kw)
+    has_spread = any(e.spread for e in result.spectra)
+    if has_spread:
+        table.add_column("subset mean ± std", justify="right")
+    for e in result.spectra:
+        for i, (lam, res, ok) in enumerate(
+            zip(e.eigenvalues, e.residual_norms, e.converged, strict=True)
+        ):
+            row = [
+                e.matrix if i == 0 else "",
+                e.block if i == 0 else "",
+                e.which if i == 0 else "",
+                str(i + 1),
+                f"{lam: .6g}",
+                f"{res:.2e}",
+                "[green]yes[/]" if ok else "[red]no[/]",
+            ]
+            if has_spread:
+                row.append(
+                    f"{e.spread['mean'][i]:.4g} ± {e.spread['std'][i]:.2g}" if e.spread else ""
+                )
+            table.add_row(*row)
+        table.add_section()
+    console.print(table)
+    unconverged = sum(not c for e in result.spectra for c in e.converged)
+    if unconverged:
+        console.print(
+            f"[yellow]{unconverged} pair(s) did not reach residual <= tol x ||A||; raise "
+            "--max-iter or loosen --tol.[/]"
+        )
+    console.print(f"{result.num_matvecs} matrix-vector products. Result: {doc_path}")
+    if saved:
+        console.print(f"Eigenvectors: {doc_path.parent / 'eigenvectors.pt'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``spectrum`` to the app."""
+    app.command("spectrum", no_args_is_help=True)(spectrum_cli)
