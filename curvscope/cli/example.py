@@ -1,0 +1,42 @@
+"""``curvscope example``: train a small model deterministically and write it with its data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._errors import OptionError
+from ._common import console, guarded
+
+__all__ = ["example_cli", "register"]
+
+
+def example_cli(
+    name: Annotated[str, typer.Argument(help="digits-mlp, digits-sigmoid, digits-cnn or "
+                                        "sinus-mlp.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Folder for model.pt and data.npz.")] = Path(
+        "curvscope-example"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 0,
+) -> None:
+    """Train an example model in seconds and write OUT/model.pt and OUT/data.npz."""
+    from .._examples import EXAMPLES, make_example
+
+    with guarded():
+        if name not in EXAMPLES:
+            raise OptionError(
+                f"example {name!r} is not known; choose one of {', '.join(EXAMPLES)}."
+            )
+        with console.status(f"training {name}..."):
+            info = make_example(name, out, seed=seed)
+    console.print(f"[bold]{name}[/]: {EXAMPLES[name]}")
+    for key, value in info.items():
+        console.print(f"  {key}: {value}")
+    console.print(f"Next: curvscope spectrum {Path(out) / 'model.pt'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``example`` to the app."""
+    app.command("example", no_args_is_help=True)(example_cli)
