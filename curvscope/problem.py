@@ -436,7 +436,8 @@ class Problem:
         ):
             raise DeterminismError(
                 "two passes over the data gave different losses or gradients: the data "
-                "loader probably shuffles (shuffle=True), or the model samples (dropout, "
+                "loader probably draws different samples each pass (shuffle=True with "
+                "drop_last, a random sampler) or the model samples (dropout, "
                 "stochastic layers); pass a fixed, ordered list of batches."
             )
 
