@@ -3,6 +3,8 @@
 from ._cg import CGResult, MinresResult, cg, minres
 from ._lanczos import DEFAULT_TOL, EigenResult, LanczosResult, eigenpairs, lanczos
 from ._power import power_iteration
+from ._slq import Density, SLQResult, slq, spectral_density
+from ._trace import TraceEstimate, exact_trace, hutchinson_trace, hutchpp_trace
 
 __all__ = [
     "CGResult",
@@ -15,4 +17,12 @@ __all__ = [
     "eigenpairs",
     "lanczos",
     "power_iteration",
+    "Density",
+    "SLQResult",
+    "slq",
+    "spectral_density",
+    "TraceEstimate",
+    "exact_trace",
+    "hutchinson_trace",
+    "hutchpp_trace",
 ]
