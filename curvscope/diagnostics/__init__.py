@@ -1,5 +1,6 @@
 """Spectra, densities, traces, derivative checks, comparisons and loss surfaces."""
 
+from ._density import DensityEntry, DensityResult, TraceEntry, density
 from ._spectrum import (
     BlockMode,
     Method,
@@ -18,6 +19,10 @@ from ._surface import (
 )
 
 __all__ = [
+    "DensityEntry",
+    "DensityResult",
+    "TraceEntry",
+    "density",
     "BlockMode",
     "Method",
     "SpectrumEntry",
