@@ -1,0 +1,165 @@
+r"""Fisher information (true, Monte-Carlo) and the empirical Fisher as operators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+
+import torch
+
+from .._errors import OptionError
+from ..problem import Batch, Problem
+from ._base import CurvatureOperator
+from ._ggn import GGNOperator
+from ._outputs import refuse_train_mode
+
+__all__ = ["EmpiricalFisherOperator", "FisherKind", "FisherOperator"]
+
+ApplyFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class FisherKind(str, Enum):
+    """How the expectation over the model's predictive distribution is taken."""
+
+    EXACT = "exact"
+    MC = "mc"
+
+
+class FisherOperator(GGNOperator):
+    r"""The Fisher information of the model's predictive distribution.
+
+    .. math::
+        F = c \sum_{i=1}^N J_i^T \, E_{y \sim p(y|f_i)}\!\left[
+            \nabla_f \ell_i(y) \nabla_f \ell_i(y)^T \right] J_i + \lambda I,
+        \qquad c = 1/N \text{ (mean) or } 1 \text{ (sum)}.
+
+    The loss is read as a negative log-likelihood (DESIGN.md "Mathematical conventions"):
+    softmax cross-entropy (and ``nll`` after a final ``LogSoftmax``) as a categorical
+    distribution; mse as a Gaussian :math:`N(f, \sigma^2 I)` with :math:`\sigma^2 = d/2` for
+    torch's mean over outputs and 1/2 for sum, so that :math:`-\log p = \ell_i` + const;
+    BCE-with-logits as independent Bernoullis with the loss's 1/d (mean) as temperature. Under
+    these readings the exact Fisher equals the GGN (tested).
+
+    ``kind="exact"`` sums over the predictive distribution in closed form (for cross-entropy
+    an explicit sum over classes of :math:`p_c (p - e_c)(p - e_c)^T`). ``kind="mc"`` draws
+    ``mc_samples`` labels per sample from the model; the generator is re-seeded with ``seed``
+    at the start of every product (a local ``torch.Generator``, the global RNG is untouched),
+    so every product sees the same labels and the operator is one fixed matrix, as Lanczos
+    and CG require.
+
+    Args:
+        problem: model, loss, data and parameter selection.
+        kind: ``exact`` or ``mc``.
+        mc_samples: labels drawn per sample (``mc``).
+        seed: seed of the label draws (``mc``).
+
+    Raises:
+        OptionError: for an unknown kind or ``mc_samples < 1``.
+        UnsupportedModelError: for a loss that is not a negative log-likelihood
+            (``chen_nonconvex``), TorchScript, or ``nll`` without a final ``LogSoftmax``.
+    """
+
+    name = "fisher"
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        kind: str | FisherKind = FisherKind.EXACT,
+        mc_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        try:
+            kind = FisherKind(kind)
+        except ValueError:
+            valid = ", ".join(k.value for k in FisherKind)
+            raise OptionError(
+                f"Fisher kind {kind!r} is not known; choose one of {valid}."
+            ) from None
+        if int(mc_samples) < 1:
+            raise OptionError(f"--mc-samples must be at least 1, got {mc_samples}.")
+        self.name = "fisher-mc" if kind is FisherKind.MC else "fisher"
+        super().__init__(problem, kind=kind, mc_samples=int(mc_samples), seed=int(seed))
+        self.kind = kind
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+        self.view._require_likelihood()
+        self._gen: torch.Generator | None = None
+        if kind is FisherKind.MC:
+            self.notes.append(
+                f"Monte-Carlo Fisher with {self.mc_samples} label draw(s) per sample, seed "
+                f"{self.seed}, re-seeded on every product (one fixed matrix)."
+            )
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        if self.kind is FisherKind.MC:
+            # Re-seed per product: the same labels every time, so A is one fixed matrix.
+            self._gen = torch.Generator().manual_seed(self.seed)
+        return super()._matmat(V)
+
+    def _output_apply(self, out: torch.Tensor, batch: Batch) -> ApplyFn:
+        if self.kind is FisherKind.EXACT:
+            return self.view.fisher_apply(out)
+        Q = self.view.sample_columns(out, self.mc_samples, self._gen)
+        return lambda U: torch.einsum("jna,jnb,knb->kna", Q, Q, U)
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    r"""The empirical Fisher: outer products of per-sample gradients at the observed labels.
+
+    .. math::
+        \tilde F = c \sum_{i=1}^N g_i g_i^T + \lambda I, \qquad
+        g_i = \nabla_w \ell(f(x_i; w), y_i), \quad c = 1/N \text{ (mean) or } 1 \text{ (sum)},
+
+    with :math:`\ell` torch's per-sample loss (``mse`` with mean reduction averages over the
+    outputs). It is not the Fisher (DESIGN.md; FINDINGS.md section 5: relative Frobenius
+    distance 10-60 on tiny MLPs). Per-sample gradients by ``torch.func.vmap(grad)``; they are
+    kept in memory between products when they fit (``cache_limit`` numbers).
+
+    Args:
+        problem: model, loss, data and parameter selection (eval mode only).
+        cache_limit: largest ``N * P`` for which per-sample gradients are cached.
+
+    Raises:
+        UnsupportedModelError: in train mode, and for TorchScript models.
+    """
+
+    name = "empirical-fisher"
+
+    def __init__(self, problem: Problem, *, cache_limit: int = 2**25) -> None:
+        from ._outputs import LossView
+
+        super().__init__(problem, cache_limit=cache_limit)
+        refuse_train_mode(problem, self.name)
+        if problem.scripted:
+            LossView(problem, self.name)  # raises the TorchScript message
+        self.cache_limit = int(cache_limit)
+        self._cache: list[torch.Tensor] | None = None
+
+    def _per_sample_grads(self, batch: Batch) -> torch.Tensor:
+        p = self.problem
+        params = {n: t.detach() for n, t in p.params.items()}
+
+        def loss_one(ps, x, y):
+            out = p.forward(ps, x.unsqueeze(0))
+            return p.loss_fn(out, y.unsqueeze(0), p.reduction)
+
+        with p.mode():
+            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
+                params, batch.x, batch.y
+            )
+        return torch.cat([grads[n].reshape(batch.size, -1) for n in p.names], dim=1)
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        p = self.problem
+        use_cache = p.num_samples * p.num_params <= self.cache_limit
+        out = torch.zeros_like(V)
+        if use_cache and self._cache is None:
+            self._cache = [self._per_sample_grads(b) for b in p.batches()]
+        c = 1.0 / p.num_samples if p.reduction == "mean" else 1.0
+        grads = self._cache if use_cache else (self._per_sample_grads(b) for b in p.batches())
+        for G in grads:
+            out += c * (G.T @ (G @ V))
+        if p.weight_decay:
+            out += p.weight_decay * V
+        return out
