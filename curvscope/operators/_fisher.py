@@ -148,7 +148,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
             grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
                 params, batch.x, batch.y
             )
-        return torch.cat([grads[n].reshape(batch.size, -1) for n in p.names], dim=1)
+        return torch.cat([grads[n].reshape(batch.size, -1) for n in p.names], dim=1).detach()
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         p = self.problem

@@ -73,4 +73,5 @@ class GGNOperator(CurvatureOperator):
             c = batch.weight / batch.size if p.reduction == "mean" else 1.0
             HJV = (c * apply(JV.reshape(k, n, -1))).reshape(JV.shape)
             (grads,) = torch.func.vmap(vjp_fn)(HJV)
-        return param_columns(p, grads, k)
+        # unselected parameters still require grad; no graph leaves an operator.
+        return param_columns(p, grads, k).detach()

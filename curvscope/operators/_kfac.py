@@ -1,0 +1,424 @@
+r"""Kronecker-factored curvature: KFAC and EKFAC for Linear and Conv2d layers, on torch alone.
+
+KFAC: Martens & Grosse 2015, KFC for convolutions: Grosse & Martens 2016, EKFAC: George et
+al. 2018.
+
+Notation for one layer with weight ``W`` (``[out, in]``; Conv2d: ``[out, C*kh*kw]``) and bias
+``b``: per sample ``i`` and location ``l`` (one location for Linear on ``[N, in]`` inputs;
+the output pixels of a Conv2d, whose inputs are the unfolded patches, "expand" KFC),
+:math:`a_{il}` is the layer input augmented by a 1 when the layer has a bias, and
+:math:`g_{il}` the derivative of the per-sample loss w.r.t. the layer output. The layer's
+block of the Fisher-type matrix the factors approximate is
+
+.. math::
+    B = c \sum_i E_y\Big[\big(\textstyle\sum_l g_{il} \otimes a_{il}\big)
+        \big(\textstyle\sum_l g_{il} \otimes a_{il}\big)^T\Big],
+    \qquad c = 1/N \text{ (mean) or } 1 \text{ (sum)},
+
+for the row-major flattening of :math:`[W \mid b]` (``[out, in + 1]``), and KFAC replaces it by
+
+.. math::
+    B \approx G \otimes A, \qquad
+    A = \frac{1}{N R} \sum_{i,l} a_{il} a_{il}^T, \qquad
+    G = c \sum_{i,l} E_y[g_{il} g_{il}^T],
+
+with ``R`` locations per sample. For one sample and one location this is exact; in general
+it assumes samples' (and locations') ``a`` and ``g`` independent. The expectation over ``y``:
+``exact`` sums over the model's predictive distribution (the output Fisher's square root, as
+:class:`FisherOperator`), ``mc`` draws ``mc_samples`` labels per sample with ``seed``,
+``empirical`` uses the observed labels (then ``B`` is the empirical Fisher's block).
+
+Weight and bias of a layer form one Kronecker block (cross terms kept); different layers
+are independent (block-diagonal). Selecting only a layer's weight (or bias) gives
+:math:`G \otimes A_{ww}` (or :math:`G A_{bb}`), the slice of the full block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import OptionError, UnsupportedModelError
+from ..problem import Problem
+from ._base import CurvatureOperator
+from ._outputs import LossView, refuse_train_mode
+
+__all__ = ["EKFACOperator", "KFACFisherType", "KFACOperator"]
+
+
+class KFACFisherType(str, Enum):
+    """Which expectation over labels the factor ``G`` uses."""
+
+    EXACT = "exact"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+
+
+@dataclass
+class _KLayer:
+    name: str
+    module: nn.Module
+    has_bias: bool
+    weight: str | None  # selected full parameter name, or None
+    bias: str | None
+    n_in: int  # columns of W (without the bias column)
+    n_out: int
+
+    def index(self) -> list[int]:
+        idx = list(range(self.n_in)) if self.weight else []
+        return idx + ([self.n_in] if self.bias else [])
+
+
+def _kfac_layers(problem: Problem, matrix: str) -> list[_KLayer]:
+    layers: dict[str, _KLayer] = {}
+    for pname in problem.names:
+        mname, _, leaf = pname.rpartition(".")
+        module = problem.model.get_submodule(mname)
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            raise UnsupportedModelError(
+                f"the {matrix} matrix supports Linear and Conv2d layers only; layer "
+                f"{mname or 'model'!r} ({type(module).__name__}) has selected parameters "
+                "(select fewer with --params)."
+            )
+        if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
+            raise UnsupportedModelError(
+                f"the {matrix} matrix supports Conv2d with groups=1, zero padding given as "
+                f"numbers; layer {mname!r} has groups={module.groups}, "
+                f"padding={module.padding!r}, padding_mode={module.padding_mode!r}."
+            )
+        if mname not in layers:
+            w = module.weight
+            layers[mname] = _KLayer(
+                mname, module, module.bias is not None, None, None, w[0].numel(), w.shape[0]
+            )
+        setattr(layers[mname], leaf, pname)
+    return list(layers.values())
+
+
+def _recorder(store: list):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        store.append((inputs[0], output))
+
+    return hook
+
+
+def _patches(layer: _KLayer, x: torch.Tensor) -> torch.Tensor:
+    """Layer inputs as ``[n, R, in (+1)]`` (Conv2d: unfolded patches)."""
+    m = layer.module
+    n = x.shape[0]
+    if isinstance(m, nn.Conv2d):
+        a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        a = a.transpose(1, 2)
+    else:
+        a = x.reshape(n, -1, x.shape[-1])
+    if layer.has_bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a
+
+
+def _out_grads(layer: _KLayer, g: torch.Tensor) -> torch.Tensor:
+    """Output derivatives as ``[n, R, out]``."""
+    n = g.shape[0]
+    if isinstance(layer.module, nn.Conv2d):
+        return g.reshape(n, g.shape[1], -1).transpose(1, 2)
+    return g.reshape(n, -1, g.shape[-1])
+
+
+class KFACOperator(CurvatureOperator):
+    r"""KFAC: per layer :math:`G \otimes A`, block-diagonal over layers (module docstring).
+
+    Products apply :math:`G\,\tilde V A` per layer (:math:`\tilde V` the ``[out, in+1]``
+    layout of the column). :meth:`eigenvalues` gives each layer's exact eigenvalues (outer
+    products of the factors' eigenvalues) and :meth:`inverse` the damped inverse through the
+    factors' eigendecompositions. Factors are computed in one pass at construction (``exact``:
+    one backward pass per output dimension and batch) and shared with :meth:`block` views.
+
+    Args:
+        problem: model (selected parameters in Linear/Conv2d layers), loss and data.
+        fisher_type: ``exact``, ``mc`` or ``empirical``.
+        mc_samples: labels drawn per sample (``mc``).
+        seed: seed of the label draws (``mc``).
+
+    Raises:
+        UnsupportedModelError: for selected parameters in other layers, in train mode, a
+            layer called more than once, or a loss that is not a likelihood (``exact``, ``mc``).
+        OptionError: for an unknown ``fisher_type`` or ``mc_samples < 1``.
+    """
+
+    name = "kfac"
+    _ekfac = False
+
+    def __init__(
+        self,
+        problem: Problem,
+        *,
+        fisher_type: str | KFACFisherType = KFACFisherType.EXACT,
+        mc_samples: int = 1,
+        seed: int = 0,
+        _shared: dict | None = None,
+    ) -> None:
+        try:
+            fisher_type = KFACFisherType(fisher_type)
+        except ValueError:
+            valid = ", ".join(k.value for k in KFACFisherType)
+            raise OptionError(
+                f"KFAC fisher type {fisher_type!r} is not known; choose one of {valid}."
+            ) from None
+        if int(mc_samples) < 1:
+            raise OptionError(f"--mc-samples must be at least 1, got {mc_samples}.")
+        base = "ekfac" if self._ekfac else "kfac"
+        self.name = base if fisher_type is KFACFisherType.EXACT else f"{base}-{fisher_type.value}"
+        super().__init__(problem, fisher_type=fisher_type, mc_samples=int(mc_samples), seed=seed)
+        refuse_train_mode(problem, self.name)
+        self.fisher_type = fisher_type
+        self.mc_samples = int(mc_samples)
+        self.seed = int(seed)
+        self.view = LossView(problem, self.name)
+        if fisher_type is not KFACFisherType.EMPIRICAL:
+            self.view._require_likelihood()
+        self.layers = _kfac_layers(problem, self.name)
+        self._shared = _shared if _shared is not None else {"raw": {}, "S": {}}
+        missing = [layer for layer in self.layers if layer.name not in self._shared["raw"]]
+        if missing:
+            self._shared["raw"].update(self._factor_pass(missing))
+        self._eig: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ factors
+    def _columns(self, out: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.fisher_type is KFACFisherType.EXACT:
+            return self.view.fisher_sqrt(out)
+        if self.fisher_type is KFACFisherType.MC:
+            return self.view.sample_columns(out, self.mc_samples, gen)
+        return self.view.label_columns(out, y)
+
+    def _passes(self, layers: list[_KLayer]):
+        """Yield per batch ``(c, {layer: a [n,R,in+1]}, [ {layer: g [n,R,out]} per column ])``."""
+        p = self.problem
+        gen = torch.Generator().manual_seed(self.seed)
+        for batch in p.batches():
+            captured: dict[str, list] = {layer.name: [] for layer in layers}
+            handles = [
+                layer.module.register_forward_hook(_recorder(captured[layer.name]))
+                for layer in layers
+            ]
+            try:
+                with p.mode(), torch.enable_grad():
+                    leaves = {n: t.detach().requires_grad_(True) for n, t in p.params.items()}
+                    out = self.view.forward(leaves, batch.x)
+            finally:
+                for h in handles:
+                    h.remove()
+            for layer in layers:
+                if len(captured[layer.name]) != 1:
+                    raise UnsupportedModelError(
+                        f"the {self.name} matrix needs each layer called once per forward; "
+                        f"layer {layer.name!r} was called {len(captured[layer.name])} times."
+                    )
+            acts = {
+                layer.name: _patches(layer, captured[layer.name][0][0].detach()) for layer in layers
+            }
+            outs = [captured[layer.name][0][1] for layer in layers]
+            Q = self._columns(out.detach(), batch.y, gen)
+            n = out.shape[0]
+            flat = out.reshape(n, -1)
+            cols = []
+            for j in range(Q.shape[0]):
+                gs = torch.autograd.grad(flat, outs, grad_outputs=Q[j], retain_graph=True)
+                cols.append(
+                    {
+                        layer.name: _out_grads(layer, g.detach())
+                        for layer, g in zip(layers, gs, strict=True)
+                    }
+                )
+            c = batch.weight / batch.size if p.reduction == "mean" else 1.0
+            yield c, acts, cols
+
+    def _factor_pass(self, layers: list[_KLayer]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        A = {layer.name: 0.0 for layer in layers}
+        G = {layer.name: 0.0 for layer in layers}
+        R = {}
+        for c, acts, cols in self._passes(layers):
+            for layer in layers:
+                a = acts[layer.name]
+                R[layer.name] = a.shape[1]
+                A[layer.name] = A[layer.name] + torch.einsum("nri,nrj->ij", a, a)
+                for col in cols:
+                    g = col[layer.name]
+                    G[layer.name] = G[layer.name] + c * torch.einsum("nro,nrp->op", g, g)
+        N = self.problem.num_samples
+        return {
+            layer.name: (A[layer.name] / (N * R[layer.name]), G[layer.name]) for layer in layers
+        }
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer ``(A, G)`` restricted to the selected weight/bias columns of ``A``."""
+        out = {}
+        for layer in self.layers:
+            A, G = self._shared["raw"][layer.name]
+            idx = layer.index()
+            out[layer.name] = (A[idx][:, idx], G)
+        return out
+
+    def _eigen(self, layer: _KLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""``(Q_G, Q_A, D)``: the layer block is :math:`(Q_G \otimes Q_A) diag(D) (..)^T`."""
+        if layer.name not in self._eig:
+            A, G = self.factors()[layer.name]
+            lam_a, qa = torch.linalg.eigh(A)
+            lam_g, qg = torch.linalg.eigh(G)
+            self._eig[layer.name] = (qg, qa, torch.outer(lam_g, lam_a))
+        return self._eig[layer.name]
+
+    # ------------------------------------------------------------------ layout
+    def _layer_views(self, V: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Columns ``[P, k]`` -> per layer ``[k, out, m]`` (m = selected input columns)."""
+        parts = self.problem.unflatten(V)
+        k = V.shape[1]
+        views = {}
+        for layer in self.layers:
+            pieces = []
+            if layer.weight:
+                pieces.append(parts[layer.weight].reshape(k, layer.n_out, layer.n_in))
+            if layer.bias:
+                pieces.append(parts[layer.bias].reshape(k, layer.n_out, 1))
+            views[layer.name] = torch.cat(pieces, dim=-1)
+        return views
+
+    def _assemble(self, results: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        parts = {}
+        for layer in self.layers:
+            r = results[layer.name]
+            if layer.weight:
+                parts[layer.weight] = r[..., : layer.n_in]
+            if layer.bias:
+                parts[layer.bias] = r[..., -1]
+        p = self.problem
+        return torch.cat([parts[n].reshape(k, -1) for n in p.names], dim=1).T
+
+    # ------------------------------------------------------------------ products
+    def _apply_layer(self, layer: _KLayer, X: torch.Tensor) -> torch.Tensor:
+        A, G = self.factors()[layer.name]
+        return G @ X @ A
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        views = self._layer_views(V)
+        res = {layer.name: self._apply_layer(layer, views[layer.name]) for layer in self.layers}
+        out = self._assemble(res, V.shape[1])
+        if self.problem.weight_decay:
+            out = out + self.problem.weight_decay * V
+        return out
+
+    def eigenvalues(self) -> dict[str, torch.Tensor]:
+        """Per layer, every eigenvalue of its block (weight decay included), descending."""
+        wd = self.problem.weight_decay
+        return {
+            layer.name: (self._eigen(layer)[2].reshape(-1) + wd).sort(descending=True).values
+            for layer in self.layers
+        }
+
+    def inverse(self, damping: float) -> CurvatureOperator:
+        r"""The damped inverse :math:`(K + \lambda_{wd} I + \text{damping}\, I)^{-1}`.
+
+        Raises:
+            OptionError: when a damped eigenvalue is not positive.
+        """
+        return _KroneckerInverse(self, float(damping))
+
+    def _with_problem(self, problem: Problem) -> CurvatureOperator:
+        return type(self)(problem, **self._knobs, _shared=self._shared)
+
+
+class EKFACOperator(KFACOperator):
+    r"""EKFAC (George et al. 2018): KFAC's eigenbasis with the exact diagonal in it.
+
+    With :math:`A = Q_A \Lambda_A Q_A^T` and :math:`G = Q_G \Lambda_G Q_G^T` (per layer,
+    factors as in :class:`KFACOperator`), the block is
+    :math:`(Q_G \otimes Q_A)\,\mathrm{diag}(S)\,(Q_G \otimes Q_A)^T` with
+
+    .. math::
+        S_{jk} = c \sum_i E_y\big[(Q_G^T \Gamma_i Q_A)_{jk}^2\big], \qquad
+        \Gamma_i = \textstyle\sum_l g_{il} a_{il}^T,
+
+    the second moments of the per-sample gradients in that basis (computed in a second pass
+    at construction). It matches the true block's diagonal in the Kronecker eigenbasis, so it
+    is at least as close to it as KFAC in Frobenius norm (George et al. 2018, section 3).
+
+    Args:
+        problem: as :class:`KFACOperator`.
+        fisher_type: ``exact``, ``mc`` or ``empirical``.
+        mc_samples: labels drawn per sample (``mc``).
+        seed: seed of the label draws (``mc``).
+    """
+
+    name = "ekfac"
+    _ekfac = True
+
+    def _eigen(self, layer: _KLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if layer.name not in self._eig:
+            self._scales()
+        return self._eig[layer.name]
+
+    def _scales(self) -> None:
+        factors = self.factors()
+        bases = {}
+        for layer in self.layers:
+            A, G = factors[layer.name]
+            bases[layer.name] = (torch.linalg.eigh(G)[1], torch.linalg.eigh(A)[1])
+        key = {layer.name: (layer.name, tuple(layer.index())) for layer in self.layers}
+        todo = [layer for layer in self.layers if key[layer.name] not in self._shared["S"]]
+        if todo:
+            S = {layer.name: 0.0 for layer in todo}
+            for c, acts, cols in self._passes(todo):
+                for layer in todo:
+                    qg, qa = bases[layer.name]
+                    a = acts[layer.name][..., layer.index()] @ qa
+                    for col in cols:
+                        gam = torch.einsum("nro,nrm->nom", col[layer.name] @ qg, a)
+                        S[layer.name] = S[layer.name] + c * (gam * gam).sum(0)
+            for layer in todo:
+                self._shared["S"][key[layer.name]] = S[layer.name]
+        for layer in self.layers:
+            qg, qa = bases[layer.name]
+            self._eig[layer.name] = (qg, qa, self._shared["S"][key[layer.name]])
+
+    def _apply_layer(self, layer: _KLayer, X: torch.Tensor) -> torch.Tensor:
+        qg, qa, D = self._eigen(layer)
+        return qg @ (D * (qg.T @ X @ qa)) @ qa.T
+
+
+class _KroneckerInverse(CurvatureOperator):
+    """``(K + (lambda_wd + damping) I)^{-1}`` through each layer's eigendecomposition."""
+
+    includes_weight_decay = False
+
+    def __init__(self, op: KFACOperator, damping: float) -> None:
+        super().__init__(op.problem)
+        self.op = op
+        self.damping = damping
+        self.name = f"{op.name}-inverse"
+        shift = op.problem.weight_decay + damping
+        for layer in op.layers:
+            D = op._eigen(layer)[2]
+            if float((D + shift).min()) <= 0:
+                raise OptionError(
+                    f"damping {damping:g} leaves a non-positive eigenvalue in layer "
+                    f"{layer.name!r} of {op.name}; use a larger damping."
+                )
+        self.shift = shift
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        views = self.op._layer_views(V)
+        res = {}
+        for layer in self.op.layers:
+            qg, qa, D = self.op._eigen(layer)
+            res[layer.name] = qg @ ((qg.T @ views[layer.name] @ qa) / (D + self.shift)) @ qa.T
+        return self.op._assemble(res, V.shape[1])
+
+    def block(self, name: str) -> CurvatureOperator:
+        """The inverse of the operator's block (block-diagonal, so the block of the inverse)."""
+        return _KroneckerInverse(self.op.block(name), self.damping)
