@@ -1,3 +1,29 @@
 """Figures and the HTML report, rendered from result documents only."""
 
-__all__: list[str] = []
+from ._html import render_report
+from ._plots import (
+    figures_for,
+    plot_check_taylor,
+    plot_compare,
+    plot_density,
+    plot_solver_curves,
+    plot_spectrum,
+    plot_surface_1d,
+    plot_surface_3d,
+    plot_surface_contour,
+    save_figures,
+)
+
+__all__ = [
+    "figures_for",
+    "plot_check_taylor",
+    "plot_compare",
+    "plot_density",
+    "plot_solver_curves",
+    "plot_spectrum",
+    "plot_surface_1d",
+    "plot_surface_3d",
+    "plot_surface_contour",
+    "render_report",
+    "save_figures",
+]

@@ -1,0 +1,416 @@
+"""Interactive plotly charts for the HTML report, drawn from result documents only.
+
+Each function takes a result document (or its ``results`` part) and returns a
+``plotly.graph_objects.Figure``; :func:`figure_json` serialises one for ``Plotly.newPlot``.
+Colours and labels follow the matplotlib figures in :mod:`curvscope.report._plots`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+
+from ._plots import PALETTE, _array, _block_label, _results, _trace_columns, surface_axis_label
+
+__all__ = [
+    "compare_heatmap",
+    "density_chart",
+    "figure_json",
+    "solver_chart",
+    "spectrum_chart",
+    "surface_3d",
+    "surface_contour",
+    "surface_lines",
+    "taylor_chart",
+]
+
+FONT = {"family": "-apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", "size": 13}
+
+
+def _layout(title: str, **kw: Any) -> dict[str, Any]:
+    base = {
+        "template": "plotly_white",
+        "title": {"text": title, "x": 0.02, "font": {"size": 15}},
+        "font": FONT,
+        "margin": {"l": 70, "r": 30, "t": 50, "b": 60},
+        "legend": {"bgcolor": "rgba(255,255,255,0.7)"},
+        "height": 460,
+    }
+    base.update(kw)
+    return base
+
+
+def _nan_to_none(a: np.ndarray) -> list:
+    return np.where(np.isfinite(a), a, None).tolist()
+
+
+def _label(surf: dict[str, Any], i: int, short: bool = False) -> str:
+    return surface_axis_label(surf, i, tex=False, short=short)
+
+
+def surface_3d(doc: dict[str, Any]) -> go.Figure:
+    """Interactive 3-D loss surface; the quadratic model as a translucent surface (toggle)."""
+    surf = _results(doc, "surface")
+    a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
+    z = _array(surf["loss"])
+    fig = go.Figure()
+    fig.add_trace(
+        go.Surface(
+            x=a,
+            y=b,
+            z=_nan_to_none(z.T),
+            colorscale="Viridis",
+            name="loss",
+            showlegend=True,
+            colorbar={"title": {"text": "loss"}, "len": 0.75},
+            contours={"z": {"show": True, "usecolormap": True, "project": {"z": True}, "width": 1}},
+            hovertemplate="a=%{x:.3g}<br>b=%{y:.3g}<br>loss=%{z:.5g}<extra></extra>",
+        )
+    )
+    quad = _array(surf.get("quadratic_model"))
+    if quad is not None:
+        zmax = np.nanmax(z) if np.isfinite(z).any() else None
+        q = np.where(quad > zmax * 1.5, np.nan, quad) if zmax is not None and zmax > 0 else quad
+        fig.add_trace(
+            go.Surface(
+                x=a,
+                y=b,
+                z=_nan_to_none(q.T),
+                colorscale=[[0, "#E69F00"], [1, "#E69F00"]],
+                opacity=0.35,
+                showscale=False,
+                name="quadratic model",
+                showlegend=True,
+                visible="legendonly",
+                hovertemplate="quadratic model %{z:.5g}<extra></extra>",
+            )
+        )
+    fig.update_layout(
+        _layout(
+            "Loss surface (drag to rotate)",
+            height=560,
+            scene={
+                "xaxis": {"title": {"text": _label(surf, 0, short=True)}},
+                "yaxis": {"title": {"text": _label(surf, 1, short=True)}},
+                "zaxis": {"title": {"text": "loss"}},
+                "camera": {"eye": {"x": 1.5, "y": -1.5, "z": 0.9}},
+            },
+            margin={"l": 10, "r": 10, "t": 50, "b": 10},
+        )
+    )
+    return fig
+
+
+def surface_contour(doc: dict[str, Any]) -> go.Figure:
+    """Contour map of a 2-D loss surface with the quadratic model as dashed lines."""
+    surf = _results(doc, "surface")
+    a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
+    z = _array(surf["loss"])
+    finite = z[np.isfinite(z)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    size = (hi - lo) / 20 or 1.0
+    fig = go.Figure()
+    fig.add_trace(
+        go.Contour(
+            x=a,
+            y=b,
+            z=_nan_to_none(z.T),
+            colorscale="Viridis",
+            name="loss",
+            contours={"start": lo, "end": hi, "size": size},
+            line={"width": 0.5, "color": "rgba(255,255,255,0.5)"},
+            colorbar={"title": {"text": "loss"}},
+            hovertemplate="a=%{x:.3g}<br>b=%{y:.3g}<br>loss=%{z:.5g}<extra></extra>",
+        )
+    )
+    quad = _array(surf.get("quadratic_model"))
+    if quad is not None:
+        fig.add_trace(
+            go.Contour(
+                x=a,
+                y=b,
+                z=_nan_to_none(quad.T),
+                name="quadratic model",
+                showscale=False,
+                contours={"coloring": "none", "start": lo, "end": hi, "size": 3 * size},
+                line={"color": "#E69F00", "dash": "dash", "width": 1.6},
+                showlegend=True,
+                hoverinfo="skip",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[0],
+            y=[0],
+            mode="markers",
+            name="weights w",
+            marker={
+                "symbol": "star",
+                "size": 15,
+                "color": "white",
+                "line": {"color": "black", "width": 1},
+            },
+        )
+    )
+    fig.update_layout(
+        _layout(
+            "Loss contours",
+            xaxis={"title": {"text": _label(surf, 0)}},
+            yaxis={"title": {"text": _label(surf, 1)}, "scaleanchor": "x"}
+            if (surf.get("directions") or {}).get("kind") in ("eigen", "random")
+            else {"title": {"text": _label(surf, 1)}},
+            legend={"x": 0.01, "y": 0.99, "bgcolor": "rgba(255,255,255,0.75)"},
+            height=520,
+        )
+    )
+    return fig
+
+
+def surface_lines(doc: dict[str, Any]) -> go.Figure:
+    """Loss along each direction through the weights, the quadratic model dashed."""
+    surf = _results(doc, "surface")
+    axes = [np.asarray(v, dtype=float) for v in surf["axes"]]
+    z = _array(surf["loss"])
+    quad = _array(surf.get("quadratic_model"))
+    if z.ndim == 1:
+        lines = [(axes[0], z, quad, _label(surf, 0))]
+    else:
+        i0, j0 = int(np.argmin(np.abs(axes[0]))), int(np.argmin(np.abs(axes[1])))
+        lines = [
+            (axes[0], z[:, j0], None if quad is None else quad[:, j0], _label(surf, 0)),
+            (axes[1], z[i0, :], None if quad is None else quad[i0, :], _label(surf, 1)),
+        ]
+    fig = go.Figure()
+    finite = np.concatenate([y[np.isfinite(y)] for _, y, _, _ in lines])
+    for k, (x, y, q, label) in enumerate(lines):
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=_nan_to_none(y),
+                name=f"loss along {label}",
+                line={"color": PALETTE[k], "width": 2.5},
+            )
+        )
+        if q is not None:
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=_nan_to_none(q),
+                    name=f"quadratic model ({k + 1})",
+                    line={"color": PALETTE[k], "dash": "dash", "width": 1.6},
+                )
+            )
+    yr = None
+    if finite.size:
+        lo, hi = float(finite.min()), float(finite.max())
+        pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+        yr = [lo - pad, hi + 3 * pad]
+    kind = (surf.get("directions") or {}).get("kind")
+    fig.update_layout(
+        _layout(
+            "Slices through the weights",
+            xaxis={
+                "title": {
+                    "text": "distance from w"
+                    if kind in ("eigen", "random")
+                    else "step along the direction"
+                },
+                "zeroline": True,
+            },
+            yaxis={"title": {"text": "loss"}, "range": yr},
+            legend={"x": 0.5, "xanchor": "center", "y": 1.0, "bgcolor": "rgba(255,255,255,0.8)"},
+        )
+    )
+    return fig
+
+
+def spectrum_chart(doc: dict[str, Any]) -> go.Figure:
+    """Eigenvalues per matrix and block with residual error bars; unconverged hollow red."""
+    spectra = _results(doc, "spectra")
+    fig = go.Figure()
+    matrices = list(dict.fromkeys(s["matrix"] for s in spectra))
+    for s in spectra:
+        colour = PALETTE[matrices.index(s["matrix"]) % len(PALETTE)]
+        ev = [np.nan if v is None else v for v in s["eigenvalues"]]
+        res = [0 if v is None else v for v in s.get("residual_norms") or [0] * len(ev)]
+        conv = list(s.get("converged") or [True] * len(ev))
+        cat = f"{s['matrix']} · {_block_label(s['block'])}"
+        fig.add_trace(
+            go.Scatter(
+                x=[cat] * len(ev),
+                y=ev,
+                mode="markers",
+                name=f"{s['matrix']} {s['block']} {s.get('which', '')}",
+                error_y={"type": "data", "array": res, "visible": True, "color": colour},
+                marker={
+                    "symbol": ["triangle-down" if s.get("which") == "bottom" else "circle"][0],
+                    "size": 9,
+                    "color": [colour if c else "white" for c in conv],
+                    "line": {"color": [colour if c else "#B00020" for c in conv], "width": 1.5},
+                },
+                customdata=np.stack([np.arange(1, len(ev) + 1), res, conv], axis=1).tolist()
+                if ev
+                else None,
+                hovertemplate="λ%{customdata[0]} = %{y:.6g}<br>residual %{customdata[1]:.2e}"
+                "<br>converged %{customdata[2]}<extra>%{x}</extra>",
+                showlegend=False,
+            )
+        )
+    fig.add_hline(y=0, line={"color": "grey", "width": 1})
+    fig.update_layout(
+        _layout(
+            "Extreme eigenvalues (error bars: residual ‖Av − λv‖; hollow red: not converged)",
+            xaxis={"title": {"text": "matrix · block"}},
+            yaxis={"title": {"text": "eigenvalue"}},
+        )
+    )
+    return fig
+
+
+def density_chart(doc: dict[str, Any]) -> go.Figure:
+    """Spectral densities on a log scale, one line per matrix and block."""
+    dens = _results(doc, "densities")
+    fig = go.Figure()
+    for i, d in enumerate(dens):
+        y = np.array([np.nan if v is None else v for v in d["density"]], dtype=float)
+        floor = np.nanmax(y) * 1e-8 if np.isfinite(y).any() else 1e-12
+        fig.add_trace(
+            go.Scatter(
+                x=d["grid"],
+                y=_nan_to_none(np.maximum(y, floor)),
+                name=f"{d['matrix']}, {d['block']}",
+                line={"color": PALETTE[i % 8], "width": 2},
+                fill="tozeroy" if len(dens) == 1 else None,
+            )
+        )
+    fig.update_layout(
+        _layout(
+            "Spectral density (stochastic Lanczos quadrature)",
+            xaxis={"title": {"text": "eigenvalue λ"}},
+            yaxis={
+                "title": {"text": "density (log scale)"},
+                "type": "log",
+                "exponentformat": "power",
+            },
+        )
+    )
+    return fig
+
+
+def compare_heatmap(doc: dict[str, Any]) -> go.Figure:
+    """Relative Frobenius error per layer block (rows) and approximation (columns)."""
+    rows = _results(doc, "comparisons")
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    matrices = list(dict.fromkeys(r["matrix"] for r in rows))
+    grid = np.full((len(blocks), len(matrices)), np.nan)
+    for r in rows:
+        if r.get("rel_frobenius") is not None:
+            grid[blocks.index(r["block"]), matrices.index(r["matrix"])] = r["rel_frobenius"]
+    text = [["n/a" if not np.isfinite(v) else f"{v:.3g}" for v in row] for row in grid]
+    fig = go.Figure(
+        go.Heatmap(
+            z=_nan_to_none(grid),
+            x=matrices,
+            y=[_block_label(b) for b in blocks],
+            text=text,
+            texttemplate="%{text}",
+            colorscale="Magma",
+            reversescale=True,
+            zmin=0,
+            colorbar={"title": {"text": "‖H−A‖F / ‖H‖F"}},
+            hovertemplate="%{y} · %{x}: %{z:.4g}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        _layout(
+            "Relative error of each approximation, per layer",
+            xaxis={"title": {"text": "approximation"}},
+            yaxis={"title": {"text": "layer block"}, "autorange": "reversed"},
+            height=max(300, 60 * len(blocks) + 180),
+        )
+    )
+    return fig
+
+
+def taylor_chart(doc: dict[str, Any]) -> go.Figure | None:
+    """Taylor remainders e1(h), e2(h) on log-log axes, or ``None`` without per-step data."""
+    from ._plots import _taylor_series
+
+    checks = _results(doc, "checks")
+    taylor = next((c for c in checks if str(c.get("name", "")).startswith("taylor")), None)
+    if taylor is None:
+        return None
+    series = _taylor_series(taylor)
+    key = next((k for k in ("h", "steps", "hs") if series and k in series[0]), None)
+    if key is None:
+        return None
+    fig = go.Figure()
+    for i, s in enumerate(series):
+        for name, dash in (("e1", "solid"), ("e2", "dash")):
+            if name not in s:
+                continue
+            e = np.array([np.nan if v is None else v for v in s[name]], dtype=float)
+            e = np.where(e > 0, e, np.nan)
+            fig.add_trace(
+                go.Scatter(
+                    x=s[key],
+                    y=_nan_to_none(e),
+                    mode="lines+markers",
+                    name=f"{name}, direction {i + 1}",
+                    line={"color": PALETTE[i % 8], "dash": dash},
+                )
+            )
+    if not fig.data:
+        return None
+    fig.update_layout(
+        _layout(
+            "Taylor test: e1 ~ h², e2 ~ h³ until round-off",
+            xaxis={"title": {"text": "step h"}, "type": "log", "exponentformat": "power"},
+            yaxis={"title": {"text": "remainder"}, "type": "log", "exponentformat": "power"},
+        )
+    )
+    return fig
+
+
+def solver_chart(doc: dict[str, Any], key: str = "loss") -> go.Figure:
+    """One line per solver: ``key`` (``loss`` or ``grad_norm``) against iterations."""
+    solves = _results(doc, "solves")
+    fig = go.Figure()
+    positive = True
+    for i, s in enumerate(solves):
+        cols = _trace_columns(s.get("trace"))
+        if key not in cols:
+            continue
+        y = np.array([np.nan if v is None else v for v in cols[key]], dtype=float)
+        positive &= bool(np.nanmin(y) > 0) if np.isfinite(y).any() else True
+        x = cols.get("iteration") or list(range(len(y)))
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=_nan_to_none(y),
+                name=s.get("solver", f"solver {i + 1}"),
+                line={"color": PALETTE[i % 8], "width": 2},
+            )
+        )
+    fig.update_layout(
+        _layout(
+            {"loss": "Loss per iteration", "grad_norm": "Gradient norm per iteration"}.get(
+                key, key
+            ),
+            xaxis={"title": {"text": "iteration"}},
+            yaxis={
+                "title": {"text": key.replace("_", " ")},
+                "type": "log" if positive else "linear",
+                "exponentformat": "power",
+            },
+        )
+    )
+    return fig
+
+
+def figure_json(fig: go.Figure) -> str:
+    """The figure as JSON for ``Plotly.newPlot`` (data and layout)."""
+    return pio.to_json(fig, validate=False, remove_uids=True)

@@ -1,0 +1,685 @@
+r"""Paper-style matplotlib figures, drawn from result documents only (STYLE.md section 7).
+
+Every function takes a result document (or its ``results`` part, or the single result the
+figure is about) and an optional matplotlib ``ax``, and returns the figure. Nothing here calls
+``pyplot``: figures are :class:`matplotlib.figure.Figure` objects, so importing this module
+never switches the backend and nothing is shown; save them with ``fig.savefig`` or
+:func:`save_figures`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+
+__all__ = [
+    "PALETTE",
+    "figures_for",
+    "plot_check_taylor",
+    "plot_compare",
+    "plot_density",
+    "plot_solver_curves",
+    "plot_spectrum",
+    "plot_surface_1d",
+    "plot_surface_3d",
+    "plot_surface_contour",
+    "save_figures",
+    "surface_axis_label",
+]
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies, and in grey print.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+
+STYLE = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 11,
+    "legend.fontsize": 9.5,
+    "legend.frameon": False,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "grid.linewidth": 0.6,
+    "lines.linewidth": 1.8,
+    "mathtext.fontset": "dejavusans",
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+}
+
+
+@contextmanager
+def _style() -> Iterator[None]:
+    with mpl.rc_context(STYLE):
+        yield
+
+
+def _new(ax, figsize=(6.4, 4.4), projection: str | None = None):
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=figsize, layout="constrained")
+    ax = fig.add_subplot(projection=projection) if projection else fig.add_subplot()
+    return fig, ax
+
+
+def _results(doc: dict[str, Any], key: str) -> Any:
+    """The ``key`` entry of a document, of its ``results``, or the object itself."""
+    if "results" in doc and isinstance(doc["results"], dict) and key in doc["results"]:
+        return doc["results"][key]
+    if key in doc:
+        return doc[key]
+    return doc
+
+
+def _array(values) -> np.ndarray:
+    """Nested lists with ``None`` (non-finite in JSON) as a float array with NaN."""
+    if values is None:
+        return None
+    return np.array(
+        [[np.nan if v is None else v for v in row] for row in values]
+        if values and isinstance(values[0], (list, tuple))
+        else [np.nan if v is None else v for v in values],
+        dtype=float,
+    )
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+# ----------------------------------------------------------------------------- surfaces
+def surface_axis_label(
+    surf: dict[str, Any], i: int, *, tex: bool = True, short: bool = False
+) -> str:
+    """Axis label of direction ``i``: what it is and, for eigenvectors, its eigenvalue."""
+    d = surf.get("directions") or {}
+    kind = d.get("kind", "")
+    evs = surf.get("eigenvalues") or d.get("eigenvalues")
+    if kind == "eigen" and evs and i < len(evs):
+        lam = _fmt(evs[i])
+        sym = (f"$v_{i + 1}$", f"$\\lambda_{i + 1}$") if tex else (f"v{i + 1}", f"λ{i + 1}")
+        if short:
+            return f"{sym[0]} ({sym[1]} = {lam})"
+        matrix = d.get("matrix") or "hessian"
+        name = "Hessian" if matrix == "hessian" else matrix
+        return f"{sym[0]}, {name} eigenvector ({sym[1]} = {lam})"
+    if kind == "random":
+        return f"random d{i + 1}" if short else f"random direction {i + 1} (unit norm)"
+    if kind == "filter-normalized":
+        return (
+            f"filter-norm. d{i + 1}"
+            if short
+            else f"filter-normalised direction {i + 1} (multiples)"
+        )
+    return f"direction {i + 1}"
+
+
+def _surface_title(surf: dict[str, Any]) -> str:
+    kind = (surf.get("directions") or {}).get("kind", "")
+    return {
+        "eigen": "Loss along the top Hessian eigenvectors",
+        "random": "Loss along random directions",
+        "filter-normalized": "Loss along filter-normalised directions",
+    }.get(kind, "Loss surface")
+
+
+def _centre_index(axis: np.ndarray) -> int:
+    return int(np.argmin(np.abs(axis)))
+
+
+def plot_surface_1d(doc: dict[str, Any], ax=None) -> Figure:
+    """Loss along each direction through the weights, with the quadratic model dashed.
+
+    A 2-D surface is shown as its two slices through the weights (``b = 0`` and ``a = 0``).
+    """
+    surf = _results(doc, "surface")
+    with _style():
+        fig, ax = _new(ax)
+        axes = [np.asarray(a, dtype=float) for a in surf["axes"]]
+        loss = _array(surf["loss"])
+        quad = _array(surf.get("quadratic_model"))
+        if surf.get("dims", loss.ndim) == 1 or loss.ndim == 1:
+            lines = [(axes[0], loss, quad, surface_axis_label(surf, 0))]
+        else:
+            i0, j0 = _centre_index(axes[0]), _centre_index(axes[1])
+            lines = [
+                (
+                    axes[0],
+                    loss[:, j0],
+                    None if quad is None else quad[:, j0],
+                    surface_axis_label(surf, 0),
+                ),
+                (
+                    axes[1],
+                    loss[i0, :],
+                    None if quad is None else quad[i0, :],
+                    surface_axis_label(surf, 1),
+                ),
+            ]
+        finite = np.concatenate([y[np.isfinite(y)] for _, y, _, _ in lines])
+        for k, (x, y, q, label) in enumerate(lines):
+            colour = PALETTE[k]
+            ax.plot(x, y, color=colour, label=f"loss along {label}")
+            if q is not None:
+                ax.plot(
+                    x,
+                    q,
+                    color=colour,
+                    ls="--",
+                    lw=1.4,
+                    alpha=0.85,
+                    label="quadratic model" if k == len(lines) - 1 else None,
+                )
+        if finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            pad = 0.08 * (hi - lo or abs(hi) or 1.0)
+            ax.set_ylim(lo - pad, hi + 3 * pad)
+        ax.axvline(0.0, color="0.45", lw=0.8, ls=":")
+        centre = surf.get("center_loss")
+        if centre is not None:
+            ax.plot([0.0], [centre], "o", color="black", ms=5, zorder=5, label="weights $w$")
+        kind = (surf.get("directions") or {}).get("kind")
+        ax.set_xlabel(
+            "distance from $w$ in parameter space"
+            if kind in ("eigen", "random")
+            else "step along the direction"
+        )
+        ax.set_ylabel("loss")
+        ax.set_title(_surface_title(surf))
+        if len(lines) == 1:
+            ax.set_xlabel(f"{ax.get_xlabel()}: {lines[0][3]}")
+        ax.legend(loc="upper center", ncols=1)
+        _note_non_finite(ax, surf)
+    return fig
+
+
+def _note_non_finite(ax, surf: dict[str, Any]) -> None:
+    bad = surf.get("num_non_finite") or 0
+    if bad:
+        ax.text(
+            0.01,
+            0.01,
+            f"{bad} grid point(s) non-finite (left blank)",
+            transform=ax.transAxes,
+            fontsize=9,
+            color="#B00020",
+            va="bottom",
+            ha="left",
+        )
+
+
+def _levels(z: np.ndarray, n: int = 24) -> tuple[np.ndarray, Normalize]:
+    finite = z[np.isfinite(z)]
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        hi = lo + 1e-12 * max(abs(lo), 1.0)
+    if lo > 0 and hi / lo > 20:
+        return np.geomspace(lo, hi, n), LogNorm(vmin=lo, vmax=hi)
+    return np.linspace(lo, hi, n), Normalize(vmin=lo, vmax=hi)
+
+
+def plot_surface_contour(doc: dict[str, Any], ax=None) -> Figure:
+    """Filled contours of a 2-D loss surface, the quadratic model as dashed lines."""
+    surf = _results(doc, "surface")
+    if len(surf["axes"]) != 2:
+        return plot_surface_1d(doc, ax)
+    with _style():
+        fig, ax = _new(ax, figsize=(6.4, 5.2))
+        a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
+        z = _array(surf["loss"])  # z[i, j] at a[i], b[j]
+        A, B = np.meshgrid(a, b, indexing="ij")
+        levels, norm = _levels(z)
+        zm = np.ma.masked_invalid(z)
+        cf = ax.contourf(A, B, zm, levels=levels, norm=norm, cmap="viridis", extend="neither")
+        ax.contour(A, B, zm, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.55)
+        quad = _array(surf.get("quadratic_model"))
+        handles = []
+        if quad is not None:
+            qs = ax.contour(
+                A,
+                B,
+                np.ma.masked_invalid(quad),
+                levels=levels[::3],
+                colors="#FFB000",
+                linewidths=1.1,
+                linestyles="--",
+            )
+            if qs.allsegs and any(len(s) for s in qs.allsegs):
+                handles.append(
+                    mpl.lines.Line2D([], [], color="#FFB000", ls="--", label="quadratic model")
+                )
+        ax.plot([0], [0], marker="*", color="white", mec="black", ms=13, ls="", zorder=6)
+        handles.append(
+            mpl.lines.Line2D(
+                [], [], marker="*", color="white", mec="black", ms=11, ls="", label="weights $w$"
+            )
+        )
+        ax.legend(handles=handles, loc="upper right", framealpha=0.85, frameon=True)
+        cb = fig.colorbar(cf, ax=ax, shrink=0.92, pad=0.02)
+        cb.set_label("loss")
+        if isinstance(norm, LogNorm):
+            cb.ax.set_yscale("log")
+        ax.set_xlabel(surface_axis_label(surf, 0))
+        ax.set_ylabel(surface_axis_label(surf, 1))
+        ax.set_title(_surface_title(surf))
+        ax.set_aspect("equal" if _same_units(surf) else "auto")
+        ax.grid(False)
+        _note_non_finite(ax, surf)
+    return fig
+
+
+def _same_units(surf: dict[str, Any]) -> bool:
+    kind = (surf.get("directions") or {}).get("kind")
+    a, b = surf["axes"]
+    span = (a[-1] - a[0]) / max(b[-1] - b[0], 1e-300)
+    return kind in ("eigen", "random") and 0.5 <= span <= 2
+
+
+def plot_surface_3d(doc: dict[str, Any], ax=None) -> Figure:
+    """A 3-D view of a 2-D loss surface with a colour bar."""
+    surf = _results(doc, "surface")
+    if len(surf["axes"]) != 2:
+        return plot_surface_1d(doc, ax)
+    with _style():
+        fig, ax = _new(ax, figsize=(7.0, 5.6), projection="3d")
+        a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
+        z = _array(surf["loss"])
+        A, B = np.meshgrid(a, b, indexing="ij")
+        _, norm = _levels(z)
+        s = ax.plot_surface(
+            A,
+            B,
+            z,
+            cmap="viridis",
+            norm=norm,
+            linewidth=0.15,
+            edgecolor=(1, 1, 1, 0.25),
+            antialiased=True,
+            rcount=min(80, len(a)),
+            ccount=min(80, len(b)),
+        )
+        i0, j0 = _centre_index(a), _centre_index(b)
+        if np.isfinite(z[i0, j0]):
+            ax.scatter(
+                [a[i0]],
+                [b[j0]],
+                [z[i0, j0]],
+                color="#D55E00",
+                s=30,
+                depthshade=False,
+                label="weights $w$",
+            )
+            ax.legend(loc="upper left")
+        ax.set_xlabel(surface_axis_label(surf, 0), labelpad=8, fontsize=9)
+        ax.set_ylabel(surface_axis_label(surf, 1), labelpad=8, fontsize=9)
+        ax.set_zlabel("loss", labelpad=6)
+        ax.view_init(elev=32, azim=-58)
+        ax.set_title(_surface_title(surf))
+        cb = fig.colorbar(s, ax=ax, shrink=0.6, pad=0.08)
+        cb.set_label("loss")
+        _note_non_finite(ax, surf)
+    return fig
+
+
+# ----------------------------------------------------------------------------- spectra
+def _block_label(block: str) -> str:
+    """``"0"`` reads as a number on an axis: call Sequential indices modules."""
+    return f"module {block}" if block.replace(".", "").isdigit() else block
+
+
+def plot_spectrum(doc: dict[str, Any], ax=None) -> Figure:
+    r"""Eigenvalues per matrix and block, with residual error bars; unconverged pairs hollow.
+
+    The residual :math:`\lVert Av - \lambda v\rVert` bounds the distance from each Ritz
+    value to the nearest true eigenvalue, so it is drawn as an error bar.
+    """
+    spectra = _results(doc, "spectra")
+    with _style():
+        n_groups = len({(s["matrix"], s["block"]) for s in spectra})
+        fig, ax = _new(ax, figsize=(max(6.4, 0.9 * n_groups + 2.5), 4.6))
+        groups: list[tuple[str, str]] = []
+        for s in spectra:
+            key = (s["matrix"], s["block"])
+            if key not in groups:
+                groups.append(key)
+        matrices = list(dict.fromkeys(m for m, _ in groups))
+        colours = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(matrices)}
+        vals_all = []
+        labelled: set[str] = set()
+        for s in spectra:
+            x0 = groups.index((s["matrix"], s["block"]))
+            ev = np.array([np.nan if v is None else v for v in s["eigenvalues"]], dtype=float)
+            res = np.array(
+                [np.nan if v is None else v for v in s.get("residual_norms") or [0] * len(ev)],
+                dtype=float,
+            )
+            conv = list(s.get("converged") or [True] * len(ev))
+            k = len(ev)
+            offset = 0.12 if s.get("which") == "bottom" else -0.12 if len(spectra) > 1 else 0
+            xs = x0 + offset + np.linspace(-0.08, 0.08, k) if k > 1 else np.array([x0 + offset])
+            c = colours[s["matrix"]]
+            ax.errorbar(xs, ev, yerr=res, fmt="none", ecolor=c, elinewidth=1.2, capsize=3)
+            ok = np.array(conv, dtype=bool)
+            marker = "v" if s.get("which") == "bottom" else "o"
+            ax.scatter(
+                xs[ok],
+                ev[ok],
+                marker=marker,
+                color=c,
+                s=34,
+                zorder=3,
+                label=s["matrix"] if s["matrix"] not in labelled else None,
+            )
+            labelled.add(s["matrix"])
+            if (~ok).any():
+                ax.scatter(
+                    xs[~ok],
+                    ev[~ok],
+                    marker=marker,
+                    facecolor="white",
+                    edgecolor="#B00020",
+                    s=40,
+                    lw=1.4,
+                    zorder=4,
+                    label="not converged" if "nc" not in labelled else None,
+                )
+                labelled.add("nc")
+            vals_all.extend(ev[np.isfinite(ev)].tolist())
+        if vals_all:
+            vmax = max(abs(v) for v in vals_all) or 1.0
+            if min(vals_all) < 0 and max(abs(v) for v in vals_all if v != 0) / vmax < 1e-2:
+                ax.set_yscale("symlog", linthresh=max(vmax * 1e-3, 1e-12))
+        ax.axhline(0, color="0.4", lw=0.8)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(
+            [
+                _block_label(b) if len(matrices) == 1 else f"{m}\n{_block_label(b)}"
+                for m, b in groups
+            ],
+            rotation=30 if len(groups) > 4 else 0,
+            ha="right" if len(groups) > 4 else "center",
+        )
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set_xlabel("block")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title("Extreme eigenvalues (error bars: residual $\\|Av-\\lambda v\\|$)")
+        handles, _ = ax.get_legend_handles_labels()
+        ends = {s.get("which") for s in spectra}
+        if "bottom" in ends:
+            handles += [
+                mpl.lines.Line2D([], [], marker="o", color="0.3", ls="", label="largest"),
+                mpl.lines.Line2D([], [], marker="v", color="0.3", ls="", label="smallest"),
+            ]
+        ax.legend(handles=handles, loc="best")
+    return fig
+
+
+def plot_density(doc: dict[str, Any], ax=None) -> Figure:
+    """Spectral densities (stochastic Lanczos quadrature) on a log scale."""
+    dens = _results(doc, "densities")
+    with _style():
+        fig, ax = _new(ax, figsize=(6.8, 4.4))
+        for i, d in enumerate(dens):
+            x = np.asarray(d["grid"], dtype=float)
+            y = np.array([np.nan if v is None else v for v in d["density"]], dtype=float)
+            floor = np.nanmax(y) * 1e-8 if np.isfinite(y).any() else 1e-12
+            ax.fill_between(x, np.maximum(y, floor), floor, color=PALETTE[i % 8], alpha=0.12)
+            ax.semilogy(
+                x,
+                np.maximum(y, floor),
+                color=PALETTE[i % 8],
+                label=f"{d['matrix']}, {d['block']}"
+                + (f" ({d['num_probes']} probes)" if d.get("num_probes") else ""),
+            )
+            ax.set_ylim(bottom=floor)
+        ax.axvline(0, color="0.4", lw=0.8, ls=":")
+        ax.set_xlabel("eigenvalue $\\lambda$")
+        ax.set_ylabel("density (log scale)")
+        ax.set_title("Spectral density (stochastic Lanczos quadrature)")
+        ax.legend(loc="upper right")
+    return fig
+
+
+def plot_compare(doc: dict[str, Any], ax=None) -> Figure:
+    """Heatmap of the relative Frobenius error of each approximation per layer."""
+    rows = _results(doc, "comparisons")
+    blocks = list(dict.fromkeys(r["block"] for r in rows))
+    matrices = list(dict.fromkeys(r["matrix"] for r in rows))
+    grid = np.full((len(blocks), len(matrices)), np.nan)
+    for r in rows:
+        v = r.get("rel_frobenius")
+        if v is not None:
+            grid[blocks.index(r["block"]), matrices.index(r["matrix"])] = v
+    with _style():
+        fig, ax = _new(ax, figsize=(1.25 * len(matrices) + 3.2, 0.55 * len(blocks) + 2.2))
+        finite = grid[np.isfinite(grid) & (grid > 0)]
+        if finite.size and finite.max() / max(finite.min(), 1e-300) > 50:
+            norm = LogNorm(vmin=max(finite.min(), finite.max() * 1e-6), vmax=finite.max())
+        else:
+            norm = Normalize(vmin=0, vmax=max(1.0, float(finite.max()) if finite.size else 1.0))
+        cmap = mpl.colormaps["magma_r"].copy()
+        cmap.set_bad("#DDDDDD")
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+        for i in range(len(blocks)):
+            for j in range(len(matrices)):
+                v = grid[i, j]
+                txt = "n/a" if not np.isfinite(v) else f"{v:.2g}"
+                dark = np.isfinite(v) and norm(v) > 0.55
+                ax.text(
+                    j,
+                    i,
+                    txt,
+                    ha="center",
+                    va="center",
+                    fontsize=9.5,
+                    color="white" if dark else "black",
+                )
+        ax.set_xticks(range(len(matrices)), matrices, rotation=30, ha="right")
+        ax.set_yticks(range(len(blocks)), blocks)
+        ax.set_xlabel("approximation")
+        ax.set_ylabel("layer block")
+        ax.grid(False)
+        ax.set_title("Relative error vs the Hessian")
+        cb = fig.colorbar(im, ax=ax, pad=0.02)
+        cb.set_label("$\\|H_b - A_b\\|_F \\,/\\, \\|H_b\\|_F$")
+    return fig
+
+
+# ----------------------------------------------------------------------------- checks
+def _taylor_series(check: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-direction series of a Taylor/gradient check entry, in whatever form it has."""
+    subs = check.get("directions") or check.get("results") or check.get("subresults") or []
+    return [s for s in subs if isinstance(s, dict)]
+
+
+def plot_check_taylor(doc: dict[str, Any], ax=None) -> Figure | None:
+    """Taylor-test errors e1(h) ~ h^2 and e2(h) ~ h^3 on log-log axes, one line per direction.
+
+    Returns ``None`` when the document holds no Taylor check with per-step errors.
+    """
+    checks = _results(doc, "checks")
+    taylor = next((c for c in checks if str(c.get("name", "")).startswith("taylor")), None)
+    if taylor is None:
+        return None
+    series = _taylor_series(taylor)
+    hs_key = next((k for k in ("h", "steps", "hs") if series and k in series[0]), None)
+    if hs_key is None:
+        return None
+    with _style():
+        fig, ax = _new(ax, figsize=(6.4, 4.6))
+        drawn = False
+        for i, s in enumerate(series):
+            h = np.asarray(s[hs_key], dtype=float)
+            for key, ls, lab in (("e1", "-", "$e_1(h)$"), ("e2", "--", "$e_2(h)$")):
+                if key not in s:
+                    continue
+                e = np.array([np.nan if v is None else v for v in s[key]], dtype=float)
+                ok = np.isfinite(e) & (e > 0)
+                ax.loglog(
+                    h[ok],
+                    e[ok],
+                    ls=ls,
+                    marker="o",
+                    ms=3,
+                    color=PALETTE[i % 8],
+                    label=lab if i == 0 else None,
+                )
+                drawn = True
+        if not drawn:
+            return None
+        h = np.asarray(series[0][hs_key], dtype=float)
+        ref = h / h.max()
+        for p, lab in ((2, "slope 2"), (3, "slope 3")):
+            ax.loglog(h, ref**p * 1e-2, color="0.55", lw=0.8, ls=":")
+            ax.text(h[0], (ref[0] ** p) * 1e-2, lab, fontsize=8.5, color="0.4", va="bottom")
+        ax.set_xlabel("step $h$")
+        ax.set_ylabel("Taylor remainder")
+        ax.set_title("Taylor test (lines: random directions)")
+        ax.legend(loc="lower right")
+    return fig
+
+
+# ----------------------------------------------------------------------------- solvers
+def _trace_columns(trace: Any) -> dict[str, list]:
+    """A solver trace as columns, whether it is stored as rows or as columns."""
+    if isinstance(trace, dict):
+        return {k: list(v) for k, v in trace.items() if isinstance(v, list)}
+    if isinstance(trace, list) and trace and isinstance(trace[0], dict):
+        keys = list(dict.fromkeys(k for row in trace for k in row))
+        return {k: [row.get(k) for row in trace] for k in keys}
+    return {}
+
+
+_X_KEYS = {
+    "iterations": ("iteration", "iter", "k", "step"),
+    "matvecs": ("num_matvecs", "matvecs", "cumulative_matvecs", "hvps"),
+    "time": ("time_s", "wall_time_s", "time", "elapsed_s"),
+}
+
+
+def _solver_x(cols: dict[str, list], x: str) -> tuple[np.ndarray | None, str]:
+    for k in _X_KEYS[x]:
+        if k in cols:
+            return np.array([np.nan if v is None else v for v in cols[k]], dtype=float), k
+    if x == "iterations":
+        n = len(next(iter(cols.values()), []))
+        return np.arange(n, dtype=float), "iteration"
+    return None, x
+
+
+def plot_solver_curves(doc: dict[str, Any], ax=None, *, x: str = "iterations") -> Figure:
+    """Loss (and, without ``ax``, gradient norm) against iterations, products or time.
+
+    Args:
+        doc: a ``solve`` result document (or its ``solves`` list).
+        ax: draw the loss curves into this axes only.
+        x: ``iterations``, ``matvecs`` or ``time``.
+    """
+    solves = _results(doc, "solves")
+    with _style():
+        if ax is None:
+            fig = Figure(figsize=(11.0, 4.2), layout="constrained")
+            ax_loss, ax_grad = fig.subplots(1, 2)
+        else:
+            fig, ax_loss, ax_grad = ax.figure, ax, None
+        for i, s in enumerate(solves):
+            cols = _trace_columns(s.get("trace"))
+            xs, _ = _solver_x(cols, x)
+            if xs is None:
+                xs, _ = _solver_x(cols, "iterations")
+            c = PALETTE[i % 8]
+            for target, key in ((ax_loss, "loss"), (ax_grad, "grad_norm")):
+                if target is None or key not in cols:
+                    continue
+                y = np.array([np.nan if v is None else v for v in cols[key]], dtype=float)
+                n = min(len(xs), len(y))
+                target.plot(xs[:n], y[:n], color=c, label=s.get("solver", f"solver {i + 1}"))
+        xlabel = {
+            "iterations": "iteration",
+            "matvecs": "matrix-vector products",
+            "time": "wall time (s)",
+        }[x]
+        for target, ylabel, title in (
+            (ax_loss, "loss", "Loss"),
+            (ax_grad, "gradient norm", "Gradient norm"),
+        ):
+            if target is None:
+                continue
+            ys = [ln.get_ydata() for ln in target.get_lines()]
+            if ys and all(np.nanmin(y) > 0 for y in ys if np.isfinite(y).any()):
+                target.set_yscale("log")
+            target.set_xlabel(xlabel)
+            target.set_ylabel(ylabel)
+            target.set_title(title)
+            target.legend(loc="upper right")
+    return fig
+
+
+# ----------------------------------------------------------------------------- all figures
+def figures_for(doc: dict[str, Any]) -> dict[str, Figure]:
+    """Every figure a result document supports, by file stem (``surface_contour``...)."""
+    command = doc.get("command")
+    results = doc.get("results") or {}
+    out: dict[str, Figure] = {}
+    makers: list[tuple[str, Callable[[dict], Figure | None]]] = []
+    if command == "surface" or "surface" in results:
+        surf = results.get("surface", {})
+        if len(surf.get("axes", [])) == 2:
+            makers += [
+                ("surface_contour", plot_surface_contour),
+                ("surface_3d", plot_surface_3d),
+                ("surface_slices", plot_surface_1d),
+            ]
+        else:
+            makers.append(("surface_line", plot_surface_1d))
+    if results.get("spectra"):
+        makers.append(("spectrum", plot_spectrum))
+    if results.get("densities"):
+        makers.append(("density", plot_density))
+    if results.get("comparisons"):
+        makers.append(("compare", plot_compare))
+    if results.get("checks"):
+        makers.append(("taylor", plot_check_taylor))
+    if results.get("solves"):
+        makers.append(("solver_loss", plot_solver_curves))
+    for name, make in makers:
+        fig = make(doc)
+        if fig is not None:
+            out[name] = fig
+    return out
+
+
+def save_figures(
+    doc: dict[str, Any], out_dir: str | os.PathLike, formats: tuple[str, ...] = ("png",)
+) -> list[Path]:
+    """Write every figure of ``doc`` to ``out_dir/<stem>.<format>``; return the paths.
+
+    Args:
+        doc: a result document.
+        out_dir: destination folder (created if missing).
+        formats: any of ``png``, ``pdf``, ``svg``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures_for(doc).items():
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            with _style():
+                fig.savefig(path, format=fmt)
+            paths.append(path)
+    return paths
