@@ -11,6 +11,7 @@ from rich.table import Table
 from .._errors import OptionError
 from ..diagnostics import spectrum
 from ..io import save_eigenvectors
+from ..operators import MATRIX_NAMES
 from ._common import (
     CommonArgs,
     common_options,
@@ -26,9 +27,7 @@ __all__ = ["register", "spectrum_cli"]
 
 
 def _matrix_names() -> list[str]:
-    from .. import operators
-
-    return list(getattr(operators, "MATRIX_NAMES", ["hessian"]))
+    return list(MATRIX_NAMES)
 
 
 @common_options

@@ -91,10 +91,6 @@ def make_matrix(name: str, problem: Problem, *, seed: int = 0) -> CurvatureOpera
     """The operator for matrix ``name`` (see ``curvscope.operators.MATRIX_NAMES``)."""
     from .. import operators
 
-    if not hasattr(operators, "make_operator"):  # TEMPORARY until the registry lands
-        if name != "hessian":
-            raise OptionError(f"matrix {name!r} is not available yet; only hessian.")
-        return operators.HessianOperator(problem)
     return operators.make_operator(name, problem, seed=seed)
 
 
