@@ -293,7 +293,7 @@ def _run(spec, cfg, full, batches, w0, **kw) -> SolveRun:
             loss_evals=c.loss_evals,
             wall_time_s=elapsed,
         )
-        if isinstance(full, ProblemObjective):
+        if isinstance(full, ProblemObjective) and (test_problem is not None or eig):
             row["train_accuracy"] = full.problem.accuracy(state.w)
         if test_problem is not None:
             row["test_loss"] = float(test_problem.loss(state.w))
@@ -329,9 +329,10 @@ def _run(spec, cfg, full, batches, w0, **kw) -> SolveRun:
             except CurvscopeError as err:
                 row.setdefault("notes", str(err))
             full.sync_counts()
+        before = len(trace["iteration"])
         for k, v in row.items():
             if k not in trace:
-                trace[k] = [None] * (len(trace["iteration"]))
+                trace[k] = [None] * before
                 extra_keys.append(k)
             trace[k].append(_plain(v))
 
@@ -378,10 +379,14 @@ def _run(spec, cfg, full, batches, w0, **kw) -> SolveRun:
                     break
     except KeyboardInterrupt:
         stop = "interrupted"
-    except CurvscopeError as err:
+    except OptionError:
+        raise  # a user mistake in the settings: no run to report
+    except CurvscopeError as err:  # the model or the numbers stopped this solver
         stop, message = "error", str(err)
     for k in trace:
         trace[k] = trace[k] + [None] * (len(trace["iteration"]) - len(trace[k]))
+    if isinstance(full, ProblemObjective) and trace["train_accuracy"][-1] is None:
+        trace["train_accuracy"][-1] = full.problem.accuracy(state.w)
     c = full.sync_counts()
     run = SolveRun(
         solver=spec.name,

@@ -36,10 +36,11 @@ WOLFE_C2_QUASI_NEWTON = 0.9
 WOLFE_C2_NLCG = 0.1
 """Curvature constant for nonlinear CG (Nocedal & Wright Sec. 5.2)."""
 ROUNDOFF_FACTOR = 100.0
-"""Loss comparisons allow ``ROUNDOFF_FACTOR * eps * |f(w)|`` of round-off: near a minimiser the
+"""Strong-Wolfe loss comparisons allow ``ROUNDOFF_FACTOR * eps * |f(w)|`` of round-off: near a minimiser the
 decrease a step can make falls below the loss's own rounding error, and without this margin
 the searches fail there although the gradient (which decides the curvature condition) is
-still accurate."""
+still accurate. Armijo backtracking gets no margin: with the loss as its only test, the
+margin lets steepest descent cycle between two points near the minimiser."""
 
 
 def _fuzz(loss0: float, dtype: torch.dtype) -> float:
@@ -94,13 +95,12 @@ def armijo(
         The accepted step; on failure ``alpha = 0`` and the loss at ``w``.
     """
     alpha = alpha0
-    fuzz = _fuzz(loss0, w.dtype)
     for k in range(1, max_evals + 1):
         try:
             value = objective.loss(w + alpha * p)
         except NonFiniteError:  # the trial step overflowed: treat it as too long
             value = math.inf
-        if value <= loss0 + c1 * alpha * slope0 + fuzz:
+        if value <= loss0 + c1 * alpha * slope0:
             return LineSearchResult(alpha, value, None, k, True)
         alpha *= shrink
     return LineSearchResult(0.0, loss0, None, max_evals, False)

@@ -114,6 +114,7 @@ def mk_quantities(objective: Objective, w: torch.Tensor) -> list[dict[str, Any]]
     acc = [{"x_prev_sq": 0.0, "x_prev_sum": 0.0, "fprime_inf": 0.0} for _ in range(L)]
     b_sq, b_over = 0.0, 0.0
     n_total = 0
+    c = 1.0 / problem.num_samples if problem.reduction == "mean" else 1.0
     with problem.mode():
         for batch in problem.batches():
             h = batch.x.reshape(batch.x.shape[0], -1) if flatten else batch.x
@@ -130,10 +131,11 @@ def mk_quantities(objective: Objective, w: torch.Tensor) -> list[dict[str, Any]]
                 for a in layer.acts:
                     h = a(h)
                 if t == L - 1:
+                    # per-sample loss l_p with L = c sum_p l_p: b_p(n) = -dl_p/dx_p(n)
                     out = h.detach().requires_grad_(True)
-                    value = problem.loss_fn(out, batch.y, "sum")
+                    value = batch.weight * problem.loss_fn(out, batch.y, problem.reduction)
                     (dl,) = torch.autograd.grad(value, out)
-                    b = -dl
+                    b = -dl / c
                     b_sq += float((b * b).sum())
                     b_over = b_over + (b / fp).sum(0)
             n_total += batch.size
