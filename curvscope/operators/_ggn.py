@@ -67,11 +67,18 @@ class GGNOperator(CurvatureOperator):
 
         with p.mode():
             out, vjp_fn = torch.func.vjp(f, params)
-            JV = torch.func.vmap(jvp)(tangents)  # [k, n, ...]
+            if k == 1:  # vmap over one column only adds overhead
+                JV = jvp({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
+            else:
+                JV = torch.func.vmap(jvp)(tangents)  # [k, n, ...]
             n = out.shape[0]
             apply = self._output_apply(out.detach(), batch)
             c = batch.weight / batch.size if p.reduction == "mean" else 1.0
             HJV = (c * apply(JV.reshape(k, n, -1))).reshape(JV.shape)
-            (grads,) = torch.func.vmap(vjp_fn)(HJV)
+            if k == 1:
+                (grads,) = vjp_fn(HJV[0])
+                grads = {n: t.unsqueeze(0) for n, t in grads.items()}
+            else:
+                (grads,) = torch.func.vmap(vjp_fn)(HJV)
         # unselected parameters still require grad; no graph leaves an operator.
         return param_columns(p, grads, k).detach()

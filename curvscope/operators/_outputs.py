@@ -155,14 +155,28 @@ class LossView:
         return single
 
     def dense_hessians(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r"""Per-sample :math:`\nabla^2_f \ell_i`, ``[n, d, d]``, by autograd."""
+        r"""Per-sample :math:`\nabla^2_f \ell_i`, ``[n, d, d]``: analytic or by autograd."""
         n = out.shape[0]
+        o2 = out.reshape(n, -1)
+        w = self.output_scale(out)
+        if self.loss_name == "cross_entropy" and out.dim() == 2:
+            p = torch.softmax(o2, dim=-1)
+            return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        if self.loss_name == "mse":
+            eye = torch.eye(o2.shape[1], dtype=o2.dtype, device=o2.device)
+            return (2.0 * w) * eye.expand(n, -1, -1).clone()
+        if self.loss_name == "bce_with_logits":
+            s = torch.sigmoid(o2)
+            return torch.diag_embed(w * s * (1 - s))
         single = self._single(out)
-        return torch.func.vmap(torch.func.hessian(single))(out.reshape(n, -1), y)
+        return torch.func.vmap(torch.func.hessian(single))(o2, y)
 
     def dense_gradients(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        r"""Per-sample :math:`\nabla_f \ell_i`, ``[n, d]``, by autograd."""
+        r"""Per-sample :math:`\nabla_f \ell_i`, ``[n, d]`` (analytic for cross-entropy)."""
         n = out.shape[0]
+        if self.loss_name == "cross_entropy" and out.dim() == 2 and not y.is_floating_point():
+            p = torch.softmax(out, dim=-1)
+            return p - torch.nn.functional.one_hot(y, p.shape[1]).to(p.dtype)
         single = self._single(out)
         return torch.func.vmap(torch.func.grad(single))(out.reshape(n, -1), y)
 
