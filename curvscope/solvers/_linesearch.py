@@ -36,11 +36,12 @@ WOLFE_C2_QUASI_NEWTON = 0.9
 WOLFE_C2_NLCG = 0.1
 """Curvature constant for nonlinear CG (Nocedal & Wright Sec. 5.2)."""
 ROUNDOFF_FACTOR = 100.0
-"""Strong-Wolfe loss comparisons allow ``ROUNDOFF_FACTOR * eps * |f(w)|`` of round-off: near a minimiser the
-decrease a step can make falls below the loss's own rounding error, and without this margin
-the searches fail there although the gradient (which decides the curvature condition) is
-still accurate. Armijo backtracking gets no margin: with the loss as its only test, the
-margin lets steepest descent cycle between two points near the minimiser."""
+"""Strong-Wolfe loss comparisons allow ``ROUNDOFF_FACTOR * eps * |f(w)|`` of round-off.
+
+Near a minimiser the decrease a step can make falls below the loss's own rounding error,
+and without this margin the searches fail there although the gradient (which decides the
+curvature condition) is still accurate. Armijo backtracking gets no margin: with the loss
+as its only test, the margin lets steepest descent cycle between two points near the minimiser."""
 
 
 def _fuzz(loss0: float, dtype: torch.dtype) -> float:

@@ -1,0 +1,274 @@
+"""``curvscope solve``: run several solvers from the same weights and explain what each did."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .._errors import OptionError
+from ..problem import Problem
+from ..solvers import SOLVERS, Finding, SolveRun, compare_runs, run_solver
+from ._common import (
+    CommonArgs,
+    common_options,
+    console,
+    finish,
+    guarded,
+    open_session,
+    parse_list,
+    progress_bar,
+)
+
+__all__ = ["register", "solve_cli", "solve_results"]
+
+DEFAULT_SOLVERS = "gd,lbfgs,nlcg,newton-cg,hf,eacg,mk"
+DEFAULT_MAX_ITER = 50
+
+
+def solve_results(runs: list[SolveRun]) -> dict[str, Any]:
+    """``results`` of the solve document (DESIGN.md "Contracts": ``results.solves``)."""
+    solves = []
+    for run in runs:
+        solves.append(
+            {
+                "solver": run.solver,
+                "settings": run.settings,
+                "trace": run.trace,
+                "findings": [
+                    {"rule": f.rule, "text": f.text, "evidence": f.evidence} for f in run.findings
+                ],
+                "final_loss": run.final_loss,
+                "final_grad_norm": run.final_grad_norm,
+                "num_matvecs": run.num_matvecs,
+                "num_gradients": run.num_gradients,
+                "num_loss_evals": run.num_loss_evals,
+                "diagnostic_matvecs": run.diagnostic_matvecs,
+                "wall_time_s": run.wall_time_s,
+                "stop_reason": run.stop_reason,
+                "message": run.message,
+            }
+        )
+    rows = compare_runs(runs)
+    for row in rows:
+        row.pop("loss_curve", None)
+    return {"solves": solves, "comparison": rows}
+
+
+def _test_problem(session, spec: str) -> Problem:
+    from ..io import check_fits, load_dataset
+
+    c = session.common
+    meta = dict(getattr(session.loaded, "meta", None) or {})
+    shape = c.input_shape or (
+        ",".join(str(int(s)) for s in meta["input_shape"]) if meta.get("input_shape") else None
+    )
+    dataset = load_dataset(
+        spec,
+        x_key=c.x_key,
+        y_key=c.y_key,
+        label_column=c.label_column,
+        split="test" if c.split == "train" else c.split,
+        input_shape=shape,
+        scale=c.scale,
+        normalize=c.normalize,
+    )
+    p = session.problem
+    check_fits(p.model, dataset, p.loss_name)
+    return Problem(
+        p.model,
+        p.loss_name,
+        dataset.batches(c.batch_size),
+        reduction=p.reduction,
+        params=list(p.names),
+        train_mode=p.train_mode,
+    )
+
+
+def _save_weights(session, run: SolveRun, out: Path) -> Path:
+    import copy
+
+    import torch
+
+    from ..io import save_checkpoint
+
+    p = session.problem
+    model = copy.deepcopy(p.model)
+    values = p.unflatten(run.weights)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in values.items():
+            named[name].copy_(value)
+    meta = dict(getattr(session.loaded, "meta", None) or {})
+    meta["created_by"] = f"curvscope solve --solver {run.solver}"
+    path = out / f"solved-{run.solver}.pt"
+    save_checkpoint(path, model, getattr(session.loaded, "arch", None), meta)
+    return path
+
+
+@common_options
+def solve_cli(
+    common: CommonArgs,
+    solver: Annotated[
+        str,
+        typer.Option(
+            "--solver",
+            help="Comma-separated solvers: gd, gd-armijo, lbfgs, nlcg, newton-cg, hf, eacg, "
+            "eacg-clip, mk, mk-closed-form.",
+        ),
+    ] = DEFAULT_SOLVERS,
+    budget_matvecs: Annotated[
+        int | None,
+        typer.Option(
+            "--budget-matvecs",
+            help="Stop a solver once its curvature products plus gradients reach M.",
+        ),
+    ] = None,
+    curvature_every: Annotated[
+        int,
+        typer.Option(
+            "--curvature-every",
+            help="Track the extreme Hessian eigenvalues every k iterations (0: off).",
+        ),
+    ] = 10,
+    grad_tol: Annotated[
+        float,
+        typer.Option("--grad-tol", help="Stop when the gradient norm is at most this."),
+    ] = 1e-5,
+    mini_batch: Annotated[
+        int | None,
+        typer.Option(
+            "--mini-batch",
+            help="Mini-batch mode: a seeded random batch of this size per iteration.",
+        ),
+    ] = None,
+    test_data: Annotated[
+        str | None,
+        typer.Option("--test-data", help="Held-out data for test loss and accuracy."),
+    ] = None,
+    save_weights: Annotated[
+        bool,
+        typer.Option("--save-weights", help="Write OUT/solved-<solver>.pt checkpoints."),
+    ] = False,
+) -> None:
+    """Run solvers from the checkpoint's weights; trace them and explain their convergence."""
+    with guarded():
+        t0 = time.perf_counter()
+        names = parse_list(solver, "--solver", list(SOLVERS))
+        if not names:
+            raise OptionError("--solver needs at least one solver name.")
+        if curvature_every < 0:
+            raise OptionError(f"--curvature-every must be non-negative, got {curvature_every}.")
+        if grad_tol < 0:
+            raise OptionError(f"--grad-tol must be non-negative, got {grad_tol}.")
+        session = open_session(common)
+        test_problem = _test_problem(session, test_data) if test_data else None
+        max_iter = common.max_iter or DEFAULT_MAX_ITER
+        runs = []
+        with progress_bar() as update:
+            for name in names:
+                runs.append(
+                    run_solver(
+                        session.problem,
+                        name,
+                        max_iter=max_iter,
+                        budget_matvecs=budget_matvecs,
+                        curvature_every=curvature_every,
+                        test_problem=test_problem,
+                        generator=torch_generator(session.seed),
+                        progress=update,
+                        tol=grad_tol,
+                        mini_batch=mini_batch,
+                        eig_tol=common.tol,
+                    )
+                )
+        notes = []
+        if save_weights:
+            common.out.mkdir(parents=True, exist_ok=True)
+            for run in runs:
+                notes.append(
+                    f"weights of {run.solver} written to {_save_weights(session, run, common.out)}"
+                )
+        settings = {
+            "solver": names,
+            "max_iter": max_iter,
+            "budget_matvecs": budget_matvecs,
+            "curvature_every": curvature_every,
+            "grad_tol": grad_tol,
+            "mini_batch": mini_batch,
+            "test_data": test_data,
+            "save_weights": save_weights,
+        }
+        doc_path = finish(
+            session,
+            "solve",
+            settings=settings,
+            results=solve_results(runs),
+            timings={
+                "total_s": time.perf_counter() - t0,
+                **{f"{r.solver}_s": r.wall_time_s for r in runs},
+            },
+            counts={
+                "matvecs": sum(r.num_matvecs + r.diagnostic_matvecs for r in runs),
+                "gradients": sum(r.num_gradients for r in runs),
+            },
+            notes=notes,
+        )
+        _print(runs, doc_path)
+
+
+def torch_generator(seed: int):
+    """A fresh seeded generator per solver, so every solver sees the same random draws."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _print(runs: list[SolveRun], doc_path: Path) -> None:
+    table = Table(title="solvers from the same weights", title_style="bold")
+    for col in (
+        "solver",
+        "iters",
+        "final loss",
+        "grad norm",
+        "products",
+        "gradients",
+        "time s",
+        "test acc",
+        "stop",
+    ):
+        table.add_column(col, justify="left" if col in ("solver", "stop") else "right")
+    for row in compare_runs(runs):
+        table.add_row(
+            row["solver"],
+            str(row["iterations"]),
+            _fmt(row["final_loss"], ".6g"),
+            _fmt(row["final_grad_norm"], ".2e"),
+            str(row["num_matvecs"]),
+            str(row["num_gradients"]),
+            _fmt(row["wall_time_s"], ".2f"),
+            _fmt(row["test_accuracy"], ".4f"),
+            row["stop_reason"],
+        )
+    console.print(table)
+    for run in runs:
+        console.print(f"[bold]{run.solver}[/]")
+        for f in run.findings:
+            console.print(f"  - {_text(f)}", highlight=False)
+    console.print(f"Result: {doc_path}")
+
+
+def _text(f: Finding) -> str:
+    return f.text
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``solve`` to the app."""
+    app.command("solve", no_args_is_help=True)(solve_cli)
