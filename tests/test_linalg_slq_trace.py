@@ -217,3 +217,24 @@ def test_failure_paths():
         exact_trace([[1.0]])
     with pytest.raises(OptionError, match="batch size must be >= 1"):
         hutchinson_trace(M, batch=0)
+
+
+def test_slq_probes_breaking_down_at_different_steps_stay_exact():
+    lam = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0, 8.0], dtype=torch.float64)
+    M = torch.diag(lam)
+    probes = torch.stack(
+        [
+            torch.tensor([1.0, 0, 0, 0, 0, 0]),  # an eigenvector: breakdown after one step
+            torch.tensor([1.0, 1.0, 0, 0, 0, 0]),  # two eigenvalues: two steps
+            torch.ones(6),  # five distinct eigenvalues: five steps
+        ],
+        dim=1,
+    ).to(torch.float64)
+    res = slq(M, probes=probes, num_steps=6)
+    assert res.num_steps.tolist() == [1, 2, 5]
+    assert res.num_matvecs == 8
+    V = probes / torch.linalg.vector_norm(probes, dim=0)
+    for k in (1, 2, 4, 7):
+        want = (V * (torch.diag(lam**k) @ V)).sum(0)
+        assert torch.allclose(res.moments(k), want, rtol=REL, atol=0)
+    assert torch.allclose(res.weights.sum(1), torch.ones(3, dtype=torch.float64), atol=1e-14)

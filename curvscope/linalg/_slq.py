@@ -13,7 +13,8 @@ Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019 for neural-network Hessi
 
 All probes run *together*: every Lanczos step is one product ``A @ V`` with one column per
 probe still running, so one pass over the data serves all probes. Each probe keeps its own
-fully reorthogonalised basis (Gram-Schmidt twice), and stops on breakdown
+fully reorthogonalised basis (classical Gram-Schmidt after the three-term
+recurrence, repeated where it cancels), and stops on breakdown
 (:math:`\beta` at round-off), where its quadrature becomes exact.
 
 The density is the quadrature measure broadened by a Gaussian of width :math:`\sigma`:
@@ -43,6 +44,9 @@ SIGMA_FRACTION = 0.01
 
 GRID_MARGIN = 8.0
 """The default grid extends this many ``sigma`` beyond the extreme nodes (tail mass < 1e-15)."""
+
+DGKS = 0.7071067811865476
+"""Reorthogonalise a second time where a pass shrank the vector below 1/sqrt(2) of its norm."""
 
 DEFAULT_POINTS = 1000
 """Default grid points: spacing ~0.12% of the range, well below the default ``sigma``."""
@@ -179,18 +183,28 @@ def slq(
     scale = torch.zeros(b, dtype=torch.float64)
     q = Z.T.to(dtype=dtype, device=device)  # [b, n] current vectors
     active = torch.arange(b)
+    q_prev = torch.zeros_like(q)
+    beta_prev = torch.zeros(b, dtype=dtype, device=device)
     matvecs = 0
     for j in range(m_max):
+        everyone = active.shape[0] == b
         idx = active.to(device)
         Q[idx, j] = q
         W = (A @ q.T).T  # [k, n]: one product serves every running probe
         matvecs += q.shape[0]
         alpha = (q * W).sum(dim=1)
-        Qa = Q[idx, : j + 1]  # [k, j+1, n]
-        # Classical Gram-Schmidt against the whole basis, twice ("twice is enough").
+        # Three-term recurrence first, then full reorthogonalisation against the whole basis
+        # (one classical Gram-Schmidt pass, a second one only where the first cancelled much:
+        # the Daniel-Gragg-Kaufman-Stewart criterion, "twice is enough").
+        W = W - alpha.unsqueeze(1) * q - beta_prev.unsqueeze(1) * q_prev
+        Qa = Q[:, : j + 1] if everyone else Q[idx, : j + 1]  # [k, j+1, n]
         for _ in range(2):
-            W = W - torch.einsum("kjn,kj->kn", Qa, torch.einsum("kjn,kn->kj", Qa, W))
-        beta = torch.linalg.vector_norm(W, dim=1)
+            before = torch.linalg.vector_norm(W, dim=1)
+            coeff = torch.bmm(Qa, W.unsqueeze(2))  # [k, j+1, 1]
+            W = W - torch.bmm(coeff.transpose(1, 2), Qa).squeeze(1)
+            beta = torch.linalg.vector_norm(W, dim=1)
+            if not bool((beta < DGKS * before).any()):
+                break
         a64, b64 = alpha.to(torch.float64).cpu(), beta.to(torch.float64).cpu()
         alphas[active, j] = a64
         betas[active, j] = b64
@@ -203,7 +217,9 @@ def slq(
             break
         active = active[keep]
         keep_d = keep.to(device)
-        q = W[keep_d] / beta[keep_d].unsqueeze(1)
+        q_prev = q[keep_d]
+        beta_prev = beta[keep_d]
+        q = W[keep_d] / beta_prev.unsqueeze(1)
 
     m = int(steps.max())
     nodes = torch.zeros(b, m, dtype=torch.float64)
