@@ -13,8 +13,11 @@ from ._plots import (
     plot_surface_contour,
     save_figures,
 )
+from ._run import PRESETS, ReportRun, render_directory, run_report
 
 __all__ = [
+    "PRESETS",
+    "ReportRun",
     "figures_for",
     "plot_check_taylor",
     "plot_compare",
@@ -24,6 +27,8 @@ __all__ = [
     "plot_surface_1d",
     "plot_surface_3d",
     "plot_surface_contour",
+    "render_directory",
     "render_report",
+    "run_report",
     "save_figures",
 ]

@@ -471,8 +471,7 @@ def plot_compare(doc: dict[str, Any], ax=None) -> Figure:
             norm = LogNorm(vmin=max(finite.min(), finite.max() * 1e-6), vmax=finite.max())
         else:
             norm = Normalize(vmin=0, vmax=max(1.0, float(finite.max()) if finite.size else 1.0))
-        cmap = mpl.colormaps["magma_r"].copy()
-        cmap.set_bad("#DDDDDD")
+        cmap = mpl.colormaps["magma_r"].with_extremes(bad="#DDDDDD")
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
         for i in range(len(blocks)):
             for j in range(len(matrices)):

@@ -1,0 +1,169 @@
+"""``curvscope surface``: the loss on a line or grid around the weights, with figures."""
+
+# No ``from __future__ import annotations`` here: common_options rebuilds the signature, and
+# typer then sees string annotations and drops the explicit option names ("--range" became
+# "--range-").
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .._errors import OptionError
+from ..diagnostics import surface
+from ._common import (
+    CommonArgs,
+    common_options,
+    console,
+    finish,
+    guarded,
+    open_session,
+    parse_floats,
+    parse_list,
+    progress_bar,
+)
+
+__all__ = ["register", "surface_cli"]
+
+PLOT_FORMATS = ["png", "pdf", "svg", "html"]
+
+
+def parse_range(value: str) -> tuple[float, float]:
+    """``"-1,1"`` -> ``(-1.0, 1.0)``.
+
+    Raises:
+        OptionError: unless the value is two increasing numbers.
+    """
+    vals = parse_floats(value, "--range") or []
+    if len(vals) != 2 or not vals[0] < vals[1]:
+        raise OptionError(f"--range {value!r} must be LO,HI with LO < HI, e.g. -1,1.")
+    return vals[0], vals[1]
+
+
+@common_options
+def surface_cli(
+    common: CommonArgs,
+    dims: Annotated[int, typer.Option("--dims", help="1 (a line) or 2 (a grid).")] = 2,
+    directions: Annotated[
+        str,
+        typer.Option(
+            "--directions",
+            help="eigen (top Hessian eigenvectors), random, filter-normalized (Li et al. 2018; "
+            "biases and BatchNorm zeroed) or a FILE: spectrum's eigenvectors.pt, or a .pt/.npy "
+            "tensor of shape [P] or [P, 2].",
+        ),
+    ] = "eigen",
+    range_: Annotated[
+        str,
+        typer.Option(
+            "--range",
+            help="LO,HI of the grid coordinates (distances along unit eigenvectors).",
+        ),
+    ] = "-1,1",
+    steps: Annotated[int, typer.Option("--steps", help="Grid points per axis.")] = 41,
+    plots: Annotated[
+        str,
+        typer.Option("--plots", help="Figures to write next to surface.json: png,pdf,svg,html."),
+    ] = "png",
+    plotly_js: Annotated[
+        str,
+        typer.Option(
+            "--plotly-js",
+            help="For --plots html: 'inline' (self-contained) or a relative path to plotly.min.js.",
+        ),
+    ] = "inline",
+) -> None:
+    """Loss surface along the top Hessian eigenvectors (or random directions), with figures."""
+    with guarded():
+        t0 = time.perf_counter()
+        if dims not in (1, 2):
+            raise OptionError(f"--dims {dims} is not supported; a surface has 1 or 2 dimensions.")
+        lo_hi = parse_range(range_)
+        formats = parse_list(plots, "--plots", PLOT_FORMATS)
+        session = open_session(common)
+        with progress_bar() as update:
+            result = surface(
+                session.problem,
+                dims=dims,
+                directions=directions,
+                range_=lo_hi,
+                steps=steps,
+                generator=session.generator,
+                model_sha256=session.input_info["model"]["sha256"],
+                tol=common.tol,
+                max_iter=common.max_iter,
+                progress=update,
+            )
+        settings = {
+            "dims": dims,
+            "directions": directions,
+            "range": list(lo_hi),
+            "steps": steps,
+            "plots": formats,
+            "plotly_js": plotly_js,
+        }
+        doc_path = finish(
+            session,
+            "surface",
+            settings=settings,
+            results={"surface": result},
+            timings={"total_s": time.perf_counter() - t0},
+            counts={"matvecs": result.num_matvecs},
+            notes=list(result.notes),
+        )
+        figures = write_figures(doc_path, formats, plotly_js)
+        _print(result, doc_path, figures)
+
+
+def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline") -> list[Path]:
+    """Figures of a written surface document (matplotlib files, and an HTML page)."""
+    from ..io import read_document, write_atomic
+    from ..report import render_report, save_figures
+
+    doc = read_document(doc_path)
+    out = doc_path.parent
+    paths = save_figures(doc, out, tuple(f for f in formats if f != "html"))
+    if "html" in formats:
+        paths.append(
+            write_atomic(out / "surface.html", render_report({"surface": doc}, plotly_js=plotly_js))
+        )
+    return paths
+
+
+def _print(result, doc_path: Path, figures: list[Path]) -> None:
+    table = Table(title=result.directions.description, title_style="bold")
+    table.add_column("direction")
+    table.add_column("eigenvalue", justify="right")
+    table.add_column("g·d", justify="right")
+    table.add_column("d·Hd", justify="right")
+    table.add_column("axis", justify="right")
+    for i in range(result.dims):
+        ev = result.eigenvalues[i] if result.eigenvalues else None
+        axis = result.axes[i]
+        table.add_row(
+            f"d{i + 1}",
+            "" if ev is None else f"{ev:.6g}",
+            f"{result.gradient_projections[i]:.3e}",
+            f"{result.curvatures[i][i]:.6g}",
+            f"{axis[0]:g} .. {axis[-1]:g} ({len(axis)})",
+        )
+    console.print(table)
+    flat = [v for row in result.loss for v in (row if isinstance(row, list) else [row])]
+    finite = [v for v in flat if v == v]
+    console.print(
+        f"loss at the weights {result.center_loss:.6g}; on the grid "
+        f"{min(finite):.6g} .. {max(finite):.6g}"
+        if finite
+        else "every grid point gave a non-finite loss"
+    )
+    for note in result.notes:
+        console.print(f"[yellow]{note}[/]")
+    console.print(f"Result: {doc_path}")
+    if figures:
+        console.print("Figures: " + ", ".join(str(p) for p in figures))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``surface`` to the app."""
+    app.command("surface", no_args_is_help=True)(surface_cli)

@@ -1,0 +1,469 @@
+"""Figures, the HTML report (offline, no addresses), report runs, CLI, headless browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from curvscope._errors import CurvscopeError, OptionError
+from curvscope.diagnostics import surface
+from curvscope.io import make_document, read_document, versions, write_document
+from curvscope.problem import Problem
+from curvscope.report import _plots as plots
+from curvscope.report import figures_for, render_report, save_figures
+from curvscope.report._run import render_directory, run_report
+
+from .cases import CASES, build
+
+ADDRESS = re.compile(r"https?://", re.IGNORECASE)
+
+INPUT = {
+    "model": {
+        "path": "model.pt",
+        "sha256": "ab" * 32,
+        "format": "curvscope/1",
+        "num_params": 38,
+        "params_selected": 38,
+    },
+    "data": {
+        "source": "digits",
+        "sha256": "cd" * 32,
+        "num_samples": 7,
+        "batch_size": 4,
+        "subset_seed": None,
+    },
+    "loss": "cross_entropy",
+    "reduction": "mean",
+    "weight_decay": 0.0,
+    "dtype": "float64",
+    "device": "cpu",
+    "seed": 0,
+    "train_mode": False,
+    "versions": versions(),
+}
+
+
+def _doc(command, results, notes=()):
+    return make_document(
+        command,
+        input=INPUT,
+        settings={},
+        results=results,
+        timings={"total_s": 0.1},
+        counts={"matvecs": 3, "data_passes": 1},
+        notes=list(notes),
+    )
+
+
+def _problem():
+    model, loss, data, red = build(CASES[0])
+    return Problem(model, loss, data, reduction=red)
+
+
+@pytest.fixture(scope="module")
+def documents():
+    problem = _problem()
+    g = torch.Generator().manual_seed(0)
+    surf2 = surface(problem, dims=2, steps=7, generator=g)
+    surf1 = surface(problem, dims=1, steps=9, directions="random", generator=g)
+    grid = np.linspace(-1, 3, 50)
+    dens = np.exp(-((grid - 1) ** 2)) + 1e-9
+    return {
+        "spectrum": _doc(
+            "spectrum",
+            {
+                "spectra": [
+                    {
+                        "matrix": "hessian",
+                        "block": "all",
+                        "which": "top",
+                        "method": "lanczos",
+                        "eigenvalues": [2.5, 1.0],
+                        "residual_norms": [1e-9, 2e-3],
+                        "converged": [True, False],
+                        "num_matvecs": 20,
+                    },
+                    {
+                        "matrix": "hessian",
+                        "block": "all",
+                        "which": "bottom",
+                        "method": "lanczos",
+                        "eigenvalues": [-0.3],
+                        "residual_norms": [1e-8],
+                        "converged": [True],
+                        "num_matvecs": 20,
+                    },
+                    {
+                        "matrix": "ggn",
+                        "block": "0",
+                        "which": "top",
+                        "method": "lanczos",
+                        "eigenvalues": [2.0],
+                        "residual_norms": [1e-8],
+                        "converged": [True],
+                        "num_matvecs": 20,
+                    },
+                ]
+            },
+        ),
+        "density": _doc(
+            "density",
+            {
+                "densities": [
+                    {
+                        "matrix": "hessian",
+                        "block": "all",
+                        "grid": grid.tolist(),
+                        "density": dens.tolist(),
+                        "sigma": 0.1,
+                        "nodes": [],
+                        "weights": [],
+                        "num_probes": 5,
+                        "num_matvecs": 50,
+                    }
+                ],
+                "traces": [
+                    {
+                        "matrix": "hessian",
+                        "block": "all",
+                        "estimator": "hutchinson",
+                        "estimate": 3.2,
+                        "stderr": 0.1,
+                        "num_matvecs": 30,
+                    }
+                ],
+            },
+        ),
+        "check": _doc(
+            "check",
+            {
+                "checks": [
+                    {"name": "gradient", "passed": True, "reason": "errors fall as eps^2"},
+                    {
+                        "name": "taylor",
+                        "passed": None,
+                        "reason": "round-off floor",
+                        "directions": [
+                            {
+                                "h": [1e-1, 1e-2, 1e-3],
+                                "e1": [1e-2, 1e-4, 1e-6],
+                                "e2": [1e-3, 1e-6, 1e-9],
+                            }
+                        ],
+                    },
+                    {
+                        "name": "convexity",
+                        "passed": None,
+                        "reason": "certificate",
+                        "layers": [
+                            {
+                                "name": "0",
+                                "activation": "tanh",
+                                "fraction_satisfied": 0.4,
+                                "fraction_satisfied_as_printed": 0.6,
+                                "certified": False,
+                                "min_eigenvalue": -0.01,
+                                "min_eigenvalue_residual": 1e-9,
+                            }
+                        ],
+                    },
+                ]
+            },
+        ),
+        "compare": _doc(
+            "compare",
+            {
+                "comparisons": [
+                    {
+                        "block": b,
+                        "matrix": m,
+                        "rel_frobenius": v,
+                        "rel_frobenius_stderr": None,
+                        "method": "dense",
+                        "chen_metric": None,
+                        "top_eigenvalues": [],
+                        "hessian_top_eigenvalues": [],
+                        "subspace_overlap": 0.9,
+                        "min_eigenvalue": 0.0,
+                    }
+                    for b, m, v in [
+                        ("0", "ggn", 0.2),
+                        ("0", "pch-abs", 0.5),
+                        ("2", "ggn", 0.01),
+                        ("2", "pch-abs", None),
+                    ]
+                ]
+            },
+        ),
+        "surface": _doc("surface", {"surface": surf2}, surf2.notes),
+        "surface-1d": _doc("surface", {"surface": surf1}),
+        "solve": _doc(
+            "solve",
+            {
+                "solves": [
+                    {
+                        "solver": "gd",
+                        "settings": {},
+                        "trace": [
+                            {"iteration": i, "loss": 1 / (i + 1), "grad_norm": 0.5 / (i + 1)}
+                            for i in range(10)
+                        ],
+                        "findings": ["slow: small steps"],
+                        "final_loss": 0.1,
+                        "final_grad_norm": 0.05,
+                        "num_matvecs": 0,
+                        "wall_time_s": 0.1,
+                    },
+                    {
+                        "solver": "newton-cg",
+                        "settings": {},
+                        "trace": {"loss": [1, 0.1, 0.01], "grad_norm": [1, 0.1, 1e-3]},
+                        "findings": [],
+                        "final_loss": 0.01,
+                        "final_grad_norm": 1e-3,
+                        "num_matvecs": 12,
+                        "wall_time_s": 0.1,
+                    },
+                ]
+            },
+        ),
+    }
+
+
+def test_every_plot_renders_with_labels(documents, tmp_path):
+    for name, doc in documents.items():
+        figs = figures_for(doc)
+        assert figs, name
+        for stem, fig in figs.items():
+            assert isinstance(fig, Figure)
+            ax = fig.axes[0]
+            assert ax.get_title(), (name, stem)
+            assert ax.get_xlabel() and ax.get_ylabel(), (name, stem)
+            fig.savefig(tmp_path / f"{name}-{stem}.png")
+    stems = set(figures_for(documents["surface"]))
+    assert stems == {"surface_contour", "surface_3d", "surface_slices"}
+    contour = figures_for(documents["surface"])["surface_contour"]
+    assert "lambda_1" in contour.axes[0].get_xlabel()  # the eigenvalue is in the label
+    assert len(contour.axes) == 2  # the colour bar
+    paths = save_figures(documents["compare"], tmp_path / "figs", ("png", "pdf"))
+    assert {p.suffix for p in paths} == {".png", ".pdf"} and all(p.stat().st_size for p in paths)
+
+
+def test_plot_into_given_axes(documents):
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert plots.plot_surface_1d(documents["surface"], ax=ax) is fig
+    assert plots.plot_solver_curves(documents["solve"], ax=ax) is fig
+
+
+def test_non_finite_surface_points_are_gaps(documents):
+    doc = json.loads(json.dumps(documents["surface"]))
+    doc["results"]["surface"]["loss"][0][0] = None
+    doc["results"]["surface"]["num_non_finite"] = 1
+    fig = plots.plot_surface_contour(doc)
+    assert any("non-finite" in t.get_text() for t in fig.axes[0].texts)
+    html = render_report({"surface": doc})
+    assert "NaN" not in html.split("<script>")[-1]
+
+
+def test_report_is_offline_and_complete(documents):
+    html = render_report(documents, skipped=[{"part": "solve: mk", "reason": "not here"}])
+    assert not ADDRESS.search(html)
+    assert "default-src 'none'" in html and "connect-src 'none'" in html
+    assert "Plotly.newPlot" in html and len(html) > 3_000_000  # plotly inlined
+    for section in (
+        "analysed",
+        "spectrum",
+        "density",
+        "check",
+        "compare",
+        "surface",
+        "surface-1d",
+        "solve",
+        "skipped",
+    ):
+        assert f'id="{section}"' in html, section
+    assert (
+        "not here" in html
+        and "inconclusive" in html
+        and "failed" not in html.split('id="check"')[1].split("</table>")[0]
+    )
+    assert html.count('class="chart"') >= 10
+
+
+def test_report_with_shared_plotly_file(documents):
+    html = render_report({"surface": documents["surface"]}, plotly_js="plotly.min.js")
+    assert '<script src="plotly.min.js"></script>' in html
+    assert len(html) < 400_000 and not ADDRESS.search(html)
+    with pytest.raises(OptionError, match="network address"):
+        render_report({"surface": documents["surface"]}, plotly_js="https://cdn.plot.ly/x.js")
+    with pytest.raises(OptionError, match="no result documents"):
+        render_report({})
+
+
+def test_addresses_in_documents_are_neutralised(documents):
+    doc = json.loads(json.dumps(documents["surface"]))
+    doc["notes"].append("see https://example.org/x and http://a.b")
+    doc["input"]["data"]["source"] = "http://data.example/d.npz"
+    html = render_report({"surface": doc})
+    assert not ADDRESS.search(html)
+
+
+def test_run_report_writes_documents_figures_and_page(tmp_path):
+    problem = _problem()
+    run = run_report(problem, out_dir=tmp_path, parts=("spectrum", "surface", "solve"))
+    assert run.html == tmp_path / "report.html"
+    assert set(run.documents) == {"spectrum", "surface"}
+    assert read_document(tmp_path / "surface.json")["results"]["surface"]["axes"][0][10] == 0.0
+    assert (tmp_path / "figures" / "surface_contour.png").is_file()
+    assert any(s["part"] == "solve" for s in run.skipped)
+    html = run.html.read_text()
+    assert not ADDRESS.search(html) and 'id="skipped"' in html
+    # the surface reused the spectrum's eigenvectors: no Lanczos run of its own
+    surf = read_document(tmp_path / "surface.json")
+    assert surf["settings"]["eigenvectors"] == "from the spectrum part"
+    assert surf["counts"]["matvecs"] == 2
+    with pytest.raises(OptionError, match="--preset"):
+        run_report(problem, out_dir=tmp_path, preset="slow")
+
+
+def test_render_directory(documents, tmp_path):
+    write_document(documents["surface"], tmp_path)
+    run = render_directory(tmp_path, plotly_js="plotly.min.js")
+    assert run.html.is_file() and "surface" in run.documents
+    assert {s["part"] for s in run.skipped} >= {"spectrum", "density"}
+    with pytest.raises(CurvscopeError, match="holds no result document"):
+        render_directory(tmp_path / "figures")
+    with pytest.raises(CurvscopeError, match="is not a folder"):
+        render_directory(tmp_path / "nope")
+
+
+def test_layering_no_plotting_below_report():
+    code = (
+        "import sys, curvscope.diagnostics, curvscope.linalg, curvscope.operators\n"
+        "bad = [m for m in ('matplotlib', 'plotly', 'typer', 'rich') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "import curvscope.report\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_surface_cli(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from curvscope.cli import _common, app
+    from curvscope.cli import surface as surface_cli
+
+    problem = _problem()
+
+    def fake_session(common):
+        return _common.Session(
+            problem=problem,
+            input_info=INPUT,
+            notes=[],
+            seed=common.seed,
+            generator=torch.Generator().manual_seed(common.seed),
+            loaded=None,
+            dataset=None,
+            common=common,
+        )
+
+    monkeypatch.setattr(surface_cli, "open_session", fake_session)
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        [
+            "surface",
+            "model.pt",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "5",
+            "--plots",
+            "png,html",
+            "--range",
+            "-0.5,0.5",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    doc = read_document(tmp_path / "surface.json")
+    assert doc["settings"]["range"] == [-0.5, 0.5] and doc["settings"]["steps"] == 5
+    assert len(doc["results"]["surface"]["loss"]) == 5
+    assert (tmp_path / "surface_contour.png").is_file()
+    assert not ADDRESS.search((tmp_path / "surface.html").read_text())
+    assert "surface.json" in res.output
+    res = runner.invoke(app, ["surface", "model.pt", "--out", str(tmp_path), "--dims", "3"])
+    assert res.exit_code == 1 and "--dims 3 is not supported" in res.output
+    res = runner.invoke(app, ["surface", "model.pt", "--out", str(tmp_path), "--range", "1,0"])
+    assert res.exit_code == 1 and "LO < HI" in res.output
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Console lines that are the headless software renderer talking about itself, not the page.
+BENIGN = re.compile(r"GL Driver Message|GPU stall|willReadFrequently|WebGL|swiftshader", re.I)
+
+
+def _chromium(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--enable-unsafe-swiftshader",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=20000",
+        "--window-size=1200,2000",
+        *extra,
+        page.as_uri(),
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)"
+)
+def test_report_in_headless_chromium(documents, tmp_path):
+    from matplotlib.image import imread
+
+    # 1. the whole report: no console errors, no refused loads, every chart drawn
+    page = tmp_path / "report.html"
+    html = render_report(documents)
+    page.write_text(html, encoding="utf-8")
+    proc = _chromium(page, tmp_path, "--dump-dom")
+    log = proc.stderr.splitlines()
+    errors = [ln for ln in log if ":CONSOLE" in ln and not BENIGN.search(ln)]
+    assert not errors, "\n".join(errors)
+    assert not [ln for ln in log if "Refused to" in ln]  # the CSP blocked no load: none tried
+    dom = proc.stdout
+    charts = html.count('class="chart"')
+    assert charts >= 10
+    assert dom.count("js-plotly-plot") >= charts, "some charts did not draw"
+    assert not re.search(r'class="chart"[^>]*>plotly.js did not load', dom)
+
+    # 2. a screenshot of the surface part is not blank: coloured contour and 3-D surface
+    page = tmp_path / "surface.html"
+    page.write_text(render_report({"surface": documents["surface"]}), encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    proc = _chromium(page, tmp_path, f"--screenshot={shot}")
+    img = imread(shot)[..., :3]
+    assert img.shape[0] >= 1000
+    colourful = (img.max(axis=2) - img.min(axis=2)) > 0.25
+    assert float(img.std()) > 0.1 and colourful.mean() > 0.02, (img.std(), colourful.mean())
