@@ -467,3 +467,51 @@ def test_report_in_headless_chromium(documents, tmp_path):
     assert img.shape[0] >= 1000
     colourful = (img.max(axis=2) - img.min(axis=2)) > 0.25
     assert float(img.std()) > 0.1 and colourful.mean() > 0.02, (img.std(), colourful.mean())
+
+
+def test_report_cli(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from curvscope.cli import _common, app
+    from curvscope.cli import report as report_cli
+
+    problem = _problem()
+    seen = {}
+
+    def fake_session(common):
+        seen["common"] = common
+        return _common.Session(
+            problem=problem,
+            input_info=INPUT,
+            notes=[],
+            seed=common.seed,
+            generator=torch.Generator().manual_seed(common.seed),
+            loaded=None,
+            dataset=None,
+            common=common,
+        )
+
+    monkeypatch.setattr(report_cli, "open_session", fake_session)
+    out = tmp_path / "rep"
+    runner = CliRunner()
+    res = runner.invoke(
+        app,
+        ["report", "model.pt", "--out", str(out), "--plotly-js", "../plotly.min.js", "--seed", "3"],
+    )
+    assert res.exit_code == 0, res.output
+    assert seen["common"].seed == 3
+    assert (out / "report.html").is_file() and (out / "spectrum.json").is_file()
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+    assert not ADDRESS.search((tmp_path / "plotly.min.js").read_text())
+    assert '<script src="../plotly.min.js">' in (out / "report.html").read_text()
+    assert "report.html" in res.output.replace("\n", "")
+    (out / "report.html").unlink()
+    res = runner.invoke(app, ["report", "--from", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "report.html").is_file()
+    res = runner.invoke(app, ["report", "model.pt", "--from", str(out)])
+    assert res.exit_code == 1 and "not both" in res.output
+    res = runner.invoke(app, ["report", "--out", str(out)])
+    assert res.exit_code == 1 and "give a MODEL" in res.output
+    res = runner.invoke(app, ["report", "model.pt", "--preset", "slow"])
+    assert res.exit_code == 1 and "--preset 'slow'" in res.output

@@ -1,0 +1,155 @@
+"""``curvscope report``: run the analyses and write one self-contained HTML page.
+
+``curvscope report MODEL --out DIR`` runs spectrum, density, check, compare and surface (and
+the solvers with ``--preset full``), writes each result document, PNG figures and
+``DIR/report.html``. ``curvscope report --from DIR`` renders documents already written.
+"""
+
+# No ``from __future__ import annotations``: common_options rebuilds the signature and typer
+# must see real annotations to keep explicit option names such as "--from".
+
+import inspect
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .._errors import OptionError
+from ._common import (
+    CommonArgs,
+    common_options,
+    console,
+    guarded,
+    open_session,
+    progress_bar,
+)
+
+__all__ = ["register", "report_cli", "write_plotly_js"]
+
+
+def write_plotly_js(path: Path) -> Path:
+    """Write plotly's JavaScript to ``path`` (for reports made with ``--plotly-js PATH``)."""
+    from plotly.offline import get_plotlyjs
+
+    from ..io import write_atomic
+    from ..report._html import _URL
+
+    return write_atomic(path, _URL.sub(r"\1\\/\\/", get_plotlyjs()))
+
+
+def _optional_model(func):
+    """Make the MODEL argument optional (``--from DIR`` needs none)."""
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    params[0] = params[0].replace(
+        annotation=Annotated[
+            Path | None,
+            typer.Argument(
+                help="Checkpoint to analyse (curvscope .pt, .safetensors, state dict with "
+                "--model, TorchScript, or a pickled module with --trust-checkpoint); omit with "
+                "--from.",
+                show_default=False,
+            ),
+        ],
+        default=None,
+    )
+    func.__signature__ = sig.replace(parameters=params)
+    return func
+
+
+@_optional_model
+@common_options
+def report_cli(
+    common: CommonArgs,
+    preset: Annotated[
+        str,
+        typer.Option(
+            "--preset",
+            help="quick (top-5 Hessian eigenpairs, 20-probe density, checks, compare on GGN "
+            "and PCH, 21x21 surface) or full (every matrix, 41x41 surface, solver runs).",
+        ),
+    ] = "quick",
+    plotly_js: Annotated[
+        str,
+        typer.Option(
+            "--plotly-js",
+            help="inline (self-contained page) or a path relative to the page to a shared "
+            "plotly.min.js (written there if missing).",
+        ),
+    ] = "inline",
+    from_dir: Annotated[
+        Path | None,
+        typer.Option("--from", help="Render the result documents already in this folder."),
+    ] = None,
+    figures: Annotated[
+        str, typer.Option("--figures", help="Figure formats written to DIR/figures: png,pdf.")
+    ] = "png",
+) -> None:
+    """Run the analyses and write DIR/report.html (or render existing documents with --from)."""
+    from ..report import render_directory, run_report
+
+    with guarded():
+        t0 = time.perf_counter()
+        formats = tuple(f.strip() for f in figures.split(",") if f.strip())
+        bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+        if bad:
+            raise OptionError(f"--figures {','.join(bad)!r} is not known; choose png, pdf, svg.")
+        if from_dir is not None:
+            if common.model_path is not None:
+                raise OptionError("give either MODEL or --from DIR, not both.")
+            _ensure_plotly(Path(from_dir), plotly_js)
+            run = render_directory(from_dir, plotly_js=plotly_js, figure_formats=formats)
+        else:
+            if common.model_path is None:
+                raise OptionError("give a MODEL to analyse, or --from DIR to render documents.")
+            if preset not in ("quick", "full"):
+                raise OptionError(f"--preset {preset!r} is not known; choose quick or full.")
+            session = open_session(common)
+            _ensure_plotly(Path(common.out), plotly_js)
+            with progress_bar() as update:
+                run = run_report(
+                    session.problem,
+                    out_dir=common.out,
+                    preset=preset,
+                    input_info=session.input_info,
+                    base_settings=common.settings(),
+                    notes=session.notes,
+                    seed=common.seed,
+                    tol=common.tol,
+                    max_iter=common.max_iter,
+                    model_sha256=session.input_info["model"]["sha256"],
+                    plotly_js=plotly_js,
+                    figure_formats=formats,
+                    progress=update,
+                )
+        _print(run, time.perf_counter() - t0)
+
+
+def _ensure_plotly(out_dir: Path, plotly_js: str) -> None:
+    if plotly_js == "inline":
+        return
+    target = out_dir / plotly_js
+    if not target.exists() and "://" not in plotly_js and not plotly_js.startswith("//"):
+        write_plotly_js(target)
+        console.print(f"wrote plotly's JavaScript to {target}")
+
+
+def _print(run, seconds: float) -> None:
+    table = Table(title=f"report written in {seconds:.1f} s", title_style="bold")
+    table.add_column("part")
+    table.add_column("result")
+    for part, path in run.documents.items():
+        table.add_row(part, str(path))
+    for s in run.skipped:
+        table.add_row(s["part"], f"[yellow]skipped:[/] {s['reason']}")
+    console.print(table)
+    if run.figures:
+        console.print(f"Figures: {run.figures[0].parent}/ ({len(run.figures)} files)")
+    console.print(f"Report: {run.html}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``report`` to the app."""
+    app.command("report", no_args_is_help=True)(report_cli)
