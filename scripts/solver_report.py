@@ -27,9 +27,11 @@ SOLVERS = ["gd", "gd-armijo", "lbfgs", "nlcg", "newton-cg", "hf", "eacg", "mk", 
 
 def _load_example(workdir: Path):
     """The digits-sigmoid model (architecture only) and its data, via curvscope's own io."""
-    from curvscope._examples import make_example
+    import importlib
+
     from curvscope.io import load_checkpoint, load_dataset
 
+    make_example = importlib.import_module("curvscope._examples").make_example
     make_example("digits-sigmoid", workdir, seed=0)
     loaded = load_checkpoint(workdir / "model.pt")
     meta = dict(loaded.meta or {})
