@@ -435,10 +435,11 @@ def _solve(doc: dict, page: _Page) -> str:
         + "</div>"
     )
     out += _table(
-        ["solver", "final loss", "final gradient norm", "products", "seconds"],
+        ["solver", "stopped", "final loss", "final gradient norm", "products", "seconds"],
         (
             [
                 _td(s.get("solver")),
+                _td(s.get("stop_reason")),
                 _td(s.get("final_loss"), True),
                 _td(s.get("final_grad_norm"), True),
                 _td(s.get("num_matvecs"), True),
@@ -452,12 +453,18 @@ def _solve(doc: dict, page: _Page) -> str:
         if findings:
             out += (
                 f"<h3>{_esc(s.get('solver'))}: findings</h3><ul class='notes'>"
-                + "".join(
-                    f"<li>{_esc(f if isinstance(f, str) else json.dumps(f))}</li>" for f in findings
-                )
+                + "".join(f"<li>{_esc(_finding_text(f))}</li>" for f in findings)
                 + "</ul>"
             )
     return out
+
+
+def _finding_text(f: Any) -> str:
+    if isinstance(f, str):
+        return f
+    if isinstance(f, dict) and f.get("text"):
+        return f"{f['text']}" + (f" ({f['rule']})" if f.get("rule") else "")
+    return json.dumps(f)
 
 
 _RENDER = {

@@ -433,10 +433,15 @@ def plot_density(doc: dict[str, Any], ax=None) -> Figure:
     dens = _results(doc, "densities")
     with _style():
         fig, ax = _new(ax, figsize=(6.8, 4.4))
+        peaks = [
+            np.nanmax(np.array([np.nan if v is None else v for v in d["density"]], dtype=float))
+            for d in dens
+        ]
+        peaks = [p for p in peaks if np.isfinite(p) and p > 0]
+        floor = max(peaks) * 1e-6 if peaks else 1e-12
         for i, d in enumerate(dens):
             x = np.asarray(d["grid"], dtype=float)
             y = np.array([np.nan if v is None else v for v in d["density"]], dtype=float)
-            floor = np.nanmax(y) * 1e-8 if np.isfinite(y).any() else 1e-12
             ax.fill_between(x, np.maximum(y, floor), floor, color=PALETTE[i % 8], alpha=0.12)
             ax.semilogy(
                 x,
@@ -445,7 +450,7 @@ def plot_density(doc: dict[str, Any], ax=None) -> Figure:
                 label=f"{d['matrix']}, {d['block']}"
                 + (f" ({d['num_probes']} probes)" if d.get("num_probes") else ""),
             )
-            ax.set_ylim(bottom=floor)
+        ax.set_ylim(bottom=floor)
         ax.axvline(0, color="0.4", lw=0.8, ls=":")
         ax.set_xlabel("eigenvalue $\\lambda$")
         ax.set_ylabel("density (log scale)")
@@ -624,7 +629,7 @@ def plot_solver_curves(doc: dict[str, Any], ax=None, *, x: str = "iterations") -
             target.set_xlabel(xlabel)
             target.set_ylabel(ylabel)
             target.set_title(title)
-            target.legend(loc="upper right")
+        ax_loss.legend(loc="best")
     return fig
 
 

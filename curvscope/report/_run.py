@@ -31,6 +31,8 @@ Progress = Callable[[int, int, str], None]
 PRESETS = ("quick", "full")
 PARTS = ("spectrum", "density", "check", "compare", "surface", "solve")
 NOT_AVAILABLE = "not available in this version of curvscope"
+SOLVE_FULL = ("gd", "lbfgs", "nlcg", "newton-cg", "hf", "eacg", "mk")
+SOLVE_MAX_ITER = 30
 
 
 @dataclass(frozen=True)
@@ -360,18 +362,40 @@ def run_report(
             )
             return
         try:
-            from ..solvers import solve
+            from ..solvers import SOLVERS, compare_runs, run_solver
         except ImportError:
             raise _Unavailable from None
+        names = [n for n in SOLVE_FULL if n in SOLVERS]
         t0 = time.perf_counter()
-        res = solve(problem, seed=seed, progress=progress)
+        runs, extra = [], []
+        for name in names:
+            try:
+                runs.append(
+                    run_solver(
+                        problem,
+                        name,
+                        max_iter=SOLVE_MAX_ITER,
+                        generator=gen(),
+                        progress=progress,
+                        eig_tol=tol,
+                    )
+                )
+            except UnsupportedModelError as exc:
+                skipped.append({"part": f"solve: {name}", "reason": str(exc)})
+                extra.append(f"{name} left out: {exc}")
+        if not runs:
+            raise CurvscopeError("no solver could run on this model.")
+        rows = compare_runs(runs)
+        for row in rows:
+            row.pop("loss_curve", None)
+        results = {"solves": [_solve_entry(r) for r in runs], "comparison": rows}
         record(
             "solve",
-            {},
-            _results_of(res, "solves"),
+            {"solver": names, "max_iter": SOLVE_MAX_ITER},
+            results,
             t0,
-            getattr(res, "num_matvecs", 0),
-            list(getattr(res, "notes", [])),
+            sum(r.num_matvecs for r in runs),
+            extra,
         )
 
     runners = {
@@ -413,6 +437,27 @@ def run_report(
 
 class _Unavailable(Exception):
     """A part whose library function this version does not have."""
+
+
+def _solve_entry(run: Any) -> dict[str, Any]:
+    """One ``results.solves`` entry (DESIGN.md "Contracts"), as ``curvscope solve`` writes."""
+    return {
+        "solver": run.solver,
+        "settings": run.settings,
+        "trace": run.trace,
+        "findings": [
+            {"rule": f.rule, "text": f.text, "evidence": f.evidence} for f in run.findings
+        ],
+        "final_loss": run.final_loss,
+        "final_grad_norm": run.final_grad_norm,
+        "num_matvecs": run.num_matvecs,
+        "num_gradients": run.num_gradients,
+        "num_loss_evals": run.num_loss_evals,
+        "diagnostic_matvecs": run.diagnostic_matvecs,
+        "wall_time_s": run.wall_time_s,
+        "stop_reason": run.stop_reason,
+        "message": run.message,
+    }
 
 
 def _results_of(res: Any, key: str) -> dict:
