@@ -238,10 +238,8 @@ def run_solver(
     full = objective
     if isinstance(objective, ProblemObjective):
         w0 = objective.problem.param_vector().detach()
-    else:
+    else:  # plain objectives (the quadratic test double) start from zero
         w0 = torch.zeros(objective.num_params, dtype=objective.dtype, device=objective.device)
-        if "w0" in settings:
-            raise OptionError("w0 is not a setting.")
     return _run(
         spec,
         cfg,
