@@ -96,3 +96,19 @@ def test_density_failure_paths(setup):
         density(problem, trace_probes=2)
     with pytest.raises(OptionError, match="block 'nope' does not exist; valid blocks: all, 0, 2"):
         density(problem, blocks=["nope"])
+
+
+def test_density_of_ggn_is_psd_and_traces_agree_with_its_dense_matrix(setup):
+    problem, H = setup
+    from curvscope.operators import make_operator
+
+    G = make_operator("ggn", problem).dense()
+    res = density(problem, matrices=("hessian", "ggn"), num_probes=2, num_steps=H.shape[0])
+    assert [d.matrix for d in res.densities] == ["hessian", "ggn"]
+    ggn = res.densities[1]
+    scale = float(torch.linalg.eigvalsh(G).abs().max())
+    nodes = torch.tensor(ggn.nodes)[torch.tensor(ggn.weights) > 1e-10]
+    assert float(nodes.min()) >= -1e-10 * scale
+    exact = {t.matrix: t.estimate for t in res.traces if t.estimator == "exact"}
+    assert exact["ggn"] == pytest.approx(float(torch.trace(G)), rel=REL)
+    assert exact["hessian"] == pytest.approx(float(torch.trace(H)), rel=REL)
