@@ -11,7 +11,7 @@ from .._errors import OptionError
 from ..problem import Batch, Problem
 from ._base import CurvatureOperator
 from ._ggn import GGNOperator
-from ._outputs import refuse_train_mode
+from ._outputs import low_rank_apply, refuse_train_mode
 
 __all__ = ["EmpiricalFisherOperator", "FisherKind", "FisherOperator"]
 
@@ -101,7 +101,7 @@ class FisherOperator(GGNOperator):
         if self.kind is FisherKind.EXACT:
             return self.view.fisher_apply(out)
         Q = self.view.sample_columns(out, self.mc_samples, self._gen)
-        return lambda U: torch.einsum("jna,jnb,knb->kna", Q, Q, U)
+        return lambda U: low_rank_apply(Q, U)
 
 
 class EmpiricalFisherOperator(CurvatureOperator):

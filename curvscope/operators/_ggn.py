@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ..problem import Batch, Problem
 from ._base import CurvatureOperator
@@ -65,20 +66,36 @@ class GGNOperator(CurvatureOperator):
         def jvp(t: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.func.jvp(f, (params,), (t,))[1]
 
+        c = batch.weight / batch.size if p.reduction == "mean" else 1.0
         with p.mode():
+            if k == 1:
+                return self._one_column(batch, V, c)
             out, vjp_fn = torch.func.vjp(f, params)
-            if k == 1:  # vmap over one column only adds overhead
-                JV = jvp({n: t[0] for n, t in tangents.items()}).unsqueeze(0)
-            else:
-                JV = torch.func.vmap(jvp)(tangents)  # [k, n, ...]
+            JV = torch.func.vmap(jvp)(tangents)  # [k, n, ...]
             n = out.shape[0]
             apply = self._output_apply(out.detach(), batch)
-            c = batch.weight / batch.size if p.reduction == "mean" else 1.0
             HJV = (c * apply(JV.reshape(k, n, -1))).reshape(JV.shape)
-            if k == 1:
-                (grads,) = vjp_fn(HJV[0])
-                grads = {n: t.unsqueeze(0) for n, t in grads.items()}
-            else:
-                (grads,) = torch.func.vmap(vjp_fn)(HJV)
+            (grads,) = torch.func.vmap(vjp_fn)(HJV)
         # unselected parameters still require grad; no graph leaves an operator.
         return param_columns(p, grads, k).detach()
+
+    def _one_column(self, batch: Batch, V: torch.Tensor, c: float) -> torch.Tensor:
+        """One column: one forward pass carries the tangent (dual numbers) and the graph.
+
+        This saves the second forward pass of jvp followed by vjp.
+        """
+        p = self.problem
+        tangents = p.unflatten(V[:, 0])
+        with torch.enable_grad(), fwAD.dual_level():
+            leaves = {n: t.detach().requires_grad_(True) for n, t in p.params.items()}
+            duals = {n: fwAD.make_dual(leaves[n], tangents[n]) for n in leaves}
+            primal, JV = fwAD.unpack_dual(self.view.forward(duals, batch.x))
+            n = primal.shape[0]
+            apply = self._output_apply(primal.detach(), batch)
+            HJV = (c * apply(JV.detach().reshape(1, n, -1))).reshape(primal.shape)
+            grads = torch.autograd.grad(primal, list(leaves.values()), HJV, allow_unused=True)
+        cols = [
+            torch.zeros_like(t) if g is None else g
+            for g, t in zip(grads, leaves.values(), strict=True)
+        ]
+        return torch.cat([g.reshape(-1) for g in cols]).unsqueeze(1).detach()

@@ -220,7 +220,7 @@ class LossView:
     def fisher_apply(self, out: torch.Tensor) -> ApplyFn:
         """``U -> F_out U`` with the exact output Fisher (an explicit sum over classes)."""
         Q = self.fisher_sqrt(out)
-        return lambda U: torch.einsum("jna,jnb,knb->kna", Q, Q, U)
+        return lambda U: low_rank_apply(Q, U)
 
     def sample_columns(self, out: torch.Tensor, samples: int, gen: torch.Generator) -> torch.Tensor:
         r"""Monte-Carlo columns ``Q [S, n, d]`` with :math:`E[\sum_j q q^T] = F_{out}`.
@@ -259,6 +259,12 @@ class LossView:
         with torch.enable_grad():
             (g,) = torch.autograd.grad(self.sum_loss(o, y), o)
         return g.reshape(1, out.shape[0], -1)
+
+
+def low_rank_apply(Q: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """``sum_j q_j q_j^T u`` per sample: ``Q [m, n, d]``, ``U [k, n, d]`` -> ``[k, n, d]``."""
+    coef = torch.einsum("jnb,knb->jkn", Q, U)
+    return torch.einsum("jna,jkn->kna", Q, coef)
 
 
 def param_columns(problem: Problem, tree: dict[str, torch.Tensor], k: int) -> torch.Tensor:
