@@ -90,9 +90,12 @@ class GGNOperator(CurvatureOperator):
             leaves = {n: t.detach().requires_grad_(True) for n, t in p.params.items()}
             duals = {n: fwAD.make_dual(leaves[n], tangents[n]) for n in leaves}
             primal, JV = fwAD.unpack_dual(self.view.forward(duals, batch.x))
+            JV = torch.zeros_like(primal) if JV is None else JV.detach()
+        # outside the dual level: autograd output Hessians use forward mode themselves
+        with torch.enable_grad():
             n = primal.shape[0]
             apply = self._output_apply(primal.detach(), batch)
-            HJV = (c * apply(JV.detach().reshape(1, n, -1))).reshape(primal.shape)
+            HJV = (c * apply(JV.reshape(1, n, -1))).reshape(primal.shape)
             grads = torch.autograd.grad(primal, list(leaves.values()), HJV, allow_unused=True)
         cols = [
             torch.zeros_like(t) if g is None else g
