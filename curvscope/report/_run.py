@@ -151,11 +151,12 @@ def run_report(
 ) -> ReportRun:
     """Run spectrum, density, checks, comparison, surface (and solvers in ``full``); render.
 
-    The ``quick`` preset: top-5 and bottom-2 Hessian eigenpairs (whole model and per layer),
-    a 20-probe density with Hutchinson/Hutch++ traces, the derivative checks, ``compare`` on
-    the GGN and, for MLPs, PCH, and a 21 x 21 surface along the top two eigenvectors. ``full``
-    adds every matrix the model supports to spectrum, density and compare, a 41 x 41 surface
-    and the solver runs.
+    The ``quick`` preset: top-5 and bottom-2 Hessian eigenpairs of the whole model, a 20-probe
+    density (30 Lanczos steps each) with Hutchinson/Hutch++ traces, the derivative checks,
+    ``compare`` on the GGN and, for MLPs, PCH, and a 21 x 21 surface along the top two
+    eigenvectors (reused from the spectrum). ``full`` adds every matrix the model supports and
+    every layer to spectrum, density and compare, 80-step density, a 41 x 41 surface and the
+    solver runs.
 
     Args:
         problem: model, loss, data and parameter selection.
@@ -220,7 +221,8 @@ def run_report(
             matrices += [
                 m for m in ("ggn", "empirical-fisher", "pch-abs", "kfac") if m in matrices_all
             ]
-        blocks = ["all", *problem.module_blocks()] if len(problem.module_blocks()) > 1 else ["all"]
+        per_layer = full and len(problem.module_blocks()) > 1
+        blocks = ["all", *problem.module_blocks()] if per_layer else ["all"]
         settings = {
             "matrix": matrices,
             "blocks": blocks,
@@ -260,7 +262,7 @@ def run_report(
             "matrix": matrices,
             "blocks": ["all"],
             "probes": 20,
-            "lanczos_steps": 80 if full else 40,
+            "lanczos_steps": 80 if full else 30,
             "trace_probes": 100 if full else 30,
             "exact_trace_max": 2000 if full else 0,
         }
