@@ -179,6 +179,10 @@ def test_mini_batch_mode_is_seeded():
     assert runs[0].trace["loss"] == runs[1].trace["loss"]
     assert runs[0].trace["batch_loss"][1] is not None
     assert runs[0].trace["loss"][-1] == pytest.approx(float(problem.loss(runs[0].weights)))
+    # curvature solvers build their matrix on the batch, at the current weights
+    nc = run_solver(problem, "newton-cg", max_iter=2, mini_batch=8, tol=0)
+    assert nc.stop_reason == "max_iter" and nc.num_matvecs > 0
+    assert nc.trace["loss"][-1] < nc.trace["loss"][0]
 
 
 # ----------------------------------------------------------------------------- Newton-CG

@@ -264,7 +264,6 @@ def run_solver(
 
 def _run(spec, cfg, full, batches, w0, **kw) -> SolveRun:
     trace: dict[str, list] = {k: [] for k in TRACE_FIELDS}
-    extra_keys: list[str] = []
     counts = full.counts
     elapsed = 0.0
     max_iter = kw["max_iter"]
@@ -331,7 +330,6 @@ def _run(spec, cfg, full, batches, w0, **kw) -> SolveRun:
         for k, v in row.items():
             if k not in trace:
                 trace[k] = [None] * before
-                extra_keys.append(k)
             trace[k].append(_plain(v))
 
     t0 = time.perf_counter()
@@ -363,7 +361,7 @@ def _run(spec, cfg, full, batches, w0, **kw) -> SolveRun:
             if progress is not None:
                 progress(it, max_iter_eff, spec.name)
             c = counts
-            if trace["grad_norm"][-1] <= kw["tol"] and batches is None:
+            if trace["grad_norm"][-1] <= kw["tol"]:  # full-data gradient in both modes
                 stop = "converged"
                 break
             if kw["budget"] is not None and c.matvecs + c.gradients >= kw["budget"]:
