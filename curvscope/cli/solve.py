@@ -133,7 +133,7 @@ def solve_cli(
             "--curvature-every",
             help="Track the extreme Hessian eigenvalues every k iterations (0: off).",
         ),
-    ] = 10,
+    ] = 25,
     grad_tol: Annotated[
         float,
         typer.Option("--grad-tol", help="Stop when the gradient norm is at most this."),
