@@ -1,5 +1,14 @@
 """Inputs (checkpoints, data sets) and outputs (result documents)."""
 
+from ._archs import ACTIVATIONS, LAYER_TYPES, build_arch
+from ._checkpoints import (
+    CHECKPOINT_FORMAT,
+    LoadedModel,
+    load_checkpoint,
+    save_checkpoint,
+    save_safetensors,
+)
+from ._datasets import BUILTIN_DATASETS, Dataset, check_fits, load_dataset
 from ._eigenvectors import (
     EIGENVECTOR_FORMAT,
     canonical_sign,
@@ -18,6 +27,18 @@ from ._results import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
+    "BUILTIN_DATASETS",
+    "CHECKPOINT_FORMAT",
+    "LAYER_TYPES",
+    "Dataset",
+    "LoadedModel",
+    "build_arch",
+    "check_fits",
+    "load_checkpoint",
+    "load_dataset",
+    "save_checkpoint",
+    "save_safetensors",
     "EIGENVECTOR_FORMAT",
     "canonical_sign",
     "load_eigenvectors",

@@ -1,0 +1,419 @@
+"""Data sets in: built-in offline sets and files (DESIGN.md "Inputs"). Nothing downloads.
+
+Built-ins: ``digits`` (the UCI 8x8 handwritten digits, 1797 images, shipped as package data,
+CC BY 4.0), ``sinus`` (a seeded 1-D sine regression for the Suk-style MLP) and ``blobs2d``
+(two seeded Gaussian blobs for logistic regression, 800 points as in Veitch Sec. 3). Files:
+``.npz`` (``x``/``X`` and ``y`` or ``--x-key``/``--y-key``), ``.pt`` (a tensor pair, a tuple
+or a dict, loaded with ``weights_only=True``), ``.csv`` (``--label-column``) and IDX files as
+MNIST and Fashion-MNIST ship them (``.gz`` or not, or a folder plus ``--split``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._errors import DataError, NonFiniteError
+from .._losses import is_classification
+from ._results import file_sha256
+
+__all__ = ["BUILTIN_DATASETS", "Dataset", "check_fits", "load_dataset"]
+
+BUILTIN_DATASETS = {
+    "digits": "UCI 8x8 handwritten digits (1797 images, 10 classes, inputs scaled to [0, 1])",
+    "sinus": "y = sin(x) + 0.05 noise on 512 points x in [-pi, pi] (regression, seeded)",
+    "blobs2d": "two Gaussian blobs in the plane, 800 points, labels 0/1 (logistic regression)",
+}
+_DOWNLOAD_NAMES = {"mnist", "fashion-mnist", "fashion_mnist", "cifar10", "cifar-10", "imagenet"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A fixed, ordered sample set.
+
+    Attributes:
+        x: inputs ``[N, ...]`` (float32).
+        y: targets: int64 class labels or float regression targets.
+        source: what was loaded (a built-in name or a path), with preprocessing.
+        sha256: hash of the file's bytes (or of the generated arrays for built-ins).
+        subset_seed: seed of the random subset, when ``subset`` chose one.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    source: str
+    sha256: str
+    subset_seed: int | None = None
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes for integer labels, else ``None``."""
+        if self.y.is_floating_point():
+            return None
+        return int(self.y.max()) + 1 if self.y.numel() else 0
+
+    def batches(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The samples in order, in batches of ``batch_size`` (the last may be smaller)."""
+        n = len(self)
+        return [
+            (self.x[i : i + batch_size], self.y[i : i + batch_size])
+            for i in range(0, n, batch_size)
+        ]
+
+    def subset(self, n: int, seed: int) -> Dataset:
+        """A seeded random subset of ``n`` samples (kept in their original order).
+
+        Raises:
+            DataError: when ``n`` is not between 1 and the number of samples.
+        """
+        if not 1 <= n <= len(self):
+            raise DataError(
+                f"--samples {n} must be between 1 and the {len(self)} samples of {self.source}."
+            )
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self), generator=g)[:n].sort().values
+        return replace(
+            self,
+            x=self.x[idx],
+            y=self.y[idx],
+            subset_seed=seed,
+            source=f"{self.source} (random subset of {n}, seed {seed})",
+        )
+
+
+def _array_hash(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _labels(y: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(y))
+    if t.is_floating_point():
+        if t.numel() and torch.all(t == t.round()) and t.dim() == 1:
+            return t.long()
+        return t.float()
+    return t.long()
+
+
+# ------------------------------------------------------------------ built-ins
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    ref = resources.files("curvscope.io").joinpath("data/digits.npz")
+    with resources.as_file(ref) as path:
+        if not Path(path).exists():
+            raise DataError("the packaged digits data are missing; reinstall curvscope.")
+        with np.load(path) as f:
+            return f["x"].astype(np.float32) / 16.0, f["y"].astype(np.int64)
+
+
+def _sinus(n: int = 512, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(n, 1, generator=g, dtype=torch.float64) * 2 - 1) * math.pi
+    y = torch.sin(x) + 0.05 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    return x.float().numpy(), y.float().numpy()
+
+
+def _blobs2d(n: int = 800, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    centres = torch.tensor([[-1.0, -0.5], [1.0, 0.5]])
+    x = centres[y] + 0.8 * torch.randn(n, 2, generator=g)
+    return x.numpy(), y.numpy()
+
+
+_BUILTINS = {"digits": _digits, "sinus": _sinus, "blobs2d": _blobs2d}
+
+
+# ------------------------------------------------------------------ files
+def _from_npz(path: Path, x_key: str | None, y_key: str | None):
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.keys())
+            xk = x_key or next((k for k in ("x", "X", "inputs", "data") if k in keys), None)
+            yk = y_key or next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
+            if xk not in keys or yk not in keys:
+                raise DataError(
+                    f"{path} has arrays {keys}; name the inputs and labels with --x-key and "
+                    "--y-key."
+                )
+            return f[xk], f[yk]
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc}).") from None
+
+
+def _from_pt(path: Path, x_key, y_key):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"{path} is not a readable tensor file ({exc}).") from None
+    if isinstance(obj, dict):
+        xk = x_key or next((k for k in ("x", "X", "inputs") if k in obj), None)
+        yk = y_key or next((k for k in ("y", "Y", "labels", "targets") if k in obj), None)
+        if xk not in obj or yk not in obj:
+            raise DataError(f"{path} holds keys {list(obj)}; name them with --x-key/--y-key.")
+        return obj[xk], obj[yk]
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        return obj[0], obj[1]
+    raise DataError(f"{path} must hold an (x, y) pair or a dict with x and y tensors.")
+
+
+def _from_csv(path: Path, label_column: str | None):
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if r]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} cannot be read as CSV ({exc}).") from None
+    if not rows:
+        raise DataError(f"{path} is empty.")
+    header = None
+    try:
+        [float(v) for v in rows[0]]
+    except ValueError:
+        header, rows = rows[0], rows[1:]
+    ncol = len(rows[0])
+    if label_column is None:
+        col = ncol - 1
+    elif header is not None and label_column in header:
+        col = header.index(label_column)
+    else:
+        try:
+            col = int(label_column)
+        except ValueError:
+            names = f"; columns are {', '.join(header)}" if header else ""
+            raise DataError(
+                f"--label-column {label_column!r} is not a column of {path}{names}."
+            ) from None
+        if not -ncol <= col < ncol:
+            raise DataError(f"--label-column {col} is out of range for {ncol} columns in {path}.")
+        col %= ncol
+    try:
+        arr = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
+    except ValueError as exc:
+        raise DataError(f"{path} holds a non-numeric value ({exc}).") from None
+    return np.delete(arr, col, axis=1).astype(np.float32), arr[:, col]
+
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc}).") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number).")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    body = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values.")
+    return body.reshape(dims)
+
+
+def _idx_pair(path: Path, split: str):
+    if path.is_dir():
+        prefix = {"train": "train", "test": "t10k"}.get(split)
+        if prefix is None:
+            raise DataError(f"--split {split!r} is not known; choose train or test.")
+
+        def find(kind: str) -> Path:
+            for suffix in ("", ".gz"):
+                for sep in ("-", "."):
+                    p = (
+                        path
+                        / f"{prefix}-{kind}{sep}idx{3 if kind == 'images' else 1}-ubyte{suffix}"
+                    )
+                    if p.exists():
+                        return p
+            raise DataError(
+                f"{path} has no {prefix}-{kind}-idx*-ubyte[.gz] file for --split {split}."
+            )
+
+        return _read_idx(find("images")), _read_idx(find("labels")), path
+    images = _read_idx(path)
+    name = path.name
+    label_name = name.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1")
+    label_path = path.with_name(label_name)
+    if label_name == name or not label_path.exists():
+        raise DataError(f"{path}: cannot find the matching labels file {label_name}.")
+    return images, _read_idx(label_path), path
+
+
+# ------------------------------------------------------------------ entry point
+def _parse_numbers(value: str | list | tuple | None, flag: str) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    try:
+        return [float(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise DataError(f"{flag} {value!r} must be comma-separated numbers.") from None
+
+
+def load_dataset(
+    spec: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    x_key: str | None = None,
+    y_key: str | None = None,
+    label_column: str | None = None,
+    split: str = "train",
+    input_shape: str | list[int] | None = None,
+    scale: float | None = None,
+    normalize: str | list[float] | None = None,
+) -> Dataset:
+    """Load a built-in set or a file, then reshape, scale and normalise the inputs.
+
+    Args:
+        spec: a built-in name (``digits``, ``sinus``, ``blobs2d``) or a path.
+        base_dir: folder relative paths are resolved against (a checkpoint's folder).
+        x_key: input array name in ``.npz``/``.pt`` dicts.
+        y_key: label array name.
+        label_column: label column of a ``.csv`` (name or index; default the last).
+        split: ``train`` or ``test`` for an IDX folder.
+        input_shape: per-sample shape, e.g. ``"1,28,28"``.
+        scale: divide inputs by this (e.g. 255).
+        normalize: ``"MEAN,STD"`` or per channel ``"M1,M2,M3,S1,S2,S3"``.
+
+    Raises:
+        DataError: for missing files, unknown names, unreadable or malformed data.
+    """
+    spec_str = str(spec)
+    if spec_str in _BUILTINS:
+        x, y = _BUILTINS[spec_str]()
+        source, sha = spec_str, _array_hash(x, y)
+    else:
+        path = Path(spec_str)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        if not path.exists():
+            if spec_str.lower() in _DOWNLOAD_NAMES:
+                raise DataError(
+                    f"--data {spec_str} would need a download, and curvscope never downloads; "
+                    "pass the IDX files or a folder holding them."
+                )
+            raise DataError(
+                f"data {path} does not exist (built-in sets: {', '.join(BUILTIN_DATASETS)})."
+            )
+        name = path.name.lower()
+        if path.is_dir() or "idx" in name:
+            x, y, path = _idx_pair(path, split)
+        elif name.endswith(".npz"):
+            x, y = _from_npz(path, x_key, y_key)
+        elif name.endswith((".pt", ".pth")):
+            x, y = _from_pt(path, x_key, y_key)
+        elif name.endswith(".csv"):
+            x, y = _from_csv(path, label_column)
+        else:
+            raise DataError(f"{path}: unknown data format (use .npz, .pt, .csv or IDX files).")
+        source, sha = str(path), file_sha256(path)
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    y = _labels(y if not isinstance(y, torch.Tensor) else y.numpy())
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels.")
+    notes = []
+    if input_shape is not None:
+        shape = [int(v) for v in _parse_numbers(input_shape, "--input-shape")]
+        per = int(np.prod(shape))
+        if x[0].numel() != per:
+            raise DataError(
+                f"--input-shape {','.join(map(str, shape))} has {per} values but each sample of "
+                f"{source} has {x[0].numel()}."
+            )
+        x = x.reshape(x.shape[0], *shape)
+        notes.append(f"shape {shape}")
+    if scale is not None:
+        if scale == 0:
+            raise DataError("--scale 0 would divide by zero.")
+        x = x / float(scale)
+        notes.append(f"/{scale:g}")
+    norm = _parse_numbers(normalize, "--normalize")
+    if norm:
+        if len(norm) % 2:
+            raise DataError("--normalize needs MEAN,STD pairs (one mean and one std per channel).")
+        c = len(norm) // 2
+        mean, std = torch.tensor(norm[:c]), torch.tensor(norm[c:])
+        if (std <= 0).any():
+            raise DataError("--normalize standard deviations must be positive.")
+        if c > 1:
+            if x.dim() < 2 or x.shape[1] != c:
+                raise DataError(
+                    f"--normalize gives {c} channels but inputs have shape {tuple(x.shape[1:])}."
+                )
+            view = [1, c] + [1] * (x.dim() - 2)
+            x = (x - mean.view(view)) / std.view(view)
+        else:
+            x = (x - mean) / std
+        notes.append(f"normalised {norm}")
+    if notes:
+        source = f"{source} ({', '.join(notes)})"
+    return Dataset(x, y, source, sha)
+
+
+def check_fits(model: nn.Module, dataset: Dataset, loss: str) -> None:
+    """Check that the data fit the model and the loss before any analysis.
+
+    Raises:
+        NonFiniteError: when inputs or targets hold NaN or Inf.
+        DataError: when one sample does not go through the model (shape), or labels fall
+            outside the model's output range.
+    """
+    if not torch.isfinite(dataset.x).all():
+        raise NonFiniteError(f"the inputs of {dataset.source} hold NaN or Inf values.")
+    if dataset.y.is_floating_point() and not torch.isfinite(dataset.y).all():
+        raise NonFiniteError(f"the targets of {dataset.source} hold NaN or Inf values.")
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None else torch.float32
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(dataset.x[:2].to(dtype))
+    except Exception as exc:  # noqa: BLE001 - any failure here is a shape mismatch
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"the data of {dataset.source} (samples of shape {tuple(dataset.x.shape[1:])}) do "
+            f"not fit the model's input ({first}); reshape them with --input-shape."
+        ) from None
+    finally:
+        model.train(was)
+    if is_classification(loss):
+        if dataset.y.is_floating_point():
+            raise DataError(
+                f"--loss {loss} needs integer class labels, but {dataset.source} "
+                "has real-valued targets."
+            )
+        classes = out.shape[-1]
+        lo, hi = int(dataset.y.min()), int(dataset.y.max())
+        if lo < 0 or hi >= classes:
+            raise DataError(
+                f"labels of {dataset.source} range over {lo}..{hi} but the model has {classes} "
+                "outputs (labels must lie in 0.."
+                f"{classes - 1})."
+            )
+    elif loss in ("mse", "bce_with_logits"):
+        per_out = out[0].numel()
+        per_y = dataset.y[0].numel() if dataset.y.dim() > 1 else 1
+        if per_out != per_y:
+            raise DataError(
+                f"targets of {dataset.source} have {per_y} value(s) per sample but the model "
+                f"has {per_out} output(s)."
+            )
