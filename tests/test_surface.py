@@ -252,3 +252,20 @@ def test_loop_fallback_matches_vmap(monkeypatch):
     assert any("one at a time" in n for n in res_l.notes)
     assert_close(res_l.loss, res_v.loss, what="loop vs vmap")
     assert res_l.accuracy == res_v.accuracy
+
+
+def test_torchscript_model_is_evaluated_point_by_point():
+    model, loss, data, red = build(CASES[0])
+    eager = Problem(model, loss, data, reduction=red)
+    scripted = Problem(torch.jit.script(model), loss, data, reduction=red)
+    before = [p.detach().clone() for p in model.parameters()]
+    d = torch.randn(
+        eager.num_params, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    res_s = surface(scripted, dims=2, directions=d, steps=3)
+    res_e = surface(eager, dims=2, directions=d, steps=3)
+    assert res_s.evaluation == "loop" and res_e.evaluation == "vmap"
+    assert_close(res_s.loss, res_e.loss, what="scripted vs eager")
+    assert_close(res_s.quadratic_model, res_e.quadratic_model, rtol=1e-10, what="quadratic")
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b)

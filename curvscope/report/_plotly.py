@@ -232,38 +232,58 @@ def spectrum_chart(doc: dict[str, Any]) -> go.Figure:
     spectra = _results(doc, "spectra")
     fig = go.Figure()
     matrices = list(dict.fromkeys(s["matrix"] for s in spectra))
+    groups = list(dict.fromkeys((s["matrix"], s["block"]) for s in spectra))
+    shown: set[str] = set()
     for s in spectra:
         colour = PALETTE[matrices.index(s["matrix"]) % len(PALETTE)]
         ev = [np.nan if v is None else v for v in s["eigenvalues"]]
         res = [0 if v is None else v for v in s.get("residual_norms") or [0] * len(ev)]
         conv = list(s.get("converged") or [True] * len(ev))
-        cat = f"{s['matrix']} · {_block_label(s['block'])}"
+        k = len(ev)
+        bottom = s.get("which") == "bottom"
+        x0 = groups.index((s["matrix"], s["block"])) + (0.15 if bottom else -0.15)
+        xs = (x0 + np.linspace(-0.1, 0.1, k)).tolist() if k > 1 else [x0]
         fig.add_trace(
             go.Scatter(
-                x=[cat] * len(ev),
+                x=xs,
                 y=ev,
                 mode="markers",
-                name=f"{s['matrix']} {s['block']} {s.get('which', '')}",
+                name=s["matrix"],
+                legendgroup=s["matrix"],
+                showlegend=s["matrix"] not in shown,
                 error_y={"type": "data", "array": res, "visible": True, "color": colour},
                 marker={
-                    "symbol": ["triangle-down" if s.get("which") == "bottom" else "circle"][0],
+                    "symbol": "triangle-down" if bottom else "circle",
                     "size": 9,
                     "color": [colour if c else "white" for c in conv],
                     "line": {"color": [colour if c else "#B00020" for c in conv], "width": 1.5},
                 },
-                customdata=np.stack([np.arange(1, len(ev) + 1), res, conv], axis=1).tolist()
-                if ev
-                else None,
-                hovertemplate="λ%{customdata[0]} = %{y:.6g}<br>residual %{customdata[1]:.2e}"
-                "<br>converged %{customdata[2]}<extra>%{x}</extra>",
-                showlegend=False,
+                customdata=[
+                    [i + 1, r, "yes" if c else "no", s["block"], s.get("which", "")]
+                    for i, (r, c) in enumerate(zip(res, conv, strict=False))
+                ],
+                hovertemplate="%{customdata[4]} λ%{customdata[0]} = %{y:.6g}<br>residual "
+                "%{customdata[1]:.2e}<br>converged: %{customdata[2]}<extra>"
+                + s["matrix"]
+                + " · %{customdata[3]}</extra>",
             )
         )
+        shown.add(s["matrix"])
     fig.add_hline(y=0, line={"color": "grey", "width": 1})
     fig.update_layout(
         _layout(
-            "Extreme eigenvalues (error bars: residual ‖Av − λv‖; hollow red: not converged)",
-            xaxis={"title": {"text": "matrix · block"}},
+            "Extreme eigenvalues (● largest, ▼ smallest; bars: residual; hollow red: not "
+            "converged)",
+            xaxis={
+                "title": {"text": "matrix · block"},
+                "tickvals": list(range(len(groups))),
+                "ticktext": [
+                    _block_label(b) if len(matrices) == 1 else f"{m}<br>{_block_label(b)}"
+                    for m, b in groups
+                ],
+                "range": [-0.6, len(groups) - 0.4],
+                "showgrid": False,
+            },
             yaxis={"title": {"text": "eigenvalue"}},
         )
     )
