@@ -285,3 +285,30 @@ def test_float32_products_keep_dtype():
         op = make_operator(name, problem)
         out = op @ torch.ones(op.shape[0])
         assert out.dtype == torch.float32, name
+
+
+def test_ggn_in_train_mode_uses_batch_statistics():
+    """Per batch J_b^T H J_b with J_b of the whole batch (BatchNorm couples its samples)."""
+    import copy
+
+    model, loss, data, reduction = build(CASES[4])
+    problem = Problem(model, loss, data, reduction=reduction, train_mode=True)
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+    twin.train()
+    names = [n for n, _ in twin.named_parameters()]
+    unflat, w = _flat_fn(twin, names)
+    single = _per_sample_loss(loss, reduction)
+    N = sum(len(x) for x, _ in data)
+    truth = 0.0
+    for x, y in data:
+        out = torch.func.functional_call(twin, unflat(w), (x,)).detach()
+        J = torch.func.jacrev(lambda f, x=x: torch.func.functional_call(twin, unflat(f), (x,)))(w)
+        H = torch.func.vmap(torch.func.hessian(single))(out, y)
+        truth = truth + torch.einsum("nap,nab,nbq->pq", J, H, J) / N
+    G = GGNOperator(problem)
+    _columns_check(G, truth)
+    eval_ggn = GGNOperator(Problem(model, loss, data, reduction=reduction)).dense()
+    assert not torch.allclose(G.dense(), eval_ggn)
