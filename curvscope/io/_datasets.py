@@ -101,7 +101,7 @@ def _array_hash(*arrays: np.ndarray) -> str:
 
 
 def _labels(y: np.ndarray | torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(y))
+    t = torch.as_tensor(np.array(y))
     if t.is_floating_point():
         if t.numel() and torch.all(t == t.round()) and t.dim() == 1:
             return t.long()
@@ -325,7 +325,7 @@ def load_dataset(
         else:
             raise DataError(f"{path}: unknown data format (use .npz, .pt, .csv or IDX files).")
         source, sha = str(path), file_sha256(path)
-    x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    x = torch.as_tensor(np.array(x) if not isinstance(x, torch.Tensor) else x).float()
     y = _labels(y if not isinstance(y, torch.Tensor) else y.numpy())
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels.")

@@ -1,0 +1,221 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from curvscope import CheckpointError, DataError, NonFiniteError
+from curvscope.io import (
+    build_arch,
+    check_fits,
+    load_checkpoint,
+    load_dataset,
+    save_checkpoint,
+    save_safetensors,
+)
+
+ARCH = {"type": "mlp", "sizes": [4, 5, 3], "activation": "tanh", "bias": True}
+META = {"data": "data.npz", "loss": "cross_entropy", "reduction": "mean"}
+
+
+def make_model():
+    torch.manual_seed(0)
+    return build_arch(ARCH)
+
+
+def builder():  # used as --model tests.test_io:builder
+    return build_arch(ARCH)
+
+
+def same_outputs(a, b):
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return torch.allclose(a.eval()(x), b.eval()(x))
+
+
+def test_curvscope_checkpoint_round_trip_and_content_detection(tmp_path):
+    model = make_model()
+    path = save_checkpoint(tmp_path / "model.pt", model, ARCH, META)
+    loaded = load_checkpoint(path)
+    assert loaded.format == "curvscope/1" and loaded.meta["loss"] == "cross_entropy"
+    assert same_outputs(model, loaded.model)
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes(path.read_bytes())
+    assert load_checkpoint(renamed).format == "curvscope/1"
+    assert len(loaded.sha256) == 64
+
+
+def test_safetensors_with_arch_metadata(tmp_path):
+    model = make_model()
+    path = save_safetensors(tmp_path / "model.safetensors", model, ARCH, META)
+    loaded = load_checkpoint(path)
+    assert loaded.format == "safetensors" and loaded.meta == META
+    assert same_outputs(model, loaded.model)
+
+
+def test_state_dict_with_model_callable_and_file(tmp_path):
+    model = make_model()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    loaded = load_checkpoint(tmp_path / "sd.pt", model="tests.test_io:builder")
+    assert loaded.format == "state_dict" and same_outputs(model, loaded.model)
+    script = tmp_path / "net.py"
+    script.write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))\n"
+    )
+    loaded = load_checkpoint(tmp_path / "sd.pt", model=f"{script}:build")
+    assert same_outputs(model, loaded.model)
+
+
+def test_wrapped_state_dicts(tmp_path):
+    model = make_model()
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="--state-key model_state_dict"):
+        load_checkpoint(tmp_path / "w.pt", model="tests.test_io:builder")
+    loaded = load_checkpoint(
+        tmp_path / "w.pt", model="tests.test_io:builder", state_key="model_state_dict"
+    )
+    assert same_outputs(model, loaded.model)
+    torch.save({f"model.{k}": v for k, v in model.state_dict().items()}, tmp_path / "l.pt")
+    with pytest.raises(CheckpointError, match="--strip-prefix model."):
+        load_checkpoint(tmp_path / "l.pt", model="tests.test_io:builder")
+    loaded = load_checkpoint(
+        tmp_path / "l.pt", model="tests.test_io:builder", strip_prefix="model."
+    )
+    assert same_outputs(model, loaded.model)
+
+
+def test_torchscript_and_trusted_pickle(tmp_path):
+    model = make_model()
+    torch.jit.save(torch.jit.script(model), tmp_path / "ts.pt")
+    loaded = load_checkpoint(tmp_path / "ts.pt")
+    assert loaded.format == "torchscript" and any("double backward" in n for n in loaded.notes)
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(CheckpointError, match="arbitrary code.*--trust-checkpoint"):
+        load_checkpoint(tmp_path / "whole.pt")
+    loaded = load_checkpoint(tmp_path / "whole.pt", trust_checkpoint=True)
+    assert loaded.format == "pickle" and same_outputs(model, loaded.model)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"hello, not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a checkpoint curvscope can read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    model = make_model()
+    path = save_checkpoint(tmp_path / "m.pt", model, ARCH, META)
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(CheckpointError, match="plain state dict.*--model"):
+        load_checkpoint(tmp_path / "sd.pt")
+    other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Linear(3, 2))
+    torch.save(other.state_dict(), tmp_path / "big.pt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['3.bias', '3.weight'\]"):
+        load_checkpoint(tmp_path / "big.pt", model="tests.test_io:builder")
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    save_checkpoint(tmp_path / "nan.pt", model, ARCH, META)
+    with pytest.raises(NonFiniteError, match="parameter 0.weight holds NaN"):
+        load_checkpoint(tmp_path / "nan.pt")
+    bad = dict(ARCH, type="transformer")
+    save_checkpoint(tmp_path / "arch.pt", make_model(), bad, META)
+    with pytest.raises(CheckpointError, match="arch type 'transformer' is not known"):
+        load_checkpoint(tmp_path / "arch.pt")
+    seq = {"type": "sequential", "layers": [{"type": "Eval", "args": {}}]}
+    with pytest.raises(CheckpointError, match="not in the allow-list"):
+        build_arch(seq)
+
+
+def _write_idx(path, array, dtype_code):
+    header = struct.pack(">BBBB", 0, 0, dtype_code, array.ndim)
+    header += b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(">u1" if dtype_code == 8 else ">f4").tobytes()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def test_every_data_format_loads_the_same_arrays(tmp_path):
+    g = np.random.default_rng(0)
+    x = g.integers(0, 255, size=(10, 2, 3)).astype(np.uint8)
+    y = g.integers(0, 4, size=10).astype(np.uint8)
+    xf = x.reshape(10, -1).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=xf, y=y)
+    np.savez(tmp_path / "k.npz", inputs_=xf, lab=y)
+    torch.save((torch.from_numpy(xf), torch.from_numpy(y)), tmp_path / "d.pt")
+    with open(tmp_path / "d.csv", "w") as fh:
+        fh.write(",".join([f"p{i}" for i in range(6)] + ["label"]) + "\n")
+        for row, lab in zip(xf, y, strict=True):
+            fh.write(",".join(str(v) for v in row) + f",{lab}\n")
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    _write_idx(idx / "train-images-idx3-ubyte.gz", x, 8)
+    _write_idx(idx / "train-labels-idx1-ubyte.gz", y, 8)
+    _write_idx(idx / "t10k-images-idx3-ubyte", x[:4], 8)
+    _write_idx(idx / "t10k-labels-idx1-ubyte", y[:4], 8)
+    loads = [
+        load_dataset(tmp_path / "d.npz"),
+        load_dataset(tmp_path / "k.npz", x_key="inputs_", y_key="lab"),
+        load_dataset(tmp_path / "d.pt"),
+        load_dataset(tmp_path / "d.csv", label_column="label"),
+        load_dataset(idx, input_shape="6"),
+        load_dataset(idx / "train-images-idx3-ubyte.gz", input_shape="6"),
+    ]
+    for ds in loads:
+        assert torch.allclose(ds.x, torch.from_numpy(xf)), ds.source
+        assert torch.equal(ds.y, torch.from_numpy(y).long()), ds.source
+    test = load_dataset(idx, split="test", input_shape="1,2,3", scale=255)
+    assert test.x.shape == (4, 1, 2, 3) and float(test.x.max()) <= 1.0
+    norm = load_dataset(tmp_path / "d.npz", normalize="10,2")
+    assert torch.allclose(norm.x, (torch.from_numpy(xf) - 10) / 2)
+    with pytest.raises(DataError, match="name the inputs and labels with --x-key"):
+        load_dataset(tmp_path / "k.npz")
+    with pytest.raises(DataError, match="--label-column 'nope' is not a column"):
+        load_dataset(tmp_path / "d.csv", label_column="nope")
+    with pytest.raises(DataError, match="--input-shape 5 has 5 values but each sample"):
+        load_dataset(tmp_path / "d.npz", input_shape="5")
+
+
+def test_builtins_and_data_errors(tmp_path):
+    digits = load_dataset("digits")
+    assert digits.x.shape == (1797, 64) and digits.num_classes == 10
+    assert 0.0 <= float(digits.x.min()) and float(digits.x.max()) <= 1.0
+    assert load_dataset("sinus").x.shape[1] == 1
+    assert set(load_dataset("blobs2d").y.tolist()) == {0, 1}
+    sub = digits.subset(100, seed=3)
+    assert len(sub) == 100 and torch.equal(sub.x, digits.subset(100, seed=3).x)
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(tmp_path / "none.npz")
+    with pytest.raises(DataError, match="never downloads"):
+        load_dataset("mnist")
+    model = make_model()
+    x = torch.randn(5, 7)
+    from curvscope.io import Dataset
+
+    with pytest.raises(DataError, match=r"samples of shape \(7,\).*--input-shape"):
+        check_fits(model, Dataset(x, torch.zeros(5, dtype=torch.long), "t", ""), "cross_entropy")
+    with pytest.raises(DataError, match=r"range over 0..5 but the model has 3 outputs"):
+        labels = torch.tensor([0, 1, 2, 0, 5])
+        check_fits(model, Dataset(torch.randn(5, 4), labels, "t", ""), "cross_entropy")
+    bad = torch.randn(5, 4)
+    bad[1, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match="hold NaN or Inf"):
+        check_fits(model, Dataset(bad, torch.zeros(5, dtype=torch.long), "t", ""), "cross_entropy")
+
+
+def test_pickle_payload_is_not_executed_without_trust(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
