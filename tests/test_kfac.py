@@ -244,3 +244,15 @@ def test_unsupported_layers_are_named():
         EKFACOperator(Problem(grouped, "cross_entropy", [(x, y)]))
     with pytest.raises(OptionError, match="choose one of exact, mc, empirical"):
         KFACOperator(Problem(*_mlp_problem()[:3]), fisher_type="true")
+
+
+def test_ekfac_weight_only_block_uses_the_sliced_factor():
+    model, loss, data, reduction = _mlp_problem()
+    problem = Problem(model, loss, data, reduction=reduction)
+    E = EKFACOperator(problem)
+    ref = FisherOperator(problem).dense()
+    _, G, A = dense_kfac_layer(model, 0, loss, data, reduction, "exact")
+    s = problem.param_slices()["0.weight"]
+    Aw = A[:-1, :-1]
+    truth = _ekfac_truth((G, Aw), ref[s, s], list(range(G.shape[0] * Aw.shape[0])))
+    assert_close(E.block("0.weight").dense(), truth, what="EKFAC weight-only block")
