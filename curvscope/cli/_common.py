@@ -11,6 +11,7 @@ import contextlib
 import functools
 import inspect
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,7 +330,14 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     The decorated function's own parameters follow the shared ones in ``--help``.
     """
     sig = inspect.signature(func)
-    own = [p for name, p in sig.parameters.items() if name != "common"]
+    # Resolve the command's own annotations in its module: with postponed evaluation they
+    # are strings, and typer would otherwise lose their Annotated option declarations.
+    hints = typing.get_type_hints(func, include_extras=True)
+    own = [
+        p.replace(annotation=hints.get(name, p.annotation))
+        for name, p in sig.parameters.items()
+        if name != "common"
+    ]
     shared = [
         inspect.Parameter(
             name,
@@ -350,7 +358,9 @@ def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
         common = CommonArgs(**{k: kwargs.pop(k) for k in list(kwargs) if k in _COMMON})
         return func(common=common, **kwargs)
 
-    wrapper.__signature__ = sig.replace(parameters=[shared[0], *shared[1:], *own])
+    params = [shared[0], *shared[1:], *own]
+    wrapper.__signature__ = sig.replace(parameters=params, return_annotation=None)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper
 
 
