@@ -153,6 +153,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
         try:
             with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as fh:
                 fh.write(data)
+            # mkstemp creates 0600 files; give the result the permissions open() would.
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -160,6 +162,12 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     except OSError as exc:
         raise CurvscopeError(f"cannot write {path}: {exc.strerror or exc}.") from None
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_document(doc: dict[str, Any], out_dir: str | os.PathLike) -> Path:
