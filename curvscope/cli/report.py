@@ -9,6 +9,7 @@ the solvers with ``--preset full``), writes each result document, PNG figures an
 # must see real annotations to keep explicit option names such as "--from".
 
 import inspect
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -130,7 +131,8 @@ def report_cli(
 def _ensure_plotly(out_dir: Path, plotly_js: str) -> None:
     if plotly_js == "inline":
         return
-    target = out_dir / plotly_js
+    # lexically: "DIR/../plotly.min.js" must not depend on DIR existing yet
+    target = Path(os.path.normpath(out_dir / plotly_js))
     if not target.exists() and "://" not in plotly_js and not plotly_js.startswith("//"):
         write_plotly_js(target)
         console.print(f"wrote plotly's JavaScript to {target}")
