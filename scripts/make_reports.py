@@ -57,6 +57,8 @@ def main() -> int:
                 [
                     "report",
                     f"{name}/model.pt",
+                    "--data",
+                    f"{name}/data.npz",
                     "--out",
                     str(out),
                     "--preset",

@@ -667,6 +667,13 @@ def figures_for(doc: dict[str, Any]) -> dict[str, Figure]:
     return out
 
 
+# matplotlib's default metadata names its web site; the figures carry no address.
+_METADATA = {
+    "png": {"Software": f"curvscope with matplotlib {mpl.__version__}"},
+    "pdf": {"Creator": f"curvscope with matplotlib {mpl.__version__}"},
+}
+
+
 def save_figures(
     doc: dict[str, Any], out_dir: str | os.PathLike, formats: tuple[str, ...] = ("png",)
 ) -> list[Path]:
@@ -684,6 +691,6 @@ def save_figures(
         for fmt in formats:
             path = out / f"{name}.{fmt}"
             with _style():
-                fig.savefig(path, format=fmt)
+                fig.savefig(path, format=fmt, metadata=_METADATA.get(fmt))
             paths.append(path)
     return paths
