@@ -256,6 +256,7 @@ def test_every_plot_renders_with_labels(documents, tmp_path):
     assert len(contour.axes) == 2  # the colour bar
     paths = save_figures(documents["compare"], tmp_path / "figs", ("png", "pdf"))
     assert {p.suffix for p in paths} == {".png", ".pdf"} and all(p.stat().st_size for p in paths)
+    assert not any(re.search(rb"https?://", p.read_bytes()) for p in paths)  # metadata too
 
 
 def test_plot_into_given_axes(documents):
