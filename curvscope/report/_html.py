@@ -279,26 +279,26 @@ def _spectrum(doc: dict, page: _Page) -> str:
     spectra = (doc.get("results") or {}).get("spectra") or []
     rows = []
     for s in spectra:
-        for i, (lam, res, ok) in enumerate(
-            zip(
-                s.get("eigenvalues") or [],
-                s.get("residual_norms") or [],
-                s.get("converged") or [],
-                strict=False,
-            )
-        ):
-            rows.append(
-                [
-                    _td(s["matrix"] if i == 0 else ""),
-                    _td(s["block"] if i == 0 else ""),
-                    _td(s.get("which") if i == 0 else ""),
-                    _td(i + 1, True),
-                    _td(lam, True),
-                    f'<td class="num">{_num(res, 2) if res is not None else "null"}</td>',
-                    f'<td class="{"pass" if ok else "fail"}">{"yes" if ok else "no"}</td>',
-                ]
-            )
-    table = _table(["matrix", "block", "end", "#", "eigenvalue", "residual", "converged"], rows)
+        vals = s.get("eigenvalues") or []
+        res = [r for r in (s.get("residual_norms") or []) if r is not None]
+        conv = list(s.get("converged") or [])
+        n_ok = sum(bool(c) for c in conv)
+        cls = "pass" if n_ok == len(conv) else "fail"
+        rows.append(
+            [
+                _td(s.get("matrix")),
+                _td(s.get("block")),
+                _td(s.get("which")),
+                '<td class="num">' + ", ".join(_num(v, 5) for v in vals) + "</td>",
+                _td(max(res) if res else None, True),
+                f'<td class="{cls}">{n_ok}/{len(conv)}</td>',
+                _td(s.get("num_matvecs"), True),
+            ]
+        )
+    table = _table(
+        ["matrix", "block", "end", "eigenvalues", "largest residual", "converged", "products"],
+        rows,
+    )
     return page.chart(charts.spectrum_chart(doc)) + table
 
 
