@@ -545,3 +545,42 @@ def test_report_cli(tmp_path, monkeypatch):
     assert res.exit_code == 1 and "--preset 'slow'" in res.output
     res = runner.invoke(app, ["report", "model.pt", "--figures", "gif"])
     assert res.exit_code == 1 and "--figures 'gif'" in res.output
+
+
+def test_run_report_uses_check_and_compare_and_records_unsupported(tmp_path, monkeypatch):
+    import curvscope.diagnostics as diagnostics
+    from curvscope._errors import UnsupportedModelError
+
+    calls = {}
+
+    class Res:
+        def __init__(self, key, rows):
+            self.key, self.rows, self.notes, self.num_matvecs = key, rows, ["fake"], 4
+
+        def to_results(self):
+            return {self.key: self.rows}
+
+    def fake_check(problem, *, seed=0, progress=None):
+        calls["check"] = seed
+        return Res("checks", [{"name": "gradient", "passed": True, "reason": "ok"}])
+
+    def fake_compare(problem, *, matrices, generator=None):
+        calls.setdefault("compare", []).append(list(matrices))
+        if "pch-abs" in matrices:
+            raise UnsupportedModelError("the pch-abs matrix needs an MLP; layer '0' stops it.")
+        return Res(
+            "comparisons", [{"block": "0", "matrix": m, "rel_frobenius": 0.1} for m in matrices]
+        )
+
+    monkeypatch.setattr(diagnostics, "check", fake_check, raising=False)
+    monkeypatch.setattr(diagnostics, "compare", fake_compare, raising=False)
+    problem = _problem()
+    run = run_report(problem, out_dir=tmp_path, seed=5, parts=("check", "compare"))
+    assert calls["check"] == 5
+    assert calls["compare"] == [["ggn", "pch-abs"], ["ggn"]]  # PCH dropped, GGN kept
+    assert {s["part"] for s in run.skipped} == {"compare: pch-abs"}
+    cmp_doc = read_document(tmp_path / "compare.json")
+    assert [r["matrix"] for r in cmp_doc["results"]["comparisons"]] == ["ggn"]
+    assert any("pch-abs left out" in n for n in cmp_doc["notes"])
+    html = run.html.read_text()
+    assert 'id="check"' in html and 'id="compare"' in html and "layer &#x27;0&#x27;" in html

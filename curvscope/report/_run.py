@@ -295,7 +295,7 @@ def run_report(
         except ImportError:
             raise _Unavailable from None
         t0 = time.perf_counter()
-        res = check(problem, seed=seed, progress=progress)
+        res = _call(check, problem, seed=seed, generator=gen(), progress=progress)
         record(
             "check",
             {},
@@ -315,7 +315,9 @@ def run_report(
             matrices = [m for m in matrices_all if m != "hessian"]
         t0 = time.perf_counter()
         res, extra = _tolerant(
-            lambda m: compare(problem, matrices=m, seed=seed, progress=progress),
+            lambda m: _call(
+                compare, problem, matrices=m, seed=seed, generator=gen(), progress=progress
+            ),
             matrices,
             "compare",
             skipped,
@@ -443,6 +445,16 @@ def run_report(
 
 class _Unavailable(Exception):
     """A part whose library function this version does not have."""
+
+
+def _call(fn: Callable[..., Any], problem: Problem, **kwargs: Any) -> Any:
+    """Call a diagnostic with the keyword arguments its signature takes (seed or generator)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(problem, **kwargs)
 
 
 def _solve_entry(run: Any) -> dict[str, Any]:
