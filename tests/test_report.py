@@ -584,3 +584,17 @@ def test_run_report_uses_check_and_compare_and_records_unsupported(tmp_path, mon
     assert any("pch-abs left out" in n for n in cmp_doc["notes"])
     html = run.html.read_text()
     assert 'id="check"' in html and 'id="compare"' in html and "layer &#x27;0&#x27;" in html
+
+
+def test_interrupted_report_keeps_what_finished(tmp_path, monkeypatch):
+    import curvscope.diagnostics as diagnostics
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diagnostics, "density", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_report(_problem(), out_dir=tmp_path, parts=("spectrum", "density", "surface"))
+    assert (tmp_path / "spectrum.json").is_file() and not (tmp_path / "surface.json").exists()
+    html = (tmp_path / "report.html").read_text()
+    assert "interrupted (Ctrl-C) while running" in html and "not run: interrupted" in html

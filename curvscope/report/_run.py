@@ -413,11 +413,19 @@ def run_report(
         "surface": do_surface,
         "solve": do_solve,
     }
+    interrupted = False
     for part in parts:
         t0 = time.perf_counter()
         state["passes0"] = problem.data_passes
+        if interrupted:
+            skipped.append({"part": part, "reason": "not run: interrupted (Ctrl-C)."})
+            continue
         try:
             runners[part]()
+        except KeyboardInterrupt:
+            # keep what finished: the page is rendered below, then the interrupt goes on
+            interrupted = True
+            skipped.append({"part": part, "reason": "interrupted (Ctrl-C) while running."})
         except _Unavailable:
             skipped.append({"part": part, "reason": f"{NOT_AVAILABLE}."})
         except (UnsupportedModelError, CurvscopeError) as exc:
@@ -440,6 +448,8 @@ def run_report(
         figures += save_figures(doc, out / "figures", figure_formats)
     page = render_report(documents, plotly_js=plotly_js, skipped=skipped)
     html = write_atomic(out / "report.html", page)
+    if interrupted:
+        raise KeyboardInterrupt
     return ReportRun(html, doc_paths, figures, skipped, timings)
 
 
