@@ -545,15 +545,40 @@ def plot_check_taylor(doc: dict[str, Any], ax=None) -> Figure | None:
                 drawn = True
         if not drawn:
             return None
-        h = np.asarray(series[0][hs_key], dtype=float)
-        ref = h / h.max()
-        for p, lab in ((2, "slope 2"), (3, "slope 3")):
-            ax.loglog(h, ref**p * 1e-2, color="0.55", lw=0.8, ls=":")
-            ax.text(h[0], (ref[0] ** p) * 1e-2, lab, fontsize=8.5, color="0.4", va="bottom")
+        h = np.sort(np.asarray(series[0][hs_key], dtype=float))
+        for key, p in (("e1", 2), ("e2", 3)):
+            first = [v for v in series[0].get(key, []) if v is not None and v > 0]
+            if not first:
+                continue
+            anchor = max(first)
+            ref = anchor * (h / h.max()) ** p
+            keep = ref >= anchor * 1e-12
+            ax.loglog(h[keep], ref[keep], color="0.55", lw=0.9, ls=":")
+            mid = h[keep][len(h[keep]) // 2]
+            ax.text(
+                mid,
+                anchor * (mid / h.max()) ** p,
+                f"  slope {p}",
+                fontsize=8.5,
+                color="0.35",
+                va="top",
+                ha="left",
+            )
+        ax.legend(
+            handles=[
+                mpl.lines.Line2D(
+                    [], [], color="0.2", ls="-", marker="o", ms=3, label="$e_1(h)$ ~ $h^2$"
+                ),
+                mpl.lines.Line2D(
+                    [], [], color="0.2", ls="--", marker="o", ms=3, label="$e_2(h)$ ~ $h^3$"
+                ),
+                mpl.lines.Line2D([], [], color="0.55", ls=":", label="reference slopes"),
+            ],
+            loc="lower right",
+        )
         ax.set_xlabel("step $h$")
         ax.set_ylabel("Taylor remainder")
-        ax.set_title("Taylor test (lines: random directions)")
-        ax.legend(loc="lower right")
+        ax.set_title("Taylor test (one colour per random direction)")
     return fig
 
 
