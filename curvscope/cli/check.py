@@ -1,0 +1,111 @@
+"""``curvscope check``: gradient test, Taylor test and the convexity certificate."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..diagnostics import check
+from ._common import (
+    CommonArgs,
+    common_options,
+    console,
+    finish,
+    guarded,
+    open_session,
+    progress_bar,
+)
+
+__all__ = ["check_cli", "register"]
+
+
+def _verdict(passed) -> str:
+    return {True: "[green]passed[/]", False: "[red]failed[/]", None: "[yellow]inconclusive[/]"}[
+        passed
+    ]
+
+
+@common_options
+def check_cli(
+    common: CommonArgs,
+    directions: Annotated[
+        int, typer.Option("--directions", help="Random unit directions per test.")
+    ] = 2,
+    eigen_directions: Annotated[
+        int,
+        typer.Option("--eigen-directions", help="Top Hessian eigenvectors as extra directions."),
+    ] = 1,
+) -> None:
+    """Are the derivatives right, and where is the layer-wise Hessian provably convex?"""
+    with guarded():
+        t0 = time.perf_counter()
+        session = open_session(common)
+        with progress_bar() as update:
+            result = check(
+                session.problem,
+                directions=directions,
+                eigen_directions=eigen_directions,
+                generator=session.generator,
+                progress=update,
+            )
+        path = finish(
+            session,
+            "check",
+            settings={"directions": directions, "eigen_directions": eigen_directions},
+            results=result.to_results(),
+            timings={"total_s": time.perf_counter() - t0},
+            counts={"matvecs": result.num_matvecs},
+        )
+    table = Table(title="derivative checks (evaluated in float64)", title_style="bold")
+    for col in ("check", "verdict", "slopes by direction", "reason"):
+        table.add_column(col)
+    for c in result.checks[:2]:
+        slopes = "; ".join(
+            ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in d["slopes"].items())
+            for d in c["directions"]
+        )
+        table.add_row(c["name"], _verdict(c["passed"]), slopes, c["reason"])
+    console.print(table)
+    taylor = result.checks[1]
+    f32 = taylor.get("float32_floor") or {}
+    if f32:
+        console.print(
+            f"float32 round-off floor: e1 reaches {f32['e1_min']:.1e}, e2 {f32['e2_min']:.1e} "
+            f"and stops decreasing at h = {f32['e2_stops_decreasing_at_h']:.0e}."
+        )
+    conv = result.checks[2]
+    ctable = Table(
+        title="convexity certificate (each hidden layer's diagonal block only)", title_style="bold"
+    )
+    for col in (
+        "layer",
+        "activation",
+        "satisfied",
+        "as printed (eq. 32)",
+        "certified",
+        "min eigenvalue",
+        "residual",
+    ):
+        ctable.add_column(col, justify="right" if col not in ("layer", "activation") else "left")
+    for layer in conv["layers"]:
+        ctable.add_row(
+            layer["name"],
+            layer["activation"],
+            f"{layer['fraction_satisfied']:.1%}",
+            f"{layer['fraction_satisfied_as_printed']:.1%}",
+            "[green]yes[/]" if layer["certified"] else "no",
+            f"{layer['min_eigenvalue']:.3e}",
+            f"{layer['min_eigenvalue_residual']:.1e}",
+        )
+    if conv["layers"]:
+        console.print(ctable)
+    console.print(f"[dim]{conv['reason']}[/]")
+    console.print(f"Result: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``check`` to the app."""
+    app.command("check", no_args_is_help=True)(check_cli)

@@ -1,0 +1,108 @@
+"""``curvscope compare``: every approximation against the true Hessian, layer by layer."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..diagnostics import COMPARE_MATRICES, compare
+from ._common import (
+    CommonArgs,
+    common_options,
+    console,
+    finish,
+    guarded,
+    open_session,
+    parse_list,
+    progress_bar,
+)
+
+__all__ = ["compare_cli", "register"]
+
+
+@common_options
+def compare_cli(
+    common: CommonArgs,
+    matrix: Annotated[
+        str,
+        typer.Option("--matrix", help="Comma-separated approximations (default: all)."),
+    ] = ",".join(COMPARE_MATRICES),
+    top_k: Annotated[int, typer.Option("--top-k", help="Eigenvalues and eigenspace size.")] = 5,
+    exact_max_dim: Annotated[
+        int,
+        typer.Option("--exact-max-dim", help="Blocks up to this size are compared densely."),
+    ] = 2048,
+    probes: Annotated[
+        int, typer.Option("--probes", help="Hutchinson probes for larger blocks.")
+    ] = 64,
+) -> None:
+    """Relative error, eigenvalues and eigenspace overlap of GGN, Fisher, PCH, KFAC... per layer."""
+    with guarded():
+        t0 = time.perf_counter()
+        matrices = parse_list(matrix, "--matrix")
+        session = open_session(common)
+        with progress_bar() as update:
+            result = compare(
+                session.problem,
+                matrices=matrices,
+                top_k=top_k,
+                exact_max_dim=exact_max_dim,
+                hutchinson_probes=probes,
+                tol=common.tol,
+                seed=common.seed,
+                progress=update,
+            )
+        path = finish(
+            session,
+            "compare",
+            settings={
+                "matrix": matrices,
+                "top_k": top_k,
+                "exact_max_dim": exact_max_dim,
+                "probes": probes,
+            },
+            results=result.to_results(),
+            timings={"total_s": time.perf_counter() - t0},
+            counts={"matvecs": result.num_matvecs},
+        )
+    table = Table(title="approximations against the Hessian, per layer block", title_style="bold")
+    for col in (
+        "layer",
+        "matrix",
+        "rel. Frobenius error",
+        "Chen metric (bias)",
+        "top eigenvalue (H)",
+        "overlap top-k",
+        "min eigenvalue",
+    ):
+        table.add_column(col, justify="left" if col in ("layer", "matrix") else "right")
+    last = None
+    for r in sorted(result.comparisons, key=lambda r: r.block):
+        err = f"{r.rel_frobenius:.3g}" + (
+            f" ± {r.rel_frobenius_stderr:.1g}" if r.method == "hutchinson" else " (exact)"
+        )
+        overlap = sum(r.subspace_overlap) / max(len(r.subspace_overlap), 1)
+        table.add_row(
+            r.block if r.block != last else "",
+            r.matrix,
+            err,
+            "-" if r.chen_metric is None else f"{r.chen_metric:.3g}",
+            f"{r.top_eigenvalues[0]:.4g} ({r.hessian_top_eigenvalues[0]:.4g})",
+            f"{overlap:.3f}",
+            f"{r.min_eigenvalue:.3g}",
+        )
+        if r.block != last and last is not None:
+            pass
+        last = r.block
+    console.print(table)
+    for s in result.skipped:
+        console.print(f"[yellow]skipped {s['matrix']}[/]: {s['reason']}")
+    console.print(f"Result: {path}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compare`` to the app."""
+    app.command("compare", no_args_is_help=True)(compare_cli)

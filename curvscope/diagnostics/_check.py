@@ -1,0 +1,120 @@
+"""``check``: gradient test, Taylor test and the convexity certificate in one result."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..linalg import eigenpairs
+from ..operators import HessianOperator
+from ..problem import Problem
+from ._convexity import convexity_certificate
+from ._derivatives import (
+    FLOOR_FACTOR,
+    GRADIENT_SLOPE,
+    SLOPE_TOLERANCE,
+    TAYLOR_SLOPES,
+    combine,
+    gradient_test,
+    taylor_test,
+)
+
+__all__ = ["CheckResult", "check"]
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """``results.checks`` of the ``check`` command and the products it used."""
+
+    checks: list[dict]
+    num_matvecs: int
+
+    def to_results(self) -> dict:
+        """The ``results`` part of the result document."""
+        return {"checks": self.checks}
+
+
+def check(
+    problem: Problem,
+    *,
+    directions: int = 2,
+    eigen_directions: int = 1,
+    generator: torch.Generator | None = None,
+    progress: Progress | None = None,
+) -> CheckResult:
+    """Run the gradient test, the Taylor test and the convexity certificate.
+
+    Derivative checks run in float64 whatever the problem's dtype (see
+    :mod:`curvscope.diagnostics._derivatives`); the Taylor entries also carry the float32
+    round-off floor. Directions: ``directions`` random unit vectors and the top
+    ``eigen_directions`` Hessian eigenvectors.
+
+    Args:
+        problem: model, loss, data and parameter selection.
+        directions: random directions per test.
+        eigen_directions: top Hessian eigenvectors used as extra directions (0: none).
+        generator: random source.
+        progress: ``progress(completed, total, description)``.
+    """
+    gen = generator or torch.Generator().manual_seed(0)
+    total = 3
+    matvecs = 0
+
+    def step(i: int, what: str) -> None:
+        if progress is not None:
+            progress(i, total, what)
+
+    eigvecs = None
+    if eigen_directions:
+        p64 = problem.to(torch.float64)
+        (top,) = eigenpairs(HessianOperator(p64), top=eigen_directions, tol=1e-6, generator=gen)
+        eigvecs = top.eigenvectors
+        matvecs += top.num_matvecs
+    step(0, "gradient test")
+    grad = gradient_test(problem, directions=directions, eigenvectors=eigvecs, generator=gen)
+    passed, reason = combine(grad)
+    checks = [
+        {
+            "name": "gradient",
+            "passed": passed,
+            "reason": reason,
+            "thresholds": {
+                "expected_slope": GRADIENT_SLOPE,
+                "slope_tolerance": SLOPE_TOLERANCE,
+                "floor_factor": FLOOR_FACTOR,
+            },
+            "evaluated_in": "float64",
+            "directions": [asdict(r) for r in grad],
+        }
+    ]
+    step(1, "Taylor test")
+    taylor = taylor_test(problem, directions=directions, eigenvectors=eigvecs, generator=gen)
+    matvecs += 2 * len(taylor)
+    passed, reason = combine(taylor)
+    checks.append(
+        {
+            "name": "taylor",
+            "passed": passed,
+            "reason": reason,
+            "thresholds": {
+                "expected_slopes": {"e1": TAYLOR_SLOPES[0], "e2": TAYLOR_SLOPES[1]},
+                "slope_tolerance": SLOPE_TOLERANCE,
+                "floor_factor": FLOOR_FACTOR,
+            },
+            "evaluated_in": "float64",
+            "float32_floor": taylor[0].float32_floor if taylor else {},
+            "directions": [asdict(r) for r in taylor],
+        }
+    )
+    step(2, "convexity certificate")
+    cert = convexity_certificate(problem, generator=gen)
+    matvecs += cert.num_matvecs
+    entry = asdict(cert)
+    entry.pop("num_matvecs")
+    checks.append(entry)
+    step(3, "done")
+    return CheckResult(checks, matvecs)
