@@ -1,0 +1,282 @@
+"""check (gradient, Taylor, convexity) and compare, against independent dense float64 truth."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from curvscope import Problem
+from curvscope.cli import app
+from curvscope.diagnostics import (
+    check,
+    compare,
+    convexity_certificate,
+    gradient_test,
+    taylor_test,
+)
+from curvscope.diagnostics._derivatives import combine
+from curvscope.io import build_arch, save_checkpoint
+from curvscope.operators import make_operator
+
+from .cases import CASES, build, concat
+from .truth import assert_close, dense_hessian
+
+EPS64 = torch.finfo(torch.float64).eps
+
+
+class WrongTanh(torch.autograd.Function):
+    """tanh whose backward is off by 10%: its gradient does not match its values."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return 1.1 * g * (1 - y * y)
+
+
+class WrongAct(nn.Module):
+    def forward(self, x):
+        return WrongTanh.apply(x)
+
+
+def _smooth(dtype=torch.float64, act=nn.Tanh):
+    model, loss, data, reduction = build(CASES[0], dtype)
+    if act is not nn.Tanh:
+        model[1] = act()
+    return Problem(model, loss, data, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid])
+def test_smooth_models_pass_both_derivative_tests(dtype, act):
+    problem = _smooth(dtype, act)
+    g = gradient_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
+    t = taylor_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
+    assert combine(g)[0] is True, [r.reason for r in g]
+    assert combine(t)[0] is True, [r.reason for r in t]
+    for r in t:
+        assert abs(r.slopes["e1"] - 2) < 0.3 and abs(r.slopes["e2"] - 3) < 0.3
+        assert r.float32_floor["e2_min"] > 0
+
+
+def test_wrong_backward_fails_both_tests():
+    model, loss, data, reduction = build(CASES[0])
+    model[1] = WrongAct()
+    problem = Problem(model, loss, data, reduction=reduction)
+    g = gradient_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
+    t = taylor_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
+    assert combine(g)[0] is False
+    assert combine(t)[0] is False
+    assert "do not match" in g[0].reason
+
+
+def test_quadratic_model_is_inconclusive_at_the_round_off_floor():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(9, 3, dtype=torch.float64)
+    y = torch.randn(9, 2, dtype=torch.float64)
+    problem = Problem(model, "mse", [(x, y)])
+    g = gradient_test(problem, directions=1)
+    assert g[0].passed is None and "round-off floor" in g[0].reason
+    t = taylor_test(problem, directions=1)
+    assert t[0].slopes["e2"] is None and abs(t[0].slopes["e1"] - 2) < 0.3
+
+
+def _fractions(model, x, y, layer_acts):
+    """Independent certificate fractions for a 1-hidden-layer MLP via autograd."""
+    z = x @ model[0].weight.T + model[0].bias
+    z = z.detach().requires_grad_(True)
+    h = layer_acts(z)
+    out = h @ model[2].weight.T + model[2].bias
+    loss = torch.nn.functional.cross_entropy(out, y, reduction="sum")
+    dx, dz = torch.autograd.grad(loss, [h, z])
+    s2 = torch.func.vmap(torch.func.grad(torch.func.grad(lambda u: layer_acts(u))))(
+        z.detach().reshape(-1)
+    ).reshape(z.shape)
+    ok = (s2 * dx >= 0).double().mean()
+    printed = (torch.sign(z) == torch.sign(dz)).double().mean()
+    return float(ok), float(printed)
+
+
+def _constructed(sign):
+    """Sigmoid MLP with Z > 0 everywhere and dL/dX of one sign (FINDINGS.md 1b).
+
+    All labels are class 0 and only output row 0 is non-zero: dL/dZ_j has the sign of
+    -W2[0, j] (p0 - 1) = sign * positive; with sign = +1 the printed eq. 32 holds everywhere
+    and the corrected condition fails; with sign = -1 the corrected condition holds.
+    """
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        model[0].weight.uniform_(0.1, 1.0)
+        model[0].bias.fill_(0.5)
+        model[2].weight.zero_()
+        model[2].weight[0].fill_(-2.0 * sign)
+        model[2].bias.zero_()
+    x = torch.rand(5, 4, dtype=torch.float64)
+    y = torch.zeros(5, dtype=torch.long)
+    return model, x, y
+
+
+def test_printed_condition_can_hold_on_an_indefinite_block():
+    model, x, y = _constructed(+1)
+    problem = Problem(model, "cross_entropy", [(x[:2], y[:2]), (x[2:], y[2:])])
+    cert = convexity_certificate(problem, eigen_tol=1e-10)
+    (layer,) = cert.layers
+    ok, printed = _fractions(model, x, y, torch.sigmoid)
+    assert layer.fraction_satisfied == pytest.approx(ok) and ok == 0.0
+    assert layer.fraction_satisfied_as_printed == pytest.approx(printed) and printed == 1.0
+    assert not layer.certified
+    block = dense_hessian(model, "cross_entropy", [(x, y)], "mean", names=["0.weight", "0.bias"])
+    true_min = float(torch.linalg.eigvalsh(block)[0])
+    assert true_min < 0
+    assert layer.min_eigenvalue == pytest.approx(true_min, abs=1e-8 * float(block.abs().max()))
+
+
+def test_corrected_condition_certifies_a_psd_block():
+    model, x, y = _constructed(-1)
+    problem = Problem(model, "cross_entropy", [(x, y)])
+    cert = convexity_certificate(problem, eigen_tol=1e-10)
+    (layer,) = cert.layers
+    assert layer.fraction_satisfied == 1.0 and layer.certified
+    assert layer.fraction_satisfied_as_printed == 0.0
+    block = dense_hessian(model, "cross_entropy", [(x, y)], "mean", names=["0.weight", "0.bias"])
+    norm = float(torch.linalg.matrix_norm(block, ord=2))
+    assert layer.min_eigenvalue >= -100 * EPS64 * norm - layer.min_eigenvalue_residual
+    assert float(torch.linalg.eigvalsh(block)[0]) >= -100 * EPS64 * norm
+
+
+def test_certificate_on_a_real_mlp_matches_independent_fractions():
+    model, loss, data, reduction = build(CASES[5])  # sigmoid MLP, DataLoader
+    x, y = concat(data)
+    problem = Problem(model, loss, data, reduction=reduction)
+    cert = convexity_certificate(problem)
+    ok, printed = _fractions(model, x, y, torch.sigmoid)
+    (layer,) = cert.layers
+    assert layer.fraction_satisfied == pytest.approx(ok)
+    assert layer.fraction_satisfied_as_printed == pytest.approx(printed)
+    assert layer.certified == (ok == 1.0)
+
+
+def test_cnn_names_the_unsupported_layer_and_checks_still_run():
+    model, loss, data, reduction = build(CASES[4])
+    problem = Problem(model, loss, data, reduction=reduction)
+    result = check(problem, directions=1, eigen_directions=0)
+    names = [c["name"] for c in result.checks]
+    assert names == ["gradient", "taylor", "convexity"]
+    conv = result.checks[2]
+    assert conv["passed"] is None and conv["layers"] == []
+    assert "layer '0' (Conv2d) stops it" in conv["reason"]
+
+
+def test_compare_figures_against_dense_truth():
+    model, loss, data, reduction = build(CASES[0])
+    problem = Problem(model, loss, data, reduction=reduction)
+    result = compare(problem, matrices=["ggn", "kfac", "pch-abs"], top_k=3, tol=1e-10)
+    H = dense_hessian(model, loss, data, reduction)
+    slices = problem.param_slices()
+    for row in result.comparisons:
+        names = problem.module_blocks()[row.block]
+        lo, hi = slices[names[0]].start, slices[names[-1]].stop
+        hb = H[lo:hi, lo:hi]
+        ab = make_operator(row.matrix, problem).dense()[lo:hi, lo:hi]
+        if row.matrix != "ggn":  # block-diagonal approximations: their own block() is the truth
+            ab = make_operator(row.matrix, problem).block(row.block).dense()
+        rel = float(torch.linalg.matrix_norm(ab - hb) / torch.linalg.matrix_norm(hb))
+        assert row.method == "exact"
+        assert row.rel_frobenius == pytest.approx(rel, rel=1e-9, abs=1e-12)
+        evh, vh = torch.linalg.eigh(hb)
+        eva, va = torch.linalg.eigh(ab)
+        assert_close(
+            torch.tensor(row.hessian_top_eigenvalues, dtype=torch.float64),
+            evh.flip(0)[:3],
+            rtol=1e-8,
+        )
+        assert_close(
+            torch.tensor(row.top_eigenvalues, dtype=torch.float64), eva.flip(0)[:3], rtol=1e-8
+        )
+        assert row.min_eigenvalue == pytest.approx(float(eva[0]), abs=1e-8 * float(eva.abs().max()))
+        cos = torch.linalg.svdvals(va[:, -3:].T @ vh[:, -3:])
+        assert_close(
+            torch.tensor(sorted(row.subspace_overlap), dtype=torch.float64),
+            cos.sort().values,
+            rtol=1e-6,
+        )
+        b = slices[names[-1]]
+        hbias = H[b, b]
+        lam, v = torch.linalg.eigh(hbias)
+        absh = (v * lam.abs()) @ v.T
+        abias = make_operator(row.matrix, problem).block(names[-1]).dense()
+        assert row.chen_metric == pytest.approx(
+            float(torch.linalg.matrix_norm(abias - absh)), rel=1e-9, abs=1e-12
+        )
+
+
+def test_compare_hutchinson_estimate_is_within_its_error():
+    model, loss, data, reduction = build(CASES[0])
+    problem = Problem(model, loss, data, reduction=reduction)
+    result = compare(
+        problem, matrices=["ggn"], blocks=["0"], exact_max_dim=1, hutchinson_probes=400, top_k=2
+    )
+    (row,) = result.comparisons
+    H = dense_hessian(model, loss, data, reduction)
+    s = slice(0, 25)
+    G = make_operator("ggn", problem).dense()
+    rel = float(torch.linalg.matrix_norm(G[s, s] - H[s, s]) / torch.linalg.matrix_norm(H[s, s]))
+    assert row.method == "hutchinson" and row.rel_frobenius_stderr > 0
+    assert abs(row.rel_frobenius - rel) <= 4 * row.rel_frobenius_stderr
+
+
+def test_compare_skips_unsupported_matrices_and_goes_on():
+    model, loss, data, reduction = build(CASES[4])
+    problem = Problem(model, loss, data, reduction=reduction)
+    result = compare(problem, matrices=["pch-abs", "ggn"], blocks=["5"], top_k=2)
+    assert [r.matrix for r in result.comparisons] == ["ggn"]
+    assert result.skipped[0]["matrix"] == "pch-abs"
+    assert "Conv2d" in result.skipped[0]["reason"]
+
+
+def test_check_and_compare_commands(tmp_path):
+    arch = {"type": "mlp", "sizes": [4, 5, 3], "activation": "tanh", "bias": True}
+    torch.manual_seed(0)
+    model = build_arch(arch)
+    x = torch.randn(11, 4)
+    y = torch.randint(0, 3, (11,))
+    torch.save((x, y), tmp_path / "data.pt")
+    save_checkpoint(tmp_path / "m.pt", model, arch, {"data": "data.pt", "loss": "cross_entropy"})
+    runner = CliRunner()
+    r = runner.invoke(app, ["check", str(tmp_path / "m.pt"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "o" / "check.json").read_text())
+    checks = {c["name"]: c for c in doc["results"]["checks"]}
+    assert checks["gradient"]["passed"] is True and checks["taylor"]["passed"] is True
+    assert checks["convexity"]["passed"] is None and checks["convexity"]["layers"][0]["name"] == "0"
+    r = runner.invoke(
+        app,
+        [
+            "compare",
+            str(tmp_path / "m.pt"),
+            "--matrix",
+            "ggn,pch-clip",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "o" / "compare.json").read_text())
+    rows = doc["results"]["comparisons"]
+    assert {(row["block"], row["matrix"]) for row in rows} == {
+        ("0", "ggn"),
+        ("0", "pch-clip"),
+        ("2", "ggn"),
+        ("2", "pch-clip"),
+    }
+    r = runner.invoke(app, ["compare", str(tmp_path / "m.pt"), "--matrix", "hessian"])
+    assert r.exit_code == 1 and "cannot be compared" in r.output
