@@ -114,6 +114,7 @@ th, td { border-bottom:1px solid var(--line); padding:4px 10px; text-align:left;
 th { background:#f1f3f6; font-weight:600; }
 td.num { text-align:right; font-variant-numeric:tabular-nums; font-family:ui-monospace,
          "DejaVu Sans Mono",monospace; }
+td.list { text-align:left; }
 .pass { color:var(--ok); font-weight:600; } .fail { color:var(--bad); font-weight:600; }
 .inc { color:var(--warn); font-weight:600; }
 .chart { width:100%; min-height:300px; }
@@ -163,6 +164,8 @@ def _table(header: list[str] | None, rows: Iterable[list[str]], cls: str = "") -
 
 
 def _td(value: Any, num: bool = False) -> str:
+    if isinstance(value, (list, tuple)):
+        return '<td class="num list">' + ", ".join(_num(v, 4) for v in value) + "</td>"
     return f'<td class="num">{_num(value)}</td>' if num else f"<td>{_esc(value)}</td>"
 
 
@@ -289,7 +292,7 @@ def _spectrum(doc: dict, page: _Page) -> str:
                 _td(s.get("matrix")),
                 _td(s.get("block")),
                 _td(s.get("which")),
-                '<td class="num">' + ", ".join(_num(v, 5) for v in vals) + "</td>",
+                '<td class="num list">' + ", ".join(_num(v, 5) for v in vals) + "</td>",
                 _td(max(res) if res else None, True),
                 f'<td class="{cls}">{n_ok}/{len(conv)}</td>',
                 _td(s.get("num_matvecs"), True),

@@ -379,7 +379,7 @@ def taylor_chart(doc: dict[str, Any]) -> go.Figure | None:
                     x=s[key],
                     y=_nan_to_none(e),
                     mode="lines+markers",
-                    name=f"{name}, direction {i + 1}",
+                    name=f"{name}, {s.get('label', i + 1)}",
                     line={"color": PALETTE[i % 8], "dash": dash},
                 )
             )

@@ -507,7 +507,15 @@ def plot_compare(doc: dict[str, Any], ax=None) -> Figure:
 def _taylor_series(check: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-direction series of a Taylor/gradient check entry, in whatever form it has."""
     subs = check.get("directions") or check.get("results") or check.get("subresults") or []
-    return [s for s in subs if isinstance(s, dict)]
+    out = []
+    for i, s in enumerate(x for x in subs if isinstance(x, dict)):
+        # curvscope check writes {"direction", "steps", "errors": {"e1", "e2"}, ...}
+        flat = {**s, **(s.get("errors") or {})}
+        if "h" not in flat and "steps" in flat:
+            flat["h"] = flat["steps"]
+        flat["label"] = str(s.get("direction") or f"direction {i + 1}")
+        out.append(flat)
+    return out
 
 
 def plot_check_taylor(doc: dict[str, Any], ax=None) -> Figure | None:

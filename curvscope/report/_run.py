@@ -322,6 +322,11 @@ def run_report(
             "compare",
             skipped,
         )
+        # compare itself leaves out the matrices a model does not support, with the reason
+        for entry in getattr(res, "skipped", None) or []:
+            skipped.append(
+                {"part": f"compare: {entry.get('matrix')}", "reason": str(entry.get("reason"))}
+            )
         record(
             "compare",
             {"matrix": matrices},
