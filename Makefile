@@ -24,10 +24,11 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/curvscope example digits-mlp --out demo
+	$(BIN)/curvscope spectrum demo/model.pt --top 5 --bottom 2 --out demo/spectrum
 	$(BIN)/curvscope report demo/model.pt --out demo/report --preset quick
 	@echo ""
-	@echo "Report: $$(pwd)/demo/report/report.html"
-	@echo "Result documents: $$(pwd)/demo/report/*.json"
+	@echo "Spectrum result: $$(pwd)/demo/spectrum/spectrum.json"
+	@echo "Report: $$(pwd)/demo/report/report.html (open it in a browser; it works offline)"
 
 # Chromium renders the HTML report in the browser test; installed when apt can, skipped otherwise.
 browser:
