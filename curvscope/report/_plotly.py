@@ -93,10 +93,10 @@ def surface_3d(doc: dict[str, Any]) -> go.Figure:
             "Loss surface (drag to rotate)",
             height=560,
             scene={
-                "xaxis": {"title": {"text": _label(surf, 0, short=True)}},
-                "yaxis": {"title": {"text": _label(surf, 1, short=True)}},
+                "xaxis": {"title": {"text": _label(surf, 0, short=True), "font": {"size": 11}}},
+                "yaxis": {"title": {"text": _label(surf, 1, short=True), "font": {"size": 11}}},
                 "zaxis": {"title": {"text": "loss"}},
-                "camera": {"eye": {"x": 1.5, "y": -1.5, "z": 0.9}},
+                "camera": {"eye": {"x": 1.75, "y": -1.75, "z": 1.0}},
             },
             margin={"l": 10, "r": 10, "t": 50, "b": 10},
         )
@@ -109,34 +109,52 @@ def surface_contour(doc: dict[str, Any]) -> go.Figure:
     surf = _results(doc, "surface")
     a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
     z = _array(surf["loss"])
+    quad = _array(surf.get("quadratic_model"))
     finite = z[np.isfinite(z)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    size = (hi - lo) / 20 or 1.0
+    # Like the matplotlib figure: log-spaced levels when the loss spans more than 20x, so the
+    # basin around the weights is resolved; the colour bar is labelled in loss units.
+    log = lo > 0 and hi / lo > 20
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zc = np.log10(z)
+            qc = None if quad is None else np.where(quad > 0, np.log10(quad), np.nan)
+        clo, chi = np.log10(lo), np.log10(hi)
+        ticks = np.arange(np.floor(clo), np.ceil(chi) + 1)
+        colorbar = {
+            "title": {"text": "loss"},
+            "tickvals": ticks.tolist(),
+            "ticktext": [f"{10**t:g}" for t in ticks],
+        }
+    else:
+        zc, qc, clo, chi = z, quad, lo, hi
+        colorbar = {"title": {"text": "loss"}}
+    size = (chi - clo) / 20 or 1.0
     fig = go.Figure()
     fig.add_trace(
         go.Contour(
             x=a,
             y=b,
-            z=_nan_to_none(z.T),
+            z=_nan_to_none(zc.T),
+            customdata=_nan_to_none(z.T),
             colorscale="Viridis",
             name="loss",
-            contours={"start": lo, "end": hi, "size": size},
+            contours={"start": clo, "end": chi, "size": size},
             line={"width": 0.5, "color": "rgba(255,255,255,0.5)"},
-            colorbar={"title": {"text": "loss"}},
-            hovertemplate="a=%{x:.3g}<br>b=%{y:.3g}<br>loss=%{z:.5g}<extra></extra>",
+            colorbar=colorbar,
+            hovertemplate="a=%{x:.3g}<br>b=%{y:.3g}<br>loss=%{customdata:.5g}<extra></extra>",
         )
     )
-    quad = _array(surf.get("quadratic_model"))
-    if quad is not None:
+    if qc is not None:
         fig.add_trace(
             go.Contour(
                 x=a,
                 y=b,
-                z=_nan_to_none(quad.T),
+                z=_nan_to_none(qc.T),
                 name="quadratic model",
                 showscale=False,
-                contours={"coloring": "none", "start": lo, "end": hi, "size": 3 * size},
-                line={"color": "#E69F00", "dash": "dash", "width": 1.6},
+                contours={"coloring": "none", "start": clo, "end": chi, "size": 3 * size},
+                line={"color": "#FFB000", "dash": "dash", "width": 1.8},
                 showlegend=True,
                 hoverinfo="skip",
             )
@@ -157,7 +175,7 @@ def surface_contour(doc: dict[str, Any]) -> go.Figure:
     )
     fig.update_layout(
         _layout(
-            "Loss contours",
+            "Loss contours" + (" (log-spaced levels)" if log else ""),
             xaxis={"title": {"text": _label(surf, 0)}},
             yaxis={"title": {"text": _label(surf, 1)}, "scaleanchor": "x"}
             if (surf.get("directions") or {}).get("kind") in ("eigen", "random")
