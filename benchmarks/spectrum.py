@@ -87,8 +87,9 @@ def reference_top5(model, batches):
     problem = Problem(m64, "cross_entropy", b64)
     from scipy.sparse.linalg import eigsh
 
-    vals = eigsh(HessianOperator(problem).to_scipy(), k=5, which="LA", tol=1e-10,
-                 return_eigenvectors=False)
+    vals = eigsh(
+        HessianOperator(problem).to_scipy(), k=5, which="LA", tol=1e-10, return_eigenvectors=False
+    )
     return np.sort(vals)[::-1]
 
 
@@ -117,16 +118,23 @@ def peer_rows(model, batches, ref, norm):
 
         hc.dataloader_hv_product = counted
         vals, _ = hc.eigenvalues(maxIter=100, tol=1e-3, top_n=5)
-        rows.append(("pyhessian power (maxIter=100, tol=1e-3; its default)", time.perf_counter() - t0,
-                     counter["n"], rel_err(vals, ref), None))
+        rows.append(
+            (
+                "pyhessian power (maxIter=100, tol=1e-3; its default)",
+                time.perf_counter() - t0,
+                counter["n"],
+                rel_err(vals, ref),
+                None,
+            )
+        )
         for p in model.parameters():
             p.grad = None
     except Exception as exc:  # noqa: BLE001
         rows.append(("pyhessian", None, None, None, f"failed: {type(exc).__name__}: {exc}"))
 
     try:
-        from hessian_eigenthings.operators import HessianOperator as ETH
         from hessian_eigenthings.lanczos import lanczos as et_lanczos
+        from hessian_eigenthings.operators import HessianOperator as ETH
 
         crit = nn.CrossEntropyLoss()
         op = ETH(model, loader, crit, use_gpu=False, full_dataset=True)
@@ -140,19 +148,28 @@ def peer_rows(model, batches, ref, norm):
         op.apply = apply
         t0 = time.perf_counter()
         vals, _ = et_lanczos(op, num_eigenthings=5, max_steps=30, use_gpu=False)
-        rows.append(("hessian-eigenthings lanczos (m=30)", time.perf_counter() - t0, counter["n"],
-                     rel_err(vals, ref), "averages batches with equal weights (see notes)"))
+        rows.append(
+            (
+                "hessian-eigenthings lanczos (m=30)",
+                time.perf_counter() - t0,
+                counter["n"],
+                rel_err(vals, ref),
+                "averages batches with equal weights (see notes)",
+            )
+        )
     except Exception as exc:  # noqa: BLE001
-        rows.append(("hessian-eigenthings", None, None, None,
-                     f"failed: {type(exc).__name__}: {exc}"))
+        rows.append(
+            ("hessian-eigenthings", None, None, None, f"failed: {type(exc).__name__}: {exc}")
+        )
 
     try:
         from curvlinops import HessianLinearOperator
         from scipy.sparse.linalg import eigsh
 
         params = [p for p in model.parameters()]
-        H = HessianLinearOperator(model, nn.CrossEntropyLoss(), params, loader,
-                                  check_deterministic=False)
+        H = HessianLinearOperator(
+            model, nn.CrossEntropyLoss(), params, loader, check_deterministic=False
+        )
         Hs = H.to_scipy() if hasattr(H, "to_scipy") else H
         counter = {"n": 0}
         from scipy.sparse.linalg import LinearOperator
@@ -164,8 +181,15 @@ def peer_rows(model, batches, ref, norm):
         lin = LinearOperator(Hs.shape, matvec=mv, dtype=np.float32)
         t0 = time.perf_counter()
         vals = eigsh(lin, k=5, which="LA", tol=1e-4, return_eigenvectors=False)
-        rows.append(("curvlinops + scipy eigsh (LA, tol=1e-4)", time.perf_counter() - t0,
-                     counter["n"], rel_err(vals, ref), None))
+        rows.append(
+            (
+                "curvlinops + scipy eigsh (LA, tol=1e-4)",
+                time.perf_counter() - t0,
+                counter["n"],
+                rel_err(vals, ref),
+                None,
+            )
+        )
     except Exception as exc:  # noqa: BLE001
         rows.append(("curvlinops", None, None, None, f"failed: {type(exc).__name__}: {exc}"))
     return rows
@@ -182,30 +206,52 @@ def run_model(spec, repeats, peers):
     v = torch.randn(P, generator=g)
     V = torch.randn(P, 8, generator=g)
     t = interleaved({"grad": lambda: problem.loss_and_grad(), "hvp": lambda: H @ v}, repeats)
-    t8 = interleaved({"single8": lambda: [H @ V[:, i] for i in range(8)],
-                      "batched8": lambda: H @ V}, max(3, repeats // 3))
+    t8 = interleaved(
+        {"single8": lambda: [H @ V[:, i] for i in range(8)], "batched8": lambda: H @ V},
+        max(3, repeats // 3),
+    )
     ref = reference_top5(model, batches)
     rows = []
     t0 = time.perf_counter()
     (top,) = eigenpairs(H, top=5, tol=1e-4, generator=torch.Generator().manual_seed(0))
-    rows.append(("curvscope lanczos (tol=1e-4, measured residuals)", time.perf_counter() - t0,
-                 top.num_matvecs, rel_err(top.eigenvalues.numpy(), ref),
-                 f"all converged: {bool(top.converged.all())}, max residual/||A|| "
-                 f"{float(top.residual_norms.max()) / top.norm_estimate:.1e}"))
+    rows.append(
+        (
+            "curvscope lanczos (tol=1e-4, measured residuals)",
+            time.perf_counter() - t0,
+            top.num_matvecs,
+            rel_err(top.eigenvalues.numpy(), ref),
+            f"all converged: {bool(top.converged.all())}, max residual/||A|| "
+            f"{float(top.residual_norms.max()) / top.norm_estimate:.1e}",
+        )
+    )
     t0 = time.perf_counter()
-    pw = power_iteration(H, 5, which="magnitude", tol=1e-4, max_iter=300,
-                         generator=torch.Generator().manual_seed(0))
-    rows.append(("curvscope power iteration + deflation (Suk Alg. 5, tol=1e-4)",
-                 time.perf_counter() - t0, pw.num_matvecs, rel_err(pw.eigenvalues.numpy(), ref),
-                 f"converged {int(pw.converged.sum())}/5"))
+    pw = power_iteration(
+        H, 5, which="magnitude", tol=1e-4, max_iter=300, generator=torch.Generator().manual_seed(0)
+    )
+    rows.append(
+        (
+            "curvscope power iteration + deflation (Suk Alg. 5, tol=1e-4)",
+            time.perf_counter() - t0,
+            pw.num_matvecs,
+            rel_err(pw.eigenvalues.numpy(), ref),
+            f"converged {int(pw.converged.sum())}/5",
+        )
+    )
     from scipy.sparse.linalg import eigsh
 
     lin = H.to_scipy()
     before = H.num_matvecs
     t0 = time.perf_counter()
     vals = eigsh(lin, k=5, which="LA", tol=1e-4, return_eigenvectors=False)
-    rows.append(("curvscope HVP + scipy eigsh (LA, tol=1e-4)", time.perf_counter() - t0,
-                 H.num_matvecs - before, rel_err(vals, ref), None))
+    rows.append(
+        (
+            "curvscope HVP + scipy eigsh (LA, tol=1e-4)",
+            time.perf_counter() - t0,
+            H.num_matvecs - before,
+            rel_err(vals, ref),
+            None,
+        )
+    )
     if peers:
         rows.extend(peer_rows(model, batches, ref, top.norm_estimate))
     return {
@@ -218,8 +264,7 @@ def run_model(spec, repeats, peers):
         "batched8_over_single8": t8["batched8"] / t8["single8"],
         "reference_top5": ref.tolist(),
         "top5": [
-            {"method": r[0], "wall_s": r[1], "products": r[2], "max_rel_error": r[3],
-             "note": r[4]}
+            {"method": r[0], "wall_s": r[1], "products": r[2], "max_rel_error": r[3], "note": r[4]}
             for r in rows
         ],
     }
@@ -229,12 +274,17 @@ def markdown(results):
     lines = []
     for r in results:
         lines.append(f"### {r['model']}\n")
-        lines.append(f"P = {r['params']}, N = {r['samples']}, batches = {r['batch_sizes']}, "
-                     f"one gradient = {1000 * r['grad_s']:.1f} ms\n")
-        lines.append(f"- HVP / gradient (median, interleaved): **{r['hvp_over_grad']:.2f}** "
-                     "(target <= 2.6)")
-        lines.append(f"- A @ V, 8 columns / 8 single products: "
-                     f"**{r['batched8_over_single8']:.2f}** (target <= 0.6)\n")
+        lines.append(
+            f"P = {r['params']}, N = {r['samples']}, batches = {r['batch_sizes']}, "
+            f"one gradient = {1000 * r['grad_s']:.1f} ms\n"
+        )
+        lines.append(
+            f"- HVP / gradient (median, interleaved): **{r['hvp_over_grad']:.2f}** (target <= 2.6)"
+        )
+        lines.append(
+            f"- A @ V, 8 columns / 8 single products: "
+            f"**{r['batched8_over_single8']:.2f}** (target <= 0.6)\n"
+        )
         lines.append("| top-5 method | wall s | products | max rel. error | note |")
         lines.append("|---|---:|---:|---:|---|")
         for row in r["top5"]:
@@ -242,8 +292,10 @@ def markdown(results):
             prods = "-" if row["products"] is None else str(row["products"])
             err = "-" if row["max_rel_error"] is None else f"{row['max_rel_error']:.1e}"
             lines.append(f"| {row['method']} | {wall} | {prods} | {err} | {row['note'] or ''} |")
-        lines.append(f"\nreference top-5 (float64 eigsh, tol 1e-10): "
-                     f"{', '.join(f'{v:.6g}' for v in r['reference_top5'])}\n")
+        lines.append(
+            f"\nreference top-5 (float64 eigsh, tol 1e-10): "
+            f"{', '.join(f'{v:.6g}' for v in r['reference_top5'])}\n"
+        )
     return "\n".join(lines)
 
 
