@@ -332,6 +332,10 @@ def test_run_report_writes_documents_figures_and_page(tmp_path):
     surf = read_document(tmp_path / "surface.json")
     assert surf["settings"]["eigenvectors"] == "from the spectrum part"
     assert surf["counts"]["matvecs"] == 2
+    # rendering the folder again keeps the reasons recorded by the run
+    again = render_directory(tmp_path)
+    reasons = {s["part"]: s["reason"] for s in again.skipped}
+    assert "full preset only" in reasons["solve"] and "no density.json" in reasons["density"]
     with pytest.raises(OptionError, match="--preset"):
         run_report(problem, out_dir=tmp_path, preset="slow")
 

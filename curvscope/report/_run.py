@@ -9,6 +9,7 @@ substituted for it.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ Progress = Callable[[int, int, str], None]
 PRESETS = ("quick", "full")
 PARTS = ("spectrum", "density", "check", "compare", "surface", "solve")
 NOT_AVAILABLE = "not available in this version of curvscope"
+SKIPPED_FILE = "report-skipped.json"
 SOLVE_FULL = ("gd", "lbfgs", "nlcg", "newton-cg", "hf", "eacg", "mk")
 SOLVE_MAX_ITER = 30
 
@@ -453,6 +455,8 @@ def run_report(
         figures += save_figures(doc, out / "figures", figure_formats)
     page = render_report(documents, plotly_js=plotly_js, skipped=skipped)
     html = write_atomic(out / "report.html", page)
+    # what was skipped and why, so that `report --from DIR` can say it again
+    write_atomic(out / SKIPPED_FILE, json.dumps({"skipped": skipped}, indent=1) + "\n")
     if interrupted:
         raise KeyboardInterrupt
     return ReportRun(html, doc_paths, figures, skipped, timings)
@@ -542,8 +546,21 @@ def render_directory(
         raise CurvscopeError(
             f"--from {folder} holds no result document ({', '.join(p + '.json' for p in PARTS)})."
         )
+    recorded: list[dict[str, str]] = []
+    try:
+        recorded = list(json.loads((folder / SKIPPED_FILE).read_text())["skipped"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    named = {str(r.get("part", "")).split(":")[0] for r in recorded}
     skipped = [
-        {"part": p, "reason": f"no {p}.json in {folder}"} for p in PARTS if p not in documents
+        r
+        for r in recorded
+        if str(r.get("part", "")).split(":")[0] not in documents or ":" in str(r.get("part", ""))
+    ]
+    skipped += [
+        {"part": p, "reason": f"no {p}.json in {folder}"}
+        for p in PARTS
+        if p not in documents and p not in named
     ]
     figures: list[Path] = []
     for doc in documents.values():
