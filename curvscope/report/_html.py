@@ -145,12 +145,14 @@ def _num(x: Any, digits: int = 6) -> str:
     return _esc(x)
 
 
-def _verdict(passed: Any) -> str:
+def _verdict(passed: Any, name: str = "") -> str:
     if passed is True:
         return '<span class="pass">passed</span>'
     if passed is False:
         return '<span class="fail">failed</span>'
-    return '<span class="inc">inconclusive / not a test</span>'
+    if name == "convexity":
+        return '<span class="inc">certificate (not a test)</span>'
+    return '<span class="inc">inconclusive</span>'
 
 
 def _table(header: list[str] | None, rows: Iterable[list[str]], cls: str = "") -> str:
@@ -330,7 +332,11 @@ def _density(doc: dict, page: _Page) -> str:
 def _check(doc: dict, page: _Page) -> str:
     checks = (doc.get("results") or {}).get("checks") or []
     rows = [
-        [_td(c.get("name")), f"<td>{_verdict(c.get('passed'))}</td>", _td(c.get("reason"))]
+        [
+            _td(c.get("name")),
+            f"<td>{_verdict(c.get('passed'), str(c.get('name')))}</td>",
+            _td(c.get("reason")),
+        ]
         for c in checks
     ]
     out = _table(["check", "verdict", "reason"], rows)

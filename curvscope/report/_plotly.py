@@ -358,6 +358,8 @@ def compare_heatmap(doc: dict[str, Any]) -> go.Figure:
             colorscale="Magma",
             reversescale=True,
             zmin=0,
+            # 0 is exact, 1 as wrong as the zero matrix: a fixed scale, so tiny errors look tiny
+            zmax=max(1.0, float(np.nanmax(grid))) if np.isfinite(grid).any() else 1.0,
             colorbar={"title": {"text": "‖H−A‖F / ‖H‖F"}},
             hovertemplate="%{y} · %{x}: %{z:.4g}<extra></extra>",
         )
