@@ -471,11 +471,10 @@ def plot_compare(doc: dict[str, Any], ax=None) -> Figure:
             grid[blocks.index(r["block"]), matrices.index(r["matrix"])] = v
     with _style():
         fig, ax = _new(ax, figsize=(1.25 * len(matrices) + 3.2, 0.55 * len(blocks) + 2.2))
-        finite = grid[np.isfinite(grid) & (grid > 0)]
-        if finite.size and finite.max() / max(finite.min(), 1e-300) > 50:
-            norm = LogNorm(vmin=max(finite.min(), finite.max() * 1e-6), vmax=finite.max())
-        else:
-            norm = Normalize(vmin=0, vmax=max(1.0, float(finite.max()) if finite.size else 1.0))
+        # 0 is exact and 1 as wrong as the zero matrix: a fixed linear scale (as on the HTML
+        # page), so round-off-level errors look like the zeros they are
+        finite = grid[np.isfinite(grid)]
+        norm = Normalize(vmin=0, vmax=max(1.0, float(finite.max()) if finite.size else 1.0))
         cmap = mpl.colormaps["magma_r"].with_extremes(bad="#DDDDDD")
         im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
         for i in range(len(blocks)):
@@ -586,7 +585,7 @@ def plot_check_taylor(doc: dict[str, Any], ax=None) -> Figure | None:
         )
         ax.set_xlabel("step $h$")
         ax.set_ylabel("Taylor remainder")
-        ax.set_title("Taylor test (one colour per random direction)")
+        ax.set_title("Taylor test (one colour per direction)")
     return fig
 
 
