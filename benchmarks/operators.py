@@ -111,7 +111,7 @@ def main():
             ("curvlinops Hessian", HessianLinearOperator),
         ):
             op = cls(model, nn.CrossEntropyLoss(), params, batches, check_deterministic=False)
-            vn = v.numpy()
+            vn = v
             t = interleaved(
                 {"grad": lambda: problem.loss_and_grad(), "one": lambda op=op, vn=vn: op @ vn}, 7
             )
