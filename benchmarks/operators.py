@@ -5,7 +5,8 @@
     (targets: GGN and Fisher <= 3x, Hessian <= 2.6x), with curvlinops' GGN and Hessian
     products on the same model when installed;
   - Hutchinson and Hutch++ traces (100 products) from curvscope and curvlinops against the
-    exact trace, sum_i e_i^T H e_i from batched unit columns in float64 (P products);
+    exact trace in float64 (BackPACK's exact Hessian diagonal, summed; without BackPACK,
+    sum_i e_i^T H e_i from batched unit columns, P products);
   - PyHessian's density() is called to record whether it runs.
 
 Usage:  python benchmarks/operators.py
@@ -128,10 +129,10 @@ def main():
     H = make_operator("hessian", problem)
     traces = [
         {
-            "method": "exact (float64, P unit products)",
+            "method": exact_method,
             "estimate": exact,
             "wall_s": exact_s,
-            "products": P,
+            "products": P if "unit products" in exact_method else "-",
         }
     ]
     for label, fn in (
