@@ -98,7 +98,7 @@ def main():
         x0 = torch.randn(sizes[0], dtype=torch.float64)
         d = torch.randn(sizes[-1], dtype=torch.float64)
         lambdas = [LAMBDA] * (len(sizes) - 2)
-        H = torch.func.hessian(lambda t: cost(t, sizes, x0, d, lambdas))(theta)
+        H = torch.func.hessian(cost)(theta, sizes, x0, d, lambdas)
         true = torch.linalg.eigvalsh(H)
         claim, fam1, fam2 = claimed(theta, sizes, x0, d, lambdas)
         tol = 1e-10 * float(true.abs().max())
