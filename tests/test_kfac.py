@@ -81,8 +81,8 @@ def dense_kfac_layer(model, index, loss, data, reduction, fisher_type, conv=Fals
     R = a.shape[1]
     a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     A = torch.einsum("nri,nrj->ij", a, a) / (N * R)
-    G = c * torch.einsum("nrdo,nde,nrep->op", J, Fo, J)
-    K = torch.kron(G, A)
+    G = c * torch.einsum("nrdo,nde,nrep->op", J.contiguous(), Fo, J.contiguous())
+    K = torch.kron(G.contiguous(), A.contiguous())
     idx = _aug_to_flat(G.shape[0], A.shape[0] - 1)
     return K[idx][:, idx].detach(), G.detach(), A.detach()
 
