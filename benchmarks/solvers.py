@@ -66,11 +66,10 @@ def scipy_run(problem, method, max_iter):
         op = HessianOperator(obj.work_problem(torch.from_numpy(w))).to_scipy()
         return op @ p
 
-    def callback(*args):
-        w = args[0] if not hasattr(args[0], "x") else args[0].x
+    def callback(intermediate_result):
         history.append(
             (
-                float(problem.loss(torch.from_numpy(w))),
+                float(intermediate_result.fun),
                 counts["grad"],
                 counts["hessp"],
                 time.perf_counter() - t0,
@@ -115,20 +114,38 @@ def torch_lbfgs(model, data, max_iter):
     return history
 
 
+class _Rows(list):
+    """Rows printed as they are added (a long run shows its progress)."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        label, grads, prods, secs, loss = row
+        if grads is None:
+            print(f"| {label} | not reached | | | {loss:.6f} |", flush=True)
+        else:
+            print(f"| {label} | {grads} | {prods} | {secs:.2f} | {loss:.6f} |", flush=True)
+
+
 def main() -> None:
     """Run every method and print the table."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--max-iter", type=int, default=300)
+    ap.add_argument("--max-iter", type=int, default=150)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model, data, problem = build()
-    ref = scipy_run(problem, "L-BFGS-B", 3000)
+    ref = scipy_run(problem, "L-BFGS-B", 1000)
     l_star = min(h[0] for h in ref)
     l0 = float(problem.loss())
     target = l_star + 1e-3 * (l0 - l_star)
-    rows = []
+    print(
+        f"\nL0 = {l0:.6f}, L* = {l_star:.6f}, target = {target:.6f} "
+        f"({problem.num_params} parameters, {problem.num_samples} samples, float64)\n"
+    )
+    print("| method | loss evals + gradients | Hessian/GGN products | time (s) | loss |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    rows = _Rows()
     for name in ("lbfgs", "nlcg", "newton-cg", "hf"):
         run = run_solver(problem, name, max_iter=args.max_iter, tol=0)
         i = _first(run.trace["loss"], target)
