@@ -28,6 +28,7 @@ from ..problem import Problem
 
 __all__ = [
     "CommonArgs",
+    "block_mode",
     "Session",
     "common_options",
     "console",
@@ -379,6 +380,17 @@ def parse_list(value: str | None, flag: str, valid: list[str] | None = None) -> 
                 f"{flag} {','.join(bad)!r} is not known; choose from {', '.join(valid)}."
             )
     return items
+
+
+def block_mode(per_layer: bool, per_param: bool) -> str:
+    """``"per-layer"``, ``"per-param"`` or ``"all"`` from the two flags.
+
+    Raises:
+        OptionError: when both flags are given.
+    """
+    if per_layer and per_param:
+        raise OptionError("--per-layer and --per-param exclude each other; pick one.")
+    return "per-layer" if per_layer else "per-param" if per_param else "all"
 
 
 def parse_floats(value: str | None, flag: str) -> list[float] | None:

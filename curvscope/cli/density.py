@@ -10,8 +10,10 @@ from rich.table import Table
 
 from .._errors import OptionError
 from ..diagnostics import density
+from ..operators import MATRIX_NAMES
 from ._common import (
     CommonArgs,
+    block_mode,
     common_options,
     console,
     finish,
@@ -25,9 +27,7 @@ __all__ = ["density_cli", "register"]
 
 
 def _matrix_names() -> list[str]:
-    from .. import operators
-
-    return list(getattr(operators, "MATRIX_NAMES", ["hessian"]))
+    return list(MATRIX_NAMES)
 
 
 @common_options
@@ -82,15 +82,13 @@ def density_cli(
         matrices = parse_list(matrix, "--matrix", _matrix_names())
         if not matrices:
             raise OptionError("--matrix needs at least one matrix name.")
-        if per_layer and per_param:
-            raise OptionError("--per-layer and --per-param exclude each other; pick one.")
+        blocks = block_mode(per_layer, per_param)
         parse_list(distribution, "--distribution", ["rademacher", "gaussian"])
         if sigma is not None and not sigma > 0:
             raise OptionError(f"--sigma must be positive, got {sigma}.")
         if grid_points < 2:
             raise OptionError(f"--grid-points must be at least 2, got {grid_points}.")
         session = open_session(common)
-        blocks = "per-layer" if per_layer else "per-param" if per_param else "all"
         with progress_bar() as update:
             result = density(
                 session.problem,

@@ -31,27 +31,7 @@ DEFAULT_MAX_ITER = 50
 
 def solve_results(runs: list[SolveRun]) -> dict[str, Any]:
     """``results`` of the solve document (DESIGN.md "Contracts": ``results.solves``)."""
-    solves = []
-    for run in runs:
-        solves.append(
-            {
-                "solver": run.solver,
-                "settings": run.settings,
-                "trace": run.trace,
-                "findings": [
-                    {"rule": f.rule, "text": f.text, "evidence": f.evidence} for f in run.findings
-                ],
-                "final_loss": run.final_loss,
-                "final_grad_norm": run.final_grad_norm,
-                "num_matvecs": run.num_matvecs,
-                "num_gradients": run.num_gradients,
-                "num_loss_evals": run.num_loss_evals,
-                "diagnostic_matvecs": run.diagnostic_matvecs,
-                "wall_time_s": run.wall_time_s,
-                "stop_reason": run.stop_reason,
-                "message": run.message,
-            }
-        )
+    solves = [run.to_result() for run in runs]
     rows = compare_runs(runs)
     for row in rows:
         row.pop("loss_curve", None)

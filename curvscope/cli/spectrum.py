@@ -14,6 +14,7 @@ from ..io import save_eigenvectors
 from ..operators import MATRIX_NAMES
 from ._common import (
     CommonArgs,
+    block_mode,
     common_options,
     console,
     finish,
@@ -76,8 +77,7 @@ def spectrum_cli(
         matrices = parse_list(matrix, "--matrix", _matrix_names())
         if not matrices:
             raise OptionError("--matrix needs at least one matrix name.")
-        if per_layer and per_param:
-            raise OptionError("--per-layer and --per-param exclude each other; pick one.")
+        blocks = block_mode(per_layer, per_param)
         if top < 0 or bottom < 0 or top + bottom == 0:
             raise OptionError(
                 f"--top {top} --bottom {bottom}: ask for at least one eigenvalue (and none "
@@ -91,7 +91,6 @@ def spectrum_cli(
                 raise OptionError("--repeats R needs --samples N, the size of each subset.")
             repeat_samples, common.samples = common.samples, None
         session = open_session(common)
-        blocks = "per-layer" if per_layer else "per-param" if per_param else "all"
         with progress_bar() as update:
             result = spectrum(
                 session.problem,

@@ -402,7 +402,7 @@ def run_report(
         rows = compare_runs(runs)
         for row in rows:
             row.pop("loss_curve", None)
-        results = {"solves": [_solve_entry(r) for r in runs], "comparison": rows}
+        results = {"solves": [r.to_result() for r in runs], "comparison": rows}
         record(
             "solve",
             {"solver": names, "max_iter": SOLVE_MAX_ITER},
@@ -474,27 +474,6 @@ def _call(fn: Callable[..., Any], problem: Problem, **kwargs: Any) -> Any:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         kwargs = {k: v for k, v in kwargs.items() if k in params}
     return fn(problem, **kwargs)
-
-
-def _solve_entry(run: Any) -> dict[str, Any]:
-    """One ``results.solves`` entry (DESIGN.md "Contracts"), as ``curvscope solve`` writes."""
-    return {
-        "solver": run.solver,
-        "settings": run.settings,
-        "trace": run.trace,
-        "findings": [
-            {"rule": f.rule, "text": f.text, "evidence": f.evidence} for f in run.findings
-        ],
-        "final_loss": run.final_loss,
-        "final_grad_norm": run.final_grad_norm,
-        "num_matvecs": run.num_matvecs,
-        "num_gradients": run.num_gradients,
-        "num_loss_evals": run.num_loss_evals,
-        "diagnostic_matvecs": run.diagnostic_matvecs,
-        "wall_time_s": run.wall_time_s,
-        "stop_reason": run.stop_reason,
-        "message": run.message,
-    }
 
 
 def _results_of(res: Any, key: str) -> dict:

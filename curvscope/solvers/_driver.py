@@ -99,6 +99,26 @@ class SolveRun:
     weights: torch.Tensor | None = field(default=None, repr=False)
     findings: list = field(default_factory=list)
 
+    def to_result(self) -> dict[str, Any]:
+        """This run as one ``results.solves`` entry (DESIGN.md "Contracts")."""
+        return {
+            "solver": self.solver,
+            "settings": self.settings,
+            "trace": self.trace,
+            "findings": [
+                {"rule": f.rule, "text": f.text, "evidence": f.evidence} for f in self.findings
+            ],
+            "final_loss": self.final_loss,
+            "final_grad_norm": self.final_grad_norm,
+            "num_matvecs": self.num_matvecs,
+            "num_gradients": self.num_gradients,
+            "num_loss_evals": self.num_loss_evals,
+            "diagnostic_matvecs": self.diagnostic_matvecs,
+            "wall_time_s": self.wall_time_s,
+            "stop_reason": self.stop_reason,
+            "message": self.message,
+        }
+
 
 def _as_objective(problem) -> Objective:
     if isinstance(problem, Objective):
