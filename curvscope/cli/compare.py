@@ -94,8 +94,6 @@ def compare_cli(
             f"{overlap:.3f}",
             f"{r.min_eigenvalue:.3g}",
         )
-        if r.block != last and last is not None:
-            pass
         last = r.block
     console.print(table)
     for s in result.skipped:
