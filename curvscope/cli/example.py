@@ -14,8 +14,12 @@ __all__ = ["example_cli", "register"]
 
 
 def example_cli(
-    name: Annotated[str, typer.Argument(help="digits-mlp, digits-sigmoid, digits-cnn or "
-                                        "sinus-mlp.", show_default=False)],
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="digits-mlp, digits-sigmoid, digits-cnn or sinus-mlp.", show_default=False
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for model.pt and data.npz.")] = Path(
         "curvscope-example"
     ),
