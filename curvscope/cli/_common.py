@@ -615,6 +615,22 @@ def finish(
     return write_document(doc, session.common.out)
 
 
+FLAG_NAMES = {
+    "model_path": "MODEL",
+    "matrices": "--matrix",
+    "range_": "--range",
+    "num_probes": "--probes",
+    "num_steps": "--lanczos-steps",
+    "hutchinson_probes": "--probes",
+}
+"""Library argument names whose command-line flag is not ``--`` plus the dashed name."""
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag for library argument ``name`` (``max_iter`` -> ``--max-iter``)."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
 @contextlib.contextmanager
 def guarded() -> Iterator[None]:
     """Turn a :class:`CurvscopeError` into one red sentence and exit code 1.
@@ -624,7 +640,9 @@ def guarded() -> Iterator[None]:
     try:
         yield
     except CurvscopeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        from rich.markup import escape
+
+        err_console.print(f"[bold red]error:[/] {escape(exc.render(flag_name))}", highlight=False)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
