@@ -2,48 +2,120 @@ r"""The analysed problem: model, loss, a fixed ordered sample set and the select
 
 :class:`Problem` is the only place in curvscope that loops over data. Everything above it
 (operators, linear algebra, diagnostics, solvers) asks it for losses, gradients and per-batch
-evaluations at given parameter values and never touches the model or the data loader itself.
+evaluations at given parameter values and never touches the model or the data source itself.
 
 The loss it describes is
 
-.. math:: L(w) = c \sum_{i=1}^N \ell(f(x_i; w), y_i) + \frac{\lambda}{2} \lVert w \rVert^2,
+.. math:: L(w) = c \sum_{t} \ell_t(f(x; w)) + \frac{\lambda}{2} \lVert w \rVert^2,
 
-with :math:`c = 1/N` for ``reduction="mean"`` and :math:`c = 1` for ``"sum"`` (torch's per-sample
-definitions: ``mse`` with mean also averages over the output entries). Batch ``b`` of size
-:math:`n_b` enters with weight :math:`n_b / N` for mean reduction and 1 for sum, so unequal
-batches give the full-data loss exactly.
+a sum over the loss *terms* ``t`` of the whole data (samples, or the tokens that are not
+``ignore_index``, or output entries for ``mse``; :mod:`curvscope._losses`), with
+:math:`c = 1/T` (``T`` terms in all) for ``reduction="mean"`` and :math:`c = 1` for ``"sum"``.
+Batch ``b`` with :math:`T_b` terms enters with weight :math:`T_b / T` for mean reduction and
+1 for sum, so unequal batches and padded sequences give the full-data loss exactly.
+
+Batches may be ``(inputs, targets)`` with inputs a tensor, a tuple of tensors (positional
+arguments) or a dict of tensors (keyword arguments, HuggingFace style), or a dict batch
+whose ``labels`` entry is the target. Floating-point tensors move to the parameters' device
+and dtype; integer tensors (token ids, masks, labels) move to the device and keep their
+dtype. The data source is iterated once per pass and never held in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ._errors import DeterminismError, NonFiniteError, OptionError
-from ._losses import get_loss, is_classification
+from ._errors import DataError, DeterminismError, NonFiniteError, OptionError, arg
+from ._losses import IGNORE_INDEX, CausalLM, Loss, ModelLoss, get_loss
+from ._sampling import as_generator, subset_indices
 
-__all__ = ["Batch", "Problem"]
+__all__ = ["Batch", "Inputs", "Problem", "map_tensors"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
+def map_tensors(obj: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor in a nested tuple/list/dict, keeping the structure."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    map_tensors(obj, lambda t: out.append(t) or t)
+    return out
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A batch's model inputs: positional ``args`` and keyword ``kwargs`` of ``forward``."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def map(self, fn) -> Inputs:
+        """The same inputs with ``fn`` applied to every tensor."""
+        return Inputs(map_tensors(self.args, fn), map_tensors(self.kwargs, fn))
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The only input, when the model takes one tensor.
+
+        Raises:
+            OptionError: when the inputs are not a single tensor.
+        """
+        if len(self.args) == 1 and not self.kwargs and isinstance(self.args[0], torch.Tensor):
+            return self.args[0]
+        raise OptionError(
+            "this method needs a model that takes one input tensor; the batches give "
+            f"{len(self.args)} positional and {len(self.kwargs)} keyword inputs."
+        )
+
+
 @dataclass(frozen=True)
 class Batch:
-    """One batch on the parameters' device and dtype, with its weight in the total loss."""
+    """One batch on the parameters' device, with its weight in the total loss.
 
-    x: torch.Tensor
-    y: torch.Tensor
+    Attributes:
+        inputs: what the model's forward takes.
+        target: the loss's target (``None`` for a model that computes its own loss).
+        weight: ``terms / total terms`` (mean reduction) or 1 (sum).
+        size: samples in the batch (the leading dimension).
+        terms: loss terms in the batch.
+    """
+
+    inputs: Inputs
+    target: Any
     weight: float
     size: int
+    terms: int = 0
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The single input tensor (see :attr:`Inputs.tensor`)."""
+        return self.inputs.tensor
+
+    @property
+    def y(self) -> Any:
+        """The target."""
+        return self.target
 
 
 def _is_scripted(model: nn.Module) -> bool:
-    return isinstance(model, torch.jit.ScriptModule)
+    return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
 
 
 class Problem:
@@ -54,10 +126,11 @@ class Problem:
             ``torch.func.functional_call`` (TorchScript modules: through their own parameters,
             values swapped in and restored), and its train/eval flags are restored after
             every pass.
-        loss: loss name (``cross_entropy``, ``mse``, ``bce_with_logits``, ``nll``,
-            ``chen_nonconvex``).
-        data: an iterable of ``(X, y)`` batches, iterated once per pass, in order. It must give
-            the same batches every time (see ``check_deterministic``).
+        loss: a loss name (``cross_entropy``, ``causal_lm``, ``mse``, ``bce_with_logits``,
+            ``nll``, ``chen_nonconvex``, ``model``) or a :class:`~curvscope._losses.Loss`.
+        data: a re-iterable of batches (a list, a ``DataLoader``...), iterated once per pass,
+            in order. It must give the same batches every time (see
+            :meth:`check_deterministic`).
         reduction: ``"mean"`` or ``"sum"``, as the model was trained with.
         params: which parameters to analyse: ``None`` for all, a glob (``"fc1.*"``) or a list
             of globs matched against ``named_parameters()`` names, or a ``dict`` name -> tensor
@@ -65,64 +138,68 @@ class Problem:
         weight_decay: :math:`\lambda` of the added :math:`\frac{\lambda}{2}\lVert w\rVert^2`.
         train_mode: evaluate BatchNorm with batch statistics (without updating its running
             statistics); dropout stays off. Default: eval mode.
-        check_deterministic: run two passes at construction and compare loss and gradient.
+        forward_kwargs: fixed keyword arguments passed to every forward (e.g. ``sr=16000``).
+        output: which output the loss takes when the model returns a tuple, a dict or a
+            HuggingFace output (an index or a key; default: the tensor itself, or ``logits``).
+        groups: named groups of parameters (name -> globs) usable as blocks.
+        check_deterministic: compare two passes over the first batches at construction.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        loss: str,
-        data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        loss: str | Loss,
+        data: Iterable,
         *,
         reduction: str = "mean",
         params: None | str | list[str] | dict[str, torch.Tensor] = None,
         weight_decay: float = 0.0,
         train_mode: bool = False,
+        forward_kwargs: Mapping[str, Any] | None = None,
+        output: int | str | None = None,
+        groups: Mapping[str, Sequence[str]] | None = None,
         check_deterministic: bool = False,
     ) -> None:
         if reduction not in ("mean", "sum"):
-            raise OptionError(f"--reduction {reduction!r} is not known; choose mean or sum.")
+            raise OptionError(f"{arg('reduction')} {reduction!r} is not known; choose mean or sum.")
         if weight_decay < 0:
-            raise OptionError(f"--weight-decay must be non-negative, got {weight_decay}.")
+            raise OptionError(f"{arg('weight_decay')} must be non-negative, got {weight_decay}.")
         self.model = model
-        self.loss_name = loss.value if hasattr(loss, "value") else str(loss)
-        self.loss_fn = get_loss(self.loss_name)
+        self.loss_fn = get_loss(loss)
+        self.loss_name = self.loss_fn.name
         self.data = data
         self.reduction = reduction
         self.weight_decay = float(weight_decay)
         self.train_mode = bool(train_mode)
+        self.forward_kwargs = dict(forward_kwargs or {})
+        self.output = output
         self.scripted = _is_scripted(model)
         if self.scripted and self.train_mode:
             raise OptionError(
-                "--train-mode is not available for TorchScript models: their BatchNorm "
+                f"{arg('train_mode')} is not available for TorchScript models: their BatchNorm "
                 "modules cannot be switched to batch statistics without updating running ones."
             )
-        self.params = self._select(params)
-        if not self.params:
-            raise OptionError(f"--params {params!r} selects no parameter of the model.")
-        self.names = list(self.params)
-        self.shapes = [tuple(p.shape) for p in self.params.values()]
-        self.numels = [p.numel() for p in self.params.values()]
-        offsets = [0]
-        for n in self.numels:
-            offsets.append(offsets[-1] + n)
-        self.offsets = offsets
-        self.num_params = offsets[-1]
-        first = next(iter(self.params.values()))
-        self.dtype = first.dtype
-        self.device = first.device
+        self._set_params(self._select(params, model))
+        self.groups = {k: list(v) for k, v in (groups or {}).items()}
+        for name in self.groups:
+            self.block_param_names(name)  # every group must select something
         self.data_passes = 0
-        self.num_samples, self.batch_sizes = self._count_samples()
+        self.notes: list[str] = []
+        self._count()
         if check_deterministic:
             self.check_deterministic()
 
     # ----------------------------------------------------------------- parameters
-    def _select(self, params) -> dict[str, torch.Tensor]:
-        named = dict(self.model.named_parameters())
+    @staticmethod
+    def _select(params, model: nn.Module) -> dict[str, torch.Tensor]:
+        named = dict(model.named_parameters())
         if isinstance(params, dict):
             unknown = [n for n in params if n not in named]
             if unknown:
-                raise OptionError(f"parameters {unknown} are not parameters of the model.")
+                raise OptionError(
+                    f"{arg('params')}: {unknown} are not parameters of the model.",
+                    option="params",
+                )
             chosen = [n for n in named if n in params]
         elif params is None:
             chosen = list(named)
@@ -131,30 +208,43 @@ class Problem:
             globs = [g.strip() for pat in globs for g in pat.split(",") if g.strip()]
             chosen = [n for n in named if any(fnmatch.fnmatchcase(n, g) for g in globs)]
             if not chosen:
+                shown = ", ".join(list(named)[:20]) + (" ..." if len(named) > 20 else "")
                 raise OptionError(
-                    f"--params {','.join(globs)!r} matches no parameter; the model has "
-                    f"{', '.join(named)}."
+                    f"{arg('params')} {','.join(globs)!r} matches no parameter; the model has "
+                    f"{shown}.",
+                    option="params",
                 )
+        if not chosen:
+            raise OptionError(f"{arg('params')} selects no parameter of the model.")
         return {n: named[n].detach() for n in chosen}
+
+    def _set_params(self, params: dict[str, torch.Tensor]) -> None:
+        self.params = params
+        self.names = list(params)
+        self.shapes = [tuple(p.shape) for p in params.values()]
+        self.numels = [p.numel() for p in params.values()]
+        offsets = [0]
+        for n in self.numels:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+        self.num_params = offsets[-1]
+        first = next(iter(params.values()))
+        self.dtype = first.dtype
+        self.device = first.device
+
+    def _copy(self) -> Problem:
+        new = object.__new__(Problem)
+        new.__dict__.update(self.__dict__)
+        new.notes = list(self.notes)
+        return new
 
     def select(self, params: None | str | list[str]) -> Problem:
         """A problem over the same model, loss and data with another parameter selection.
 
         The new problem shares the data and the sample count; no pass over the data is made.
         """
-        new = object.__new__(Problem)
-        new.__dict__.update(self.__dict__)
-        new.params = self._select(params)
-        if not new.params:
-            raise OptionError(f"{params!r} selects no parameter of the model.")
-        new.names = list(new.params)
-        new.shapes = [tuple(p.shape) for p in new.params.values()]
-        new.numels = [p.numel() for p in new.params.values()]
-        offsets = [0]
-        for n in new.numels:
-            offsets.append(offsets[-1] + n)
-        new.offsets = offsets
-        new.num_params = offsets[-1]
+        new = self._copy()
+        new._set_params(self._select(params, self.model))
         return new
 
     def param_slices(self) -> dict[str, slice]:
@@ -162,10 +252,10 @@ class Problem:
         return {n: slice(self.offsets[i], self.offsets[i + 1]) for i, n in enumerate(self.names)}
 
     def module_blocks(self) -> dict[str, list[str]]:
-        """Selected parameter names grouped by the module that owns them (``--per-layer``).
+        """Selected parameter names grouped by the module that owns them (per-layer blocks).
 
-        Module names are those of ``named_modules()``; only modules that own a selected
-        parameter directly appear, in ``named_parameters()`` order.
+        Module names are those of ``named_modules()`` (``transformer.h.0.attn``...); only
+        modules that own a selected parameter directly appear, in ``named_parameters()`` order.
         """
         blocks: dict[str, list[str]] = {}
         for name in self.names:
@@ -173,8 +263,13 @@ class Problem:
             blocks.setdefault(module, []).append(name)
         return blocks
 
+    def block_names(self) -> list[str]:
+        """Every named block: modules, then parameters, then groups."""
+        modules = list(self.module_blocks())
+        return modules + [n for n in self.names if n not in modules] + list(self.groups)
+
     def block_param_names(self, block: str) -> list[str]:
-        """Parameter names of a block: ``"all"``, a module name or a parameter name.
+        """Parameter names of a block: ``"all"``, a module, a parameter or a group name.
 
         Raises:
             OptionError: when no selected parameter belongs to ``block``, listing valid names.
@@ -186,8 +281,20 @@ class Problem:
         modules = self.module_blocks()
         if block in modules:
             return modules[block]
-        valid = ["all", *modules, *self.names]
-        raise OptionError(f"block {block!r} does not exist; valid blocks: {', '.join(valid)}.")
+        if block in getattr(self, "groups", {}):
+            globs = self.groups[block]
+            chosen = [n for n in self.names if any(fnmatch.fnmatchcase(n, g) for g in globs)]
+            if not chosen:
+                raise OptionError(
+                    f"group {block!r} ({', '.join(globs)}) matches no selected parameter.",
+                    option="group",
+                )
+            return chosen
+        valid = ["all", *self.block_names()]
+        shown = ", ".join(valid[:30]) + (" ..." if len(valid) > 30 else "")
+        raise OptionError(
+            f"block {block!r} does not exist; valid blocks: {shown}.", option="blocks", block=block
+        )
 
     def flatten(self, tensors: dict[str, torch.Tensor] | list[torch.Tensor]) -> torch.Tensor:
         """Concatenate per-parameter tensors into one flat vector (selected-parameter order)."""
@@ -246,34 +353,128 @@ class Problem:
                 m.training = flag
 
     # ----------------------------------------------------------------- data
-    def _raw_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for item in self.data:
-            if not isinstance(item, (tuple, list)) or len(item) < 2:
-                raise OptionError("data must yield (X, y) pairs.")
-            yield item[0], item[1]
+    def split(self, item: Any) -> tuple[Inputs, Any]:
+        """One raw batch as ``(inputs, target)``.
 
-    def _count_samples(self) -> tuple[int, list[int]]:
-        sizes = [int(x.shape[0]) for x, _ in self._raw_batches()]
+        ``(inputs, targets)`` pairs, dict batches (``labels`` is the target; kept among the
+        inputs for a model that computes its own loss), and for ``causal_lm`` also bare inputs
+        (the target is the inputs, padding positions of ``attention_mask`` ignored).
+
+        Raises:
+            DataError: for a batch of another structure.
+        """
+        extra = self.forward_kwargs
+        own_loss = isinstance(self.loss_fn, ModelLoss)
+        if isinstance(item, Mapping):
+            kwargs = dict(item)
+            target = kwargs.get("labels")
+            if not own_loss:
+                kwargs.pop("labels", None)
+            if target is None and isinstance(self.loss_fn, CausalLM):
+                target = _lm_target(kwargs.get("input_ids"), kwargs.get("attention_mask"))
+            if target is None and not own_loss:
+                raise DataError(
+                    f"a dict batch needs a 'labels' entry for the {self.loss_name} loss; it has "
+                    f"{', '.join(map(str, item))}."
+                )
+            return Inputs((), {**kwargs, **extra}), target
+        if isinstance(item, torch.Tensor):
+            if isinstance(self.loss_fn, CausalLM):
+                return Inputs((item,), dict(extra)), _lm_target(item, None)
+            raise DataError(
+                "the data gave a bare tensor where a batch (inputs, targets) was expected."
+            )
+        if isinstance(item, (tuple, list)):
+            if len(item) == 1 and isinstance(self.loss_fn, CausalLM):
+                return self.split(item[0])
+            if len(item) != 2:
+                raise DataError(
+                    f"a batch must be (inputs, targets) or a dict; the data gave a "
+                    f"{type(item).__name__} of {len(item)} items."
+                )
+            x, y = item
+            if isinstance(x, Mapping):
+                inputs = Inputs((), {**dict(x), **extra})
+            elif isinstance(x, (tuple, list)):
+                inputs = Inputs(tuple(x), dict(extra))
+            else:
+                inputs = Inputs((x,), dict(extra))
+            if isinstance(self.loss_fn, CausalLM) and y is None:
+                y = _lm_target(x if isinstance(x, torch.Tensor) else None, None)
+            return inputs, y
+        raise DataError(
+            f"a batch must be (inputs, targets) or a dict of tensors; the data gave a "
+            f"{type(item).__name__}."
+        )
+
+    @staticmethod
+    def _size(inputs: Inputs, target: Any) -> int:
+        for t in [*_tensors(inputs.args), *_tensors(inputs.kwargs), *_tensors(target)]:
+            if t.dim() > 0:
+                return int(t.shape[0])
+        return 1
+
+    def _raw(self) -> Iterator[Any]:
+        try:
+            iterator = iter(self.data)
+        except TypeError:
+            raise DataError(
+                f"the data ({type(self.data).__name__}) is not iterable; pass a list of "
+                "batches, a DataLoader or another re-iterable source."
+            ) from None
+        yield from iterator
+
+    def _count(self) -> None:
+        sizes, terms = [], []
+        need_out = self.loss_fn.terms_need_output
+        for item in self._raw():
+            inputs, target = self.split(item)
+            sizes.append(self._size(inputs, target))
+            if need_out:
+                with torch.no_grad(), self.mode():
+                    out = self.forward(self.params, self._move(inputs))
+                terms.append(self.loss_fn.terms(out, self._move_target(target)))
+            else:
+                terms.append(self.loss_fn.terms(None, target))
         if not sizes or sum(sizes) == 0:
-            raise OptionError("the data set is empty.")
-        return sum(sizes), sizes
+            raise DataError("the data set is empty: it gave no batch with samples.")
+        self.batch_sizes = sizes
+        self.batch_terms = terms
+        self.num_samples = sum(sizes)
+        self.num_terms = sum(terms)
+        if self.reduction == "mean" and self.num_terms == 0:
+            raise DataError(
+                f"the data hold no loss term: every target is the ignore index {IGNORE_INDEX}."
+            )
 
-    def batch_weight(self, size: int) -> float:
-        """Weight of a batch of ``size`` samples in the total loss (n_b/N or 1)."""
-        return size / self.num_samples if self.reduction == "mean" else 1.0
+    def _move(self, obj: Any) -> Any:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.device)
+            return t.to(self.dtype) if t.is_floating_point() else t
+
+        return obj.map(move) if isinstance(obj, Inputs) else map_tensors(obj, move)
+
+    def _move_target(self, target: Any) -> Any:
+        return self._move(target)
+
+    def batch_weight(self, terms: int) -> float:
+        """Weight of a batch with ``terms`` loss terms in the total loss (``T_b/T`` or 1)."""
+        return terms / self.num_terms if self.reduction == "mean" else 1.0
 
     def batches(self) -> Iterator[Batch]:
-        """One pass over the data: batches moved to the parameters' device and dtype."""
+        """One pass over the data: batches moved to the parameters' device."""
         self.data_passes += 1
-        for x, y in self._raw_batches():
-            x = x.to(self.device)
-            if x.is_floating_point():
-                x = x.to(self.dtype)
-            y = y.to(self.device)
-            if y.is_floating_point():
-                y = y.to(self.dtype)
-            n = int(x.shape[0])
-            yield Batch(x, y, self.batch_weight(n), n)
+        for i, item in enumerate(self._raw()):
+            inputs, target = self.split(item)
+            size = self._size(inputs, target)
+            if i < len(self.batch_terms) and size == self.batch_sizes[i]:
+                terms = self.batch_terms[i]
+            else:  # the determinism check reports this; keep the pass correct meanwhile
+                fn = self.loss_fn
+                terms = size if fn.terms_need_output else fn.terms(None, target)
+            yield Batch(
+                self._move(inputs), self._move_target(target), self.batch_weight(terms), size, terms
+            )
 
     # ----------------------------------------------------------------- evaluation
     @contextlib.contextmanager
@@ -293,20 +494,83 @@ class Problem:
                 for n, v in saved.items():
                     named[n].copy_(v)
 
-    def forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Model output at parameter values ``params`` (selected names) for inputs ``x``.
+    @contextlib.contextmanager
+    def leaves(self, params: dict[str, torch.Tensor] | None = None):
+        """Parameter tensors to differentiate with respect to, at ``params`` (default: w).
+
+        Ordinary modules: fresh leaves that require grad. TorchScript modules: the module's
+        own parameters with ``params`` swapped in (restored on exit), since their forward
+        cannot take other tensors.
+        """
+        params = self.params if params is None else params
+        if self.scripted:
+            with self._scripted_bound(params) as own:
+                yield own
+        else:
+            yield {n: t.detach().requires_grad_(True) for n, t in params.items()}
+
+    def select_output(self, out: Any) -> torch.Tensor:
+        """The output the loss takes (see ``output``); the loss itself for ``loss="model"``.
+
+        Raises:
+            OptionError: when the model returns several outputs and none is chosen, or the
+                chosen one does not exist.
+        """
+        if isinstance(self.loss_fn, ModelLoss):
+            value = _field(out, "loss")
+            if value is None:
+                raise OptionError(
+                    f"{arg('loss')} model needs a model that returns its loss (output.loss or "
+                    f"a dict with 'loss'); this one returns a {type(out).__name__} without it."
+                )
+            return value
+        if self.output is not None:
+            chosen = _pick(out, self.output)
+            if chosen is None:
+                raise OptionError(
+                    f"{arg('output')} {self.output!r} is not an output of the model "
+                    f"({_describe_output(out)})."
+                )
+            out = chosen
+        if isinstance(out, torch.Tensor):
+            return out
+        logits = _field(out, "logits")
+        if logits is not None:
+            return logits
+        raise OptionError(
+            f"the model returns {_describe_output(out)}; choose the output the loss takes with "
+            f"{arg('output')} (an index or a key)."
+        )
+
+    def forward(self, params: dict[str, torch.Tensor], inputs: Inputs | torch.Tensor) -> Any:
+        """The loss's output at parameter values ``params`` (selected names) for ``inputs``.
 
         Call it inside :meth:`mode`. Differentiable in ``params`` through ``torch.func`` for
-        ordinary modules.
+        ordinary modules; TorchScript modules are evaluated with their own tensors swapped.
         """
+        if isinstance(inputs, torch.Tensor):
+            inputs = Inputs((inputs,), dict(self.forward_kwargs))
         if self.scripted:
-            raise RuntimeError("forward() is not available for TorchScript; use loss helpers.")
-        return torch.func.functional_call(self.model, params, (x,), strict=False)
+            with self._scripted_bound(params):
+                out = self.model(*inputs.args, **inputs.kwargs)
+        else:
+            out = torch.func.functional_call(
+                self.model, params, inputs.args, inputs.kwargs, strict=False
+            )
+        return self.select_output(out)
+
+    def batch_value(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """This batch's weighted share of the data loss, from its output."""
+        if isinstance(self.loss_fn, ModelLoss):
+            # the model's loss is a mean over its terms (HuggingFace), or what it says
+            return batch.weight * out if self.reduction == "mean" else out
+        if batch.terms == 0 and self.reduction == "mean":
+            return out.sum() * 0.0
+        return batch.weight * self.loss_fn.value(out, batch.target, self.reduction)
 
     def batch_loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Weighted data loss of one batch (its share of the total loss, without decay)."""
-        out = self.forward(params, batch.x)
-        return batch.weight * self.loss_fn(out, batch.y, self.reduction)
+        return self.batch_value(self.forward(params, batch.inputs), batch)
 
     def regulariser(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weight-decay term lambda/2 ||w||^2 over the selected parameters."""
@@ -325,16 +589,9 @@ class Problem:
         params = self._default(params)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad(), self.mode():
-            if self.scripted:
-                with self._scripted_bound(params) as own:
-                    for b in self.batches():
-                        out = self.model(b.x)
-                        total = total + b.weight * self.loss_fn(out, b.y, self.reduction)
-                    total = total + self.regulariser(own)
-            else:
-                for b in self.batches():
-                    total = total + self.batch_loss(params, b)
-                total = total + self.regulariser(params)
+            for b in self.batches():
+                total = total + self.batch_loss(params, b)
+            total = total + self.regulariser(params)
         return total
 
     def loss_and_grad(
@@ -344,27 +601,16 @@ class Problem:
         params = self._default(params)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
-        with self.mode():
-            if self.scripted:
-                with self._scripted_bound(params) as own:
-                    leaves = list(own.values())
-                    for b in self.batches():
-                        value = b.weight * self.loss_fn(self.model(b.x), b.y, self.reduction)
-                        gs = torch.autograd.grad(value, leaves, allow_unused=True)
-                        grad += self.flatten(_zeros_for_none(gs, leaves))
-                        total = total + value.detach()
-                    reg = self.regulariser(own)
-                    total = total + reg.detach()
-                    grad += self.weight_decay * self.flatten([p.detach() for p in leaves])
-            else:
-                leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-                for b in self.batches():
-                    value = self.batch_loss(leaves, b)
-                    gs = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-                    grad += self.flatten(_zeros_for_none(gs, list(leaves.values())))
-                    total = total + value.detach()
-                total = total + self.regulariser(params).detach()
-                grad += self.weight_decay * self.flatten([p.detach() for p in params.values()])
+        with self.mode(), torch.enable_grad(), self.leaves(params) as leaves:
+            values = list(leaves.values())
+            for b in self.batches():
+                value = self.batch_loss(leaves, b)
+                if value.requires_grad:
+                    gs = torch.autograd.grad(value, values, allow_unused=True)
+                    grad += self.flatten(zeros_for_none(gs, values))
+                total = total + value.detach()
+            total = total + self.regulariser(params).detach()
+            grad += self.weight_decay * self.flatten([p.detach() for p in params.values()])
         return total, grad
 
     def outputs(
@@ -374,115 +620,255 @@ class Problem:
         params = self._default(params)
         with torch.no_grad(), self.mode():
             for b in self.batches():
-                if self.scripted:
-                    with self._scripted_bound(params):
-                        yield self.model(b.x), b
-                else:
-                    yield self.forward(params, b.x), b
+                yield self.forward(params, b.inputs), b
 
     def accuracy(
         self, params: None | torch.Tensor | dict[str, torch.Tensor] = None
     ) -> float | None:
-        """Fraction of correctly classified samples, or ``None`` for a regression loss."""
-        if not is_classification(self.loss_name) and self.loss_name != "bce_with_logits":
+        """Fraction of correct predictions among the loss terms, or ``None`` for regression."""
+        if not self.loss_fn.classification and self.loss_name != "bce_with_logits":
             return None
         correct = 0
+        total = 0
         for out, b in self.outputs(self._default(params)):
-            if self.loss_name == "bce_with_logits":
-                pred = (out > 0).to(b.y.dtype).reshape(b.y.shape)
-                correct += (
-                    int((pred == b.y).all(dim=-1).sum())
-                    if b.y.dim() > 1
-                    else int((pred == b.y).sum())
-                )
-            else:
-                correct += int((out.argmax(dim=-1) == b.y).sum())
-        return correct / self.num_samples
+            c, n = prediction_counts(self.loss_fn, out, b.target)
+            correct += c
+            total += n
+        return correct / total if total else None
 
     # ----------------------------------------------------------------- checks
-    def check_finite(self) -> None:
-        """Raise :class:`NonFiniteError` naming the parameter, or the data, that holds NaN/Inf."""
+    def check_finite(self, *, source: str | None = None) -> None:
+        """Raise :class:`NonFiniteError` naming the parameter, or the data, that holds NaN/Inf.
+
+        The one finite check of weights and data (one pass).
+        """
         for name, p in self.params.items():
             if not torch.isfinite(p).all():
-                raise NonFiniteError(f"parameter {name} holds NaN or Inf values.")
-        for b in self.batches():
-            if b.x.is_floating_point() and not torch.isfinite(b.x).all():
-                raise NonFiniteError("the input data hold NaN or Inf values.")
-            if b.y.is_floating_point() and not torch.isfinite(b.y).all():
-                raise NonFiniteError("the targets hold NaN or Inf values.")
+                raise NonFiniteError(f"parameter {name} holds NaN or Inf values.", parameter=name)
+        where = f" of {source}" if source else ""
+        for i, b in enumerate(self.batches()):
+            for kind, obj in (("inputs", b.inputs), ("targets", b.target)):
+                tensors = _tensors(obj.args) + _tensors(obj.kwargs) if kind == "inputs" else (
+                    _tensors(obj)
+                )
+                for t in tensors:
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        raise NonFiniteError(
+                            f"the {kind}{where} hold NaN or Inf values (batch {i}).",
+                            path=source,
+                        )
 
-    def check_deterministic(self, rtol: float | None = None) -> None:
-        """Two passes must give the same loss and gradient.
+    def check_deterministic(self, num_batches: int = 2) -> None:
+        """Two passes must give the same matrix: compare batches, then loss and gradient.
+
+        The first ``num_batches`` batches of two iterations are compared entry by entry; when
+        they differ (a shuffling loader), two full passes must still give the same loss and
+        gradient (batch weights make a pass independent of order), else the first difference
+        is named. The model's output on the first batch, evaluated twice, catches dropout
+        and stochastic layers; the batch sizes of a pass catch samplers that drop samples.
 
         Raises:
-            DeterminismError: naming the likely cause (shuffling, ``drop_last``, dropout,
-                train-mode BatchNorm).
+            DeterminismError: naming what differs (which batch and entry, or the model).
         """
-        sizes = [int(x.shape[0]) for x, _ in self._raw_batches()]
-        l1, g1 = self.loss_and_grad()
-        l2, g2 = self.loss_and_grad()
-        eps = torch.finfo(self.dtype).eps
-        rtol = rtol if rtol is not None else 1000 * eps
-        scale = max(float(g1.abs().max()), 1e-30)
+        first = _take(self._raw(), num_batches)
+        second = _take(self._raw(), num_batches)
+        diff = None
+        for i, (a, b) in enumerate(zip(first, second, strict=False)):
+            d = _first_difference(a, b)
+            if d is not None:
+                diff = f"{d} of batch {i}"
+                break
+        sizes = [self._size(*self.split(item)) for item in self._raw()]
         if sizes != self.batch_sizes:
             raise DeterminismError(
-                f"the data gave batches of sizes {sizes} after {self.batch_sizes}: a sampler "
-                "that drops or reorders samples (drop_last, a random sampler) makes every "
-                "product a different matrix; pass a fixed list of batches."
+                f"the data gave batches of sizes {sizes[:8]} after {self.batch_sizes[:8]}"
+                + (f" and {diff} changed" if diff else "")
+                + ": a sampler that drops or reorders samples (drop_last with shuffling, a "
+                "random sampler) makes every product a different matrix; pass a fixed list of "
+                "batches."
             )
+        batch = next(self.batches())
+        with torch.no_grad(), self.mode():
+            o1 = self.forward(self.params, batch.inputs)
+            o2 = self.forward(self.params, batch.inputs)
+        if not torch.equal(o1, o2):
+            raise DeterminismError(
+                "the model gave two different outputs for the same batch: it samples "
+                "(dropout in its forward, stochastic layers); make its forward deterministic."
+            )
+        if diff is None:
+            return
+        l1, g1 = self.loss_and_grad()
+        l2, g2 = self.loss_and_grad()
+        rtol = 1000 * torch.finfo(self.dtype).eps
+        scale = max(float(g1.abs().max()), 1e-30)
         if (
             abs(float(l1 - l2)) > rtol * max(abs(float(l1)), 1.0)
             or float((g1 - g2).abs().max()) > rtol * scale
         ):
             raise DeterminismError(
-                "two passes over the data gave different losses or gradients: the data "
-                "loader probably draws different samples each pass (shuffle=True with "
-                "drop_last, a random sampler) or the model samples (dropout, "
-                "stochastic layers); pass a fixed, ordered list of batches."
+                f"the data differ between two passes ({diff} changed) and so do the loss and "
+                "gradient: the source draws different samples each pass (drop_last with shuffling, "
+                "a random sampler, "
+                "random augmentation); pass a fixed, ordered source so every product sees the "
+                "same matrix."
             )
+        self.notes.append(
+            f"the data source reorders its batches between passes ({diff} changed); the loss "
+            "and gradient of two passes agree, so every product sees the same matrix up to "
+            "round-off."
+        )
 
-    def subsample(self, n: int, generator: torch.Generator) -> Problem:
-        """The same problem on a seeded random subset of ``n`` samples (for ``--repeats``).
+    def subsample(self, n: int, seed: int | torch.Generator | None = 0) -> Problem:
+        """The same problem on a seeded random subset of ``n`` samples (for repeats).
 
-        Batches keep the largest batch size of this problem.
+        Uses the one subsetting routine (:func:`curvscope._sampling.subset_indices`); the
+        chosen samples are gathered in one streamed pass and re-batched with this problem's
+        largest batch size.
 
         Raises:
             OptionError: when ``n`` is not between 1 and the number of samples.
         """
-        if not 1 <= n <= self.num_samples:
-            raise OptionError(
-                f"--samples {n} must be between 1 and the {self.num_samples} samples available."
-            )
-        xs, ys = zip(*list(self._raw_batches()), strict=True)
-        x, y = torch.cat(xs), torch.cat(ys)
-        idx = torch.randperm(self.num_samples, generator=generator)[:n].sort().values
-        x, y = x[idx], y[idx]
-        size = max(self.batch_sizes)
-        batches = [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
-        new = object.__new__(Problem)
-        new.__dict__.update(self.__dict__)
+        idx = subset_indices(self.num_samples, n, as_generator(seed))
+        wanted = set(idx.tolist())
+        picked: list[Any] = []
+        start = 0
+        for item in self._raw():
+            inputs, target = self.split(item)
+            size = self._size(inputs, target)
+            local = [i - start for i in range(start, start + size) if i in wanted]
+            if local:
+                rows = torch.tensor(local, dtype=torch.long)
+                picked.append(_index_rows(item, rows, size))
+            start += size
+        merged = _concat(picked)
+        step = max(self.batch_sizes)
+        batches = [_slice_rows(merged, i, i + step) for i in range(0, int(n), step)]
+        new = self._copy()
         new.data = batches
         new.data_passes = 0
-        new.num_samples, new.batch_sizes = new._count_samples()
+        new._count()
         return new
 
     def to(self, dtype: torch.dtype) -> Problem:
         """The same problem with the model cast to ``dtype`` (a copy; this one is untouched)."""
-        import copy
-
         if dtype == self.dtype:
             return self
         model = copy.deepcopy(self.model).to(dtype)
-        return Problem(
-            model,
-            self.loss_name,
-            self.data,
-            reduction=self.reduction,
-            params=list(self.names),
-            weight_decay=self.weight_decay,
-            train_mode=self.train_mode,
-        )
+        new = self._copy()
+        new.model = model
+        new._set_params(self._select(list(self.names), model))
+        new.scripted = _is_scripted(model)
+        new.data_passes = 0
+        return new
 
 
-def _zeros_for_none(grads, leaves) -> list[torch.Tensor]:
+# --------------------------------------------------------------------------- helpers
+def zeros_for_none(grads, leaves) -> list[torch.Tensor]:
+    """Gradients with ``None`` (parameters that do not affect the value) replaced by zeros."""
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves, strict=True)]
+
+
+def prediction_counts(loss: Loss, out: torch.Tensor, target: Any) -> tuple[int, int]:
+    """``(correct, counted)`` predictions of one batch for a classification loss."""
+    if loss.name == "bce_with_logits":
+        pred = (out > 0).to(target.dtype).reshape(target.shape)
+        if target.dim() > 1:
+            return int((pred == target).all(dim=-1).sum()), int(target.shape[0])
+        return int((pred == target).sum()), int(target.numel())
+    rows, t, keep = loss.rows(out, target)
+    hit = (rows.argmax(dim=-1) == t) & keep
+    return int(hit.sum()), int(keep.sum())
+
+
+def _lm_target(ids: Any, mask: Any) -> torch.Tensor | None:
+    if not isinstance(ids, torch.Tensor):
+        return None
+    target = ids.clone()
+    if isinstance(mask, torch.Tensor):
+        target = target.masked_fill(mask == 0, IGNORE_INDEX)
+    return target
+
+
+def _field(out: Any, key: str) -> Any:
+    if isinstance(out, Mapping):
+        return out.get(key)
+    value = getattr(out, key, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _pick(out: Any, key: int | str) -> Any:
+    if isinstance(key, str) and key.lstrip("-").isdigit():
+        key = int(key)
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        try:
+            return out[key] if not isinstance(key, int) else list(out.values())[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    if isinstance(out, (tuple, list)) and isinstance(key, int):
+        return out[key] if -len(out) <= key < len(out) else None
+    if isinstance(key, str):
+        return getattr(out, key, None)
+    return None
+
+
+def _describe_output(out: Any) -> str:
+    if isinstance(out, Mapping) or hasattr(out, "keys"):
+        return f"a {type(out).__name__} with keys {', '.join(map(str, out.keys()))}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} outputs"
+    return f"a {type(out).__name__}"
+
+
+def _take(iterator: Iterator, n: int) -> list:
+    out = []
+    for item in iterator:
+        out.append(item)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _first_difference(a: Any, b: Any, where: str = "the batch") -> str | None:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return f"the shape of {where} ({tuple(a.shape)} then {tuple(b.shape)})"
+        return None if torch.equal(a, b) else where
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for k in a:
+            if k not in b:
+                return f"entry {k!r}"
+            d = _first_difference(a[k], b[k], f"entry {k!r}")
+            if d:
+                return d
+        return None
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        names = ["inputs", "targets"] if len(a) == 2 and where == "the batch" else None
+        for i, (u, v) in enumerate(zip(a, b, strict=False)):
+            d = _first_difference(u, v, names[i] if names else f"item {i} of {where}")
+            if d:
+                return d
+        return None
+    return None if a == b else where
+
+
+def _index_rows(obj: Any, rows: torch.Tensor, size: int) -> Any:
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t[rows] if t.dim() > 0 and t.shape[0] == size else t
+
+    return map_tensors(obj, pick)
+
+
+def _concat(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() > 0 else first
+    if isinstance(first, Mapping):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([p[i] for p in parts]) for i in range(len(first)))
+    return first
+
+
+def _slice_rows(obj: Any, i: int, j: int) -> Any:
+    return map_tensors(obj, lambda t: t[i:j] if t.dim() > 0 else t)

@@ -265,17 +265,22 @@ def test_registry_builds_every_name_and_lists_them():
         op = make_operator(name, problem, seed=1, mc_samples=2)
         assert op.name == name
         assert (op @ v).shape == v.shape
-    with pytest.raises(OptionError, match="choose one of hessian, ggn, fisher, fisher-mc"):
+    with pytest.raises(OptionError, match="choose from hessian, ggn, fisher, fisher-mc") as err:
         make_operator("gauss-newton", problem)
+    assert err.value.option == "matrices" and "--" not in str(err.value)
 
 
-def test_scripted_models_are_refused_with_a_reason():
+def test_scripted_ggn_uses_reverse_passes_and_empirical_fisher_is_refused():
     model, loss, data, reduction = build(CASES[0])
+    truth = dense_ggn(model, loss, data, reduction)
     problem = Problem(torch.jit.script(model), loss, data, reduction=reduction)
-    with pytest.raises(UnsupportedModelError, match="TorchScript"):
-        GGNOperator(problem)
-    with pytest.raises(UnsupportedModelError, match="TorchScript"):
+    G = GGNOperator(problem)
+    assert any("two reverse passes" in n for n in G.notes)
+    V = torch.randn(problem.num_params, 3, dtype=torch.float64)
+    assert_close(G @ V, truth @ V, what="scripted GGN @ V")
+    with pytest.raises(UnsupportedModelError, match="TorchScript") as err:
         EmpiricalFisherOperator(problem)
+    assert err.value.matrix == "empirical-fisher"
 
 
 def test_float32_products_keep_dtype():

@@ -53,8 +53,29 @@ def test_shuffling_loader_is_caught():
     # different remainder each pass does.
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True, drop_last=True)
-    with pytest.raises(DeterminismError, match="shuffle=True with drop_last"):
+    with pytest.raises(DeterminismError, match="drop_last with shuffling"):
         Problem(model, loss, loader, check_deterministic=True)
+
+
+def test_plain_shuffling_passes_with_a_note():
+    model, loss, data, reduction = build(CASES[0])
+    x, y = concat(data)
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=3, shuffle=True)
+    problem = Problem(model, loss, loader, reduction=reduction, check_deterministic=True)
+    assert any("reorders its batches" in n for n in problem.notes)
+
+
+def test_random_augmentation_is_named():
+    model, loss, data, reduction = build(CASES[0])
+
+    class Noisy:
+        def __iter__(self):
+            for x, y in data:
+                yield x + 0.1 * torch.randn_like(x), y
+
+    with pytest.raises(DeterminismError, match="inputs of batch 0 changed"):
+        Problem(model, loss, Noisy(), reduction=reduction, check_deterministic=True)
 
 
 def test_drop_last_style_change_is_caught():
@@ -88,8 +109,8 @@ def test_non_finite_weights_and_data_are_named():
         Problem(model, loss, data).check_finite()
     model, loss, data, _ = build(CASES[0])
     data[0][0][0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match="input data hold NaN or Inf"):
-        Problem(model, loss, data).check_finite()
+    with pytest.raises(NonFiniteError, match="inputs of data.npz hold NaN or Inf values"):
+        Problem(model, loss, data).check_finite(source="data.npz")
 
 
 def test_subsample_is_seeded():

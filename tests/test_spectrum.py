@@ -91,7 +91,7 @@ def test_bad_requests_name_the_flag():
         spectrum(problem, top=0, bottom=0)
     with pytest.raises(OptionError, match="--method 'qr' is not known"):
         spectrum(problem, method="qr")
-    with pytest.raises(OptionError, match="--matrix 'hess' is not known"):
+    with pytest.raises(OptionError, match="matrices 'hess' is not known"):
         spectrum(problem, matrices=["hess"])
     with pytest.raises(OptionError, match="only 18 rows"):
         spectrum(problem, blocks=["2"], top=19, bottom=0)

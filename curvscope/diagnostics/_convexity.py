@@ -27,8 +27,7 @@ from torch import nn
 
 from .._errors import UnsupportedModelError
 from ..linalg import eigenpairs
-from ..operators import HessianOperator
-from ..operators._pch import _act_derivatives, mlp_chain
+from ..operators import HessianOperator, activation_derivatives, mlp_chain
 from ..problem import Problem
 
 __all__ = ["CONVEX_OUTPUT_LOSSES", "ConvexityLayer", "ConvexityResult", "convexity_certificate"]
@@ -142,7 +141,7 @@ def convexity_certificate(
             grads = torch.autograd.grad(loss, [*xs, *zs])
             dx, dz = grads[: len(xs)], grads[len(xs) :]
         for t, layer in enumerate(hidden):
-            _, _, s2 = _act_derivatives(layer.acts, zs[t].detach().to(dtype))
+            _, _, s2 = activation_derivatives(layer.acts, zs[t].detach().to(dtype))
             term = s2 * dx[t]
             ok = term >= 0
             counts["ok"][t] += int(ok.sum())

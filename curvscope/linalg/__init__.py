@@ -1,12 +1,46 @@
-"""Algorithms that only need ``A @ V``: Lanczos, power iteration, SLQ, traces, CG."""
+"""The pure linear-operator type and the algorithms that only need ``A @ V``.
+
+Lanczos, power iteration, stochastic Lanczos quadrature, trace estimators and Krylov solvers
+are functions of any :class:`LinearOperator` (or anything :func:`as_operator` accepts: a
+matrix, a scipy operator, a callable with a size, another library's operator); none of them
+knows about models or data.
+"""
 
 from ._cg import CGResult, MinresResult, cg, minres
 from ._lanczos import DEFAULT_TOL, EigenResult, LanczosResult, eigenpairs, lanczos
+from ._operator import (
+    DENSE_LIMIT,
+    AdjointOperator,
+    CallableOperator,
+    ComposedOperator,
+    DenseOperator,
+    IdentityOperator,
+    IndexBlockOperator,
+    LinearOperator,
+    ScaledOperator,
+    SumOperator,
+    as_operator,
+    identity_like,
+    require_square,
+)
 from ._power import power_iteration
 from ._slq import Density, SLQResult, slq, spectral_density
-from ._trace import TraceEstimate, exact_trace, hutchinson_trace, hutchpp_trace
+from ._trace import TraceEstimate, exact_trace, hutchinson_trace, hutchpp_trace, random_probes
 
 __all__ = [
+    "DENSE_LIMIT",
+    "AdjointOperator",
+    "CallableOperator",
+    "ComposedOperator",
+    "DenseOperator",
+    "IdentityOperator",
+    "IndexBlockOperator",
+    "LinearOperator",
+    "ScaledOperator",
+    "SumOperator",
+    "as_operator",
+    "identity_like",
+    "require_square",
     "CGResult",
     "MinresResult",
     "cg",
@@ -25,4 +59,5 @@ __all__ = [
     "exact_trace",
     "hutchinson_trace",
     "hutchpp_trace",
+    "random_probes",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
-from ..operators import CurvatureOperator
+from ._operator import LinearOperator
 
 __all__ = ["EigenResult", "LanczosResult", "eigenpairs", "lanczos"]
 
@@ -89,7 +89,7 @@ class EigenResult:
         return bool(self.converged.all())
 
 
-def _start_vector(n: int, A: CurvatureOperator, v0, generator) -> torch.Tensor:
+def _start_vector(n: int, A: LinearOperator, v0, generator) -> torch.Tensor:
     if v0 is None:
         v0 = torch.randn(n, generator=generator, dtype=torch.float64)
     v = v0.to(device=A.device, dtype=A.dtype).reshape(-1)
@@ -107,7 +107,7 @@ def _orthogonalise(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 
 def lanczos(
-    A: CurvatureOperator,
+    A: LinearOperator,
     num_iters: int,
     *,
     v0: torch.Tensor | None = None,
@@ -176,7 +176,7 @@ def _select(theta: torch.Tensor, top: int, bottom: int) -> tuple[list[int], list
 
 
 def eigenpairs(
-    A: CurvatureOperator,
+    A: LinearOperator,
     *,
     top: int = 5,
     bottom: int = 0,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .._errors import OptionError
-from ..operators import CurvatureOperator
 from ._lanczos import DEFAULT_TOL, EigenResult, Progress
+from ._operator import LinearOperator
 
 __all__ = ["power_iteration"]
 
@@ -22,7 +22,7 @@ INNER_MARGIN = 0.1
 
 
 def power_iteration(
-    A: CurvatureOperator,
+    A: LinearOperator,
     k: int = 1,
     *,
     which: str = "magnitude",

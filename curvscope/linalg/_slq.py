@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
-from ._trace import as_operator, random_probes
+from ._operator import as_operator
+from ._trace import random_probes
 
 __all__ = ["Density", "SLQResult", "slq", "spectral_density"]
 

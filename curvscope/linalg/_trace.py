@@ -23,12 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
-from ..operators import CurvatureOperator, DenseOperator
+from ._operator import LinearOperator, as_operator
 
 __all__ = [
     "DISTRIBUTIONS",
     "TraceEstimate",
-    "as_operator",
     "exact_trace",
     "hutchinson_trace",
     "hutchpp_trace",
@@ -68,19 +67,6 @@ class TraceEstimate:
     distribution: str | None = None
 
 
-def as_operator(A) -> CurvatureOperator:
-    """An operator from an operator or a square tensor.
-
-    Raises:
-        OptionError: for anything else.
-    """
-    if isinstance(A, CurvatureOperator):
-        return A
-    if isinstance(A, torch.Tensor):
-        return DenseOperator(A)
-    raise OptionError(f"expected a curvature operator or a square tensor, got {type(A).__name__}.")
-
-
 def random_probes(
     n: int,
     k: int,
@@ -117,7 +103,7 @@ def _check_batch(batch: int) -> int:
 
 
 def _quadratic_forms(
-    A: CurvatureOperator, Z: torch.Tensor, batch: int, apply=None
+    A: LinearOperator, Z: torch.Tensor, batch: int, apply=None
 ) -> tuple[torch.Tensor, int]:
     """``z_j^T B z_j`` for every column of ``Z`` (float64), ``B = apply(A, V)`` or ``A @ V``."""
     out = []

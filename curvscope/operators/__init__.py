@@ -1,20 +1,36 @@
-"""Curvature matrices as operators: ``A @ V``, blocks, dense, scipy interop."""
+"""Curvature matrices as operators: the data loop on top of :mod:`curvscope.linalg`'s type.
 
-from ._base import (
-    CurvatureOperator,
-    DenseOperator,
-    IdentityOperator,
-    ScaledOperator,
-    SumOperator,
-)
+:class:`CurvatureOperator` derives from :class:`~curvscope.linalg.LinearOperator` and adds the
+pass over a :class:`~curvscope.problem.Problem`'s data; the Hessian, GGN, Fisher, empirical
+Fisher, PCH, KFAC and EKFAC derive from it. :data:`MATRICES` is the one registry of names.
+"""
+
+from ..linalg import DenseOperator, IdentityOperator, LinearOperator, ScaledOperator, SumOperator
+from ._base import CurvatureOperator
 from ._fisher import EmpiricalFisherOperator, FisherKind, FisherOperator
 from ._ggn import GGNOperator
 from ._hessian import HessianOperator, HVPMode
 from ._kfac import EKFACOperator, KFACFisherType, KFACOperator
-from ._pch import PCHApproximation, PCHMode, PCHOperator
-from ._registry import MATRIX_NAMES, make_operator
+from ._pch import (
+    ELEMENTWISE_ACTIVATIONS,
+    PCHApproximation,
+    PCHMode,
+    PCHOperator,
+    activation_derivatives,
+    mlp_chain,
+)
+from ._registry import (
+    MATRICES,
+    MATRIX_NAMES,
+    MatrixSpec,
+    make_operator,
+    matrix_help,
+    resolve_matrices,
+)
 
 __all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
+    "MATRICES",
     "MATRIX_NAMES",
     "CurvatureOperator",
     "DenseOperator",
@@ -28,10 +44,16 @@ __all__ = [
     "IdentityOperator",
     "KFACFisherType",
     "KFACOperator",
+    "LinearOperator",
+    "MatrixSpec",
     "PCHApproximation",
     "PCHMode",
     "PCHOperator",
     "ScaledOperator",
     "SumOperator",
+    "activation_derivatives",
     "make_operator",
+    "matrix_help",
+    "mlp_chain",
+    "resolve_matrices",
 ]

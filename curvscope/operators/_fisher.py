@@ -7,11 +7,11 @@ from enum import Enum
 
 import torch
 
-from .._errors import OptionError
-from ..problem import Batch, Problem
+from .._errors import OptionError, UnsupportedModelError, arg
+from ..problem import Batch, Inputs, Problem, map_tensors
 from ._base import CurvatureOperator
 from ._ggn import GGNOperator
-from ._outputs import low_rank_apply, refuse_train_mode
+from ._outputs import LossView, low_rank_apply, refuse_train_mode
 
 __all__ = ["EmpiricalFisherOperator", "FisherKind", "FisherOperator"]
 
@@ -77,13 +77,13 @@ class FisherOperator(GGNOperator):
                 f"Fisher kind {kind!r} is not known; choose one of {valid}."
             ) from None
         if int(mc_samples) < 1:
-            raise OptionError(f"--mc-samples must be at least 1, got {mc_samples}.")
+            raise OptionError(f"{arg('mc_samples')} must be at least 1, got {mc_samples}.")
         self.name = "fisher-mc" if kind is FisherKind.MC else "fisher"
         super().__init__(problem, kind=kind, mc_samples=int(mc_samples), seed=int(seed))
         self.kind = kind
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
-        self.view._require_likelihood()
+        self.view.require_likelihood()
         self._gen: torch.Generator | None = None
         if kind is FisherKind.MC:
             self.notes.append(
@@ -91,30 +91,39 @@ class FisherOperator(GGNOperator):
                 f"{self.seed}, re-seeded on every product (one fixed matrix)."
             )
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         if self.kind is FisherKind.MC:
             # Re-seed per product: the same labels every time, so A is one fixed matrix.
             self._gen = torch.Generator().manual_seed(self.seed)
-        return super()._matmat(V)
+        return super()._data_matmat(V)
 
     def _output_apply(self, out: torch.Tensor, batch: Batch) -> ApplyFn:
         if self.kind is FisherKind.EXACT:
-            return self.view.fisher_apply(out)
-        Q = self.view.sample_columns(out, self.mc_samples, self._gen)
-        return lambda U: low_rank_apply(Q, U)
+            return self.view.fisher_apply(out, batch.y)
+        Q = self.view.sample_columns(out, batch.y, self.mc_samples, self._gen)
+        n = out.shape[0]
+
+        def apply(U: torch.Tensor) -> torch.Tensor:
+            flat = low_rank_apply(Q.reshape(Q.shape[0], n, -1), U.reshape(U.shape[0], n, -1))
+            return flat.reshape(U.shape)
+
+        return apply
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
     r"""The empirical Fisher: outer products of per-sample gradients at the observed labels.
 
     .. math::
-        \tilde F = c \sum_{i=1}^N g_i g_i^T + \lambda I, \qquad
-        g_i = \nabla_w \ell(f(x_i; w), y_i), \quad c = 1/N \text{ (mean) or } 1 \text{ (sum)},
+        \tilde F = \sum_{i=1}^N w_i\, g_i g_i^T + \lambda I, \qquad
+        g_i = \nabla_w \bar\ell_i, \quad w_i = T_i / T \text{ (mean) or } 1 \text{ (sum)},
 
-    with :math:`\ell` torch's per-sample loss (``mse`` with mean reduction averages over the
-    outputs). It is not the Fisher (DESIGN.md; FINDINGS.md section 5: relative Frobenius
-    distance 10-60 on tiny MLPs). Per-sample gradients by ``torch.func.vmap(grad)``; they are
-    kept in memory between products when they fit (``cache_limit`` numbers).
+    with :math:`\bar\ell_i` sample ``i``'s loss with the problem's reduction over its own
+    :math:`T_i` terms (its mean over its tokens, or over its outputs for ``mse``, as torch's
+    per-sample loss) and ``T`` the terms in all: each sample weighs what it weighs in the loss,
+    so for one term per sample :math:`w_i = 1/N`. It is not the Fisher (DESIGN.md;
+    FINDINGS.md section 5: relative Frobenius distance 10-60 on tiny MLPs). Per-sample
+    gradients by ``torch.func.vmap(grad)``; they are kept in memory between products when
+    they fit (``cache_limit`` numbers).
 
     Args:
         problem: model, loss, data and parameter selection (eval mode only).
@@ -127,39 +136,61 @@ class EmpiricalFisherOperator(CurvatureOperator):
     name = "empirical-fisher"
 
     def __init__(self, problem: Problem, *, cache_limit: int = 2**25) -> None:
-        from ._outputs import LossView
-
         super().__init__(problem, cache_limit=cache_limit)
         refuse_train_mode(problem, self.name)
         if problem.scripted:
-            LossView(problem, self.name)  # raises the TorchScript message
+            raise UnsupportedModelError(
+                f"the {self.name} matrix needs per-sample gradients by torch.func, which cannot "
+                "transform TorchScript models; load the model as an ordinary module.",
+                matrix=self.name,
+            )
+        self.view = LossView(problem, self.name)
         self.cache_limit = int(cache_limit)
-        self._cache: list[torch.Tensor] | None = None
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def _per_sample_grads(self, batch: Batch) -> torch.Tensor:
+    def _per_sample_grads(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients of each sample's summed loss ``[n, P]`` and each sample's weight ``[n]``."""
         p = self.problem
         params = {n: t.detach() for n, t in p.params.items()}
+        view = self.view
 
-        def loss_one(ps, x, y):
-            out = p.forward(ps, x.unsqueeze(0))
-            return p.loss_fn(out, y.unsqueeze(0), p.reduction)
+        def loss_one(ps, args, kwargs, y):
+            one = Inputs(*map_tensors((args, kwargs), lambda t: t.unsqueeze(0)))
+            out = view.forward(ps, one)
+            return view.sum_loss(out, y.unsqueeze(0))
 
+        args, kwargs = batch.inputs.args, batch.inputs.kwargs
+        dims = (None, _row_dims(args, batch.size), _row_dims(kwargs, batch.size), 0)
         with p.mode():
-            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=(None, 0, 0))(
-                params, batch.x, batch.y
+            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=dims)(
+                params, args, kwargs, batch.y
             )
-        return torch.cat([grads[n].reshape(batch.size, -1) for n in p.names], dim=1).detach()
+        G = torch.cat([grads[n].reshape(batch.size, -1) for n in p.names], dim=1).detach()
+        terms = view.loss.sample_terms(batch.y).to(G.dtype).to(G.device)
+        if p.reduction == "sum":
+            weights = torch.ones_like(terms)
+        else:  # w_i |grad of the sample's mean|^2 = (T_i/T) |g_sum / T_i|^2
+            weights = torch.where(terms > 0, 1.0 / (p.num_terms * terms.clamp(min=1)), 0.0)
+        return G, weights
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         p = self.problem
         use_cache = p.num_samples * p.num_params <= self.cache_limit
         out = torch.zeros_like(V)
         if use_cache and self._cache is None:
             self._cache = [self._per_sample_grads(b) for b in p.batches()]
-        c = 1.0 / p.num_samples if p.reduction == "mean" else 1.0
         grads = self._cache if use_cache else (self._per_sample_grads(b) for b in p.batches())
-        for G in grads:
-            out += c * (G.T @ (G @ V))
-        if p.weight_decay:
-            out += p.weight_decay * V
+        for G, w in grads:
+            out += G.T @ (w.unsqueeze(1) * (G @ V))
         return out
+
+
+def _row_dims(obj, size: int):
+    """Vmap ``in_dims`` for a nested structure: 0 for per-sample tensors, ``None`` otherwise."""
+    if isinstance(obj, torch.Tensor):
+        return 0 if obj.dim() > 0 and obj.shape[0] == size else None
+    if isinstance(obj, dict):
+        return {k: _row_dims(v, size) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_row_dims(v, size) for v in obj)
+    return None

@@ -7,41 +7,57 @@ from collections.abc import Callable
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .._errors import UnsupportedModelError
 from ..problem import Batch, Problem
 from ._base import CurvatureOperator
-from ._outputs import LossView, param_columns
+from ._outputs import LossView, param_columns, per_term_scale
 
-__all__ = ["GGNOperator"]
+__all__ = ["GGNOperator", "missing_forward_ad"]
 
 ApplyFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def missing_forward_ad(exc: BaseException) -> bool:
+    """Whether ``exc`` says an operation has no forward-mode derivative (or torch.func refused).
+
+    Seen: ``NotImplementedError`` for ``mkldnn_rnn_layer`` (LSTM on the CPU) and the
+    stateless API's refusal of TorchScript modules.
+    """
+    text = str(exc)
+    return isinstance(exc, NotImplementedError) or any(
+        key in text
+        for key in ("forward AD", "forward-mode", "Forward AD", "jvp", "Jitted", "not implemented")
+    )
 
 
 class GGNOperator(CurvatureOperator):
     r"""The generalised Gauss-Newton matrix of the loss.
 
     .. math::
-        G = c \sum_{i=1}^N J_i^T \, \nabla^2_f \ell_i \, J_i + \lambda I,
-        \qquad c = 1/N \text{ (mean) or } 1 \text{ (sum)},
+        G = c \sum_b J_b^T \, \nabla^2_f S_b \, J_b + \lambda I,
+        \qquad c = 1/T \text{ (mean) or } 1 \text{ (sum)},
 
-    with :math:`J_i` the Jacobian of the network output (the logits) for sample ``i`` and
-    :math:`\nabla^2_f \ell_i` the Hessian of torch's per-sample loss in those outputs:
-    :math:`\mathrm{diag}(p_i) - p_i p_i^T` for cross-entropy, :math:`2/d\,I` for mse with
-    mean reduction (2 I for sum), :math:`\mathrm{diag}(s(1-s))` for BCE-with-logits (divided
-    by ``d`` under mean reduction, which also averages over outputs), and autograd for any
-    other loss (``chen_nonconvex``: indefinite, so this GGN is too). ``nll`` is read as
-    cross-entropy on the input of the model's final ``LogSoftmax``.
+    with :math:`J_b` the Jacobian of the network outputs (the logits) of batch ``b``,
+    :math:`S_b` its loss summed over its terms and ``T`` the terms in all: per term
+    :math:`\mathrm{diag}(p) - p p^T` for cross-entropy (also over ``[B, T, V]`` logits and for
+    ``causal_lm``), :math:`2 I` for the squared error per output entry,
+    :math:`\mathrm{diag}(s(1-s))` for BCE-with-logits, and autograd for any other loss
+    (``chen_nonconvex``, a user's function: indefinite when the loss is not convex in the
+    outputs). ``nll`` is read as cross-entropy on the input of the model's final ``LogSoftmax``.
 
     Product (Brunn 2018, eq. 33-36): per batch, ``J V`` by ``torch.func.jvp`` vmapped over the
     ``k`` columns, the output-Hessian product, then ``J^T`` by one ``torch.func.vjp`` (shared
-    forward pass) vmapped over the columns. Batch weights follow the problem (``n_b/N`` or 1),
-    so the matrix carries the same normalisation as :class:`HessianOperator`.
+    forward pass) vmapped over the columns. Where forward mode is missing (TorchScript
+    modules, an operation without a forward derivative such as the CPU LSTM kernel) ``J v``
+    is taken as a derivative of a vector-Jacobian product (two reverse passes), and
+    :attr:`notes` says so.
 
     Args:
         problem: model, loss, data and parameter selection.
 
     Raises:
-        UnsupportedModelError: for TorchScript models, and for ``nll`` without a final
-            ``LogSoftmax``.
+        UnsupportedModelError: for a model that computes its own loss, and for ``nll`` without
+            a final ``LogSoftmax``.
     """
 
     name = "ggn"
@@ -49,32 +65,52 @@ class GGNOperator(CurvatureOperator):
     def __init__(self, problem: Problem, **knobs) -> None:
         super().__init__(problem, **knobs)
         self.view = LossView(problem, self.name)
+        self._reverse = problem.scripted
+        if problem.scripted:
+            self.notes.append(
+                f"TorchScript model: the {self.name} products take J v by two reverse passes "
+                "(torch.func cannot transform it)."
+            )
 
     def _output_apply(self, out: torch.Tensor, batch: Batch) -> ApplyFn:
-        """Per-sample output matrix (unscaled by ``c``) as ``U [k, n, d] -> [k, n, d]``."""
+        """The output matrix of the batch's sum loss as ``U [k, *out.shape] -> same``."""
         return self.view.hessian_apply(out, batch.y)
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
+        c = per_term_scale(self.problem, batch)
+        if not self._reverse:
+            try:
+                return self._forward_mode(batch, V, c)
+            except (NotImplementedError, RuntimeError) as exc:
+                if not missing_forward_ad(exc):
+                    raise
+                self._reverse = True
+                self.notes.append(
+                    f"an operation of the model has no forward-mode derivative "
+                    f"({str(exc).splitlines()[0][:120]}); the {self.name} products take J v by "
+                    "two reverse passes instead."
+                )
+        return self._reverse_mode(batch, V, c)
+
+    def _forward_mode(self, batch: Batch, V: torch.Tensor, c: float) -> torch.Tensor:
         p = self.problem
         k = V.shape[1]
+        if k == 1:
+            return self._one_column(batch, V, c)
         params = {n: t.detach() for n, t in p.params.items()}
         tangents = p.unflatten(V)
 
         def f(ps: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.view.forward(ps, batch.x)
+            return self.view.forward(ps, batch.inputs)
 
         def jvp(t: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.func.jvp(f, (params,), (t,))[1]
 
-        c = batch.weight / batch.size if p.reduction == "mean" else 1.0
         with p.mode():
-            if k == 1:
-                return self._one_column(batch, V, c)
             out, vjp_fn = torch.func.vjp(f, params)
-            JV = torch.func.vmap(jvp)(tangents)  # [k, n, ...]
-            n = out.shape[0]
+            JV = torch.func.vmap(jvp)(tangents)  # [k, *out.shape]
             apply = self._output_apply(out.detach(), batch)
-            HJV = (c * apply(JV.reshape(k, n, -1))).reshape(JV.shape)
+            HJV = c * apply(JV)
             (grads,) = torch.func.vmap(vjp_fn)(HJV)
         # unselected parameters still require grad; no graph leaves an operator.
         return param_columns(p, grads, k).detach()
@@ -86,19 +122,60 @@ class GGNOperator(CurvatureOperator):
         """
         p = self.problem
         tangents = p.unflatten(V[:, 0])
-        with torch.enable_grad(), fwAD.dual_level():
+        with p.mode(), torch.enable_grad(), fwAD.dual_level():
             leaves = {n: t.detach().requires_grad_(True) for n, t in p.params.items()}
             duals = {n: fwAD.make_dual(leaves[n], tangents[n]) for n in leaves}
-            primal, JV = fwAD.unpack_dual(self.view.forward(duals, batch.x))
+            primal, JV = fwAD.unpack_dual(self.view.forward(duals, batch.inputs))
             JV = torch.zeros_like(primal) if JV is None else JV.detach()
         # outside the dual level: autograd output Hessians use forward mode themselves
         with torch.enable_grad():
-            n = primal.shape[0]
             apply = self._output_apply(primal.detach(), batch)
-            HJV = (c * apply(JV.reshape(1, n, -1))).reshape(primal.shape)
+            HJV = c * apply(JV.unsqueeze(0))[0]
+            if not primal.requires_grad:
+                return torch.zeros_like(V)
             grads = torch.autograd.grad(primal, list(leaves.values()), HJV, allow_unused=True)
         cols = [
             torch.zeros_like(t) if g is None else g
             for g, t in zip(grads, leaves.values(), strict=True)
         ]
         return torch.cat([g.reshape(-1) for g in cols]).unsqueeze(1).detach()
+
+    def _reverse_mode(self, batch: Batch, V: torch.Tensor, c: float) -> torch.Tensor:
+        r"""``J v`` as the derivative in ``u`` of ``v . (J^T u)``: two reverse passes, no jvp."""
+        p = self.problem
+        k = V.shape[1]
+        with p.mode(), torch.enable_grad(), p.leaves() as leaves:
+            values = list(leaves.values())
+            out = self.view.forward(leaves, batch.inputs)
+            if not out.requires_grad:
+                return torch.zeros_like(V)
+            u = torch.zeros_like(out, requires_grad=True)
+            g = torch.autograd.grad(out, values, u, create_graph=True, allow_unused=True)
+            live = [(i, gi) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+            cols = []
+            for j in range(k):
+                vs = p.unflatten(V[:, j])
+                if not live:
+                    cols.append(torch.zeros_like(V[:, j]))
+                    continue
+                gv = sum((gi * vs[p.names[i]]).sum() for i, gi in live)
+                try:
+                    (jv,) = torch.autograd.grad(gv, u, retain_graph=True)
+                except RuntimeError as exc:
+                    raise UnsupportedModelError(
+                        f"the {self.name} matrix needs J v, and this model supports neither "
+                        f"forward mode nor double backward ({str(exc).splitlines()[0][:160]})"
+                        "; analyse the Hessian with finite-difference products instead.",
+                        matrix=self.name,
+                    ) from None
+                hjv = c * self._output_apply(out.detach(), batch)(jv.detach().unsqueeze(0))[0]
+                gs = torch.autograd.grad(out, values, hjv, retain_graph=True, allow_unused=True)
+                cols.append(
+                    p.flatten(
+                        [
+                            torch.zeros_like(t) if x is None else x
+                            for x, t in zip(gs, values, strict=True)
+                        ]
+                    )
+                )
+        return torch.stack(cols, dim=1).detach()

@@ -42,10 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import OptionError, UnsupportedModelError
+from .._errors import OptionError, UnsupportedModelError, arg
+from ..linalg import LinearOperator
 from ..problem import Problem
 from ._base import CurvatureOperator
-from ._outputs import LossView, refuse_train_mode
+from ._outputs import LossView, per_term_scale, refuse_train_mode
 
 __all__ = ["EKFACOperator", "KFACFisherType", "KFACOperator"]
 
@@ -82,7 +83,8 @@ def _kfac_layers(problem: Problem, matrix: str) -> list[_KLayer]:
             raise UnsupportedModelError(
                 f"the {matrix} matrix supports Linear and Conv2d layers only; layer "
                 f"{mname or 'model'!r} ({type(module).__name__}) has selected parameters "
-                "(select fewer with --params)."
+                "(select fewer parameters).",
+                matrix=matrix,
             )
         if isinstance(module, nn.Conv2d) and (
             module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
@@ -90,7 +92,8 @@ def _kfac_layers(problem: Problem, matrix: str) -> list[_KLayer]:
             raise UnsupportedModelError(
                 f"the {matrix} matrix supports Conv2d with groups=1, zero padding given as "
                 f"numbers; layer {mname!r} has groups={module.groups}, "
-                f"padding={module.padding!r}, padding_mode={module.padding_mode!r}."
+                f"padding={module.padding!r}, padding_mode={module.padding_mode!r}.",
+                matrix=matrix,
             )
         if mname not in layers:
             w = module.weight
@@ -171,7 +174,7 @@ class KFACOperator(CurvatureOperator):
                 f"KFAC fisher type {fisher_type!r} is not known; choose one of {valid}."
             ) from None
         if int(mc_samples) < 1:
-            raise OptionError(f"--mc-samples must be at least 1, got {mc_samples}.")
+            raise OptionError(f"{arg('mc_samples')} must be at least 1, got {mc_samples}.")
         base = "ekfac" if self._ekfac else "kfac"
         self.name = base if fisher_type is KFACFisherType.EXACT else f"{base}-{fisher_type.value}"
         super().__init__(problem, fisher_type=fisher_type, mc_samples=int(mc_samples), seed=seed)
@@ -181,7 +184,7 @@ class KFACOperator(CurvatureOperator):
         self.seed = int(seed)
         self.view = LossView(problem, self.name)
         if fisher_type is not KFACFisherType.EMPIRICAL:
-            self.view._require_likelihood()
+            self.view.require_likelihood()
         self.layers = _kfac_layers(problem, self.name)
         self._shared = _shared if _shared is not None else {"raw": {}, "S": {}}
         missing = [layer for layer in self.layers if layer.name not in self._shared["raw"]]
@@ -194,7 +197,7 @@ class KFACOperator(CurvatureOperator):
         if self.fisher_type is KFACFisherType.EXACT:
             return self.view.fisher_sqrt(out)
         if self.fisher_type is KFACFisherType.MC:
-            return self.view.sample_columns(out, self.mc_samples, gen)
+            return self.view.sample_columns(out, y, self.mc_samples, gen)
         return self.view.label_columns(out, y)
 
     def _passes(self, layers: list[_KLayer]):
@@ -210,7 +213,7 @@ class KFACOperator(CurvatureOperator):
             try:
                 with p.mode(), torch.enable_grad():
                     leaves = {n: t.detach().requires_grad_(True) for n, t in p.params.items()}
-                    out = self.view.forward(leaves, batch.x)
+                    out = self.view.forward(leaves, batch.inputs)
             finally:
                 for h in handles:
                     h.remove()
@@ -218,26 +221,26 @@ class KFACOperator(CurvatureOperator):
                 if len(captured[layer.name]) != 1:
                     raise UnsupportedModelError(
                         f"the {self.name} matrix needs each layer called once per forward; "
-                        f"layer {layer.name!r} was called {len(captured[layer.name])} times."
+                        f"layer {layer.name!r} was called {len(captured[layer.name])} times.",
+                        matrix=self.name,
                     )
             acts = {
                 layer.name: _patches(layer, captured[layer.name][0][0].detach()) for layer in layers
             }
             outs = [captured[layer.name][0][1] for layer in layers]
             Q = self._columns(out.detach(), batch.y, gen)
-            n = out.shape[0]
-            flat = out.reshape(n, -1)
             cols = []
             for j in range(Q.shape[0]):
-                gs = torch.autograd.grad(flat, outs, grad_outputs=Q[j], retain_graph=True)
+                gs = torch.autograd.grad(
+                    out, outs, grad_outputs=Q[j].reshape(out.shape), retain_graph=True
+                )
                 cols.append(
                     {
                         layer.name: _out_grads(layer, g.detach())
                         for layer, g in zip(layers, gs, strict=True)
                     }
                 )
-            c = batch.weight / batch.size if p.reduction == "mean" else 1.0
-            yield c, acts, cols
+            yield per_term_scale(p, batch), acts, cols
 
     def _factor_pass(self, layers: list[_KLayer]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         A = {layer.name: 0.0 for layer in layers}
@@ -305,13 +308,10 @@ class KFACOperator(CurvatureOperator):
         A, G = self.factors()[layer.name]
         return G @ X @ A
 
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         views = self._layer_views(V)
         res = {layer.name: self._apply_layer(layer, views[layer.name]) for layer in self.layers}
-        out = self._assemble(res, V.shape[1])
-        if self.problem.weight_decay:
-            out = out + self.problem.weight_decay * V
-        return out
+        return self._assemble(res, V.shape[1])
 
     def eigenvalues(self) -> dict[str, torch.Tensor]:
         """Per layer, every eigenvalue of its block (weight decay included), descending."""
@@ -321,7 +321,7 @@ class KFACOperator(CurvatureOperator):
             for layer in self.layers
         }
 
-    def inverse(self, damping: float) -> CurvatureOperator:
+    def inverse(self, damping: float) -> LinearOperator:
         r"""The damped inverse :math:`(K + \lambda_{wd} I + \text{damping}\, I)^{-1}`.
 
         Raises:
@@ -391,13 +391,13 @@ class EKFACOperator(KFACOperator):
         return qg @ (D * (qg.T @ X @ qa)) @ qa.T
 
 
-class _KroneckerInverse(CurvatureOperator):
+class _KroneckerInverse(LinearOperator):
     """``(K + (lambda_wd + damping) I)^{-1}`` through each layer's eigendecomposition."""
 
-    includes_weight_decay = False
+    SELF_ADJOINT = True
 
     def __init__(self, op: KFACOperator, damping: float) -> None:
-        super().__init__(op.problem)
+        super().__init__(op.shape, dtype=op.dtype, device=op.device)
         self.op = op
         self.damping = damping
         self.name = f"{op.name}-inverse"
@@ -419,6 +419,10 @@ class _KroneckerInverse(CurvatureOperator):
             res[layer.name] = qg @ ((qg.T @ views[layer.name] @ qa) / (D + self.shift)) @ qa.T
         return self.op._assemble(res, V.shape[1])
 
-    def block(self, name: str) -> CurvatureOperator:
+    def block_names(self) -> list[str]:
+        """The operator's block names."""
+        return self.op.block_names()
+
+    def block(self, name: str) -> LinearOperator:
         """The inverse of the operator's block (block-diagonal, so the block of the inverse)."""
         return _KroneckerInverse(self.op.block(name), self.damping)

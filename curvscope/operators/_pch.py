@@ -19,9 +19,16 @@ from torch import nn
 from .._errors import OptionError, UnsupportedModelError
 from ..problem import Batch, Problem
 from ._base import CurvatureOperator
-from ._outputs import LossView, refuse_train_mode
+from ._outputs import LossView, per_term_scale, refuse_train_mode
 
-__all__ = ["ELEMENTWISE_ACTIVATIONS", "PCHApproximation", "PCHMode", "PCHOperator"]
+__all__ = [
+    "ELEMENTWISE_ACTIVATIONS",
+    "PCHApproximation",
+    "PCHMode",
+    "PCHOperator",
+    "activation_derivatives",
+    "mlp_chain",
+]
 
 ELEMENTWISE_ACTIVATIONS = (
     nn.Tanh,
@@ -90,14 +97,17 @@ def mlp_chain(model: nn.Module, matrix: str, loss_name: str) -> tuple[bool, list
         else:
             raise UnsupportedModelError(
                 f"the {matrix} matrix needs an MLP of Linear layers and elementwise "
-                f"activations; layer {name or 'model'!r} ({type(m).__name__}) stops it."
+                f"activations; layer {name or 'model'!r} ({type(m).__name__}) stops it.",
+                matrix=matrix,
             )
     if not layers:
-        raise UnsupportedModelError(f"the {matrix} matrix needs an MLP; this model has no Linear.")
+        raise UnsupportedModelError(
+            f"the {matrix} matrix needs an MLP; this model has no Linear.", matrix=matrix
+        )
     return flatten, layers
 
 
-def _act_derivatives(acts: list[nn.Module], z: torch.Tensor):
+def activation_derivatives(acts: list[nn.Module], z: torch.Tensor):
     """``(sigma(z), sigma'(z), sigma''(z))`` of the composed elementwise activations."""
 
     def f(u: torch.Tensor) -> torch.Tensor:
@@ -241,7 +251,8 @@ class PCHOperator(CurvatureOperator):
         if batch.x.dim() != 2 and not self.flatten:
             raise UnsupportedModelError(
                 f"the {self.name} matrix needs inputs of shape [N, features]; got "
-                f"{tuple(batch.x.shape)} (add a leading nn.Flatten to the model)."
+                f"{tuple(batch.x.shape)} (add a leading nn.Flatten to the model).",
+                matrix=self.name,
             )
         with torch.no_grad(), p.mode():
             want = self.view.forward(dict(p.params), batch.x)
@@ -250,7 +261,8 @@ class PCHOperator(CurvatureOperator):
             raise UnsupportedModelError(
                 f"the {self.name} matrix needs a model whose forward is the chain of its "
                 "Linear and activation modules in order; this model computes something else "
-                "(functional activations or skip connections?)."
+                "(functional activations or skip connections?).",
+                matrix=self.name,
             )
 
     # ------------------------------------------------------------------ Pos
@@ -278,7 +290,7 @@ class PCHOperator(CurvatureOperator):
             for t in reversed(range(len(self.layers))):
                 h, z = record[t]
                 if self.layers[t].acts:
-                    _, s1, s2 = _act_derivatives(self.layers[t].acts, z)
+                    _, s1, s2 = activation_derivatives(self.layers[t].acts, z)
                     M = s1.unsqueeze(-1) * M * s1.unsqueeze(-2)
                     M = M + torch.diag_embed(self._pos_diag(s2 * g))
                     g = s1 * g
@@ -312,14 +324,15 @@ class PCHOperator(CurvatureOperator):
                 for t in reversed(range(L)):
                     h, z = record[t]
                     if self.layers[t].acts:
-                        _, s1, s2 = _act_derivatives(self.layers[t].acts, z)
+                        _, s1, s2 = activation_derivatives(self.layers[t].acts, z)
                         sums["ss"][t] = sums["ss"][t] + s1.T @ s1
                         sums["d"][t] = sums["d"][t] + (s2 * g).sum(0)
                         g = s1 * g
                     sums["hh"][t] = sums["hh"][t] + h.T @ h
                     g = g @ weights[t][0]
         N = p.num_samples
-        scale = 1.0 if p.reduction == "mean" else float(N)  # c N
+        # c N with c the weight of one term: N/T (mean; 1 when every sample is one term) or N
+        scale = N / p.num_terms if p.reduction == "mean" else float(N)
         M = self._pos_sym(sums["H"][0] / N)
         result = {}
         for t in reversed(range(L)):
@@ -331,7 +344,7 @@ class PCHOperator(CurvatureOperator):
         return result
 
     # ------------------------------------------------------------------ products
-    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+    def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         p = self.problem
         k = V.shape[1]
         parts = p.unflatten(V)
@@ -346,8 +359,8 @@ class PCHOperator(CurvatureOperator):
                 else:
                     outs[n] = M @ t @ hh
         else:
-            c = 1.0 / p.num_samples if p.reduction == "mean" else 1.0
             for i, batch in enumerate(p.batches()):
+                c = per_term_scale(p, batch)
                 blocks = self._batch_blocks(i, batch)
                 for n, t in parts.items():
                     layer, kind = self._owner[n]
@@ -358,10 +371,7 @@ class PCHOperator(CurvatureOperator):
                         u = torch.einsum("kbc,nc->nkb", t, h)
                         u = torch.einsum("nab,nkb->nka", M, u)
                         outs[n] += c * torch.einsum("nka,nd->kad", u, h)
-        out = torch.cat([outs[n].reshape(k, -1) for n in p.names], dim=1).T
-        if p.weight_decay:
-            out = out + p.weight_decay * V
-        return out
+        return torch.cat([outs[n].reshape(k, -1) for n in p.names], dim=1).T
 
     def _with_problem(self, problem: Problem) -> CurvatureOperator:
         new = type(self)(problem, **self._knobs)

@@ -90,7 +90,7 @@ def mk_quantities(objective: Objective, w: torch.Tensor) -> list[dict[str, Any]]
         UnsupportedModelError: for a model that is not an MLP of Linear layers with biases
             and elementwise activations, or whose selected parameters are not all of them.
     """
-    from ..operators._pch import mlp_chain
+    from ..operators import mlp_chain
 
     if not isinstance(objective, ProblemObjective):
         raise UnsupportedModelError("MK needs a model (an MLP), not a plain objective.")
