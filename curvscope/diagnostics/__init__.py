@@ -1,19 +1,17 @@
-"""Spectra, densities, traces, derivative checks, comparisons and loss surfaces."""
+"""Diagnostics as functions of operators and of problems.
+
+Spectra, densities and comparisons take operators; derivative checks, the convexity
+certificate and loss surfaces take a problem. Each returns a result object whose
+``to_results()`` is the ``results`` part of the result document.
+"""
 
 from ._check import CheckResult, check
+from ._common import BLOCK_MODES, named_operators, resolve_blocks
 from ._compare import COMPARE_MATRICES, CompareResult, Comparison, compare
 from ._convexity import ConvexityLayer, ConvexityResult, convexity_certificate
 from ._density import DensityEntry, DensityResult, TraceEntry, density
 from ._derivatives import DirectionResult, gradient_test, taylor_test
-from ._spectrum import (
-    BlockMode,
-    Method,
-    SpectrumEntry,
-    SpectrumResult,
-    make_matrix,
-    resolve_blocks,
-    spectrum,
-)
+from ._spectrum import BlockMode, Method, SpectrumEntry, SpectrumResult, spectrum
 from ._surface import (
     SurfaceDirections,
     SurfaceResult,
@@ -23,6 +21,7 @@ from ._surface import (
 )
 
 __all__ = [
+    "BLOCK_MODES",
     "COMPARE_MATRICES",
     "CheckResult",
     "CompareResult",
@@ -34,6 +33,8 @@ __all__ = [
     "compare",
     "convexity_certificate",
     "gradient_test",
+    "named_operators",
+    "resolve_blocks",
     "taylor_test",
     "DensityEntry",
     "DensityResult",
@@ -43,8 +44,6 @@ __all__ = [
     "Method",
     "SpectrumEntry",
     "SpectrumResult",
-    "make_matrix",
-    "resolve_blocks",
     "spectrum",
     "SurfaceDirections",
     "SurfaceResult",

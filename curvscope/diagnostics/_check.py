@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .._sampling import as_generator
 from ..linalg import eigenpairs
 from ..operators import HessianOperator
 from ..problem import Problem
@@ -43,7 +44,7 @@ def check(
     *,
     directions: int = 2,
     eigen_directions: int = 1,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator = 0,
     progress: Progress | None = None,
 ) -> CheckResult:
     """Run the gradient test, the Taylor test and the convexity certificate.
@@ -57,10 +58,10 @@ def check(
         problem: model, loss, data and parameter selection.
         directions: random directions per test.
         eigen_directions: top Hessian eigenvectors used as extra directions (0: none).
-        generator: random source.
+        seed: random source of directions and start vectors (an int or a generator).
         progress: ``progress(completed, total, description)``.
     """
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = as_generator(seed)
     total = 3
     matvecs = 0
 
@@ -71,11 +72,11 @@ def check(
     eigvecs = None
     if eigen_directions:
         p64 = problem.to(torch.float64)
-        (top,) = eigenpairs(HessianOperator(p64), top=eigen_directions, tol=1e-6, generator=gen)
+        (top,) = eigenpairs(HessianOperator(p64), top=eigen_directions, tol=1e-6, seed=gen)
         eigvecs = top.eigenvectors
         matvecs += top.num_matvecs
     step(0, "gradient test")
-    grad = gradient_test(problem, directions=directions, eigenvectors=eigvecs, generator=gen)
+    grad = gradient_test(problem, directions=directions, eigenvectors=eigvecs, seed=gen)
     passed, reason = combine(grad)
     checks = [
         {
@@ -92,7 +93,7 @@ def check(
         }
     ]
     step(1, "Taylor test")
-    taylor = taylor_test(problem, directions=directions, eigenvectors=eigvecs, generator=gen)
+    taylor = taylor_test(problem, directions=directions, eigenvectors=eigvecs, seed=gen)
     matvecs += 2 * len(taylor)
     passed, reason = combine(taylor)
     checks.append(
@@ -111,7 +112,7 @@ def check(
         }
     )
     step(2, "convexity certificate")
-    cert = convexity_certificate(problem, generator=gen)
+    cert = convexity_certificate(problem, seed=gen)
     matvecs += cert.num_matvecs
     entry = asdict(cert)
     entry.pop("num_matvecs")

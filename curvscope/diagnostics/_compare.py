@@ -19,33 +19,20 @@ matrix) and every matrix ``A``:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .._errors import CurvscopeError, OptionError, UnsupportedModelError
-from ..linalg import eigenpairs
-from ..operators import MATRIX_NAMES, CurvatureOperator, make_operator
-from ..problem import Problem
+from ..linalg import LinearOperator, as_operator, eigenpairs
+from ..operators import compare_defaults
+from ._common import Progress, named_operators, resolve_blocks
 
 __all__ = ["COMPARE_MATRICES", "CompareResult", "Comparison", "compare"]
 
-COMPARE_MATRICES = (
-    "ggn",
-    "fisher",
-    "fisher-mc",
-    "empirical-fisher",
-    "pch-abs",
-    "pch-clip",
-    "pch-abs-persample",
-    "pch-clip-persample",
-    "kfac",
-    "ekfac",
-)
-"""Approximations compared by default."""
-
-Progress = Callable[[int, int, str], None]
+COMPARE_MATRICES = tuple(compare_defaults())
+"""Approximations compared by default (from the registry)."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +102,8 @@ def _rel_hutchinson(az: torch.Tensor, hz: torch.Tensor) -> tuple[float, float]:
     return rel, math.sqrt(max(var, 0.0))
 
 
-def _bias_of(problem: Problem, block: str) -> str | None:
-    names = problem.block_param_names(block)
+def _bias_of(reference: LinearOperator, block: str) -> str | None:
+    names = reference.block_parts(block)
     return next((n for n in names if n.endswith("bias")), None)
 
 
@@ -126,64 +113,65 @@ def _abs_matrix(m: torch.Tensor) -> torch.Tensor:
 
 
 def compare(
-    problem: Problem,
+    reference,
+    candidates: Mapping[str, object],
     *,
-    matrices: Sequence[str] = COMPARE_MATRICES,
-    blocks: Sequence[str] | None = None,
+    blocks: Sequence[str] | str | None = None,
     top_k: int = 5,
     exact_max_dim: int = 2048,
     hutchinson_probes: int = 64,
     tol: float = 1e-4,
     seed: int = 0,
+    skipped: Sequence[dict] = (),
     progress: Progress | None = None,
 ) -> CompareResult:
-    """Compare approximations with the Hessian per layer block.
+    """Compare approximations with a reference (the Hessian) per block.
 
     Args:
-        problem: model, loss, data and parameter selection.
-        matrices: approximation names (see ``curvscope.operators.MATRIX_NAMES``).
-        blocks: block names (default: every module that owns selected parameters).
+        reference: the true matrix (an operator, or anything ``as_operator`` accepts).
+        candidates: ``{name: operator}`` of approximations with the same block structure.
+        blocks: block names or a blocking mode (default: per layer, or ``all`` when the
+            reference has no named blocks).
         top_k: eigenvalues and eigenspace dimension compared.
         exact_max_dim: blocks up to this many rows are compared densely (exactly).
         hutchinson_probes: probes of the Frobenius estimate for larger blocks.
         tol: Lanczos tolerance of the eigenvalues.
-        seed: seeds probes, start vectors and Monte-Carlo matrices.
+        seed: seeds probes and start vectors.
+        skipped: candidates left out before the call, ``{"matrix", "reason"}``, recorded.
         progress: ``progress(completed, total, description)``.
 
     Raises:
-        OptionError: for an unknown matrix or block name.
+        OptionError: for an unknown block, or no candidate at all.
     """
-    unknown = [m for m in matrices if m not in MATRIX_NAMES or m == "hessian"]
-    if unknown:
-        valid = ", ".join(m for m in MATRIX_NAMES if m != "hessian")
+    H = as_operator(reference, name="hessian")
+    ops = named_operators(candidates) if candidates else {}
+    if not ops:
+        reasons = "; ".join(f"{s['matrix']}: {s['reason']}" for s in skipped) or "none given"
         raise OptionError(
-            f"--matrix {','.join(unknown)!r} cannot be compared; choose from {valid}."
+            f"no matrix to compare with the reference ({reasons}).", option="matrices"
         )
-    block_names = list(blocks) if blocks else list(problem.module_blocks())
-    for b in block_names:
-        problem.block_param_names(b)
-    H = make_operator("hessian", problem, seed=seed)
-    ops: dict[str, CurvatureOperator] = {}
-    skipped: list[dict] = []
-    for name in matrices:
+    if blocks is None:
         try:
-            ops[name] = make_operator(name, problem, seed=seed)
-        except UnsupportedModelError as exc:
-            skipped.append({"matrix": name, "reason": str(exc)})
+            block_names = H.named_blocks("per-layer")
+        except OptionError:
+            block_names = ["all"]
+    else:
+        block_names = resolve_blocks(H, blocks)
+    skipped = [dict(s) for s in skipped]
     rows: list[Comparison] = []
     total = len(block_names) * (1 + len(ops))
     done = 0
     matvecs = 0
     for block in block_names:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(int(seed))
         hb = H.block(block)
         n = hb.shape[0]
         k = min(top_k, n - 1) if n > 1 else 1
-        ref = _reference(problem, H, hb, block, n, k, exact_max_dim, hutchinson_probes, tol, gen)
+        ref = _reference(H, hb, block, n, k, exact_max_dim, hutchinson_probes, tol, gen)
         matvecs += ref.num_matvecs
         done += 1
         if progress is not None:
-            progress(done, total, f"compare [{block}] hessian")
+            progress(done, total, f"compare [{block}] reference")
         for name, op in list(ops.items()):
             try:
                 row = _row(op, block, name, ref, k, tol, gen)
@@ -200,14 +188,14 @@ def compare(
     return CompareResult(rows, skipped, matvecs)
 
 
-def _reference(problem, H, hb, block, n, k, exact_max_dim, probes, tol, gen) -> _Reference:
+def _reference(H, hb, block, n, k, exact_max_dim, probes, tol, gen) -> _Reference:
     dense = hb.dense() if n <= exact_max_dim else None
     z = hz = None
     if dense is None:
         z = _rademacher(n, probes, gen, torch.empty(0, dtype=hb.dtype, device=hb.device))
         hz = hb @ z
-    res = eigenpairs(hb, top=k, tol=tol, generator=gen)[0]
-    bias = _bias_of(problem, block)
+    res = eigenpairs(hb, top=k, tol=tol, seed=gen)[0]
+    bias = _bias_of(H, block)
     hbias = H.block(bias) if bias else None
     bias_abs = _abs_matrix(hbias.dense()) if bias else None
     used = hb.num_matvecs + (hbias.num_matvecs if hbias is not None else 0)
@@ -226,7 +214,7 @@ def _row(op, block, name, ref: _Reference, k, tol, gen) -> Comparison:
     else:
         rel, stderr = _rel_hutchinson(ab @ ref.probes, ref.hz)
         method = "hutchinson"
-    top, bottom = eigenpairs(ab, top=k, bottom=1, tol=tol, generator=gen)
+    top, bottom = eigenpairs(ab, top=k, bottom=1, tol=tol, seed=gen)
     overlap = torch.linalg.svdvals(
         top.eigenvectors.to(torch.float64).T @ ref.top_vectors.to(torch.float64)
     ).clamp(max=1.0)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._errors import UnsupportedModelError
+from .._sampling import as_generator
 from ..linalg import eigenpairs
 from ..operators import HessianOperator, activation_derivatives, mlp_chain
 from ..problem import Problem
@@ -76,7 +77,7 @@ def convexity_certificate(
     *,
     eigen_tol: float = 1e-6,
     max_iter: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator = 0,
 ) -> ConvexityResult:
     r"""Fractions of :math:`\sigma''(Z)\,\partial L/\partial X \ge 0`, certificate and check.
 
@@ -84,7 +85,7 @@ def convexity_certificate(
         problem: an MLP of Linear layers and elementwise activations.
         eigen_tol: tolerance of the Lanczos cross-check of each block's smallest eigenvalue.
         max_iter: Lanczos step limit for the cross-check.
-        generator: start vectors of the cross-check.
+        seed: start vectors of the cross-check (an int or a generator).
 
     Returns:
         The certificate, or an entry whose ``reason`` names the layer that stops it.
@@ -150,14 +151,14 @@ def convexity_certificate(
             holds_everywhere[t] = holds_everywhere[t] and bool(ok.all())
     convex_loss = problem.loss_name in CONVEX_OUTPUT_LOSSES
     H = HessianOperator(problem)
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = as_generator(seed)
     layers = []
     matvecs = 0
     for t, layer in enumerate(hidden):
         above = all(holds_everywhere[t:])
         certified = bool(above and convex_loss)
         block = H.block(layer.name)
-        (res,) = eigenpairs(block, top=0, bottom=1, tol=eigen_tol, max_iter=max_iter, generator=gen)
+        (res,) = eigenpairs(block, top=0, bottom=1, tol=eigen_tol, max_iter=max_iter, seed=gen)
         matvecs += res.num_matvecs
         layers.append(
             ConvexityLayer(

@@ -10,19 +10,17 @@ trace by Hutchinson and Hutch++ with ``trace_probes`` products each, plus the ex
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .._errors import OptionError
+from .._errors import OptionError, arg
+from .._sampling import as_generator
 from ..linalg import exact_trace, hutchinson_trace, hutchpp_trace, slq, spectral_density
-from ..problem import Problem
-from ._spectrum import make_matrix, resolve_blocks
+from ._common import Progress, labelled, named_operators, resolve_blocks
 
 __all__ = ["DensityEntry", "DensityResult", "TraceEntry", "density"]
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -108,9 +106,8 @@ class DensityResult:
 
 
 def density(
-    problem: Problem,
+    ops,
     *,
-    matrices: Sequence[str] = ("hessian",),
     blocks: str | Sequence[str] = ("all",),
     num_probes: int = 20,
     num_steps: int = 80,
@@ -119,15 +116,14 @@ def density(
     num_points: int = 1000,
     sigma: float | None = None,
     distribution: str = "rademacher",
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator = 0,
     progress: Progress | None = None,
-    seed: int = 0,
 ) -> DensityResult:
     r"""Spectral density and trace of each requested matrix and block.
 
     Args:
-        problem: model, loss, data, parameter selection.
-        matrices: matrix names (``hessian``, ``ggn``, ...; ``curvscope.operators.MATRIX_NAMES``).
+        ops: ``{name: operator}`` (or one operator), anything
+            :func:`curvscope.linalg.as_operator` accepts.
         blocks: ``"all"``, ``"per-layer"``, ``"per-param"`` or explicit block names.
         num_probes: SLQ probes.
         num_steps: Lanczos steps per probe (capped at the block's size).
@@ -138,10 +134,9 @@ def density(
         num_points: density grid size.
         sigma: broadening width (default 1% of each density's node range).
         distribution: probe distribution, ``rademacher`` or ``gaussian``.
-        generator: random source for all probes (default: a fresh generator seeded with
-            ``seed`` for every matrix and block, so every matrix sees the same probes).
+        seed: seeds the probes: an int gives every operator and block a fresh generator
+            with that seed (so every matrix sees the same probes); a generator is used as is.
         progress: ``progress(completed, total, description)``.
-        seed: seeds probes (without ``generator``) and Monte-Carlo matrices.
 
     Returns:
         A :class:`DensityResult`.
@@ -150,30 +145,32 @@ def density(
         OptionError: for invalid counts, matrices or blocks.
     """
     if num_probes < 1:
-        raise OptionError(f"--probes must be at least 1, got {num_probes}.")
+        raise OptionError(f"{arg('num_probes')} must be at least 1, got {num_probes}.")
     if num_steps < 1:
-        raise OptionError(f"--lanczos-steps must be at least 1, got {num_steps}.")
+        raise OptionError(f"{arg('num_steps')} must be at least 1, got {num_steps}.")
     if trace_probes < 0 or trace_probes in (1, 2):
         raise OptionError(
-            f"--trace-probes must be 0 (skip) or at least 3 (Hutch++ needs 3), got {trace_probes}."
+            f"{arg('trace_probes')} must be 0 (skip) or at least 3 (Hutch++ needs 3), got "
+            f"{trace_probes}."
         )
     if exact_trace_max < 0:
-        raise OptionError(f"--exact-trace-max must be >= 0, got {exact_trace_max}.")
-    if not matrices:
-        raise OptionError("--matrix needs at least one matrix name.")
-    block_names = resolve_blocks(problem, blocks)
+        raise OptionError(f"{arg('exact_trace_max')} must be >= 0, got {exact_trace_max}.")
+    operators = named_operators(ops)
     densities: list[DensityEntry] = []
     traces: list[TraceEntry] = []
     notes: list[str] = []
     total = 0
-    for matrix in matrices:
-        full = make_matrix(matrix, problem, seed=seed)
-        for block in block_names:
+    for matrix, full in operators.items():
+        for block in resolve_blocks(full, blocks):
             op = full.block(block)
             for note in getattr(op, "notes", []):
                 if note not in notes:
                     notes.append(note)
-            gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+            gen = (
+                as_generator(seed)
+                if isinstance(seed, torch.Generator)
+                else (torch.Generator().manual_seed(int(seed)))
+            )
             label = f"{matrix} [{block}]"
             n = op.shape[0]
             t0 = time.perf_counter()
@@ -182,8 +179,8 @@ def density(
                 num_probes=num_probes,
                 num_steps=num_steps,
                 distribution=distribution,
-                generator=gen,
-                progress=_labelled(progress, f"SLQ {label}"),
+                seed=gen,
+                progress=labelled(progress, label),
             )
             d = spectral_density(q, num_points=num_points, sigma=sigma)
             m1, se1 = q.moment(1)
@@ -210,12 +207,12 @@ def density(
             if trace_probes:
                 jobs.append(
                     lambda op=op, gen=gen: hutchinson_trace(
-                        op, num_matvecs=trace_probes, distribution=distribution, generator=gen
+                        op, num_matvecs=trace_probes, distribution=distribution, seed=gen
                     )
                 )
                 jobs.append(
                     lambda op=op, gen=gen: hutchpp_trace(
-                        op, num_matvecs=trace_probes, distribution=distribution, generator=gen
+                        op, num_matvecs=trace_probes, distribution=distribution, seed=gen
                     )
                 )
             if exact_trace_max and n <= exact_trace_max:
@@ -240,7 +237,7 @@ def density(
             if exact_trace_max and n > exact_trace_max:
                 line = (
                     f"exact traces skipped for blocks with more than {exact_trace_max} rows "
-                    "(--exact-trace-max)."
+                    "(exact_trace_max)."
                 )
                 if line not in notes:
                     notes.append(line)
@@ -255,9 +252,3 @@ def density(
             "for the sampled sketch)."
         )
     return DensityResult(densities, traces, notes, total)
-
-
-def _labelled(progress: Progress | None, label: str) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda done, total, _what: progress(done, total, label)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._sampling import as_generator
 from ..operators import HessianOperator
 from ..problem import Problem
 
@@ -119,11 +120,11 @@ def _has_kinks(model: nn.Module) -> list[str]:
 
 
 def _directions(
-    problem: Problem, count: int, generator: torch.Generator, eigenvectors: torch.Tensor | None
+    problem: Problem, count: int, gen: torch.Generator, eigenvectors: torch.Tensor | None
 ) -> list[tuple[str, torch.Tensor]]:
     out = []
     for i in range(count):
-        d = torch.randn(problem.num_params, generator=generator, dtype=torch.float64)
+        d = torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
         out.append((f"random {i + 1}", d / torch.linalg.vector_norm(d)))
     if eigenvectors is not None:
         for j in range(eigenvectors.shape[1]):
@@ -170,7 +171,7 @@ def gradient_test(
     *,
     directions: int = 2,
     eigenvectors: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator = 0,
 ) -> list[DirectionResult]:
     """Central differences against the autograd directional derivative (Veitch eq. 31).
 
@@ -178,10 +179,10 @@ def gradient_test(
         problem: evaluated in float64 (a float64 copy is made when needed).
         directions: number of random unit directions.
         eigenvectors: optional ``[P, k]`` directions (top Hessian eigenvectors).
-        generator: random source for the directions.
+        seed: random source of the directions (an int or a generator).
     """
     p64 = problem.to(torch.float64)
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = as_generator(seed)
     w = p64.param_vector()
     loss0, grad = p64.loss_and_grad()
     kinks = _has_kinks(problem.model)
@@ -232,7 +233,7 @@ def taylor_test(
     *,
     directions: int = 2,
     eigenvectors: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator = 0,
 ) -> list[DirectionResult]:
     """Taylor-error test (Suk ch. 13): e1 ~ h^2 and e2 ~ h^3, in float64.
 
@@ -243,11 +244,11 @@ def taylor_test(
         problem: evaluated in float64 (a float64 copy is made when needed).
         directions: number of random unit directions.
         eigenvectors: optional ``[P, k]`` directions.
-        generator: random source for the directions.
+        seed: random source of the directions (an int or a generator).
     """
     p64 = problem.to(torch.float64)
     p32 = problem.to(torch.float32)
-    gen = generator or torch.Generator().manual_seed(0)
+    gen = as_generator(seed)
     kinks = _has_kinks(problem.model)
     steps = np.array(STEPS)
     out = []

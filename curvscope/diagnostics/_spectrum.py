@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
 
-from .._errors import OptionError
-from ..io._eigenvectors import canonical_sign
-from ..linalg import DEFAULT_TOL, EigenResult, eigenpairs, power_iteration
-from ..operators import CurvatureOperator
-from ..problem import Problem
+from .._errors import OptionError, arg
+from .._sampling import as_generator
+from ..io import canonical_sign
+from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, eigenpairs, power_iteration
+from ._common import Progress, labelled, named_operators, resolve_blocks
 
 __all__ = [
     "BlockMode",
     "Method",
     "SpectrumEntry",
     "SpectrumResult",
-    "make_matrix",
-    "resolve_blocks",
     "spectrum",
 ]
-
-Progress = Callable[[int, int, str], None]
 
 
 class Method(str, Enum):
@@ -40,6 +36,7 @@ class BlockMode(str, Enum):
     ALL = "all"
     PER_LAYER = "per-layer"
     PER_PARAM = "per-param"
+    PER_GROUP = "per-group"
 
 
 @dataclass(frozen=True)
@@ -87,184 +84,135 @@ class SpectrumResult:
         return all(all(e.converged) for e in self.spectra)
 
 
-def make_matrix(name: str, problem: Problem, *, seed: int = 0) -> CurvatureOperator:
-    """The operator for matrix ``name`` (see ``curvscope.operators.MATRIX_NAMES``)."""
-    from .. import operators
-
-    return operators.make_operator(name, problem, seed=seed)
-
-
-def resolve_blocks(problem: Problem, blocks: str | BlockMode | Sequence[str]) -> list[str]:
-    """Block names for ``"all"``, ``"per-layer"``, ``"per-param"`` or an explicit list.
-
-    Raises:
-        OptionError: for a block name that does not exist (listing the valid ones).
-    """
-    if isinstance(blocks, str) and blocks in {m.value for m in BlockMode}:
-        mode = BlockMode(blocks)
-        if mode == BlockMode.ALL:
-            return ["all"]
-        if mode == BlockMode.PER_LAYER:
-            return list(problem.module_blocks())
-        return list(problem.names)
-    names = [blocks] if isinstance(blocks, str) else list(blocks)
-    for name in names:
-        problem.block_param_names(name)  # raises with the valid names
-    return names
-
-
 def _solve(
-    op: CurvatureOperator,
+    op: LinearOperator,
     *,
     top: int,
     bottom: int,
     method: Method,
     tol: float,
     max_iter: int | None,
-    generator: torch.Generator,
+    seed: torch.Generator,
     progress: Progress | None,
 ) -> list[EigenResult]:
     n = op.shape[0]
     if top + bottom > n:
         raise OptionError(
-            f"--top {top} and --bottom {bottom} ask for {top + bottom} eigenvalues of a "
-            f"{op.name} block with only {n} rows."
+            f"{arg('top')} {top} and {arg('bottom')} {bottom} ask for {top + bottom} "
+            f"eigenvalues of a {op.name} block with only {n} rows."
         )
     if method == Method.LANCZOS:
         return eigenpairs(
-            op,
-            top=top,
-            bottom=bottom,
-            tol=tol,
-            max_iter=max_iter,
-            generator=generator,
-            progress=progress,
+            op, top=top, bottom=bottom, tol=tol, max_iter=max_iter, seed=seed, progress=progress
         )
     out = []
     iters = max_iter if max_iter is not None else 1000
-    if top:
-        out.append(
-            power_iteration(
-                op,
-                top,
-                which="top",
-                tol=tol,
-                max_iter=iters,
-                generator=generator,
-                progress=progress,
+    for which, k in (("top", top), ("bottom", bottom)):
+        if k:
+            out.append(
+                power_iteration(
+                    op, k, which=which, tol=tol, max_iter=iters, seed=seed, progress=progress
+                )
             )
-        )
-    if bottom:
-        out.append(
-            power_iteration(
-                op,
-                bottom,
-                which="bottom",
-                tol=tol,
-                max_iter=iters,
-                generator=generator,
-                progress=progress,
-            )
-        )
     return out
 
 
+def _counted(results: list[EigenResult], method: Method) -> int:
+    """Products of one solve: a Lanczos run serves both ends; power runs are separate."""
+    if method == Method.LANCZOS:
+        return results[0].num_matvecs
+    return sum(r.num_matvecs for r in results)
+
+
 def spectrum(
-    problem: Problem,
+    ops,
     *,
-    matrices: Sequence[str] = ("hessian",),
     blocks: str | Sequence[str] = "all",
     top: int = 5,
     bottom: int = 2,
     method: str | Method = Method.LANCZOS,
     tol: float = DEFAULT_TOL,
     max_iter: int | None = None,
-    seed: int = 0,
+    seed: int | torch.Generator = 0,
     repeats: int = 0,
     samples: int | None = None,
     progress: Progress | None = None,
 ) -> SpectrumResult:
-    r"""Extreme eigenpairs of each requested matrix and block.
+    r"""Extreme eigenpairs of each operator and block, each with its measured residual.
 
-    Every eigenvalue comes with its measured residual :math:`\lVert Av - \lambda v\rVert` and a
+    Every eigenvalue comes with its residual :math:`\lVert Av - \lambda v\rVert` and a
     converged flag (residual <= ``tol`` x the largest |Ritz value|). With ``repeats`` R and
     ``samples`` N the same eigenvalues are recomputed on R seeded random subsets of N samples
-    and summarised per eigenvalue in ``spread`` (mean, std, min, max): the sampling
-    uncertainty that a mini-batch estimate carries (cf. PyHessian issue #5).
+    (operators built from data only) and summarised per eigenvalue in ``spread`` (mean, std,
+    min, max): the sampling uncertainty that a mini-batch estimate carries (cf. PyHessian
+    issue #5).
 
     Args:
-        problem: model, loss, data, parameter selection.
-        matrices: matrix names (``hessian``, ``ggn``, ...).
-        blocks: ``"all"``, ``"per-layer"``, ``"per-param"`` or explicit block names.
+        ops: ``{name: operator}`` (or one operator): curvature operators, ``H + 1e-3 * I``,
+            a matrix, a scipy or curvlinops operator (see :func:`curvscope.linalg.as_operator`).
+        blocks: ``"all"``, ``"per-layer"``, ``"per-param"``, ``"per-group"`` or block names.
         top: number of largest eigenvalues per block.
         bottom: number of smallest eigenvalues per block.
         method: ``lanczos`` or ``power``.
         tol: relative residual tolerance.
         max_iter: Lanczos steps (or power iterations per pair) at most.
-        seed: seeds start vectors, Monte-Carlo matrices and data subsets.
+        seed: seeds start vectors and data subsets (an int or a generator).
         repeats: number of subset repeats (0: none).
         samples: subset size for ``repeats``.
         progress: ``progress(completed, total, description)``.
 
     Raises:
-        OptionError: for invalid counts, methods, matrices or blocks.
+        OptionError: for invalid counts, methods or blocks.
     """
     try:
         method = Method(method)
     except ValueError:
-        raise OptionError(f"--method {method!r} is not known; choose lanczos or power.") from None
+        raise OptionError(
+            f"{arg('method')} {method!r} is not known; choose lanczos or power."
+        ) from None
     if top < 0 or bottom < 0 or top + bottom == 0:
-        raise OptionError("ask for at least one eigenvalue: --top and --bottom are both 0.")
+        raise OptionError(
+            f"{arg('top')} {top} and {arg('bottom')} {bottom}: ask for at least one eigenvalue "
+            "(and none negative)."
+        )
     if repeats < 0:
-        raise OptionError(f"--repeats must be >= 0, got {repeats}.")
+        raise OptionError(f"{arg('repeats')} must be >= 0, got {repeats}.")
     if repeats and samples is None:
-        raise OptionError("--repeats needs --samples N, the size of each random subset.")
-    block_names = resolve_blocks(problem, blocks)
+        raise OptionError(
+            f"{arg('repeats')} needs {arg('samples')} N, the size of each random subset."
+        )
+    operators = named_operators(ops)
+    base_seed = seed if isinstance(seed, int) else int(as_generator(seed).initial_seed())
     entries: list[SpectrumEntry] = []
     vectors: list[torch.Tensor] = []
     notes: list[str] = []
     total = 0
-    for matrix in matrices:
-        full = make_matrix(matrix, problem, seed=seed)
+    for name, full in operators.items():
         notes.extend(n for n in full.notes if n not in notes)
-        for block in block_names:
+        for block in resolve_blocks(full, blocks):
             op = full.block(block)
-            gen = torch.Generator().manual_seed(seed)
-            label = f"{matrix} [{block}]"
+            solve_kw = {
+                "top": top,
+                "bottom": bottom,
+                "method": method,
+                "tol": tol,
+                "max_iter": max_iter,
+            }
             results = _solve(
                 op,
-                top=top,
-                bottom=bottom,
-                method=method,
-                tol=tol,
-                max_iter=max_iter,
-                generator=gen,
-                progress=_labelled(progress, label),
+                seed=torch.Generator().manual_seed(base_seed),
+                progress=labelled(progress, f"{name} [{block}]"),
+                **solve_kw,
             )
-            spreads = (
-                _repeats(
-                    problem,
-                    matrix,
-                    block,
-                    repeats,
-                    samples,
-                    seed,
-                    top=top,
-                    bottom=bottom,
-                    method=method,
-                    tol=tol,
-                    max_iter=max_iter,
-                )
-                if repeats
-                else {}
-            )
-            shared = len(results) > 1 and method == Method.LANCZOS
-            total += results[0].num_matvecs if shared else sum(r.num_matvecs for r in results)
-            total += sum(s["num_matvecs"] for s in spreads.values())
+            total += _counted(results, method)
+            spreads = {}
+            if repeats:
+                spreads, used = _repeats(full, block, repeats, samples, base_seed, **solve_kw)
+                total += used
             for res in results:
                 entries.append(
                     SpectrumEntry(
-                        matrix=matrix,
+                        matrix=name,
                         block=block,
                         which=res.which,
                         method=res.method,
@@ -276,58 +224,49 @@ def spectrum(
                         tol=res.tol,
                         num_iters=res.num_iters,
                         shift=res.shift,
-                        spread=spreads.get(res.which, {}).get("spread"),
+                        spread=spreads.get(res.which),
                     )
                 )
                 vectors.append(canonical_sign(res.eigenvectors.detach()))
-            if shared:
-                notes_line = (
+            if len(results) > 1 and method == Method.LANCZOS:
+                line = (
                     "top and bottom pairs of a block come from one Lanczos run; their "
                     "num_matvecs is that run's count, not a sum."
                 )
-                if notes_line not in notes:
-                    notes.append(notes_line)
+                if line not in notes:
+                    notes.append(line)
     return SpectrumResult(entries, vectors, notes, total)
 
 
-def _labelled(progress: Progress | None, label: str) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda done, total, what: progress(done, total, f"{what} {label}")
-
-
-def _repeats(problem, matrix, block, repeats, samples, seed, **solve_kw) -> dict:
+def _repeats(
+    full: LinearOperator, block: str, repeats: int, samples: int, seed: int, **solve_kw
+) -> tuple[dict, int]:
     """Eigenvalues on ``repeats`` seeded subsets, summarised per eigenvalue and end."""
     gen = torch.Generator().manual_seed(seed + 1)
     per_which: dict[str, list[torch.Tensor]] = {}
     matvecs = 0
     for r in range(repeats):
-        sub = problem.subsample(samples, gen)
-        op = make_matrix(matrix, sub, seed=seed + r).block(block)
+        op = full.on_subset(samples, gen).block(block)
         results = _solve(
-            op, generator=torch.Generator().manual_seed(seed + r), progress=None, **solve_kw
+            op, seed=torch.Generator().manual_seed(seed + r), progress=None, **solve_kw
         )
-        matvecs += results[0].num_matvecs if len(results) > 1 else results[0].num_matvecs
+        matvecs += _counted(results, solve_kw["method"])
         for res in results:
             per_which.setdefault(res.which, []).append(res.eigenvalues)
     out = {}
     for which, vals in per_which.items():
         stack = torch.stack(vals)
+        std = (
+            stack.std(0, unbiased=True)
+            if repeats > 1
+            else torch.zeros(stack.shape[1], dtype=stack.dtype)
+        )
         out[which] = {
-            "spread": {
-                "mean": stack.mean(0).tolist(),
-                "std": (
-                    stack.std(0, unbiased=True)
-                    if repeats > 1
-                    else torch.zeros(stack.shape[1], dtype=stack.dtype)
-                ).tolist(),
-                "min": stack.min(0).values.tolist(),
-                "max": stack.max(0).values.tolist(),
-                "repeats": repeats,
-                "samples": samples,
-            },
-            "num_matvecs": 0,
+            "mean": stack.mean(0).tolist(),
+            "std": std.tolist(),
+            "min": stack.min(0).values.tolist(),
+            "max": stack.max(0).values.tolist(),
+            "repeats": repeats,
+            "samples": samples,
         }
-    if out:
-        next(iter(out.values()))["num_matvecs"] = matvecs
-    return out
+    return out, matvecs

@@ -37,18 +37,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .._errors import OptionError
+from .._errors import CurvscopeError, OptionError, arg
 from .._losses import is_classification
+from .._sampling import as_generator
+from ..io import canonical_sign, load_eigenvectors
 from ..linalg import EigenResult, eigenpairs
 from ..operators import HessianOperator
 from ..problem import Problem
 
 __all__ = [
     "DIRECTION_KINDS",
-    "EIGENVECTOR_FORMAT",
     "SurfaceDirections",
     "SurfaceResult",
     "filter_normalized_direction",
@@ -58,7 +58,6 @@ __all__ = [
 
 Progress = Callable[[int, int, str], None]
 
-EIGENVECTOR_FORMAT = "curvscope.eigenvectors/1"
 DIRECTION_KINDS = ("eigen", "random", "filter-normalized")
 DEFAULT_CHUNK = 32
 """Grid points evaluated together in one vmapped forward pass per batch."""
@@ -132,16 +131,8 @@ class SurfaceResult:
 
 
 # ----------------------------------------------------------------------------- directions
-def _sign_fix(V: torch.Tensor) -> torch.Tensor:
-    """Sign each column so its largest-magnitude entry is positive (DESIGN.md convention)."""
-    idx = V.abs().argmax(dim=0)
-    signs = torch.sign(V[idx, torch.arange(V.shape[1], device=V.device)])
-    signs[signs == 0] = 1
-    return V * signs
-
-
 def filter_normalized_direction(
-    problem: Problem, *, generator: torch.Generator | None = None
+    problem: Problem, *, seed: int | torch.Generator = 0
 ) -> torch.Tensor:
     """One filter-normalised Gaussian direction (Li et al. 2018, Sec. 4), flat ``[P]``.
 
@@ -152,14 +143,15 @@ def filter_normalized_direction(
 
     Args:
         problem: gives the weights and the parameter layout.
-        generator: random source of the Gaussian direction.
+        seed: random source of the Gaussian direction (an int or a generator).
 
     Raises:
         OptionError: when every selected parameter is one-dimensional (nothing is left).
     """
+    gen = as_generator(seed)
     parts = []
     for name, w in problem.params.items():
-        d = torch.randn(w.shape, generator=generator, dtype=torch.float64).to(
+        d = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(
             device=w.device, dtype=w.dtype
         )
         if w.dim() <= 1:
@@ -234,55 +226,32 @@ def load_directions(
             does not fit the selected parameters.
     """
     path = Path(path)
-    if not path.is_file():
-        raise OptionError(f"--directions file {path} does not exist.")
     info: dict = {"kind": "file", "source": str(path)}
-    if path.suffix == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise OptionError(
-                f"--directions file {path} is not a readable .npy array ({exc})."
-            ) from None
-        vec = torch.from_numpy(np.asarray(arr, dtype=np.float64))
+    try:
+        obj = load_eigenvectors(path, allow_tensor=True)
+    except CurvscopeError as exc:
+        raise OptionError(f"{arg('directions')}: {exc}", option="directions") from None
+    if isinstance(obj, torch.Tensor):
+        vec = obj
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same mistake
+        _check_eigen_file(obj, problem, path, model_sha256)
+        entries = [e for e in obj.get("entries", []) if e.get("block") == "all"]
+        if not entries:
+            blocks = sorted({str(e.get("block")) for e in obj.get("entries", [])})
             raise OptionError(
-                f"--directions file {path} is neither an eigenvector file nor a tensor saved "
-                f"with torch.save ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})."
-            ) from None
-        if isinstance(obj, dict):
-            if obj.get("format") != EIGENVECTOR_FORMAT:
-                raise OptionError(
-                    f"--directions file {path} holds a dict that is not a curvscope eigenvector "
-                    f"file (format {EIGENVECTOR_FORMAT!r} expected, got {obj.get('format')!r})."
-                )
-            _check_eigen_file(obj, problem, path, model_sha256)
-            entries = [e for e in obj.get("entries", []) if e.get("block") == "all"]
-            if not entries:
-                blocks = sorted({str(e.get("block")) for e in obj.get("entries", [])})
-                raise OptionError(
-                    f"eigenvector file {path} has no entry for block 'all' (it has "
-                    f"{', '.join(blocks) or 'no entries'}); run spectrum without --per-layer."
-                )
-            entries.sort(key=lambda e: (e.get("matrix") != "hessian", e.get("which") != "top"))
-            entry = entries[0]
-            vec = torch.as_tensor(entry["vectors"]).to(torch.float64)
-            info.update(
-                kind="eigen",
-                matrix=str(entry.get("matrix")),
-                which=str(entry.get("which")),
-                eigenvalues=[float(v) for v in torch.as_tensor(entry["eigenvalues"]).reshape(-1)],
+                f"eigenvector file {path} has no entry for block 'all' (it has "
+                f"{', '.join(blocks) or 'no entries'}); compute the spectrum of the whole "
+                "model, not per layer."
             )
-        elif isinstance(obj, torch.Tensor):
-            vec = obj.detach().to(torch.float64)
-        else:
-            raise OptionError(
-                f"--directions file {path} holds a {type(obj).__name__}, not a tensor of shape "
-                "[P] or [P, k] or an eigenvector file."
-            )
+        entries.sort(key=lambda e: (e.get("matrix") != "hessian", e.get("which") != "top"))
+        entry = entries[0]
+        vec = torch.as_tensor(entry["vectors"]).to(torch.float64)
+        info.update(
+            kind="eigen",
+            matrix=str(entry.get("matrix")),
+            which=str(entry.get("which")),
+            eigenvalues=[float(v) for v in torch.as_tensor(entry["eigenvalues"]).reshape(-1)],
+        )
     if vec.dim() == 1:
         vec = vec.unsqueeze(1)
     if vec.dim() != 2 or vec.shape[0] != problem.num_params:
@@ -302,7 +271,7 @@ def _resolve_directions(
     dims: int,
     *,
     eigen: EigenResult | None,
-    generator: torch.Generator | None,
+    gen: torch.Generator,
     model_sha256: str | None,
     tol: float | None,
     max_iter: int | None,
@@ -360,7 +329,7 @@ def _resolve_directions(
             res = eigenpairs(
                 HessianOperator(problem),
                 top=dims,
-                generator=generator,
+                seed=gen,
                 progress=progress,
                 **({"tol": tol} if tol is not None else {}),
                 **({"max_iter": max_iter} if max_iter is not None else {}),
@@ -375,7 +344,7 @@ def _resolve_directions(
                 f"{dims} columns of length {P} are needed."
             )
         V = V[:, :dims].to(torch.float64)
-        V = _sign_fix(V / torch.linalg.vector_norm(V, dim=0, keepdim=True))
+        V = canonical_sign(V / torch.linalg.vector_norm(V, dim=0, keepdim=True))
         evs = [float(v) for v in res.eigenvalues[:dims]]
         resid = [float(v) for v in res.residual_norms[:dims]]
         conv = [bool(c) for c in res.converged[:dims]]
@@ -394,13 +363,13 @@ def _resolve_directions(
         sd = SurfaceDirections("eigen", desc, [1.0] * dims, None, "hessian", evs, resid, conv)
         return V.to(device=problem.device, dtype=problem.dtype), sd, matvecs, notes
     if kind == "random":
-        D = torch.randn(P, dims, generator=generator, dtype=torch.float64)
+        D = torch.randn(P, dims, generator=gen, dtype=torch.float64)
         D = D / torch.linalg.vector_norm(D, dim=0, keepdim=True)
         desc = "Gaussian random directions scaled to unit norm; axes are distances"
         sd = SurfaceDirections("random", desc, [1.0] * dims)
         return D.to(device=problem.device, dtype=problem.dtype), sd, matvecs, notes
     if kind == "filter-normalized":
-        cols = [filter_normalized_direction(problem, generator=generator) for _ in range(dims)]
+        cols = [filter_normalized_direction(problem, seed=gen) for _ in range(dims)]
         D = torch.stack(cols, dim=1)
         norms = [float(n) for n in torch.linalg.vector_norm(D, dim=0)]
         bias_bn = (
@@ -498,7 +467,7 @@ def surface(
     range_: tuple[float, float] | tuple[tuple[float, float], tuple[float, float]] = (-1.0, 1.0),
     steps: int | tuple[int, int] = 41,
     eigen: EigenResult | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator = 0,
     model_sha256: str | None = None,
     quadratic: bool = True,
     tol: float | None = None,
@@ -518,7 +487,7 @@ def surface(
         range_: ``(lo, hi)`` of the grid coordinates, or one pair per direction.
         steps: points per axis (one int, or one per direction).
         eigen: precomputed top eigenpairs (``eigenpairs(...)[0]``) for ``"eigen"``.
-        generator: random source (Lanczos start vector, random directions).
+        seed: random source (Lanczos start vector, random directions): an int or a generator.
         model_sha256: the checkpoint's hash, checked against an eigenvector file's.
         quadratic: also evaluate the second-order Taylor model (one gradient and one Hessian
             product with the directions).
@@ -555,7 +524,7 @@ def surface(
         directions,
         dims,
         eigen=eigen,
-        generator=generator,
+        gen=as_generator(seed),
         model_sha256=model_sha256,
         tol=tol,
         max_iter=max_iter,

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._errors import CurvscopeError
@@ -71,19 +72,44 @@ def save_eigenvectors(
     return write_atomic(path, buf.getvalue())
 
 
-def load_eigenvectors(path: str | os.PathLike) -> dict[str, Any]:
+def load_eigenvectors(path: str | os.PathLike, *, allow_tensor: bool = False) -> Any:
     """Read an eigenvector file (``weights_only=True``) and check its format.
+
+    Args:
+        path: the file.
+        allow_tensor: also accept a plain tensor (``.pt`` via ``torch.save``, or ``.npy``),
+            returned as a float64 tensor instead of the document.
 
     Raises:
         CurvscopeError: when the file is missing, unreadable or of another format.
     """
     path = Path(path)
-    if not path.exists():
-        raise CurvscopeError(f"eigenvector file {path} does not exist.")
+    if not path.is_file():
+        raise CurvscopeError(f"eigenvector file {path} does not exist.", path=str(path))
+    if allow_tensor and path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+            return torch.from_numpy(np.asarray(arr, dtype=np.float64))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CurvscopeError(
+                f"{path} is not a readable .npy array of numbers ({exc}).", path=str(path)
+            ) from None
     try:
         doc = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not our file"
-        raise CurvscopeError(f"{path} is not a readable eigenvector file ({exc}).") from None
+        first = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise CurvscopeError(
+            f"{path} is neither an eigenvector file nor a tensor saved with torch.save "
+            f"({type(exc).__name__}: {first}).",
+            path=str(path),
+        ) from None
+    if allow_tensor and isinstance(doc, torch.Tensor):
+        return doc.detach().to(torch.float64)
     if not isinstance(doc, dict) or doc.get("format") != EIGENVECTOR_FORMAT:
-        raise CurvscopeError(f"{path} is not a curvscope eigenvector file ({EIGENVECTOR_FORMAT}).")
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise CurvscopeError(
+            f"{path} is not a curvscope eigenvector file (format {EIGENVECTOR_FORMAT!r} "
+            f"expected, got {got!r}).",
+            path=str(path),
+        )
     return doc

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
-from ._operator import LinearOperator
+from .._sampling import as_generator
+from ._operator import LinearOperator, as_operator, require_square
 
 __all__ = ["EigenResult", "LanczosResult", "eigenpairs", "lanczos"]
 
@@ -89,9 +90,9 @@ class EigenResult:
         return bool(self.converged.all())
 
 
-def _start_vector(n: int, A: LinearOperator, v0, generator) -> torch.Tensor:
+def _start_vector(n: int, A: LinearOperator, v0, gen: torch.Generator) -> torch.Tensor:
     if v0 is None:
-        v0 = torch.randn(n, generator=generator, dtype=torch.float64)
+        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
     v = v0.to(device=A.device, dtype=A.dtype).reshape(-1)
     norm = torch.linalg.vector_norm(v)
     if norm == 0:
@@ -111,7 +112,7 @@ def lanczos(
     num_iters: int,
     *,
     v0: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = 0,
     callback: Callable[[LanczosResult], bool] | None = None,
 ) -> LanczosResult:
     """Run ``num_iters`` Lanczos steps with full reorthogonalisation.
@@ -122,15 +123,16 @@ def lanczos(
     Args:
         A: a symmetric operator (or anything with ``shape``, ``dtype``, ``device`` and ``@``).
         num_iters: maximum number of steps (at most ``P``).
-        v0: start vector (default: Gaussian from ``generator``).
-        generator: random source for the start vector.
+        v0: start vector (default: Gaussian from ``seed``).
+        seed: an int or a torch.Generator: the random source for the start vector.
         callback: called after every step with the current result; return ``True`` to stop.
     """
+    A = as_operator(A)
     n = A.shape[0]
     m_max = min(int(num_iters), n)
     if m_max < 1:
         raise OptionError("Lanczos needs at least one step.")
-    q = _start_vector(n, A, v0, generator)
+    q = _start_vector(n, A, v0, as_generator(seed))
     Q = torch.empty(n, m_max, dtype=A.dtype, device=A.device)
     alphas: list[float] = []
     betas: list[float] = []
@@ -182,7 +184,7 @@ def eigenpairs(
     bottom: int = 0,
     tol: float = DEFAULT_TOL,
     max_iter: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = 0,
     v0: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> list[EigenResult]:
@@ -200,7 +202,7 @@ def eigenpairs(
         bottom: number of smallest eigenvalues (ascending in the result).
         tol: relative residual tolerance (DESIGN.md "Contracts", default 1e-4).
         max_iter: maximum Lanczos steps (default ``min(P, max(100, 10 (top + bottom)))``).
-        generator: random source for the start vector.
+        seed: an int or a torch.Generator: the random source for the start vector.
         v0: optional start vector.
         progress: ``progress(completed, total, description)`` after every step.
 
@@ -210,6 +212,8 @@ def eigenpairs(
     Raises:
         OptionError: when nothing or more eigenvalues than ``P`` are requested.
     """
+    A = as_operator(A)
+    require_square(A, "Lanczos")
     n = A.shape[0]
     k = top + bottom
     if top < 0 or bottom < 0 or k == 0:
@@ -235,7 +239,7 @@ def eigenpairs(
         wanted = top_idx + bottom_idx
         return bool((est[wanted] <= tol * max(norm, 1e-300)).all())
 
-    res = lanczos(A, max_iter, v0=v0, generator=generator, callback=done)
+    res = lanczos(A, max_iter, v0=v0, seed=seed, callback=done)
     theta, S, _ = _ritz(res)
     norm = float(theta.abs().max())
     top_idx, bottom_idx = _select(theta, top, bottom)

@@ -218,6 +218,41 @@ class LinearOperator:
         """Names accepted by :meth:`block` besides ``"all"``."""
         return list(self._blocks)
 
+    def named_blocks(self, mode: str) -> list[str]:
+        """Block names for a blocking mode: ``all``, ``per-layer``, ``per-param``, ``per-group``.
+
+        A plain operator knows only the named index sets it was given, whatever the mode.
+
+        Raises:
+            OptionError: when the operator has no named blocks.
+        """
+        if mode == "all":
+            return ["all"]
+        names = self.block_names()
+        if not names:
+            raise OptionError(
+                f"the {self.name} operator has no named blocks, so {arg('blocks')} {mode!r} "
+                "cannot split it (give it blocks, or analyse it whole).",
+                option="blocks",
+            )
+        return names
+
+    def block_parts(self, name: str) -> list[str]:
+        """The parameter names a block consists of, where the operator knows them."""
+        return []
+
+    def on_subset(self, size: int, seed: int | torch.Generator) -> LinearOperator:
+        """The same matrix on a random subset of the data (operators built from data only).
+
+        Raises:
+            OptionError: for an operator with no data behind it.
+        """
+        raise OptionError(
+            f"the {self.name} operator has no data to draw subsets from; {arg('repeats')} "
+            "needs a curvature operator built from a problem.",
+            option="repeats",
+        )
+
     def block(self, name: str) -> LinearOperator:
         """The diagonal block of the named index set (``"all"``: the operator itself).
 
@@ -397,6 +432,27 @@ class SumOperator(LinearOperator):
     def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.a.rmatmat(V) + self.b.rmatmat(V)
 
+    def named_blocks(self, mode: str) -> list[str]:
+        """Block names of the non-identity terms for ``mode``."""
+        if mode == "all":
+            return ["all"]
+        terms = [t for t in (self.a, self.b) if not _identity_like(t)]
+        names: list[str] = []
+        for t in terms:
+            names += [n for n in t.named_blocks(mode) if n not in names]
+        return names
+
+    def block_parts(self, name: str) -> list[str]:
+        """The parameter names of the block in a non-identity term."""
+        term = self.b if _identity_like(self.a) else self.a
+        return term.block_parts(name)
+
+    def on_subset(self, size: int, seed: int | torch.Generator) -> LinearOperator:
+        """The sum on a data subset (an identity term stays as it is)."""
+        a = self.a if _identity_like(self.a) else self.a.on_subset(size, seed)
+        b = self.b if _identity_like(self.b) else self.b.on_subset(size, seed)
+        return SumOperator(a, b)
+
     def block_names(self) -> list[str]:
         """The block names of the non-identity terms."""
         names = [] if _identity_like(self.a) else self.a.block_names()
@@ -433,6 +489,18 @@ class ScaledOperator(LinearOperator):
     def block_names(self) -> list[str]:
         """The scaled operator's block names."""
         return self.a.block_names()
+
+    def named_blocks(self, mode: str) -> list[str]:
+        """The scaled operator's block names for ``mode``."""
+        return self.a.named_blocks(mode)
+
+    def block_parts(self, name: str) -> list[str]:
+        """The scaled operator's block parts."""
+        return self.a.block_parts(name)
+
+    def on_subset(self, size: int, seed: int | torch.Generator) -> LinearOperator:
+        """The scaled operator on a data subset."""
+        return ScaledOperator(self.alpha, self.a.on_subset(size, seed))
 
     def block(self, name: str) -> LinearOperator:
         """The scaled block."""

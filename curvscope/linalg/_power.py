@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from .._errors import OptionError
+from .._sampling import as_generator
 from ._lanczos import DEFAULT_TOL, EigenResult, Progress
-from ._operator import LinearOperator
+from ._operator import LinearOperator, as_operator, require_square
 
 __all__ = ["power_iteration"]
 
@@ -28,7 +29,7 @@ def power_iteration(
     which: str = "magnitude",
     tol: float = DEFAULT_TOL,
     max_iter: int = 1000,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = 0,
     progress: Progress | None = None,
 ) -> EigenResult:
     r"""``k`` eigenpairs by power iteration with deflation (Suk Alg. 5).
@@ -44,23 +45,26 @@ def power_iteration(
         which: ``"magnitude"`` (largest |lambda|), ``"top"`` or ``"bottom"`` (shifted).
         tol: relative residual tolerance.
         max_iter: products per eigenpair at most.
-        generator: random source for start vectors.
+        seed: an int or a torch.Generator: the random source for start vectors.
         progress: ``progress(completed, total, description)``.
 
     Raises:
         OptionError: for an unknown ``which`` or ``k`` out of range.
     """
+    A = as_operator(A)
+    require_square(A, "power iteration")
     n = A.shape[0]
     if which not in ("magnitude", "top", "bottom"):
         raise OptionError(f"which={which!r} is not known; choose magnitude, top or bottom.")
     if not 1 <= k <= n:
         raise OptionError(f"power iteration needs 1 <= k <= {n}, got {k}.")
+    gen = as_generator(seed)
     matvecs = 0
     shift = None
     sign = 1.0
     if which != "magnitude":
         first = power_iteration(
-            A, 1, which="magnitude", tol=tol, max_iter=max_iter, generator=generator
+            A, 1, which="magnitude", tol=tol, max_iter=max_iter, seed=gen
         )
         matvecs += first.num_matvecs
         shift = float(first.eigenvalues[0].abs())
@@ -71,7 +75,7 @@ def power_iteration(
     norm_est = shift or 0.0
     total_iters = 0
     for i in range(k):
-        v = torch.randn(n, generator=generator, dtype=torch.float64).to(A.device, A.dtype)
+        v = torch.randn(n, generator=gen, dtype=torch.float64).to(A.device, A.dtype)
         v = v / torch.linalg.vector_norm(v)
         lam, res = 0.0, float("inf")
         for _ in range(max_iter):

@@ -134,7 +134,7 @@ def slq(
     num_steps: int = 80,
     distribution: str = "rademacher",
     probes: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = 0,
     progress: Progress | None = None,
 ) -> SLQResult:
     r"""Stochastic Lanczos quadrature with full reorthogonalisation, all probes at once.
@@ -148,7 +148,7 @@ def slq(
             :math:`\mathbb{E}[v v^T] = I / P` in both cases.
         probes: explicit probe columns ``[P, k]`` (normalised here), e.g. the identity to make
             the estimate of :math:`\operatorname{tr} f(A)/P` exact.
-        generator: random source for the probes.
+        seed: an int or a torch.Generator: the random source for the probes.
         progress: ``progress(step, num_steps, "SLQ")`` after every step.
 
     Returns:
@@ -165,7 +165,7 @@ def slq(
         if num_probes < 1:
             raise OptionError(f"SLQ needs at least one probe, got {num_probes}.")
         Z = random_probes(
-            n, num_probes, distribution=distribution, generator=generator, dtype=torch.float64
+            n, num_probes, distribution=distribution, seed=seed, dtype=torch.float64
         )
     else:
         if probes.dim() != 2 or probes.shape[0] != n or probes.shape[1] < 1:

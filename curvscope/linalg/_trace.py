@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
+from .._sampling import as_generator
 from ._operator import LinearOperator, as_operator
 
 __all__ = [
@@ -72,23 +73,24 @@ def random_probes(
     k: int,
     *,
     distribution: str = "rademacher",
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     r"""``k`` probe columns ``[n, k]`` with :math:`\mathbb{E}[z z^T] = I`.
 
-    Draws happen on the CPU in float64 from ``generator`` (so results do not depend on the
-    device) and are then moved to ``device`` and ``dtype``.
+    Draws happen on the CPU in float64 from ``seed`` (an int or a generator), so results
+    do not depend on the device, and are then moved to ``device`` and ``dtype``.
 
     Raises:
         OptionError: for an unknown distribution.
     """
+    gen = as_generator(seed)
     if distribution == "rademacher":
-        z = torch.randint(0, 2, (n, k), generator=generator, dtype=torch.int64)
+        z = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int64)
         z = z.to(torch.float64) * 2 - 1
     elif distribution == "gaussian":
-        z = torch.randn(n, k, generator=generator, dtype=torch.float64)
+        z = torch.randn(n, k, generator=gen, dtype=torch.float64)
     else:
         raise OptionError(
             f"probe distribution {distribution!r} is not known; choose rademacher or gaussian."
@@ -128,7 +130,7 @@ def hutchinson_trace(
     *,
     num_matvecs: int = 100,
     distribution: str = "rademacher",
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = 0,
     batch: int = DEFAULT_BATCH,
 ) -> TraceEstimate:
     r"""Hutchinson's estimator :math:`\frac1m \sum_j z_j^T A z_j`.
@@ -139,7 +141,7 @@ def hutchinson_trace(
         distribution: ``"rademacher"`` (minimal variance
             :math:`2(\lVert A\rVert_F^2 - \sum_i a_{ii}^2)` per probe) or ``"gaussian"``
             (:math:`2\lVert A\rVert_F^2`).
-        generator: random source for the probes.
+        seed: an int or a torch.Generator: the random source for the probes.
         batch: probes per product ``A @ V``.
 
     Returns:
@@ -158,7 +160,7 @@ def hutchinson_trace(
         n,
         num_matvecs,
         distribution=distribution,
-        generator=generator,
+        seed=seed,
         dtype=A.dtype,
         device=A.device,
     )
@@ -172,7 +174,7 @@ def hutchpp_trace(
     *,
     num_matvecs: int = 99,
     distribution: str = "rademacher",
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = 0,
     batch: int = DEFAULT_BATCH,
 ) -> TraceEstimate:
     r"""Hutch++ (Meyer et al. 2021, Algorithm 1) with ``num_matvecs`` products.
@@ -187,7 +189,7 @@ def hutchpp_trace(
         A: symmetric operator or square tensor.
         num_matvecs: total products (at least 3; default 99 as 33 + 33 + 33).
         distribution: probe distribution for :math:`S` and the Hutchinson probes.
-        generator: random source.
+        seed: an int or a torch.Generator: the random source.
         batch: columns per product.
 
     Returns:
@@ -206,7 +208,7 @@ def hutchpp_trace(
     n = A.shape[0]
     k = min(num_matvecs // 3, n)
     g = num_matvecs - 2 * k
-    kw = {"distribution": distribution, "generator": generator, "dtype": A.dtype}
+    kw = {"distribution": distribution, "seed": as_generator(seed), "dtype": A.dtype}
     S = random_probes(n, k, device=A.device, **kw)
     G = random_probes(n, g, device=A.device, **kw)
     AS = torch.cat([A @ S[:, i : i + batch] for i in range(0, k, batch)], dim=1)

@@ -23,8 +23,11 @@ from ._registry import (
     MATRICES,
     MATRIX_NAMES,
     MatrixSpec,
+    build_operators,
+    compare_defaults,
     make_operator,
     matrix_help,
+    report_matrices,
     resolve_matrices,
 )
 
@@ -52,8 +55,11 @@ __all__ = [
     "ScaledOperator",
     "SumOperator",
     "activation_derivatives",
+    "build_operators",
+    "compare_defaults",
     "make_operator",
     "matrix_help",
     "mlp_chain",
+    "report_matrices",
     "resolve_matrices",
 ]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._errors import OptionError, arg
 from ..linalg import LinearOperator
 from ..problem import Batch, Problem
 
@@ -86,6 +87,36 @@ class CurvatureOperator(LinearOperator):
     def block_names(self) -> list[str]:
         """Module names (``--per-layer`` blocks), then parameter names, then groups."""
         return self.problem.block_names()
+
+    def named_blocks(self, mode: str) -> list[str]:
+        """``all``; module names (``per-layer``); parameter names; group names (``per-group``).
+
+        Raises:
+            OptionError: for an unknown mode, or ``per-group`` without groups.
+        """
+        p = self.problem
+        if mode == "all":
+            return ["all"]
+        if mode == "per-layer":
+            return list(p.module_blocks())
+        if mode == "per-param":
+            return list(p.names)
+        if mode == "per-group":
+            if not p.groups:
+                raise OptionError(
+                    f"{arg('blocks')} per-group needs parameter groups ({arg('group')}).",
+                    option="group",
+                )
+            return list(p.groups)
+        raise OptionError(
+            f"{arg('blocks')} {mode!r} is not known; choose all, per-layer, per-param, per-group "
+            "or block names.",
+            option="blocks",
+        )
+
+    def block_parts(self, name: str) -> list[str]:
+        """The parameter names of block ``name``."""
+        return self.problem.block_param_names(name)
 
     def block(self, name: str) -> CurvatureOperator:
         """The diagonal block of one parameter, one module, one group or ``"all"``.

@@ -20,8 +20,11 @@ __all__ = [
     "MATRICES",
     "MATRIX_NAMES",
     "MatrixSpec",
+    "build_operators",
+    "compare_defaults",
     "make_operator",
     "matrix_help",
+    "report_matrices",
     "resolve_matrices",
 ]
 
@@ -208,6 +211,51 @@ def make_operator(
         raise
     op.name = key
     return op
+
+
+def build_operators(
+    problem: Problem,
+    names: str | Sequence[str],
+    *,
+    seed: int = 0,
+    mc_samples: int = 1,
+    hvp: str = "auto",
+    skip_unsupported: bool = False,
+) -> tuple[dict[str, CurvatureOperator], list[dict[str, str]]]:
+    """Build several matrices by name: ``({name: operator}, skipped)``.
+
+    Args:
+        problem: model, loss, data and parameter selection.
+        names: matrix names (validated first).
+        seed: seed of Monte-Carlo label draws.
+        mc_samples: labels drawn per sample for the Monte-Carlo matrices.
+        hvp: how Hessian products are taken.
+        skip_unsupported: leave out a matrix the model does not support and record
+            ``{"matrix", "reason"}`` instead of raising.
+
+    Raises:
+        UnsupportedModelError: for an unsupported matrix unless ``skip_unsupported``.
+    """
+    ops: dict[str, CurvatureOperator] = {}
+    skipped: list[dict[str, str]] = []
+    for name in resolve_matrices(names):
+        try:
+            ops[name] = make_operator(name, problem, seed=seed, mc_samples=mc_samples, hvp=hvp)
+        except UnsupportedModelError as exc:
+            if not skip_unsupported:
+                raise
+            skipped.append({"matrix": name, "reason": str(exc)})
+    return ops, skipped
+
+
+def report_matrices(preset: str) -> list[str]:
+    """The matrices a report preset uses, in registry order."""
+    return [n for n, s in MATRICES.items() if preset in s.report]
+
+
+def compare_defaults() -> list[str]:
+    """The approximations ``compare`` uses by default."""
+    return [n for n, s in MATRICES.items() if s.compare_default]
 
 
 def matrix_help() -> str:

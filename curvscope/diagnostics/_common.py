@@ -1,0 +1,62 @@
+"""What every diagnostic of operators shares: naming the operators and choosing blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .._errors import OptionError, arg
+from ..linalg import LinearOperator, as_operator
+
+__all__ = ["BLOCK_MODES", "Progress", "labelled", "named_operators", "resolve_blocks"]
+
+Progress = Callable[[int, int, str], None]
+
+BLOCK_MODES = ("all", "per-layer", "per-param", "per-group")
+"""Blocking modes every diagnostic accepts besides explicit block names."""
+
+
+def named_operators(ops: Any) -> dict[str, LinearOperator]:
+    """``{name: operator}`` from a mapping, a sequence or a single operator-like object.
+
+    Every value goes through :func:`curvscope.linalg.as_operator`, so a matrix, a scipy
+    operator or another library's operator is accepted; a single operator is named by its
+    ``name``.
+
+    Raises:
+        OptionError: when no operator is given.
+    """
+    if isinstance(ops, Mapping):
+        out = {str(k): as_operator(v, name=str(k)) for k, v in ops.items()}
+    elif isinstance(ops, (list, tuple)):
+        out = {}
+        for v in ops:
+            op = as_operator(v)
+            out[op.name] = op
+    else:
+        op = as_operator(ops)
+        out = {op.name: op}
+    if not out:
+        raise OptionError(f"{arg('ops')} holds no operator; pass at least one.", option="ops")
+    return out
+
+
+def resolve_blocks(op: LinearOperator, blocks: str | Sequence[str]) -> list[str]:
+    """Block names of ``op`` for a blocking mode or an explicit list (checked against ``op``).
+
+    Raises:
+        OptionError: for a block that does not exist (listing the valid ones).
+    """
+    if isinstance(blocks, str) and blocks in BLOCK_MODES:
+        return op.named_blocks(blocks)
+    names = [blocks] if isinstance(blocks, str) else list(blocks)
+    for name in names:
+        op.block(name)  # raises with the valid names
+    return names
+
+
+def labelled(progress: Progress | None, label: str) -> Progress | None:
+    """A progress callback whose descriptions carry ``label``."""
+    if progress is None:
+        return None
+    return lambda done, total, what: progress(done, total, f"{what} {label}".strip())
