@@ -1,6 +1,6 @@
 """Inputs (checkpoints, data sets) and outputs (result documents)."""
 
-from ._archs import ACTIVATIONS, LAYER_TYPES, build_arch
+from ._archs import ACTIVATIONS, ARCH_TYPES, LAYER_TYPES, build_arch
 from ._checkpoints import (
     CHECKPOINT_FORMAT,
     LoadedModel,
@@ -28,6 +28,7 @@ from ._results import (
 
 __all__ = [
     "ACTIVATIONS",
+    "ARCH_TYPES",
     "BUILTIN_DATASETS",
     "CHECKPOINT_FORMAT",
     "LAYER_TYPES",
