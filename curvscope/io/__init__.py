@@ -25,6 +25,7 @@ from ._results import (
     write_atomic,
     write_document,
 )
+from ._tokens import TokenBatches, TokenWindows, load_tokens
 
 __all__ = [
     "ACTIVATIONS",
@@ -38,6 +39,9 @@ __all__ = [
     "check_fits",
     "load_checkpoint",
     "load_dataset",
+    "TokenBatches",
+    "TokenWindows",
+    "load_tokens",
     "save_checkpoint",
     "save_safetensors",
     "EIGENVECTOR_FORMAT",
