@@ -200,20 +200,21 @@ def train_char_lm(
     steps: int,
     batch_size: int,
     lr: float,
+    block_size: int = BLOCK_SIZE,
     seed: int = 0,
     weight_decay: float = 0.01,
 ) -> tuple[nn.Module, list[float]]:
     """Train a next-token model built from ``arch`` with AdamW on random windows of ``ids``.
 
-    Each step draws ``batch_size`` window starts from a generator seeded with ``seed``; the
-    windows are ``arch["block_size"]`` long (64 when the arch has none). The model starts from
+    Each step draws ``batch_size`` windows of ``block_size`` tokens (and their next-token
+    targets) at starts from a generator seeded with ``seed``. The model starts from
     ``torch.manual_seed(seed)``. One thread: deterministic for a seed, and as fast as more on
     a model this small.
 
     Returns:
         The trained model (eval mode) and the training loss of every step.
     """
-    t = int(arch.get("block_size", BLOCK_SIZE))
+    t = block_size
     data = torch.from_numpy(np.asarray(ids, dtype=np.int64))
     torch.manual_seed(seed)
     model = build_arch(arch)
@@ -258,9 +259,8 @@ def _make_text_example(name: str, out_dir: Path, seed: int) -> dict[str, str]:
     t0 = time.perf_counter()
     vocab, ids = encode_text(shipped_text("kjv"))
     arch = {"type": spec["arch"]["type"], "vocab_size": len(vocab), **spec["arch"]}
-    train_arch = {**arch, "block_size": BLOCK_SIZE}
-    model, losses = train_char_lm(
-        train_arch,
+    model, _ = train_char_lm(
+        arch,
         ids,
         steps=spec["steps"],
         batch_size=spec["batch_size"],
