@@ -34,7 +34,7 @@ EXAMPLES = {
     "sinus-mlp": "1-32-32-1 tanh MLP regressing sin(x), MSE (as in the Suk thesis)",
     "tiny-gpt": "2-layer, 4-head causal transformer (112k parameters) predicting the next "
     "character of KJV text, windows of 64, cross-entropy",
-    "lstm": "1-layer LSTM (hidden 128, 112k parameters) predicting the next character of KJV "
+    "lstm": "1-layer LSTM (hidden 128, 111k parameters) predicting the next character of KJV "
     "text, windows of 64, cross-entropy",
 }
 
@@ -113,12 +113,16 @@ _SPECS = {
 
 
 def make_example(name: str, out_dir: str | Path, *, seed: int = 0) -> dict[str, str]:
-    """Train example ``name`` with full-batch Adam and write it to ``out_dir``.
+    """Train example ``name`` and write it to ``out_dir``.
+
+    The MLP and CNN examples train with full-batch Adam; ``tiny-gpt`` and ``lstm`` with
+    AdamW on random windows of the shipped text (:func:`train_char_lm`).
 
     Training is deterministic for a given seed and thread count.
 
     Returns:
-        Paths and figures of what was written (model, data, loss, accuracy, seconds).
+        Paths and figures of what was written (model, data, loss, accuracy, seconds; for
+        the language models also ``unigram_loss``, the text's character entropy in nats).
 
     Raises:
         OptionError: for an unknown example name.

@@ -256,7 +256,7 @@ def load_tokens(
     m = n_tokens - t  # window starts 0 .. n_tokens - t - 1
     if samples is None:
         starts = np.arange(0, m, t, dtype=np.int64)
-        how = f"{len(starts)} non-overlapping windows"
+        how = f"{len(starts)} non-overlapping windows of {t}"
     else:
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= m:
             raise DataError(
@@ -264,13 +264,13 @@ def load_tokens(
                 f"token file {path} at {arg('block_size')} {t}."
             )
         starts = _random_starts(m, samples, seed).astype(np.int64)
-        how = f"{samples} random windows, seed {seed}"
+        how = f"{samples} random windows of {t}, seed {seed}"
     return TokenWindows(
         path=path,
         dtype=dt,
         block_size=t,
         starts=starts,
-        source=f"{path} ({np.dtype(dt).name} tokens, {how} of {t})",
+        source=f"{path} ({np.dtype(dt).name} tokens, {how})",
         sha256=file_sha256(path),
         vocab_size=hi + 1,
         num_tokens=n_tokens,
