@@ -72,9 +72,10 @@ def main() -> None:
         out.append(verse)
     data = ("\n".join(out) + "\n").encode("ascii")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "wb") as raw, gzip.GzipFile(
-        filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9
-    ) as gz:
+    with (
+        open(args.out, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
+    ):
         gz.write(data)
     print(f"wrote {args.out}: {len(data)} characters, {args.out.stat().st_size} bytes gzipped")
 
