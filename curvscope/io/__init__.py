@@ -1,6 +1,6 @@
 """Inputs (checkpoints, data sets) and outputs (result documents)."""
 
-from ._archs import ACTIVATIONS, LAYER_TYPES, build_arch
+from ._archs import ACTIVATIONS, ARCH_TYPES, LAYER_TYPES, build_arch
 from ._checkpoints import (
     CHECKPOINT_FORMAT,
     LoadedModel,
@@ -25,9 +25,11 @@ from ._results import (
     write_atomic,
     write_document,
 )
+from ._tokens import TokenBatches, TokenWindows, load_tokens
 
 __all__ = [
     "ACTIVATIONS",
+    "ARCH_TYPES",
     "BUILTIN_DATASETS",
     "CHECKPOINT_FORMAT",
     "LAYER_TYPES",
@@ -37,6 +39,9 @@ __all__ = [
     "check_fits",
     "load_checkpoint",
     "load_dataset",
+    "TokenBatches",
+    "TokenWindows",
+    "load_tokens",
     "save_checkpoint",
     "save_safetensors",
     "EIGENVECTOR_FORMAT",

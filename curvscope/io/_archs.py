@@ -4,9 +4,14 @@
 
     {"type": "mlp", "sizes": [64, 128, 10], "activation": "tanh", "bias": true}
     {"type": "sequential", "layers": [{"type": "Conv2d", "args": {...}}, ...]}
+    {"type": "tiny-gpt", "vocab_size": 65, "block_size": 64, "n_layer": 2, "n_head": 4,
+     "n_embd": 64}
+    {"type": "char-lstm", "vocab_size": 65, "n_embd": 64, "hidden": 128, "num_layers": 1}
 
 An MLP is an ``nn.Sequential`` of ``Linear`` and activation modules with no activation after
-the last ``Linear``, so its module names are ``"0"``, ``"1"``, ``"2"``...
+the last ``Linear``, so its module names are ``"0"``, ``"1"``, ``"2"``... The two sequence
+models are :class:`curvscope.models.TinyGPT` and :class:`curvscope.models.CharLSTM`; they take
+token ids ``[B, T]`` and return logits ``[B, T, vocab_size]``.
 """
 
 from __future__ import annotations
@@ -16,8 +21,16 @@ from typing import Any
 from torch import nn
 
 from .._errors import CheckpointError
+from ..models import CharLSTM, TinyGPT
 
-__all__ = ["ACTIVATIONS", "LAYER_TYPES", "build_arch"]
+__all__ = ["ACTIVATIONS", "ARCH_TYPES", "LAYER_TYPES", "build_arch"]
+
+# Sequence models: arch type -> (class, its integer arguments in order).
+_SEQUENCE_MODELS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "tiny-gpt": (TinyGPT, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")),
+    "char-lstm": (CharLSTM, ("vocab_size", "n_embd", "hidden", "num_layers")),
+}
+ARCH_TYPES = ("mlp", "sequential", *_SEQUENCE_MODELS)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -101,4 +114,33 @@ def build_arch(arch: dict[str, Any]) -> nn.Module:
             except TypeError as exc:
                 raise CheckpointError(f"layer {i} ({name}) has bad arguments: {exc}.") from None
         return nn.Sequential(*modules)
-    raise CheckpointError(f"arch type {kind!r} is not known; use 'mlp' or 'sequential'.")
+    if kind in _SEQUENCE_MODELS:
+        return _build_sequence_model(kind, arch)
+    raise CheckpointError(
+        f"arch type {kind!r} is not known; use one of {', '.join(map(repr, ARCH_TYPES))}."
+    )
+
+
+def _build_sequence_model(kind: str, arch: dict[str, Any]) -> nn.Module:
+    cls, names = _SEQUENCE_MODELS[kind]
+    missing = [n for n in names if n not in arch]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint's {kind} arch lacks {', '.join(map(repr, missing))}; it needs "
+            f"{', '.join(map(repr, names))}."
+        )
+    args = {}
+    for n in names:
+        v = arch[n]
+        # bool is an int subclass: True would build a one-unit model without complaint.
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(
+                f"the checkpoint's {kind} arch has {n} = {v!r}; it must be a positive integer."
+            )
+        args[n] = v
+    if kind == "tiny-gpt" and args["n_embd"] % args["n_head"]:
+        raise CheckpointError(
+            f"the checkpoint's tiny-gpt arch has n_embd = {args['n_embd']}, which is not "
+            f"divisible by n_head = {args['n_head']}; each head needs an equal share."
+        )
+    return cls(**args)
