@@ -183,11 +183,22 @@ class Problem:
         self.groups = {k: list(v) for k, v in (groups or {}).items()}
         for name in self.groups:
             self.block_param_names(name)  # every group must select something
-        self.data_passes = 0
+        # one counter shared by every view of this problem (blocks, subsets, dtype copies),
+        # so a document counts the passes its operators made on any of them
+        self._passes = [0]
         self.notes: list[str] = []
         self._count()
         if check_deterministic:
             self.check_deterministic()
+
+    @property
+    def data_passes(self) -> int:
+        """Passes over the data so far, by this problem and every view of it."""
+        return self._passes[0]
+
+    @data_passes.setter
+    def data_passes(self, value: int) -> None:
+        self._passes[0] = int(value)
 
     # ----------------------------------------------------------------- parameters
     @staticmethod
@@ -637,26 +648,68 @@ class Problem:
         return correct / total if total else None
 
     # ----------------------------------------------------------------- checks
-    def check_finite(self, *, source: str | None = None) -> None:
-        """Raise :class:`NonFiniteError` naming the parameter, or the data, that holds NaN/Inf.
+    def check_data(
+        self,
+        *,
+        source: str | None = None,
+        classes: int | None = None,
+        vocabulary: int | None = None,
+    ) -> None:
+        """The one check of weights and data, in one pass: finite values and valid ids.
 
-        The one finite check of weights and data (one pass).
+        Args:
+            source: what the data are, for messages.
+            classes: the model's number of outputs for a class-index loss: targets must lie
+                in ``0..classes-1`` (or be the ignore index).
+            vocabulary: the size of the model's embedding: integer inputs must lie below it.
+
+        Raises:
+            NonFiniteError: naming the parameter, or the data, that holds NaN/Inf.
+            DataError: for class targets or token ids out of range.
         """
         for name, p in self.params.items():
             if not torch.isfinite(p).all():
                 raise NonFiniteError(f"parameter {name} holds NaN or Inf values.", parameter=name)
         where = f" of {source}" if source else ""
         for i, b in enumerate(self.batches()):
-            for kind, obj in (("inputs", b.inputs), ("targets", b.target)):
-                tensors = _tensors(obj.args) + _tensors(obj.kwargs) if kind == "inputs" else (
-                    _tensors(obj)
-                )
+            inputs = _tensors(b.inputs.args) + _tensors(b.inputs.kwargs)
+            for kind, tensors in (("inputs", inputs), ("targets", _tensors(b.target))):
                 for t in tensors:
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         raise NonFiniteError(
-                            f"the {kind}{where} hold NaN or Inf values (batch {i}).",
-                            path=source,
+                            f"the {kind}{where} hold NaN or Inf values (batch {i}).", path=source
                         )
+            if classes is not None and isinstance(b.target, torch.Tensor):
+                t = b.target
+                if t.is_floating_point():
+                    raise DataError(
+                        f"the {self.loss_name} loss needs integer class targets, but the "
+                        f"targets{where} are real-valued."
+                    )
+                live = t[t != self.loss_fn.ignore_index]
+                if live.numel() and (int(live.min()) < 0 or int(live.max()) >= classes):
+                    raise DataError(
+                        f"targets{where} range over {int(live.min())}..{int(live.max())} but "
+                        f"the model has {classes} outputs (targets must lie in "
+                        f"0..{classes - 1}, or be {self.loss_fn.ignore_index} to be ignored)."
+                    )
+            if vocabulary is not None:
+                ids = [t for t in b.inputs.args if isinstance(t, torch.Tensor)]
+                ids += [v for k, v in b.inputs.kwargs.items() if k == "input_ids"]
+                for t in ids:
+                    if t.is_floating_point() or t.dtype == torch.bool or not t.numel():
+                        continue
+                    hi = int(t.max())
+                    if hi >= vocabulary or int(t.min()) < 0:
+                        raise DataError(
+                            f"token id {hi if hi >= vocabulary else int(t.min())} in the "
+                            f"inputs{where} is past the model's vocabulary of {vocabulary} "
+                            f"(ids must lie in 0..{vocabulary - 1})."
+                        )
+
+    def check_finite(self, *, source: str | None = None) -> None:
+        """Finite weights and data (:meth:`check_data` without id checks)."""
+        self.check_data(source=source)
 
     def check_deterministic(self, num_batches: int = 2) -> None:
         """Two passes must give the same matrix: compare batches, then loss and gradient.
@@ -746,7 +799,6 @@ class Problem:
         batches = [_slice_rows(merged, i, i + step) for i in range(0, int(n), step)]
         new = self._copy()
         new.data = batches
-        new.data_passes = 0
         new._count()
         return new
 
@@ -759,7 +811,6 @@ class Problem:
         new.model = model
         new._set_params(self._select(list(self.names), model))
         new.scripted = _is_scripted(model)
-        new.data_passes = 0
         return new
 
 

@@ -111,3 +111,10 @@ def concat(data):
     """All batches concatenated: the ground truth sees the whole sample set at once."""
     xs, ys = zip(*[(x, y) for x, y in data], strict=True)
     return torch.cat(xs), torch.cat(ys)
+
+
+def operators(problem, *names, **kw):
+    """``{name: operator}`` for matrix names (default: the Hessian), through the registry."""
+    from curvscope.operators import build_operators
+
+    return build_operators(problem, list(names) or ["hessian"], **kw)[0]

@@ -8,6 +8,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from curvscope import Problem
+from curvscope._errors import OptionError
 from curvscope.cli import app
 from curvscope.diagnostics import (
     check,
@@ -18,9 +19,9 @@ from curvscope.diagnostics import (
 )
 from curvscope.diagnostics._derivatives import combine
 from curvscope.io import build_arch, save_checkpoint
-from curvscope.operators import make_operator
+from curvscope.operators import build_operators, make_operator
 
-from .cases import CASES, build, concat
+from .cases import CASES, build, concat, operators
 from .truth import assert_close, dense_hessian
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -57,8 +58,8 @@ def _smooth(dtype=torch.float64, act=nn.Tanh):
 @pytest.mark.parametrize("act", [nn.Tanh, nn.Sigmoid])
 def test_smooth_models_pass_both_derivative_tests(dtype, act):
     problem = _smooth(dtype, act)
-    g = gradient_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
-    t = taylor_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
+    g = gradient_test(problem, directions=2, seed=torch.Generator().manual_seed(0))
+    t = taylor_test(problem, directions=2, seed=torch.Generator().manual_seed(0))
     assert combine(g)[0] is True, [r.reason for r in g]
     assert combine(t)[0] is True, [r.reason for r in t]
     for r in t:
@@ -70,8 +71,8 @@ def test_wrong_backward_fails_both_tests():
     model, loss, data, reduction = build(CASES[0])
     model[1] = WrongAct()
     problem = Problem(model, loss, data, reduction=reduction)
-    g = gradient_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
-    t = taylor_test(problem, directions=2, generator=torch.Generator().manual_seed(0))
+    g = gradient_test(problem, directions=2, seed=torch.Generator().manual_seed(0))
+    t = taylor_test(problem, directions=2, seed=torch.Generator().manual_seed(0))
     assert combine(g)[0] is False
     assert combine(t)[0] is False
     assert "do not match" in g[0].reason
@@ -179,7 +180,12 @@ def test_cnn_names_the_unsupported_layer_and_checks_still_run():
 def test_compare_figures_against_dense_truth():
     model, loss, data, reduction = build(CASES[0])
     problem = Problem(model, loss, data, reduction=reduction)
-    result = compare(problem, matrices=["ggn", "kfac", "pch-abs"], top_k=3, tol=1e-10)
+    result = compare(
+        operators(problem)["hessian"],
+        operators(problem, "ggn", "kfac", "pch-abs"),
+        top_k=3,
+        tol=1e-10,
+    )
     H = dense_hessian(model, loss, data, reduction)
     slices = problem.param_slices()
     for row in result.comparisons:
@@ -223,7 +229,12 @@ def test_compare_hutchinson_estimate_is_within_its_error():
     model, loss, data, reduction = build(CASES[0])
     problem = Problem(model, loss, data, reduction=reduction)
     result = compare(
-        problem, matrices=["ggn"], blocks=["0"], exact_max_dim=1, hutchinson_probes=400, top_k=2
+        operators(problem)["hessian"],
+        operators(problem, "ggn"),
+        blocks=["0"],
+        exact_max_dim=1,
+        hutchinson_probes=400,
+        top_k=2,
     )
     (row,) = result.comparisons
     H = dense_hessian(model, loss, data, reduction)
@@ -237,10 +248,15 @@ def test_compare_hutchinson_estimate_is_within_its_error():
 def test_compare_skips_unsupported_matrices_and_goes_on():
     model, loss, data, reduction = build(CASES[4])
     problem = Problem(model, loss, data, reduction=reduction)
-    result = compare(problem, matrices=["pch-abs", "ggn"], blocks=["5"], top_k=2)
+    candidates, skipped = build_operators(problem, ["pch-abs", "ggn"], skip_unsupported=True)
+    assert skipped[0]["matrix"] == "pch-abs" and "Conv2d" in skipped[0]["reason"]
+    result = compare(
+        operators(problem)["hessian"], candidates, skipped=skipped, blocks=["5"], top_k=2
+    )
     assert [r.matrix for r in result.comparisons] == ["ggn"]
     assert result.skipped[0]["matrix"] == "pch-abs"
-    assert "Conv2d" in result.skipped[0]["reason"]
+    with pytest.raises(OptionError, match="no matrix to compare"):
+        compare(operators(problem)["hessian"], {}, skipped=skipped)
 
 
 def test_check_and_compare_commands(tmp_path):

@@ -34,16 +34,9 @@ def patched(monkeypatch):
             "reduction": "mean",
             "dtype": "float64",
         }
-        return Session(
-            problem=problem,
-            input_info=info,
-            notes=[],
-            seed=common.seed,
-            generator=torch.Generator().manual_seed(common.seed),
-            loaded=None,
-            dataset=None,
-            common=common,
-        )
+        problem.input_info = info
+        problem.notes = []
+        return Session(problem, common)
 
     monkeypatch.setattr(solve_cmd, "open_session", fake_open)
     return seen

@@ -168,7 +168,7 @@ def test_bad_input_gives_one_sentence_and_exit_1(tiny):
     np.savez(tiny / "wide.npz", x=np.zeros((5, 7), np.float32), y=np.zeros(5, np.int64))
     _one_sentence_error(
         run("spectrum", model, "--data", tiny / "wide.npz"),
-        r"do not fit the model's input.*--input-shape",
+        r"do not fit the model's forward.*--input-shape",
     )
     np.savez(tiny / "lab.npz", x=np.zeros((5, 4), np.float32), y=np.array([0, 1, 2, 7, 1]))
     _one_sentence_error(

@@ -8,7 +8,7 @@ import torch
 from curvscope import OptionError, Problem
 from curvscope.diagnostics import density
 
-from .cases import CASES, build
+from .cases import CASES, build, operators
 from .truth import dense_hessian
 
 CASE = CASES[0]  # mlp-ce-mean-unequal: 43 parameters, batches of 3 and 4
@@ -28,7 +28,7 @@ def test_density_full_krylov_recovers_dense_eigenvalues_and_traces(setup):
     P = H.shape[0]
     lam = torch.linalg.eigvalsh(H)
     scale = float(lam.abs().max())
-    res = density(problem, num_probes=3, num_steps=P, trace_probes=30, seed=0)
+    res = density(operators(problem), num_probes=3, num_steps=P, trace_probes=30, seed=0)
     (d,) = res.densities
     assert d.matrix == "hessian" and d.block == "all" and d.dim == P
     assert d.num_probes == 3 and d.lanczos_steps == P
@@ -59,7 +59,7 @@ def test_density_full_krylov_recovers_dense_eigenvalues_and_traces(setup):
 
 def test_density_per_layer_block_traces_match_dense_slices(setup):
     problem, H = setup
-    res = density(problem, blocks="per-layer", num_probes=2, num_steps=8, trace_probes=0)
+    res = density(operators(problem), blocks="per-layer", num_probes=2, num_steps=8, trace_probes=0)
     slices = problem.param_slices()
     blocks = problem.module_blocks()
     assert [d.block for d in res.densities] == list(blocks)
@@ -73,8 +73,12 @@ def test_density_per_layer_block_traces_match_dense_slices(setup):
 
 def test_density_is_reproducible_and_skips_exact_trace_above_limit(setup):
     problem, _ = setup
-    a = density(problem, num_probes=2, num_steps=5, trace_probes=6, exact_trace_max=10, seed=3)
-    b = density(problem, num_probes=2, num_steps=5, trace_probes=6, exact_trace_max=10, seed=3)
+    a = density(
+        operators(problem), num_probes=2, num_steps=5, trace_probes=6, exact_trace_max=10, seed=3
+    )
+    b = density(
+        operators(problem), num_probes=2, num_steps=5, trace_probes=6, exact_trace_max=10, seed=3
+    )
     assert a.densities[0].nodes == b.densities[0].nodes
     assert [t.estimate for t in a.traces] == [t.estimate for t in b.traces]
     assert {t.estimator for t in a.traces} == {"hutchinson", "hutchpp"}
@@ -88,14 +92,18 @@ def test_density_is_reproducible_and_skips_exact_trace_above_limit(setup):
 
 def test_density_failure_paths(setup):
     problem, _ = setup
-    with pytest.raises(OptionError, match="--probes must be at least 1"):
-        density(problem, num_probes=0)
-    with pytest.raises(OptionError, match="--lanczos-steps must be at least 1"):
-        density(problem, num_steps=0)
-    with pytest.raises(OptionError, match="--trace-probes must be 0"):
-        density(problem, trace_probes=2)
+    from curvscope.cli._common import flag_name
+
+    with pytest.raises(OptionError, match="num_probes must be at least 1") as err:
+        density(operators(problem), num_probes=0)
+    assert err.value.render(flag_name).startswith("--probes must be at least 1")
+    with pytest.raises(OptionError, match="num_steps must be at least 1") as err:
+        density(operators(problem), num_steps=0)
+    assert err.value.render(flag_name).startswith("--lanczos-steps must be at least 1")
+    with pytest.raises(OptionError, match="trace_probes must be 0"):
+        density(operators(problem), trace_probes=2)
     with pytest.raises(OptionError, match="block 'nope' does not exist; valid blocks: all, 0, 2"):
-        density(problem, blocks=["nope"])
+        density(operators(problem), blocks=["nope"])
 
 
 def test_density_of_ggn_is_psd_and_traces_agree_with_its_dense_matrix(setup):
@@ -103,7 +111,7 @@ def test_density_of_ggn_is_psd_and_traces_agree_with_its_dense_matrix(setup):
     from curvscope.operators import make_operator
 
     G = make_operator("ggn", problem).dense()
-    res = density(problem, matrices=("hessian", "ggn"), num_probes=2, num_steps=H.shape[0])
+    res = density(operators(problem, "hessian", "ggn"), num_probes=2, num_steps=H.shape[0])
     assert [d.matrix for d in res.densities] == ["hessian", "ggn"]
     ggn = res.densities[1]
     scale = float(torch.linalg.eigvalsh(G).abs().max())

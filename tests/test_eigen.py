@@ -34,9 +34,7 @@ def test_lanczos_both_ends_on_known_spectrum():
     M, lam = known_spectrum()
     A = DenseOperator(M)
     tol = 1e-10
-    top, bottom = eigenpairs(
-        A, top=4, bottom=3, tol=tol, generator=torch.Generator().manual_seed(0)
-    )
+    top, bottom = eigenpairs(A, top=4, bottom=3, tol=tol, seed=torch.Generator().manual_seed(0))
     assert torch.allclose(top.eigenvalues, lam.flip(0)[:4], atol=1e-8 * 10)
     assert torch.allclose(bottom.eigenvalues, lam[:3], atol=1e-8 * 10)
     assert top.all_converged and bottom.all_converged
@@ -48,7 +46,7 @@ def test_lanczos_both_ends_on_known_spectrum():
 
 def test_lanczos_tridiagonal_reproduces_projection():
     M, _ = known_spectrum(30)
-    res = lanczos(DenseOperator(M), 12, generator=torch.Generator().manual_seed(1))
+    res = lanczos(DenseOperator(M), 12, seed=torch.Generator().manual_seed(1))
     Q = res.basis
     assert torch.allclose(Q.T @ Q, torch.eye(12, dtype=torch.float64), atol=1e-13)
     assert torch.allclose(Q.T @ M @ Q, res.tridiagonal(), atol=1e-12)
@@ -56,7 +54,7 @@ def test_lanczos_tridiagonal_reproduces_projection():
 
 def test_lanczos_breakdown_gives_exact_eigenvalues():
     M = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0], dtype=torch.float64))
-    res = lanczos(DenseOperator(M), 5, generator=torch.Generator().manual_seed(0))
+    res = lanczos(DenseOperator(M), 5, seed=torch.Generator().manual_seed(0))
     assert res.alphas.shape[0] == 3
     theta = torch.linalg.eigvalsh(res.tridiagonal())
     assert torch.allclose(theta, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
@@ -65,7 +63,7 @@ def test_lanczos_breakdown_gives_exact_eigenvalues():
 def test_non_convergence_is_reported():
     M, _ = known_spectrum(200, seed=3)
     (top,) = eigenpairs(
-        DenseOperator(M), top=5, tol=1e-14, max_iter=8, generator=torch.Generator().manual_seed(0)
+        DenseOperator(M), top=5, tol=1e-14, max_iter=8, seed=torch.Generator().manual_seed(0)
     )
     assert not top.all_converged
 
@@ -79,7 +77,7 @@ def test_power_iteration_known_spectrum(which):
         which=which,
         tol=1e-8,
         max_iter=3000,
-        generator=torch.Generator().manual_seed(0),
+        seed=torch.Generator().manual_seed(0),
     )
     expected = {
         "magnitude": torch.tensor([10.0, 7.0]),
@@ -98,15 +96,13 @@ def test_eigenpairs_of_tiny_model_hessian(case):
     model, loss, data, reduction = build(case)
     truth = torch.linalg.eigvalsh(dense_hessian(model, loss, data, reduction))
     H = HessianOperator(Problem(model, loss, data, reduction=reduction))
-    top, bottom = eigenpairs(
-        H, top=3, bottom=2, tol=1e-10, generator=torch.Generator().manual_seed(0)
-    )
+    top, bottom = eigenpairs(H, top=3, bottom=2, tol=1e-10, seed=torch.Generator().manual_seed(0))
     scale = float(truth.abs().max())
     assert torch.allclose(top.eigenvalues, truth.flip(0)[:3], atol=1e-8 * scale)
     assert torch.allclose(bottom.eigenvalues, truth[:2], atol=1e-8 * scale)
     assert (top.residual_norms <= 1e-10 * scale * 1.01).all()
     p = power_iteration(
-        H, 1, which="top", tol=1e-8, max_iter=5000, generator=torch.Generator().manual_seed(0)
+        H, 1, which="top", tol=1e-8, max_iter=5000, seed=torch.Generator().manual_seed(0)
     )
     assert float(p.eigenvalues[0]) == pytest.approx(float(truth[-1]), abs=1e-5 * scale)
 

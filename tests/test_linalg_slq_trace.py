@@ -65,7 +65,7 @@ def test_slq_gauss_quadrature_exact_per_probe_with_two_steps(distribution):
         want = (V * (torch.linalg.matrix_power(M, k) @ V)).sum(0)
         assert torch.allclose(res.moments(k), want, rtol=REL, atol=REL * float(want.abs().max()))
     # Random probes of either distribution are unit vectors after normalisation.
-    r = slq(M, num_probes=4, num_steps=3, distribution=distribution, generator=gen(0))
+    r = slq(M, num_probes=4, num_steps=3, distribution=distribution, seed=gen(0))
     assert r.nodes.shape == (4, 3) and r.num_matvecs == 12
 
 
@@ -73,7 +73,7 @@ def test_slq_random_probes_within_standard_error():
     M, lam = known()
     zs = []
     for seed in range(5):
-        res = slq(M, num_probes=30, num_steps=12, generator=gen(seed))
+        res = slq(M, num_probes=30, num_steps=12, seed=gen(seed))
         for k in (1, 2):
             est, se = res.moment(k)
             zs.append((est - float((lam**k).sum()) / N) / se)
@@ -84,7 +84,7 @@ def test_slq_random_probes_within_standard_error():
 def test_slq_breakdown_on_repeated_eigenvalues_is_exact():
     lam = torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0], dtype=torch.float64)
     M, _ = known(5, 1, lam)
-    res = slq(M, num_probes=3, num_steps=5, generator=gen(0))
+    res = slq(M, num_probes=3, num_steps=5, seed=gen(0))
     # Only three distinct eigenvalues: every probe breaks down after at most 3 steps.
     assert int(res.num_steps.max()) <= 3
     assert res.num_matvecs == int(res.num_steps.sum())
@@ -97,7 +97,7 @@ def test_slq_breakdown_on_repeated_eigenvalues_is_exact():
 
 def test_density_integrates_to_one_with_second_moment_plus_sigma_squared():
     M, lam = known()
-    res = slq(M, num_probes=10, num_steps=15, generator=gen(1))
+    res = slq(M, num_probes=10, num_steps=15, seed=gen(1))
     d = spectral_density(res)
     assert d.sigma == pytest.approx(0.01 * float(res.nodes.max() - res.nodes.min()))
     assert float(torch.trapezoid(d.density, d.grid)) == pytest.approx(1.0, abs=1e-14)
@@ -119,7 +119,7 @@ def test_density_integrates_to_one_with_second_moment_plus_sigma_squared():
 
 
 def test_density_of_a_multiple_of_identity_uses_magnitude_for_sigma():
-    res = slq(3.0 * torch.eye(6, dtype=torch.float64), num_probes=2, num_steps=4, generator=gen(0))
+    res = slq(3.0 * torch.eye(6, dtype=torch.float64), num_probes=2, num_steps=4, seed=gen(0))
     assert res.num_matvecs == 2  # breakdown after one step
     d = spectral_density(res)
     assert d.sigma == pytest.approx(0.03)
@@ -145,7 +145,7 @@ def test_hutchinson_and_hutchpp_within_three_standard_errors(distribution):
                 DenseOperator(M),
                 num_matvecs=m,
                 distribution=distribution,
-                generator=gen(s),
+                seed=gen(s),
                 batch=8,
             )
             for s in range(6)
@@ -165,18 +165,18 @@ def test_hutchinson_stderr_matches_theory_and_hutchpp_is_better_on_decaying_spec
     truth = float(lam.sum())
     # Rademacher variance per probe: 2 (||A||_F^2 - sum_i a_ii^2).
     var = 2 * (float((M**2).sum()) - float((torch.diagonal(M) ** 2).sum()))
-    h = hutchinson_trace(M, num_matvecs=2000, generator=gen(0))
+    h = hutchinson_trace(M, num_matvecs=2000, seed=gen(0))
     assert h.stderr == pytest.approx(math.sqrt(var / 2000), rel=0.1)
     errs_h, errs_pp = [], []
     for s in range(5):
-        errs_h.append(abs(hutchinson_trace(M, num_matvecs=30, generator=gen(s)).estimate - truth))
-        errs_pp.append(abs(hutchpp_trace(M, num_matvecs=30, generator=gen(s)).estimate - truth))
+        errs_h.append(abs(hutchinson_trace(M, num_matvecs=30, seed=gen(s)).estimate - truth))
+        errs_pp.append(abs(hutchpp_trace(M, num_matvecs=30, seed=gen(s)).estimate - truth))
     assert sum(errs_pp) < 0.25 * sum(errs_h)
 
 
 def test_hutchpp_exact_when_sketch_spans_space():
     M, _ = known()
-    t = hutchpp_trace(M, num_matvecs=3 * N, generator=gen(0))
+    t = hutchpp_trace(M, num_matvecs=3 * N, seed=gen(0))
     assert t.estimate == pytest.approx(float(torch.trace(M)), rel=1e-12)
     assert t.stderr == 0.0 and t.num_matvecs == 3 * N
 
@@ -184,11 +184,11 @@ def test_hutchpp_exact_when_sketch_spans_space():
 def test_float32_operator_keeps_dtype_and_estimates():
     M, lam = known()
     A = DenseOperator(M.to(torch.float32))
-    res = slq(A, num_probes=4, num_steps=10, generator=gen(0))
+    res = slq(A, num_probes=4, num_steps=10, seed=gen(0))
     assert res.nodes.dtype == torch.float64
     assert exact_trace(A).estimate == pytest.approx(float(lam.sum()), rel=1e-5)
-    assert hutchinson_trace(A, num_matvecs=10, generator=gen(0)).estimate == pytest.approx(
-        hutchinson_trace(M, num_matvecs=10, generator=gen(0)).estimate, rel=1e-5
+    assert hutchinson_trace(A, num_matvecs=10, seed=gen(0)).estimate == pytest.approx(
+        hutchinson_trace(M, num_matvecs=10, seed=gen(0)).estimate, rel=1e-5
     )
 
 
@@ -208,7 +208,7 @@ def test_failure_paths():
         slq(M, probes=torch.ones(3, 2))
     with pytest.raises(OptionError, match="probe vector is zero"):
         slq(M, probes=torch.zeros(N, 1))
-    res = slq(M, num_probes=2, num_steps=3, generator=gen(0))
+    res = slq(M, num_probes=2, num_steps=3, seed=gen(0))
     with pytest.raises(OptionError, match="sigma must be positive"):
         spectral_density(res, sigma=0.0)
     with pytest.raises(OptionError, match="ascending"):

@@ -14,12 +14,12 @@ import torch
 from matplotlib.figure import Figure
 
 from curvscope._errors import CurvscopeError, OptionError
+from curvscope.app import run_report
 from curvscope.diagnostics import surface
 from curvscope.io import make_document, read_document, versions, write_document
 from curvscope.problem import Problem
 from curvscope.report import _plots as plots
-from curvscope.report import figures_for, render_report, save_figures
-from curvscope.report._run import render_directory, run_report
+from curvscope.report import figures_for, render_directory, render_report, save_figures
 
 from .cases import CASES, build
 
@@ -72,8 +72,8 @@ def _problem():
 def documents():
     problem = _problem()
     g = torch.Generator().manual_seed(0)
-    surf2 = surface(problem, dims=2, steps=7, generator=g)
-    surf1 = surface(problem, dims=1, steps=9, directions="random", generator=g)
+    surf2 = surface(problem, dims=2, steps=7, seed=g)
+    surf1 = surface(problem, dims=1, steps=9, directions="random", seed=g)
     grid = np.linspace(-1, 3, 50)
     dens = np.exp(-((grid - 1) ** 2)) + 1e-9
     return {
@@ -336,8 +336,9 @@ def test_run_report_writes_documents_figures_and_page(tmp_path):
     again = render_directory(tmp_path)
     reasons = {s["part"]: s["reason"] for s in again.skipped}
     assert "full preset only" in reasons["solve"] and "no density.json" in reasons["density"]
-    with pytest.raises(OptionError, match="--preset"):
+    with pytest.raises(OptionError, match="preset 'slow' is not known") as err:
         run_report(problem, out_dir=tmp_path, preset="slow")
+    assert err.value.option == "preset"
 
 
 def test_render_directory(documents, tmp_path):
@@ -370,17 +371,10 @@ def test_surface_cli(tmp_path, monkeypatch):
 
     problem = _problem()
 
+    problem.input_info = INPUT
+
     def fake_session(common):
-        return _common.Session(
-            problem=problem,
-            input_info=INPUT,
-            notes=[],
-            seed=common.seed,
-            generator=torch.Generator().manual_seed(common.seed),
-            loaded=None,
-            dataset=None,
-            common=common,
-        )
+        return _common.Session(problem, common)
 
     monkeypatch.setattr(surface_cli, "open_session", fake_session)
     runner = CliRunner()
@@ -476,26 +470,21 @@ def test_report_in_headless_chromium(documents, tmp_path):
 def test_report_cli(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    import curvscope.app
     import curvscope.report
+    from curvscope.app import ReportRun
     from curvscope.cli import _common, app
     from curvscope.cli import report as report_cli
-    from curvscope.report import ReportRun
 
     problem = _problem()
     seen = {}
 
+    problem.input_info = INPUT
+    problem.notes = ["n"]
+
     def fake_session(common):
         seen["common"] = common
-        return _common.Session(
-            problem=problem,
-            input_info=INPUT,
-            notes=["n"],
-            seed=common.seed,
-            generator=torch.Generator().manual_seed(common.seed),
-            loaded=None,
-            dataset=None,
-            common=common,
-        )
+        return _common.Session(problem, common)
 
     def fake_run(problem_, **kw):
         seen["run"] = (problem_, kw)
@@ -508,7 +497,7 @@ def test_report_cli(tmp_path, monkeypatch):
         return ReportRun(Path(folder) / "report.html", {}, [], [])
 
     monkeypatch.setattr(report_cli, "open_session", fake_session)
-    monkeypatch.setattr(curvscope.report, "run_report", fake_run)
+    monkeypatch.setattr(curvscope.app, "run_report", fake_run)
     monkeypatch.setattr(curvscope.report, "render_directory", fake_render)
     out = tmp_path / "rep"
     runner = CliRunner()
@@ -534,7 +523,7 @@ def test_report_cli(tmp_path, monkeypatch):
     p, kw = seen["run"]
     assert p is problem and kw["preset"] == "full" and kw["seed"] == 3
     assert kw["plotly_js"] == "../plotly.min.js" and kw["figure_formats"] == ("png", "pdf")
-    assert kw["input_info"] is INPUT and kw["notes"] == ["n"] and kw["out_dir"] == out
+    assert kw["out_dir"] == out and kw["base_settings"]["seed"] == 3
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     assert not ADDRESS.search((tmp_path / "plotly.min.js").read_text())
     assert "report.html" in res.output.replace("\n", "") and "skipped" in res.output
@@ -553,7 +542,6 @@ def test_report_cli(tmp_path, monkeypatch):
 
 def test_run_report_uses_check_and_compare_and_records_unsupported(tmp_path, monkeypatch):
     import curvscope.diagnostics as diagnostics
-    from curvscope._errors import UnsupportedModelError
 
     calls = {}
 
@@ -568,26 +556,29 @@ def test_run_report_uses_check_and_compare_and_records_unsupported(tmp_path, mon
         calls["check"] = seed
         return Res("checks", [{"name": "gradient", "passed": True, "reason": "ok"}])
 
-    def fake_compare(problem, *, matrices, generator=None):
-        calls.setdefault("compare", []).append(list(matrices))
-        if "pch-abs" in matrices:
-            raise UnsupportedModelError("the pch-abs matrix needs an MLP; layer '0' stops it.")
-        return Res(
-            "comparisons", [{"block": "0", "matrix": m, "rel_frobenius": 0.1} for m in matrices]
+    def fake_compare(reference, candidates, *, skipped=(), **kw):
+        calls.setdefault("compare", []).append(list(candidates))
+        res = Res(
+            "comparisons", [{"block": "0", "matrix": m, "rel_frobenius": 0.1} for m in candidates]
         )
+        res.skipped = list(skipped)
+        return res
 
     monkeypatch.setattr(diagnostics, "check", fake_check, raising=False)
     monkeypatch.setattr(diagnostics, "compare", fake_compare, raising=False)
-    problem = _problem()
+    # a CNN: PCH needs an MLP, so the registry's quick set loses it and keeps the GGN
+    model, loss, data, red = build(CASES[4])
+    problem = Problem(model, loss, data, reduction=red)
     run = run_report(problem, out_dir=tmp_path, seed=5, parts=("check", "compare"))
     assert calls["check"] == 5
-    assert calls["compare"] == [["ggn", "pch-abs"], ["ggn"]]  # PCH dropped, GGN kept
+    assert calls["compare"] == [["ggn"]]
     assert {s["part"] for s in run.skipped} == {"compare: pch-abs"}
+    reason = next(s["reason"] for s in run.skipped if s["part"] == "compare: pch-abs")
+    assert "MLP" in reason and "--" not in reason
     cmp_doc = read_document(tmp_path / "compare.json")
     assert [r["matrix"] for r in cmp_doc["results"]["comparisons"]] == ["ggn"]
-    assert any("pch-abs left out" in n for n in cmp_doc["notes"])
     html = run.html.read_text()
-    assert 'id="check"' in html and 'id="compare"' in html and "layer &#x27;0&#x27;" in html
+    assert 'id="check"' in html and 'id="compare"' in html and "pch-abs" in html
 
 
 def test_interrupted_report_keeps_what_finished(tmp_path, monkeypatch):

@@ -171,9 +171,7 @@ def test_mini_batch_mode_is_seeded():
     model, data = _logistic()
     problem = Problem(model, "cross_entropy", data, weight_decay=0.1)
     runs = [
-        run_solver(
-            problem, "gd", max_iter=3, mini_batch=8, generator=torch.Generator().manual_seed(5)
-        )
+        run_solver(problem, "gd", max_iter=3, mini_batch=8, seed=torch.Generator().manual_seed(5))
         for _ in range(2)
     ]
     assert runs[0].trace["loss"] == runs[1].trace["loss"]

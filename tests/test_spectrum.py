@@ -6,7 +6,7 @@ from curvscope.diagnostics import spectrum
 from curvscope.io import to_jsonable
 from curvscope.operators import make_operator
 
-from .cases import CASES, build
+from .cases import CASES, build, operators
 from .truth import dense_hessian
 
 TOL = 1e-10
@@ -21,7 +21,7 @@ def test_per_layer_and_per_param_blocks_match_dense_blocks():
     model, loss, data, reduction, problem = _problem()
     truth = dense_hessian(model, loss, data, reduction)
     slices = problem.param_slices()
-    res = spectrum(problem, blocks="per-layer", top=2, bottom=1, tol=TOL)
+    res = spectrum(operators(problem), blocks="per-layer", top=2, bottom=1, tol=TOL)
     assert [e.block for e in res.spectra] == ["0", "0", "2", "2"]
     for e in res.spectra:
         names = problem.module_blocks()[e.block]
@@ -33,7 +33,7 @@ def test_per_layer_and_per_param_blocks_match_dense_blocks():
             torch.tensor(e.eigenvalues, dtype=torch.float64), expected, atol=1e-8 * scale
         )
         assert all(e.converged)
-    res = spectrum(problem, blocks="per-param", top=1, bottom=0, tol=TOL)
+    res = spectrum(operators(problem), blocks="per-param", top=1, bottom=0, tol=TOL)
     assert [e.block for e in res.spectra] == problem.names
 
 
@@ -42,7 +42,7 @@ def test_other_matrices_match_their_dense_eigenvalues(matrix):
     _, _, _, _, problem = _problem()
     dense = make_operator(matrix, problem).dense()
     ev = torch.linalg.eigvalsh(dense)
-    res = spectrum(problem, matrices=[matrix], top=3, bottom=0, tol=TOL)
+    res = spectrum(operators(problem, matrix), top=3, bottom=0, tol=TOL)
     (entry,) = res.spectra
     assert entry.matrix == matrix
     assert torch.allclose(
@@ -55,7 +55,7 @@ def test_other_matrices_match_their_dense_eigenvalues(matrix):
 def test_power_method_records_shift_and_repeats_spread():
     model, loss, data, reduction, problem = _problem(CASES[0])
     ev = torch.linalg.eigvalsh(dense_hessian(model, loss, data, reduction))
-    res = spectrum(problem, top=1, bottom=1, method="power", tol=1e-6, max_iter=5000)
+    res = spectrum(operators(problem), top=1, bottom=1, method="power", tol=1e-6, max_iter=5000)
     top, bottom = res.spectra
     assert top.method == "power" and top.shift is not None
     scale = float(ev.abs().max())
@@ -63,7 +63,7 @@ def test_power_method_records_shift_and_repeats_spread():
     assert top.eigenvalues[0] == pytest.approx(float(ev[-1]), abs=1e-5 * scale)
     assert bottom.eigenvalues[0] == pytest.approx(float(ev[0]), abs=1e-5 * scale)
     assert all(top.converged) and all(bottom.converged)
-    res = spectrum(problem, top=2, bottom=0, repeats=3, samples=5, tol=1e-8)
+    res = spectrum(operators(problem), top=2, bottom=0, repeats=3, samples=5, tol=1e-8)
     spread = res.spectra[0].spread
     assert spread["repeats"] == 3 and spread["samples"] == 5
     assert len(spread["mean"]) == 2
@@ -77,7 +77,7 @@ def test_power_method_records_shift_and_repeats_spread():
 
 def test_eigenvectors_are_canonically_signed_unit_vectors():
     _, _, _, _, problem = _problem()
-    res = spectrum(problem, top=3, bottom=1, tol=TOL)
+    res = spectrum(operators(problem), top=3, bottom=1, tol=TOL)
     for vecs in res.eigenvectors:
         norms = torch.linalg.vector_norm(vecs, dim=0)
         assert torch.allclose(norms, torch.ones_like(norms), atol=1e-12)
@@ -85,15 +85,20 @@ def test_eigenvectors_are_canonically_signed_unit_vectors():
         assert (vecs[idx, torch.arange(vecs.shape[1])] > 0).all()
 
 
-def test_bad_requests_name_the_flag():
+def test_bad_requests_name_the_argument_and_the_cli_its_flag():
+    from curvscope.cli._common import flag_name
+
     _, _, _, _, problem = _problem()
     with pytest.raises(OptionError, match="at least one eigenvalue"):
-        spectrum(problem, top=0, bottom=0)
-    with pytest.raises(OptionError, match="--method 'qr' is not known"):
-        spectrum(problem, method="qr")
-    with pytest.raises(OptionError, match="matrices 'hess' is not known"):
-        spectrum(problem, matrices=["hess"])
+        spectrum(operators(problem), top=0, bottom=0)
+    with pytest.raises(OptionError, match="^method 'qr' is not known") as err:
+        spectrum(operators(problem), method="qr")
+    assert err.value.render(flag_name).startswith("--method 'qr' is not known")
+    with pytest.raises(OptionError, match="matrices 'hess' is not known") as err:
+        spectrum(operators(problem, "hess"))
+    assert err.value.render(flag_name).startswith("--matrix 'hess'")
     with pytest.raises(OptionError, match="only 18 rows"):
-        spectrum(problem, blocks=["2"], top=19, bottom=0)
-    with pytest.raises(OptionError, match="--repeats R needs --samples|needs --samples"):
-        spectrum(problem, repeats=2)
+        spectrum(operators(problem), blocks=["2"], top=19, bottom=0)
+    with pytest.raises(OptionError, match="repeats needs samples N") as err:
+        spectrum(operators(problem), repeats=2)
+    assert "--repeats needs --samples N" in err.value.render(flag_name)

@@ -38,7 +38,7 @@ def test_grid_values_match_direct_losses(case, kind):
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     g = torch.Generator().manual_seed(3)
     res = surface(
-        problem, dims=2, directions=kind, range_=(-0.5, 1.0), steps=(5, 4), generator=g, tol=1e-12
+        problem, dims=2, directions=kind, range_=(-0.5, 1.0), steps=(5, 4), seed=g, tol=1e-12
     )
     # rebuild the same directions to evaluate the definition directly
     g = torch.Generator().manual_seed(3)
@@ -56,7 +56,7 @@ def test_grid_values_match_direct_losses(case, kind):
         D = torch.randn(problem.num_params, 2, generator=g, dtype=torch.float64)
         D = D / torch.linalg.vector_norm(D, dim=0, keepdim=True)
     else:
-        D = torch.stack([filter_normalized_direction(problem, generator=g) for _ in range(2)], 1)
+        D = torch.stack([filter_normalized_direction(problem, seed=g) for _ in range(2)], 1)
     a_axis, b_axis = res.axes
     assert len(a_axis) == 5 and len(b_axis) == 4
     assert a_axis[0] == -0.5 and a_axis[-1] == 1.0
@@ -80,7 +80,7 @@ def test_grid_values_match_direct_losses(case, kind):
 
 def test_one_dim_and_accuracy_and_precomputed_eigen():
     problem, (model, loss, data, red) = _problem(CASES[0])
-    eig = eigenpairs(HessianOperator(problem), top=1, generator=torch.Generator().manual_seed(0))
+    eig = eigenpairs(HessianOperator(problem), top=1, seed=torch.Generator().manual_seed(0))
     res = surface(problem, dims=1, eigen=eig[0], steps=7, range_=(-2, 2))
     assert res.dims == 1 and len(res.axes) == 1 and len(res.loss) == 7
     assert res.num_matvecs == 1  # only the quadratic model's product
@@ -98,7 +98,7 @@ def test_one_dim_and_accuracy_and_precomputed_eigen():
 
 def test_filter_normalisation_gives_each_filter_the_weight_filter_norm():
     problem, _ = _problem(CASES[4])  # CNN with BatchNorm
-    d = filter_normalized_direction(problem, generator=torch.Generator().manual_seed(1))
+    d = filter_normalized_direction(problem, seed=torch.Generator().manual_seed(1))
     parts = problem.unflatten(d)
     for name, w in problem.params.items():
         dp = parts[name]
@@ -113,7 +113,7 @@ def test_filter_normalisation_gives_each_filter_the_weight_filter_norm():
         dims=1,
         directions="filter-normalized",
         steps=3,
-        generator=torch.Generator().manual_seed(1),
+        seed=torch.Generator().manual_seed(1),
     )
     assert "ignore='biasbn'" in res.directions.bias_bn
 
@@ -239,7 +239,7 @@ def test_non_finite_losses_are_nan_and_noted():
 def test_loop_fallback_matches_vmap(monkeypatch):
     problem, _ = _problem(CASES[1])
     g = torch.Generator().manual_seed(0)
-    res_v = surface(problem, dims=2, directions="random", steps=3, generator=g)
+    res_v = surface(problem, dims=2, directions="random", steps=3, seed=g)
     from curvscope.diagnostics import _surface
 
     def boom(*a, **k):
@@ -247,7 +247,7 @@ def test_loop_fallback_matches_vmap(monkeypatch):
 
     monkeypatch.setattr(_surface, "_evaluate_vmap", boom)
     g = torch.Generator().manual_seed(0)
-    res_l = surface(problem, dims=2, directions="random", steps=3, generator=g)
+    res_l = surface(problem, dims=2, directions="random", steps=3, seed=g)
     assert res_l.evaluation == "loop" and res_v.evaluation == "vmap"
     assert any("one at a time" in n for n in res_l.notes)
     assert_close(res_l.loss, res_v.loss, what="loop vs vmap")

@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .._errors import CurvscopeError, OptionError
-from ..io import make_document, versions, write_document
 from ..problem import Problem
 
 __all__ = [
@@ -75,6 +73,13 @@ class CommonArgs:
     input_shape: str | None = None
     scale: float | None = None
     normalize: str | None = None
+    block_size: int | None = None
+    load_strict: bool = True
+    forward_kwargs: str | None = None
+    output: str | None = None
+    group: str | None = None
+    ignore_index: int = -100
+    hvp: str = "auto"
 
     def settings(self) -> dict[str, Any]:
         """Every shared option with its value, for the result document."""
@@ -106,9 +111,9 @@ _COMMON: dict[str, tuple[Any, Any]] = {
             str | None,
             _opt(
                 "--data",
-                help="Data: digits, sinus, blobs2d, a .npz/"
-                ".pt/.csv file or an IDX file or folder (default: the data the checkpoint "
-                "records).",
+                help="Data: digits, sinus, blobs2d, a .npz/.pt/.csv file, an IDX file or "
+                "folder, a token file (.bin/.npy with --block-size), or FILE.py:FN returning a "
+                "Dataset, DataLoader or batches (default: the data the checkpoint records).",
                 rich_help_panel="Input",
             ),
         ],
@@ -131,8 +136,9 @@ _COMMON: dict[str, tuple[Any, Any]] = {
             str | None,
             _opt(
                 "--loss",
-                help="cross_entropy, mse, bce_with_logits, "
-                "nll or chen_nonconvex (default: the checkpoint's).",
+                help="cross_entropy (also over [B,T,V] logits), causal_lm, mse, "
+                "bce_with_logits, nll, chen_nonconvex, FILE.py:FN (your function of (output, "
+                "target)) or model (the model's own loss) (default: the checkpoint's).",
                 rich_help_panel="Input",
             ),
         ],
@@ -325,6 +331,94 @@ _COMMON: dict[str, tuple[Any, Any]] = {
 }
 
 
+_COMMON.update(
+    {
+        "block_size": (
+            Annotated[
+                int | None,
+                _opt(
+                    "--block-size",
+                    help="Window length T of a token file (windows t[i:i+T] -> t[i+1:i+T+1]).",
+                    rich_help_panel="Data",
+                ),
+            ],
+            None,
+        ),
+        "load_strict": (
+            Annotated[
+                bool,
+                _opt(
+                    "--load-strict/--no-load-strict",
+                    help="Refuse state-dict entries that are not parameters or buffers "
+                    "(--no-load-strict ignores them; missing parameters are always refused).",
+                    rich_help_panel="Input",
+                ),
+            ],
+            True,
+        ),
+        "forward_kwargs": (
+            Annotated[
+                str | None,
+                _opt(
+                    "--forward-kwargs",
+                    help="Fixed extra arguments of the model's forward, e.g. sr=16000.",
+                    rich_help_panel="Input",
+                ),
+            ],
+            None,
+        ),
+        "output": (
+            Annotated[
+                str | None,
+                _opt(
+                    "--output",
+                    help="INDEX or KEY of the output the loss takes when the model returns a "
+                    "tuple or dict (default: the tensor, or 'logits').",
+                    rich_help_panel="Input",
+                ),
+            ],
+            None,
+        ),
+        "group": (
+            Annotated[
+                str | None,
+                _opt(
+                    "--group",
+                    help="Parameter groups as blocks: 'NAME=GLOB|GLOB;NAME=GLOB', e.g. "
+                    "'attention=*.attn.*;mlp=*.mlp.*'.",
+                    rich_help_panel="Input",
+                ),
+            ],
+            None,
+        ),
+        "ignore_index": (
+            Annotated[
+                int,
+                _opt(
+                    "--ignore-index",
+                    help="Target value that is no loss term (padding).",
+                    rich_help_panel="Input",
+                ),
+            ],
+            -100,
+        ),
+        "hvp": (
+            Annotated[
+                str,
+                _opt(
+                    "--hvp",
+                    help="Hessian products: auto (double backward, finite differences where "
+                    "an operation has no second derivative), double-backward, "
+                    "forward-over-reverse or finite-difference (use float64).",
+                    rich_help_panel="Numerics",
+                ),
+            ],
+            "auto",
+        ),
+    }
+)
+
+
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add the shared flags to a command and pass them as ``common: CommonArgs``.
 
@@ -382,15 +476,20 @@ def parse_list(value: str | None, flag: str, valid: list[str] | None = None) -> 
     return items
 
 
-def block_mode(per_layer: bool, per_param: bool) -> str:
-    """``"per-layer"``, ``"per-param"`` or ``"all"`` from the two flags.
+def block_mode(per_layer: bool, per_param: bool, group: str | None = None) -> str:
+    """``"per-layer"``, ``"per-param"``, ``"per-group"`` (with ``--group``) or ``"all"``.
 
     Raises:
-        OptionError: when both flags are given.
+        OptionError: when more than one is asked for.
     """
-    if per_layer and per_param:
-        raise OptionError("--per-layer and --per-param exclude each other; pick one.")
-    return "per-layer" if per_layer else "per-param" if per_param else "all"
+    asked = [m for m, on in (("per-layer", per_layer), ("per-param", per_param),
+                             ("per-group", bool(group))) if on]
+    if len(asked) > 1:
+        raise OptionError(
+            f"{', '.join('--' + a if a != 'per-group' else '--group' for a in asked)} exclude "
+            "each other; pick one."
+        )
+    return asked[0] if asked else "all"
 
 
 def parse_floats(value: str | None, flag: str) -> list[float] | None:
@@ -407,183 +506,135 @@ def parse_floats(value: str | None, flag: str) -> list[float] | None:
         raise OptionError(f"{flag} {value!r} must be comma-separated numbers.") from None
 
 
-def parse_dtype(value: str) -> torch.dtype:
-    """``float32`` or ``float64``.
-
-    Raises:
-        OptionError: for any other value.
-    """
-    table = {"float32": torch.float32, "float64": torch.float64}
-    if value not in table:
-        raise OptionError(f"--dtype {value!r} is not supported; choose float32 or float64.")
-    return table[value]
-
-
-def parse_device(value: str) -> torch.device:
-    """A device that exists on this machine.
-
-    Raises:
-        OptionError: for an unknown device or CUDA without a CUDA device.
-    """
-    try:
-        dev = torch.device(value)
-    except RuntimeError:
-        raise OptionError(f"--device {value!r} is not a device; use cpu, cuda or cuda:N.") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OptionError(
-                f"--device {value} was asked for, but this machine has no CUDA device "
-                "(torch.cuda.is_available() is False); use --device cpu."
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OptionError(
-                f"--device {value}: only {torch.cuda.device_count()} CUDA device(s) exist."
-            )
-    elif dev.type != "cpu":
-        raise OptionError(f"--device {value!r} is not supported; use cpu, cuda or cuda:N.")
-    return dev
-
-
 # ---------------------------------------------------------------------- session
 @dataclass
 class Session:
     """Everything a command needs after loading: the problem and what to record about it."""
 
     problem: Problem
-    input_info: dict[str, Any]
-    notes: list[str]
-    seed: int
-    generator: torch.Generator
-    loaded: Any
-    dataset: Any
     common: CommonArgs
     started: float = field(default_factory=time.perf_counter)
+    passes_before: int = 0
+
+    @property
+    def input_info(self) -> dict[str, Any]:
+        """The result document's ``input`` section."""
+        return self.problem.input_info
+
+    @property
+    def notes(self) -> list[str]:
+        """Sentences about the input (checkpoint notes, train mode...)."""
+        return self.problem.notes
+
+    @property
+    def seed(self) -> int:
+        """The run's seed."""
+        return self.common.seed
 
 
-def open_session(common: CommonArgs, *, progress: bool = True) -> Session:
-    """Load checkpoint and data, check they fit, and build the :class:`Problem`.
+def parse_kwargs(value: str | None, flag: str) -> dict[str, Any]:
+    """``K=V,K=V`` with numbers, booleans and ``None`` read as such.
+
+    Raises:
+        OptionError: for an item without ``=``.
+    """
+    out: dict[str, Any] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise OptionError(f"{flag} {item!r} must be KEY=VALUE (e.g. sr=16000).")
+        k, _, v = item.partition("=")
+        v = v.strip()
+        low = v.lower()
+        if low in ("true", "false"):
+            val: Any = low == "true"
+        elif low == "none":
+            val = None
+        else:
+            try:
+                val = int(v)
+            except ValueError:
+                try:
+                    val = float(v)
+                except ValueError:
+                    val = v
+        out[k.strip()] = val
+    return out
+
+
+def parse_groups(value: str | None) -> dict[str, list[str]]:
+    """``NAME=GLOB|GLOB;NAME=GLOB`` into named parameter groups.
+
+    Raises:
+        OptionError: for an item without ``=``.
+    """
+    out: dict[str, list[str]] = {}
+    for item in (value or "").split(";"):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise OptionError(
+                f"--group {item!r} must be NAME=GLOB (several globs joined by |), e.g. "
+                "'attention=*.attn.*'."
+            )
+        name, _, globs = item.partition("=")
+        out[name.strip()] = [g.strip() for g in globs.split("|") if g.strip()]
+    return out
+
+
+def open_session(common: CommonArgs) -> Session:
+    """Load checkpoint and data through :func:`curvscope.load` and start the clock.
 
     Raises:
         CurvscopeError: for every user mistake, with one sentence naming the file or flag.
     """
-    from ..io import check_fits, load_checkpoint, load_dataset
+    from .._load import load
 
-    dtype = parse_dtype(common.dtype)
-    device = parse_device(common.device)
-    if common.batch_size < 1:
-        raise OptionError(f"--batch-size must be at least 1, got {common.batch_size}.")
     if common.tol <= 0:
         raise OptionError(f"--tol must be positive, got {common.tol}.")
     if common.max_iter is not None and common.max_iter < 1:
         raise OptionError(f"--max-iter must be at least 1, got {common.max_iter}.")
-    loaded = load_checkpoint(
+    started = time.perf_counter()
+    options = {
+        k: v
+        for k, v in {
+            "x_key": common.x_key,
+            "y_key": common.y_key,
+            "label_column": common.label_column,
+            "split": common.split,
+            "input_shape": common.input_shape,
+            "scale": common.scale,
+            "normalize": common.normalize,
+            "block_size": common.block_size,
+        }.items()
+        if v is not None
+    }
+    problem = load(
         common.model_path,
-        model=common.model,
+        common.data,
+        loss=common.loss,
+        reduction=common.reduction,
+        params=common.params,
+        weight_decay=common.weight_decay,
+        batch_size=common.batch_size,
+        samples=common.samples,
+        seed=common.seed,
+        device=common.device,
+        dtype=common.dtype,
+        train_mode=common.train_mode,
+        builder=common.model,
         trust_checkpoint=common.trust_checkpoint,
         state_key=common.state_key,
         strip_prefix=common.strip_prefix,
+        load_strict=common.load_strict,
+        forward_kwargs=parse_kwargs(common.forward_kwargs, "--forward-kwargs"),
+        output=common.output,
+        groups=parse_groups(common.group),
+        ignore_index=common.ignore_index,
+        **options,
     )
-    meta = dict(loaded.meta or {})
-    data_spec = common.data or meta.get("data")
-    if not data_spec:
-        raise OptionError(
-            f"{common.model_path} does not record its data; pass --data (digits, a .npz file...)."
-        )
-    # A path recorded in the checkpoint is relative to the checkpoint's folder; a --data path
-    # is relative to the working directory.
-    base_dir = None if common.data else Path(common.model_path).resolve().parent
-    dataset = load_dataset(
-        data_spec,
-        base_dir=base_dir,
-        x_key=common.x_key,
-        y_key=common.y_key,
-        label_column=common.label_column,
-        split=common.split,
-        input_shape=common.input_shape or _meta_shape(meta),
-        scale=common.scale,
-        normalize=common.normalize or _meta_normalize(meta),
-    )
-    if common.samples is not None:
-        dataset = dataset.subset(common.samples, common.seed)
-    loss = common.loss or meta.get("loss")
-    if not loss:
-        raise OptionError(
-            f"{common.model_path} does not record its loss; pass --loss (cross_entropy, mse, ...)."
-        )
-    reduction = common.reduction or meta.get("reduction") or "mean"
-    model = loaded.model
-    check_fits(model, dataset, loss)
-    model = model.to(device=device, dtype=dtype)
-    problem = Problem(
-        model,
-        loss,
-        dataset.batches(common.batch_size),
-        reduction=reduction,
-        params=common.params,
-        weight_decay=common.weight_decay,
-        train_mode=common.train_mode,
-    )
-    problem.check_finite()
-    notes = list(loaded.notes)
-    if common.train_mode:
-        notes.append(
-            "train mode: BatchNorm used batch statistics of each batch (running statistics "
-            "untouched); dropout off."
-        )
-    input_info = {
-        "model": {
-            "path": str(common.model_path),
-            "sha256": loaded.sha256,
-            "format": loaded.format,
-            "num_params": sum(p.numel() for p in model.parameters()),
-            "params_selected": problem.num_params,
-            "param_names": list(problem.names),
-        },
-        "data": {
-            "source": dataset.source,
-            "sha256": dataset.sha256,
-            "num_samples": problem.num_samples,
-            "batch_size": common.batch_size,
-            "subset_seed": common.seed if common.samples is not None else None,
-        },
-        "loss": loss,
-        "reduction": reduction,
-        "weight_decay": common.weight_decay,
-        "dtype": common.dtype,
-        "device": str(device),
-        "seed": common.seed,
-        "train_mode": common.train_mode,
-        "versions": versions(),
-    }
-    return Session(
-        problem=problem,
-        input_info=input_info,
-        notes=notes,
-        seed=common.seed,
-        generator=torch.Generator().manual_seed(common.seed),
-        loaded=loaded,
-        dataset=dataset,
-        common=common,
-    )
-
-
-def _meta_shape(meta: dict) -> str | None:
-    shape = meta.get("input_shape")
-    if shape is None:
-        return None
-    return ",".join(str(int(s)) for s in shape)
-
-
-def _meta_normalize(meta: dict) -> str | None:
-    norm = meta.get("normalize")
-    if not norm:
-        return None
-    if isinstance(norm, str):
-        return norm
-    mean, std = norm
-    mean = mean if isinstance(mean, (list, tuple)) else [mean]
-    std = std if isinstance(std, (list, tuple)) else [std]
-    return ",".join(str(v) for v in [*mean, *std])
+    return Session(problem, common, started, problem.data_passes)
 
 
 def finish(
@@ -597,31 +648,37 @@ def finish(
     notes: list[str] | None = None,
 ) -> Path:
     """Write ``out/<command>.json`` (atomically) and return its path."""
-    timings = dict(timings or {})
-    timings.setdefault("total_s", time.perf_counter() - session.started)
-    counts = dict(counts or {})
-    counts.setdefault("data_passes", session.problem.data_passes)
-    counts.setdefault("matvecs", 0)
-    all_settings = {**session.common.settings(), **settings}
-    doc = make_document(
+    from ..app import document, save_document
+
+    extra = {k: v for k, v in (timings or {}).items() if k != "total_s"}
+    doc = document(
+        session.problem,
         command,
-        input=session.input_info,
-        settings=all_settings,
+        settings={**session.common.settings(), **settings},
         results=results,
-        timings=timings,
-        counts=counts,
-        notes=[*session.notes, *(notes or [])],
+        started=session.started,
+        passes_before=session.passes_before,
+        matvecs=int((counts or {}).get("matvecs", 0)),
+        notes=notes,
+        timings=extra,
+        counts={k: v for k, v in (counts or {}).items() if k != "matvecs"},
     )
-    return write_document(doc, session.common.out)
+    return save_document(doc, session.common.out)
 
 
 FLAG_NAMES = {
     "model_path": "MODEL",
+    "model": "MODEL",
+    "builder": "--model",
     "matrices": "--matrix",
+    "ops": "--matrix",
     "range_": "--range",
     "num_probes": "--probes",
     "num_steps": "--lanczos-steps",
     "hutchinson_probes": "--probes",
+    "from_dir": "--from",
+    "blocks": "--per-layer/--per-param/--group",
+    "token_dtype": "--token-dtype",
 }
 """Library argument names whose command-line flag is not ``--`` plus the dashed name."""
 

@@ -48,7 +48,7 @@ def check_cli(
                 session.problem,
                 directions=directions,
                 eigen_directions=eigen_directions,
-                generator=session.generator,
+                seed=common.seed,
                 progress=update,
             )
         path = finish(

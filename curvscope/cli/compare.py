@@ -8,7 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from .._errors import OptionError
 from ..diagnostics import COMPARE_MATRICES, compare
+from ..operators import build_operators, resolve_matrices
 from ._common import (
     CommonArgs,
     common_options,
@@ -16,7 +18,6 @@ from ._common import (
     finish,
     guarded,
     open_session,
-    parse_list,
     progress_bar,
 )
 
@@ -42,12 +43,24 @@ def compare_cli(
     """Relative error, eigenvalues and eigenspace overlap of GGN, Fisher, PCH, KFAC... per layer."""
     with guarded():
         t0 = time.perf_counter()
-        matrices = parse_list(matrix, "--matrix")
+        matrices = resolve_matrices(matrix, approximations_only=True)
         session = open_session(common)
+        candidates, skipped = build_operators(
+            session.problem, matrices, seed=common.seed, skip_unsupported=True
+        )
+        if not candidates:
+            raise OptionError(
+                "no requested matrix applies to this model, so nothing is compared: "
+                + "; ".join(f"{s['matrix']}: {s['reason']}" for s in skipped)
+            )
+        (hessian,) = build_operators(
+            session.problem, ["hessian"], seed=common.seed, hvp=common.hvp
+        )[0].values()
         with progress_bar() as update:
             result = compare(
-                session.problem,
-                matrices=matrices,
+                hessian,
+                candidates,
+                skipped=skipped,
                 top_k=top_k,
                 exact_max_dim=exact_max_dim,
                 hutchinson_probes=probes,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from .._errors import OptionError
 from ..diagnostics import density
-from ..operators import MATRIX_NAMES
+from ..operators import MATRIX_NAMES, build_operators, resolve_matrices
 from ._common import (
     CommonArgs,
     block_mode,
@@ -26,10 +26,6 @@ from ._common import (
 __all__ = ["density_cli", "register"]
 
 
-def _matrix_names() -> list[str]:
-    return list(MATRIX_NAMES)
-
-
 @common_options
 def density_cli(
     common: CommonArgs,
@@ -37,9 +33,7 @@ def density_cli(
         str,
         typer.Option(
             "--matrix",
-            help="Comma-separated matrices: hessian, ggn, fisher, fisher-mc, empirical-fisher, "
-            "pch-abs, pch-clip, pch-abs-persample, pch-clip-persample, kfac, kfac-mc, "
-            "kfac-empirical, ekfac.",
+            help="Comma-separated matrices: " + ", ".join(MATRIX_NAMES) + ".",
         ),
     ] = "hessian",
     per_layer: Annotated[
@@ -79,20 +73,18 @@ def density_cli(
     """Spectral density (stochastic Lanczos quadrature) and trace (Hutchinson, Hutch++, exact)."""
     with guarded():
         t0 = time.perf_counter()
-        matrices = parse_list(matrix, "--matrix", _matrix_names())
-        if not matrices:
-            raise OptionError("--matrix needs at least one matrix name.")
-        blocks = block_mode(per_layer, per_param)
+        matrices = resolve_matrices(matrix)
+        blocks = block_mode(per_layer, per_param, common.group)
         parse_list(distribution, "--distribution", ["rademacher", "gaussian"])
         if sigma is not None and not sigma > 0:
             raise OptionError(f"--sigma must be positive, got {sigma}.")
         if grid_points < 2:
             raise OptionError(f"--grid-points must be at least 2, got {grid_points}.")
         session = open_session(common)
+        ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
         with progress_bar() as update:
             result = density(
-                session.problem,
-                matrices=matrices,
+                ops,
                 blocks=blocks,
                 num_probes=probes,
                 num_steps=lanczos_steps,
@@ -101,8 +93,8 @@ def density_cli(
                 num_points=grid_points,
                 sigma=sigma,
                 distribution=distribution,
-                progress=update,
                 seed=common.seed,
+                progress=update,
             )
         settings = {
             "matrix": matrices,

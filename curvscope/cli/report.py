@@ -32,12 +32,10 @@ __all__ = ["register", "report_cli", "write_plotly_js"]
 
 def write_plotly_js(path: Path) -> Path:
     """Write plotly's JavaScript to ``path`` (for reports made with ``--plotly-js PATH``)."""
-    from plotly.offline import get_plotlyjs
-
     from ..io import write_atomic
-    from ..report._html import _URL
+    from ..report import plotly_js_text
 
-    return write_atomic(path, _URL.sub(r"\1\\/\\/", get_plotlyjs()))
+    return write_atomic(path, plotly_js_text())
 
 
 def _optional_model(func):
@@ -89,7 +87,8 @@ def report_cli(
     ] = "png",
 ) -> None:
     """Run the analyses and write DIR/report.html (or render existing documents with --from)."""
-    from ..report import render_directory, run_report
+    from ..app import run_report
+    from ..report import render_directory
 
     with guarded():
         t0 = time.perf_counter()
@@ -114,13 +113,10 @@ def report_cli(
                     session.problem,
                     out_dir=common.out,
                     preset=preset,
-                    input_info=session.input_info,
                     base_settings=common.settings(),
-                    notes=session.notes,
                     seed=common.seed,
                     tol=common.tol,
                     max_iter=common.max_iter,
-                    model_sha256=session.input_info["model"]["sha256"],
                     plotly_js=plotly_js,
                     figure_formats=formats,
                     progress=update,

@@ -39,33 +39,11 @@ def solve_results(runs: list[SolveRun]) -> dict[str, Any]:
 
 
 def _test_problem(session, spec: str) -> Problem:
-    from ..io import check_fits, load_dataset
+    """The test data through the same loading and preprocessing as the training data."""
+    from .._load import load_like
 
-    c = session.common
-    meta = dict(getattr(session.loaded, "meta", None) or {})
-    shape = c.input_shape or (
-        ",".join(str(int(s)) for s in meta["input_shape"]) if meta.get("input_shape") else None
-    )
-    dataset = load_dataset(
-        spec,
-        x_key=c.x_key,
-        y_key=c.y_key,
-        label_column=c.label_column,
-        split="test" if c.split == "train" else c.split,
-        input_shape=shape,
-        scale=c.scale,
-        normalize=c.normalize,
-    )
-    p = session.problem
-    check_fits(p.model, dataset, p.loss_name)
-    return Problem(
-        p.model,
-        p.loss_name,
-        dataset.batches(c.batch_size),
-        reduction=p.reduction,
-        params=list(p.names),
-        train_mode=p.train_mode,
-    )
+    split = "test" if session.common.split == "train" else session.common.split
+    return load_like(session.problem, spec, split=split)
 
 
 def _save_weights(session, run: SolveRun, out: Path) -> Path:
@@ -82,10 +60,11 @@ def _save_weights(session, run: SolveRun, out: Path) -> Path:
     with torch.no_grad():
         for name, value in values.items():
             named[name].copy_(value)
-    meta = dict(getattr(session.loaded, "meta", None) or {})
+    loaded = session.problem.loaded
+    meta = dict(getattr(loaded, "meta", None) or {})
     meta["created_by"] = f"curvscope solve --solver {run.solver}"
     path = out / f"solved-{run.solver}.pt"
-    save_checkpoint(path, model, getattr(session.loaded, "arch", None), meta)
+    save_checkpoint(path, model, getattr(loaded, "arch", None), meta)
     return path
 
 
@@ -158,7 +137,7 @@ def solve_cli(
                         budget_matvecs=budget_matvecs,
                         curvature_every=curvature_every,
                         test_problem=test_problem,
-                        generator=torch_generator(session.seed),
+                        seed=session.seed,
                         progress=update,
                         tol=grad_tol,
                         mini_batch=mini_batch,
@@ -198,13 +177,6 @@ def solve_cli(
             notes=notes,
         )
         _print(runs, doc_path)
-
-
-def torch_generator(seed: int):
-    """A fresh seeded generator per solver, so every solver sees the same random draws."""
-    import torch
-
-    return torch.Generator().manual_seed(seed)
 
 
 def _fmt(v, spec: str) -> str:

@@ -11,7 +11,7 @@ from rich.table import Table
 from .._errors import OptionError
 from ..diagnostics import spectrum
 from ..io import save_eigenvectors
-from ..operators import MATRIX_NAMES
+from ..operators import MATRIX_NAMES, build_operators, matrix_help, resolve_matrices
 from ._common import (
     CommonArgs,
     block_mode,
@@ -20,15 +20,10 @@ from ._common import (
     finish,
     guarded,
     open_session,
-    parse_list,
     progress_bar,
 )
 
 __all__ = ["register", "spectrum_cli"]
-
-
-def _matrix_names() -> list[str]:
-    return list(MATRIX_NAMES)
 
 
 @common_options
@@ -38,10 +33,7 @@ def spectrum_cli(
         str,
         typer.Option(
             "--matrix",
-            help="Comma-separated matrices: hessian, "
-            "ggn, fisher, fisher-mc, empirical-fisher, pch-abs, pch-clip, "
-            "pch-abs-persample, pch-clip-persample, kfac, kfac-mc, kfac-empirical, "
-            "ekfac.",
+            help="Comma-separated matrices: " + ", ".join(MATRIX_NAMES) + ". " + matrix_help(),
         ),
     ] = "hessian",
     top: Annotated[int, typer.Option("--top", help="Largest eigenvalues per block.")] = 5,
@@ -74,10 +66,8 @@ def spectrum_cli(
     """Extreme eigenvalues of the Hessian (or GGN, Fisher, PCH, KFAC), each with its residual."""
     with guarded():
         t0 = time.perf_counter()
-        matrices = parse_list(matrix, "--matrix", _matrix_names())
-        if not matrices:
-            raise OptionError("--matrix needs at least one matrix name.")
-        blocks = block_mode(per_layer, per_param)
+        matrices = resolve_matrices(matrix)
+        blocks = block_mode(per_layer, per_param, common.group)
         if top < 0 or bottom < 0 or top + bottom == 0:
             raise OptionError(
                 f"--top {top} --bottom {bottom}: ask for at least one eigenvalue (and none "
@@ -91,10 +81,10 @@ def spectrum_cli(
                 raise OptionError("--repeats R needs --samples N, the size of each subset.")
             repeat_samples, common.samples = common.samples, None
         session = open_session(common)
+        ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
         with progress_bar() as update:
             result = spectrum(
-                session.problem,
-                matrices=matrices,
+                ops,
                 blocks=blocks,
                 top=top,
                 bottom=bottom,

@@ -89,7 +89,7 @@ def surface_cli(
                 directions=directions,
                 range_=lo_hi,
                 steps=steps,
-                generator=session.generator,
+                seed=common.seed,
                 model_sha256=session.input_info["model"]["sha256"],
                 tol=common.tol,
                 max_iter=common.max_iter,

@@ -15,6 +15,7 @@ from ._eigenvectors import (
     load_eigenvectors,
     save_eigenvectors,
 )
+from ._imports import import_callable
 from ._results import (
     SCHEMA,
     file_sha256,
@@ -28,6 +29,7 @@ from ._results import (
 from ._tokens import TokenBatches, TokenWindows, load_tokens
 
 __all__ = [
+    "import_callable",
     "ACTIVATIONS",
     "ARCH_TYPES",
     "BUILTIN_DATASETS",

@@ -1,6 +1,10 @@
-"""Figures and the HTML report, rendered from result documents only."""
+"""Figures and the HTML report, rendered from result documents only.
 
-from ._html import render_report
+Nothing here computes: the analyses live in :mod:`curvscope.app` and the diagnostics; this
+package draws what their documents say (matplotlib figures, plotly charts, the HTML page).
+"""
+
+from ._html import plotly_js_text, render_report
 from ._plots import (
     figures_for,
     plot_check_taylor,
@@ -13,11 +17,12 @@ from ._plots import (
     plot_surface_contour,
     save_figures,
 )
-from ._run import PRESETS, ReportRun, render_directory, run_report
+from ._render import PARTS, SKIPPED_FILE, Rendered, render_directory, render_documents
 
 __all__ = [
-    "PRESETS",
-    "ReportRun",
+    "PARTS",
+    "SKIPPED_FILE",
+    "Rendered",
     "figures_for",
     "plot_check_taylor",
     "plot_compare",
@@ -27,8 +32,9 @@ __all__ = [
     "plot_surface_1d",
     "plot_surface_3d",
     "plot_surface_contour",
+    "plotly_js_text",
     "render_directory",
+    "render_documents",
     "render_report",
-    "run_report",
     "save_figures",
 ]

@@ -531,6 +531,13 @@ def _plotly_tag(plotly_js: str) -> tuple[str, str]:
     return f'<script src="{html.escape(plotly_js, quote=True)}"></script>', " file: 'self'"
 
 
+def plotly_js_text() -> str:
+    """Plotly's JavaScript with its web addresses neutralised, for a shared ``plotly.min.js``."""
+    from plotly.offline import get_plotlyjs
+
+    return _URL.sub(r"\1\\/\\/", get_plotlyjs())
+
+
 def render_report(
     documents: dict[str, dict[str, Any]],
     *,

@@ -13,7 +13,15 @@ import numpy as np
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from ._plots import PALETTE, _array, _block_label, _results, _trace_columns, surface_axis_label
+from ._figures import (
+    PALETTE,
+    as_array,
+    block_label,
+    results_of,
+    surface_axis_label,
+    taylor_series,
+    trace_columns,
+)
 
 __all__ = [
     "compare_heatmap",
@@ -53,9 +61,9 @@ def _label(surf: dict[str, Any], i: int, short: bool = False) -> str:
 
 def surface_3d(doc: dict[str, Any]) -> go.Figure:
     """Interactive 3-D loss surface; the quadratic model as a translucent surface (toggle)."""
-    surf = _results(doc, "surface")
+    surf = results_of(doc, "surface")
     a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
-    z = _array(surf["loss"])
+    z = as_array(surf["loss"])
     fig = go.Figure()
     fig.add_trace(
         go.Surface(
@@ -70,7 +78,7 @@ def surface_3d(doc: dict[str, Any]) -> go.Figure:
             hovertemplate="a=%{x:.3g}<br>b=%{y:.3g}<br>loss=%{z:.5g}<extra></extra>",
         )
     )
-    quad = _array(surf.get("quadratic_model"))
+    quad = as_array(surf.get("quadratic_model"))
     if quad is not None:
         zmax = np.nanmax(z) if np.isfinite(z).any() else None
         q = np.where(quad > zmax * 1.5, np.nan, quad) if zmax is not None and zmax > 0 else quad
@@ -106,10 +114,10 @@ def surface_3d(doc: dict[str, Any]) -> go.Figure:
 
 def surface_contour(doc: dict[str, Any]) -> go.Figure:
     """Contour map of a 2-D loss surface with the quadratic model as dashed lines."""
-    surf = _results(doc, "surface")
+    surf = results_of(doc, "surface")
     a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
-    z = _array(surf["loss"])
-    quad = _array(surf.get("quadratic_model"))
+    z = as_array(surf["loss"])
+    quad = as_array(surf.get("quadratic_model"))
     finite = z[np.isfinite(z)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     # Like the matplotlib figure: log-spaced levels when the loss spans more than 20x, so the
@@ -189,10 +197,10 @@ def surface_contour(doc: dict[str, Any]) -> go.Figure:
 
 def surface_lines(doc: dict[str, Any]) -> go.Figure:
     """Loss along each direction through the weights, the quadratic model dashed."""
-    surf = _results(doc, "surface")
+    surf = results_of(doc, "surface")
     axes = [np.asarray(v, dtype=float) for v in surf["axes"]]
-    z = _array(surf["loss"])
-    quad = _array(surf.get("quadratic_model"))
+    z = as_array(surf["loss"])
+    quad = as_array(surf.get("quadratic_model"))
     if z.ndim == 1:
         lines = [(axes[0], z, quad, _label(surf, 0))]
     else:
@@ -247,7 +255,7 @@ def surface_lines(doc: dict[str, Any]) -> go.Figure:
 
 def spectrum_chart(doc: dict[str, Any]) -> go.Figure:
     """Eigenvalues per matrix and block with residual error bars; unconverged hollow red."""
-    spectra = _results(doc, "spectra")
+    spectra = results_of(doc, "spectra")
     fig = go.Figure()
     matrices = list(dict.fromkeys(s["matrix"] for s in spectra))
     groups = list(dict.fromkeys((s["matrix"], s["block"]) for s in spectra))
@@ -296,7 +304,7 @@ def spectrum_chart(doc: dict[str, Any]) -> go.Figure:
                 "title": {"text": "matrix · block"},
                 "tickvals": list(range(len(groups))),
                 "ticktext": [
-                    _block_label(b) if len(matrices) == 1 else f"{m}<br>{_block_label(b)}"
+                    block_label(b) if len(matrices) == 1 else f"{m}<br>{block_label(b)}"
                     for m, b in groups
                 ],
                 "range": [-0.6, len(groups) - 0.4],
@@ -310,7 +318,7 @@ def spectrum_chart(doc: dict[str, Any]) -> go.Figure:
 
 def density_chart(doc: dict[str, Any]) -> go.Figure:
     """Spectral densities on a log scale, one line per matrix and block."""
-    dens = _results(doc, "densities")
+    dens = results_of(doc, "densities")
     fig = go.Figure()
     for i, d in enumerate(dens):
         y = np.array([np.nan if v is None else v for v in d["density"]], dtype=float)
@@ -340,7 +348,7 @@ def density_chart(doc: dict[str, Any]) -> go.Figure:
 
 def compare_heatmap(doc: dict[str, Any]) -> go.Figure:
     """Relative Frobenius error per layer block (rows) and approximation (columns)."""
-    rows = _results(doc, "comparisons")
+    rows = results_of(doc, "comparisons")
     blocks = list(dict.fromkeys(r["block"] for r in rows))
     matrices = list(dict.fromkeys(r["matrix"] for r in rows))
     grid = np.full((len(blocks), len(matrices)), np.nan)
@@ -352,7 +360,7 @@ def compare_heatmap(doc: dict[str, Any]) -> go.Figure:
         go.Heatmap(
             z=_nan_to_none(grid),
             x=matrices,
-            y=[_block_label(b) for b in blocks],
+            y=[block_label(b) for b in blocks],
             text=text,
             texttemplate="%{text}",
             colorscale="Magma",
@@ -377,13 +385,11 @@ def compare_heatmap(doc: dict[str, Any]) -> go.Figure:
 
 def taylor_chart(doc: dict[str, Any]) -> go.Figure | None:
     """Taylor remainders e1(h), e2(h) on log-log axes, or ``None`` without per-step data."""
-    from ._plots import _taylor_series
-
-    checks = _results(doc, "checks")
+    checks = results_of(doc, "checks")
     taylor = next((c for c in checks if str(c.get("name", "")).startswith("taylor")), None)
     if taylor is None:
         return None
-    series = _taylor_series(taylor)
+    series = taylor_series(taylor)
     key = next((k for k in ("h", "steps", "hs") if series and k in series[0]), None)
     if key is None:
         return None
@@ -417,11 +423,11 @@ def taylor_chart(doc: dict[str, Any]) -> go.Figure | None:
 
 def solver_chart(doc: dict[str, Any], key: str = "loss") -> go.Figure:
     """One line per solver: ``key`` (``loss`` or ``grad_norm``) against iterations."""
-    solves = _results(doc, "solves")
+    solves = results_of(doc, "solves")
     fig = go.Figure()
     positive = True
     for i, s in enumerate(solves):
-        cols = _trace_columns(s.get("trace"))
+        cols = trace_columns(s.get("trace"))
         if key not in cols:
             continue
         y = np.array([np.nan if v is None else v for v in cols[key]], dtype=float)

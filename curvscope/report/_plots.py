@@ -9,7 +9,6 @@ never switches the backend and nothing is shown; save them with ``fig.savefig`` 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,8 +20,17 @@ import numpy as np
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
+from ._figures import (
+    PALETTE,
+    as_array,
+    block_label,
+    results_of,
+    surface_axis_label,
+    taylor_series,
+    trace_columns,
+)
+
 __all__ = [
-    "PALETTE",
     "figures_for",
     "plot_check_taylor",
     "plot_compare",
@@ -33,11 +41,8 @@ __all__ = [
     "plot_surface_3d",
     "plot_surface_contour",
     "save_figures",
-    "surface_axis_label",
 ]
 
-# Okabe-Ito: distinguishable with the common colour-vision deficiencies, and in grey print.
-PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
 
 STYLE = {
     "font.size": 11,
@@ -74,60 +79,7 @@ def _new(ax, figsize=(6.4, 4.4), projection: str | None = None):
     return fig, ax
 
 
-def _results(doc: dict[str, Any], key: str) -> Any:
-    """The ``key`` entry of a document, of its ``results``, or the object itself."""
-    if "results" in doc and isinstance(doc["results"], dict) and key in doc["results"]:
-        return doc["results"][key]
-    if key in doc:
-        return doc[key]
-    return doc
-
-
-def _array(values) -> np.ndarray:
-    """Nested lists with ``None`` (non-finite in JSON) as a float array with NaN."""
-    if values is None:
-        return None
-    return np.array(
-        [[np.nan if v is None else v for v in row] for row in values]
-        if values and isinstance(values[0], (list, tuple))
-        else [np.nan if v is None else v for v in values],
-        dtype=float,
-    )
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "n/a"
-    return f"{x:.{digits}g}"
-
-
 # ----------------------------------------------------------------------------- surfaces
-def surface_axis_label(
-    surf: dict[str, Any], i: int, *, tex: bool = True, short: bool = False
-) -> str:
-    """Axis label of direction ``i``: what it is and, for eigenvectors, its eigenvalue."""
-    d = surf.get("directions") or {}
-    kind = d.get("kind", "")
-    evs = surf.get("eigenvalues") or d.get("eigenvalues")
-    if kind == "eigen" and evs and i < len(evs):
-        lam = _fmt(evs[i])
-        sym = (f"$v_{i + 1}$", f"$\\lambda_{i + 1}$") if tex else (f"v{i + 1}", f"λ{i + 1}")
-        if short:
-            return f"{sym[0]} ({sym[1]} = {lam})"
-        matrix = d.get("matrix") or "hessian"
-        name = "Hessian" if matrix == "hessian" else matrix
-        return f"{sym[0]}, {name} eigenvector ({sym[1]} = {lam})"
-    if kind == "random":
-        return f"random d{i + 1}" if short else f"random direction {i + 1} (unit norm)"
-    if kind == "filter-normalized":
-        return (
-            f"filter-norm. d{i + 1}"
-            if short
-            else f"filter-normalised direction {i + 1} (multiples)"
-        )
-    return f"direction {i + 1}"
-
-
 def _surface_title(surf: dict[str, Any]) -> str:
     kind = (surf.get("directions") or {}).get("kind", "")
     return {
@@ -146,12 +98,12 @@ def plot_surface_1d(doc: dict[str, Any], ax=None) -> Figure:
 
     A 2-D surface is shown as its two slices through the weights (``b = 0`` and ``a = 0``).
     """
-    surf = _results(doc, "surface")
+    surf = results_of(doc, "surface")
     with _style():
         fig, ax = _new(ax)
         axes = [np.asarray(a, dtype=float) for a in surf["axes"]]
-        loss = _array(surf["loss"])
-        quad = _array(surf.get("quadratic_model"))
+        loss = as_array(surf["loss"])
+        quad = as_array(surf.get("quadratic_model"))
         if surf.get("dims", loss.ndim) == 1 or loss.ndim == 1:
             lines = [(axes[0], loss, quad, surface_axis_label(surf, 0))]
         else:
@@ -234,19 +186,19 @@ def _levels(z: np.ndarray, n: int = 24) -> tuple[np.ndarray, Normalize]:
 
 def plot_surface_contour(doc: dict[str, Any], ax=None) -> Figure:
     """Filled contours of a 2-D loss surface, the quadratic model as dashed lines."""
-    surf = _results(doc, "surface")
+    surf = results_of(doc, "surface")
     if len(surf["axes"]) != 2:
         return plot_surface_1d(doc, ax)
     with _style():
         fig, ax = _new(ax, figsize=(6.4, 5.2))
         a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
-        z = _array(surf["loss"])  # z[i, j] at a[i], b[j]
+        z = as_array(surf["loss"])  # z[i, j] at a[i], b[j]
         A, B = np.meshgrid(a, b, indexing="ij")
         levels, norm = _levels(z)
         zm = np.ma.masked_invalid(z)
         cf = ax.contourf(A, B, zm, levels=levels, norm=norm, cmap="viridis", extend="neither")
         ax.contour(A, B, zm, levels=levels[::3], colors="white", linewidths=0.5, alpha=0.55)
-        quad = _array(surf.get("quadratic_model"))
+        quad = as_array(surf.get("quadratic_model"))
         handles = []
         if quad is not None:
             qs = ax.contour(
@@ -291,13 +243,13 @@ def _same_units(surf: dict[str, Any]) -> bool:
 
 def plot_surface_3d(doc: dict[str, Any], ax=None) -> Figure:
     """A 3-D view of a 2-D loss surface with a colour bar."""
-    surf = _results(doc, "surface")
+    surf = results_of(doc, "surface")
     if len(surf["axes"]) != 2:
         return plot_surface_1d(doc, ax)
     with _style():
         fig, ax = _new(ax, figsize=(7.0, 5.6), projection="3d")
         a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
-        z = _array(surf["loss"])
+        z = as_array(surf["loss"])
         A, B = np.meshgrid(a, b, indexing="ij")
         _, norm = _levels(z)
         s = ax.plot_surface(
@@ -336,18 +288,13 @@ def plot_surface_3d(doc: dict[str, Any], ax=None) -> Figure:
 
 
 # ----------------------------------------------------------------------------- spectra
-def _block_label(block: str) -> str:
-    """``"0"`` reads as a number on an axis: call Sequential indices modules."""
-    return f"module {block}" if block.replace(".", "").isdigit() else block
-
-
 def plot_spectrum(doc: dict[str, Any], ax=None) -> Figure:
     r"""Eigenvalues per matrix and block, with residual error bars; unconverged pairs hollow.
 
     The residual :math:`\lVert Av - \lambda v\rVert` bounds the distance from each Ritz
     value to the nearest true eigenvalue, so it is drawn as an error bar.
     """
-    spectra = _results(doc, "spectra")
+    spectra = results_of(doc, "spectra")
     with _style():
         n_groups = len({(s["matrix"], s["block"]) for s in spectra})
         fig, ax = _new(ax, figsize=(max(6.4, 0.9 * n_groups + 2.5), 4.6))
@@ -407,7 +354,7 @@ def plot_spectrum(doc: dict[str, Any], ax=None) -> Figure:
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(
             [
-                _block_label(b) if len(matrices) == 1 else f"{m}\n{_block_label(b)}"
+                block_label(b) if len(matrices) == 1 else f"{m}\n{block_label(b)}"
                 for m, b in groups
             ],
             rotation=30 if len(groups) > 4 else 0,
@@ -430,7 +377,7 @@ def plot_spectrum(doc: dict[str, Any], ax=None) -> Figure:
 
 def plot_density(doc: dict[str, Any], ax=None) -> Figure:
     """Spectral densities (stochastic Lanczos quadrature) on a log scale."""
-    dens = _results(doc, "densities")
+    dens = results_of(doc, "densities")
     with _style():
         fig, ax = _new(ax, figsize=(6.8, 4.4))
         peaks = [
@@ -461,7 +408,7 @@ def plot_density(doc: dict[str, Any], ax=None) -> Figure:
 
 def plot_compare(doc: dict[str, Any], ax=None) -> Figure:
     """Heatmap of the relative Frobenius error of each approximation per layer."""
-    rows = _results(doc, "comparisons")
+    rows = results_of(doc, "comparisons")
     blocks = list(dict.fromkeys(r["block"] for r in rows))
     matrices = list(dict.fromkeys(r["matrix"] for r in rows))
     grid = np.full((len(blocks), len(matrices)), np.nan)
@@ -503,30 +450,16 @@ def plot_compare(doc: dict[str, Any], ax=None) -> Figure:
 
 
 # ----------------------------------------------------------------------------- checks
-def _taylor_series(check: dict[str, Any]) -> list[dict[str, Any]]:
-    """The per-direction series of a Taylor/gradient check entry, in whatever form it has."""
-    subs = check.get("directions") or check.get("results") or check.get("subresults") or []
-    out = []
-    for i, s in enumerate(x for x in subs if isinstance(x, dict)):
-        # curvscope check writes {"direction", "steps", "errors": {"e1", "e2"}, ...}
-        flat = {**s, **(s.get("errors") or {})}
-        if "h" not in flat and "steps" in flat:
-            flat["h"] = flat["steps"]
-        flat["label"] = str(s.get("direction") or f"direction {i + 1}")
-        out.append(flat)
-    return out
-
-
 def plot_check_taylor(doc: dict[str, Any], ax=None) -> Figure | None:
     """Taylor-test errors e1(h) ~ h^2 and e2(h) ~ h^3 on log-log axes, one line per direction.
 
     Returns ``None`` when the document holds no Taylor check with per-step errors.
     """
-    checks = _results(doc, "checks")
+    checks = results_of(doc, "checks")
     taylor = next((c for c in checks if str(c.get("name", "")).startswith("taylor")), None)
     if taylor is None:
         return None
-    series = _taylor_series(taylor)
+    series = taylor_series(taylor)
     hs_key = next((k for k in ("h", "steps", "hs") if series and k in series[0]), None)
     if hs_key is None:
         return None
@@ -590,16 +523,6 @@ def plot_check_taylor(doc: dict[str, Any], ax=None) -> Figure | None:
 
 
 # ----------------------------------------------------------------------------- solvers
-def _trace_columns(trace: Any) -> dict[str, list]:
-    """A solver trace as columns, whether it is stored as rows or as columns."""
-    if isinstance(trace, dict):
-        return {k: list(v) for k, v in trace.items() if isinstance(v, list)}
-    if isinstance(trace, list) and trace and isinstance(trace[0], dict):
-        keys = list(dict.fromkeys(k for row in trace for k in row))
-        return {k: [row.get(k) for row in trace] for k in keys}
-    return {}
-
-
 _X_KEYS = {
     "iterations": ("iteration", "iter", "k", "step"),
     "matvecs": ("num_matvecs", "matvecs", "cumulative_matvecs", "hvps"),
@@ -625,7 +548,7 @@ def plot_solver_curves(doc: dict[str, Any], ax=None, *, x: str = "iterations") -
         ax: draw the loss curves into this axes only.
         x: ``iterations``, ``matvecs`` or ``time``.
     """
-    solves = _results(doc, "solves")
+    solves = results_of(doc, "solves")
     with _style():
         if ax is None:
             fig = Figure(figsize=(11.0, 4.2), layout="constrained")
@@ -633,7 +556,7 @@ def plot_solver_curves(doc: dict[str, Any], ax=None, *, x: str = "iterations") -
         else:
             fig, ax_loss, ax_grad = ax.figure, ax, None
         for i, s in enumerate(solves):
-            cols = _trace_columns(s.get("trace"))
+            cols = trace_columns(s.get("trace"))
             xs, _ = _solver_x(cols, x)
             if xs is None:
                 xs, _ = _solver_x(cols, "iterations")

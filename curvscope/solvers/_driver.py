@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .._errors import CurvscopeError, OptionError
+from .._sampling import as_generator
 from ..problem import Problem
 from ._objective import Objective, ProblemObjective
 from ._state import SOLVERS, SolverState
@@ -148,7 +149,7 @@ def _eig_extremes(objective: Objective, name: str, w: torch.Tensor, generator, t
         top = op @ torch.ones(1, dtype=op.dtype, device=op.device)
         value = float(top[0])
         return value, value, 0.0, 0.0
-    res = eigenpairs(op, top=1, bottom=1, tol=tol, max_iter=max_iter, generator=generator)
+    res = eigenpairs(op, top=1, bottom=1, tol=tol, max_iter=max_iter, seed=generator)
     t, b = res[0], res[1]
     return (
         float(t.eigenvalues[0]),
@@ -196,7 +197,7 @@ def run_solver(
     budget_matvecs: int | None = None,
     curvature_every: int = 0,
     test_problem: Problem | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator = 0,
     progress: Progress | None = None,
     tol: float = 1e-8,
     mini_batch: int | None = None,
@@ -218,7 +219,8 @@ def run_solver(
             extreme Hessian eigenvalues (and those of the solver's own matrix); 0: never.
         test_problem: a problem on held-out data (same parameters): test loss and accuracy
             per iteration.
-        generator: random source (Lanczos start vectors, mini-batches).
+        seed: random source of Lanczos start vectors and mini-batches (an int or a
+            generator).
         progress: ``progress(completed, total, description)`` after every iteration.
         tol: stop when the gradient norm is at most ``tol``.
         mini_batch: batch size for mini-batch mode (a seeded sub-problem per iteration);
@@ -249,7 +251,7 @@ def run_solver(
     spec = SOLVERS[solver_name]
     cfg = _resolve_settings(solver_name, settings)
     objective = _as_objective(problem)
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = as_generator(seed)
     batches = None
     if mini_batch is not None:
         if not isinstance(objective, ProblemObjective):

@@ -1,0 +1,505 @@
+"""``curvscope.load``: checkpoint and data in, a :class:`~curvscope.problem.Problem` out.
+
+The one loading routine the command line, ``solve``'s test data, the report pipeline and the
+scripts share: it reads the model (a checkpoint file of any supported format, a HuggingFace
+folder, or a module), the data (a built-in set, a file, a token file, a Python data source,
+or batches given directly), falls back on what the checkpoint records (its data, loss,
+reduction, input shape and normalisation), checks that the data fit the model, and records
+the ``input`` section of the result document on the problem (``problem.input_info``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._errors import CurvscopeError, DataError, OptionError, arg
+from ._losses import Loss, get_loss
+from .problem import Problem
+
+__all__ = ["DTYPES", "load", "load_like", "parse_device", "parse_dtype"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+"""Dtypes an analysis runs in."""
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """``float32`` or ``float64`` (names or torch dtypes).
+
+    Raises:
+        OptionError: for any other value.
+    """
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if str(value) not in DTYPES:
+        raise OptionError(f"{arg('dtype')} {value!r} is not supported; choose float32 or float64.")
+    return DTYPES[str(value)]
+
+
+def parse_device(value: str | torch.device) -> torch.device:
+    """A device that exists on this machine (``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises:
+        OptionError: for an unknown device or CUDA without a CUDA device.
+    """
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise OptionError(
+            f"{arg('device')} {value!r} is not a device; use cpu, cuda or cuda:N."
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(
+                f"{arg('device')} {value} was asked for, but this machine has no CUDA device "
+                f"(torch.cuda.is_available() is False); use {arg('device')} cpu."
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(
+                f"{arg('device')} {value}: only {torch.cuda.device_count()} CUDA device(s) exist."
+            )
+    elif dev.type != "cpu":
+        raise OptionError(f"{arg('device')} {value!r} is not supported; use cpu, cuda or cuda:N.")
+    return dev
+
+
+def _meta_shape(meta: dict) -> str | None:
+    shape = meta.get("input_shape")
+    if shape is None:
+        return None
+    return ",".join(str(int(s)) for s in shape)
+
+
+def _meta_normalize(meta: dict) -> str | None:
+    norm = meta.get("normalize")
+    if not norm:
+        return None
+    if isinstance(norm, str):
+        return norm
+    mean, std = norm
+    mean = mean if isinstance(mean, (list, tuple)) else [mean]
+    std = std if isinstance(std, (list, tuple)) else [std]
+    return ",".join(str(v) for v in [*mean, *std])
+
+
+class _Source:
+    """What ``load`` needs of a data source: batches, a description and hashes."""
+
+    def __init__(self, batches: Iterable, source: str, sha256: str | None, files: dict,
+                 obj: Any = None, vocab_size: int | None = None) -> None:
+        self.batches = batches
+        self.source = source
+        self.sha256 = sha256
+        self.files = dict(files)
+        self.obj = obj
+        self.vocab_size = vocab_size
+
+
+def _source_from(data: Any, *, batch_size: int, samples: int | None, seed: int,
+                 base_dir: Path | None, options: dict) -> tuple[_Source, bool]:
+    """The data source for ``data``; the flag says whether ``samples`` was applied already."""
+    from . import io
+
+    if isinstance(data, Mapping) and data.get("kind") == "tokens":
+        spec = dict(data)
+        block = options.get("block_size") or spec.get("block_size")
+        if block is None:
+            raise OptionError(f"token data need {arg('block_size')}.", option="block_size")
+        windows = io.load_tokens(
+            spec["path"], block_size=int(block), samples=samples, seed=seed,
+            dtype=options.get("token_dtype") or spec.get("dtype"), base_dir=base_dir,
+        )
+        return _Source(windows.batches(batch_size), windows.source, windows.sha256,
+                       getattr(windows, "files", {str(windows.path): windows.sha256}),
+                       windows, windows.vocab_size), True
+    if isinstance(data, (str, Path)):
+        spec = str(data)
+        if ".py:" in spec or (spec.endswith(".py") and ":" not in spec):
+            return _python_source(spec, batch_size, base_dir), False
+        path = Path(spec)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        if path.suffix in (".bin", ".npy") and (
+            options.get("block_size") or path.suffix == ".bin"
+        ):
+            return _source_from(
+                {"kind": "tokens", "path": str(path)}, batch_size=batch_size, samples=samples,
+                seed=seed, base_dir=None, options=options,
+            )
+        dataset = io.load_dataset(
+            spec,
+            base_dir=base_dir,
+            x_key=options.get("x_key"),
+            y_key=options.get("y_key"),
+            label_column=options.get("label_column"),
+            split=options.get("split", "train"),
+            input_shape=options.get("input_shape"),
+            scale=options.get("scale"),
+            normalize=options.get("normalize"),
+        )
+        if samples is not None:
+            dataset = dataset.subset(samples, seed)
+        files = getattr(dataset, "files", None) or (
+            {dataset.source: dataset.sha256} if dataset.sha256 else {}
+        )
+        return _Source(dataset.batches(batch_size), dataset.source, dataset.sha256, files,
+                       dataset), True
+    if hasattr(data, "batches") and hasattr(data, "source"):  # a curvscope data set
+        if samples is not None and hasattr(data, "subset"):
+            data = data.subset(samples, seed)
+            applied = True
+        else:
+            applied = False
+        return _Source(data.batches(batch_size), str(data.source),
+                       getattr(data, "sha256", None), getattr(data, "files", {}), data), applied
+    return _Source(_as_batches(data, batch_size), f"in-memory {type(data).__name__}", None, {},
+                   data), False
+
+
+def _as_batches(data: Any, batch_size: int) -> Iterable:
+    """Batches from a torch ``Dataset`` (map-style), a ``DataLoader`` or any re-iterable."""
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+            return DataLoader(data, batch_size=batch_size, shuffle=False)
+    if isinstance(data, IterableDataset):
+        return DataLoader(data, batch_size=batch_size)
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        if iter(data) is data:
+            raise DataError(
+                "the data are a one-shot iterator (a generator?): every product needs a fresh "
+                "pass, so pass a list, a DataLoader or an object whose __iter__ starts over."
+            )
+        return data
+    raise DataError(
+        f"the data ({type(data).__name__}) are neither a file, a data set nor an iterable of "
+        "batches."
+    )
+
+
+def _python_source(spec: str, batch_size: int, base_dir: Path | None) -> _Source:
+    """``FILE.py:FN``: the function returns a torch Dataset, a DataLoader or re-iterable batches.
+
+    The file runs only because the user named it; its hash is recorded.
+    """
+    from .io import file_sha256, import_callable
+
+    fn, path = import_callable(spec, what="data", base_dir=base_dir)
+    try:
+        obj = fn()
+    except CurvscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's code: one sentence, no traceback
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise DataError(
+            f"{arg('data')} {spec}: calling it raised {type(exc).__name__}: {first}.",
+            option="data",
+        ) from None
+    batches = _as_batches(obj, batch_size)
+    files = {str(path): file_sha256(path)}
+    return _Source(batches, f"{spec} ({type(obj).__name__})", files[str(path)], files, obj)
+
+
+def _forward_hint(model: nn.Module, problem: Problem, exc: BaseException) -> str:
+    """Name a forward's arguments the batches do not give (with ``forward_kwargs``)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return ""
+    batch = next(problem.batches())
+    given = len(batch.inputs.args)
+    names = set(batch.inputs.kwargs)
+    missing = []
+    for i, (name, prm) in enumerate(sig.parameters.items()):
+        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
+            continue
+        if prm.default is prm.empty and i >= given and name not in names:
+            missing.append(name)
+    if missing:
+        return (
+            f"; its forward also needs {', '.join(missing)}: pass fixed values with "
+            f"{arg('forward_kwargs')} (e.g. {missing[0]}=...)"
+        )
+    return ""
+
+
+def _check_fit(problem: Problem, source: str) -> torch.Tensor:
+    """Run the first batch through the model; a failure is a sentence naming the data."""
+    batch = next(problem.batches())
+    try:
+        with torch.no_grad(), problem.mode():
+            out = problem.forward(problem.params, batch.inputs)
+    except CurvscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here is a mismatch with the data
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        shapes = [tuple(t.shape) for t in batch.inputs.args if isinstance(t, torch.Tensor)]
+        shapes += [f"{k}={tuple(v.shape)}" for k, v in batch.inputs.kwargs.items()
+                   if isinstance(v, torch.Tensor)]
+        hint = _forward_hint(problem.model, problem, exc)
+        if not hint and problem.loss_fn.name not in ("causal_lm",):
+            hint = f"; reshape them with {arg('input_shape')} if the model expects another shape"
+        raise DataError(
+            f"the data of {source} (first batch {', '.join(map(str, shapes))}) do not fit the "
+            f"model's forward ({first}){hint}.",
+            option="data",
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise DataError(f"the model's output for {source} is not a tensor.")
+    return out
+
+
+def _embedding_size(model: nn.Module) -> int | None:
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return int(m.num_embeddings)
+    return None
+
+
+def load(
+    model: str | Path | nn.Module,
+    data: Any = None,
+    *,
+    loss: str | Loss | None = None,
+    reduction: str | None = None,
+    params: str | Sequence[str] | None = None,
+    weight_decay: float = 0.0,
+    batch_size: int = 512,
+    samples: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    train_mode: bool = False,
+    builder: str | None = None,
+    trust_checkpoint: bool = False,
+    state_key: str | None = None,
+    strip_prefix: str | None = None,
+    load_strict: bool = True,
+    forward_kwargs: Mapping[str, Any] | None = None,
+    output: int | str | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    ignore_index: int = -100,
+    check_deterministic: bool | None = None,
+    **data_options: Any,
+) -> Problem:
+    """Load a model and data into a :class:`~curvscope.problem.Problem`.
+
+    Args:
+        model: a checkpoint path (curvscope ``.pt``, ``.safetensors``, a state dict with
+            ``builder``, TorchScript, a HuggingFace folder, or a pickled module with
+            ``trust_checkpoint``) or an ``nn.Module``.
+        data: a built-in name, a data file, a token file, ``FILE.py:FN``, a torch ``Dataset``,
+            a ``DataLoader``, batches, or ``None`` for the data the checkpoint records.
+        loss: a loss name, ``FILE.py:FN`` (a user function), ``model`` (the model's own loss)
+            or a :class:`~curvscope._losses.Loss`; default the checkpoint's.
+        reduction: ``mean`` or ``sum`` as the model was trained (default the checkpoint's,
+            else mean).
+        params: globs of the parameters to analyse (default all).
+        weight_decay: adds ``weight_decay/2 ||w||^2`` to the loss.
+        batch_size: samples per batch for files.
+        samples: a seeded random subset of this many samples (or token windows).
+        seed: seed of that subset.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``float32`` or ``float64``.
+        train_mode: BatchNorm with batch statistics.
+        builder: ``MODULE:CALLABLE`` or ``file.py:CALLABLE`` building the module for a state
+            dict (or wrapping a TorchScript file).
+        trust_checkpoint: allow unpickling a whole module (runs code from the file).
+        state_key: key of the state dict inside a wrapped checkpoint.
+        strip_prefix: prefix removed from state-dict keys.
+        load_strict: refuse state-dict entries that are not parameters or buffers.
+        forward_kwargs: fixed keyword arguments of every forward (e.g. ``{"sr": 16000}``).
+        output: which output the loss takes when the model returns several.
+        groups: named groups of parameters (name -> globs) usable as blocks.
+        ignore_index: target value that marks no loss term.
+        check_deterministic: compare two passes over the first batches (default: for
+            Python data sources and data given directly).
+        **data_options: file options (``x_key``, ``y_key``, ``label_column``, ``split``,
+            ``input_shape``, ``scale``, ``normalize``, ``block_size``, ``token_dtype``).
+
+    Returns:
+        The problem, with ``input_info`` (the result document's ``input`` section),
+        ``notes``, ``loaded`` (what was read) and ``data_source``.
+
+    Raises:
+        CurvscopeError: for every user mistake, with one sentence naming the file or argument.
+    """
+    from . import io
+
+    dtype_t = parse_dtype(dtype)
+    device_t = parse_device(device)
+    if batch_size < 1:
+        raise OptionError(f"{arg('batch_size')} must be at least 1, got {batch_size}.")
+    known = {"x_key", "y_key", "label_column", "split", "input_shape", "scale", "normalize",
+             "block_size", "token_dtype"}
+    unknown = sorted(set(data_options) - known)
+    if unknown:
+        raise OptionError(f"load() got unknown options {', '.join(unknown)}.")
+    if isinstance(model, nn.Module):
+        loaded = io.LoadedModel(model, Path(type(model).__name__), "module", "")
+        base_dir = None
+    else:
+        loaded = io.load_checkpoint(
+            model,
+            model=builder,
+            trust_checkpoint=trust_checkpoint,
+            state_key=state_key,
+            strip_prefix=strip_prefix,
+            **({"load_strict": load_strict} if not load_strict else {}),
+        )
+        base_dir = Path(model).resolve().parent
+    meta = dict(loaded.meta or {})
+    options = dict(data_options)
+    options.setdefault("input_shape", _meta_shape(meta))
+    options.setdefault("normalize", _meta_normalize(meta))
+    if options.get("input_shape") is None:
+        options["input_shape"] = _meta_shape(meta)
+    if options.get("normalize") is None:
+        options["normalize"] = _meta_normalize(meta)
+    data_spec = data if data is not None else meta.get("data")
+    if data_spec is None:
+        raise OptionError(
+            f"{loaded.path} does not record its data; pass {arg('data')} (digits, a .npz "
+            "file, a token file, FILE.py:FN...).",
+            option="data",
+        )
+    # a path the checkpoint records is relative to its folder; a given one to the cwd
+    src, applied = _source_from(
+        data_spec, batch_size=batch_size, samples=samples, seed=seed,
+        base_dir=base_dir if data is None else None, options=options,
+    )
+    loss_spec = loss if loss is not None else meta.get("loss")
+    if loss_spec is None:
+        raise OptionError(
+            f"{loaded.path} does not record its loss; pass {arg('loss')} (cross_entropy, mse, "
+            "causal_lm, FILE.py:FN, model...).",
+            option="loss",
+        )
+    red = reduction or meta.get("reduction") or "mean"
+    loss_obj = _make_loss(loss_spec, red, ignore_index)
+    net = loaded.model.to(device=device_t, dtype=dtype_t)
+    direct = not isinstance(data_spec, (str, Path, Mapping)) or ".py:" in str(data_spec)
+    problem = Problem(
+        net,
+        loss_obj,
+        src.batches,
+        reduction=red,
+        params=params,
+        weight_decay=weight_decay,
+        train_mode=train_mode,
+        forward_kwargs=forward_kwargs,
+        output=output,
+        groups=groups,
+        check_deterministic=bool(direct if check_deterministic is None else check_deterministic),
+    )
+    if samples is not None and not applied:
+        problem = problem.subsample(samples, seed)
+    out = _check_fit(problem, src.source)
+    problem.check_data(source=src.source, classes=_classes(problem, out),
+                       vocabulary=_embedding_size(net))
+    notes = list(loaded.notes) + list(problem.notes)
+    if train_mode:
+        notes.append(
+            "train mode: BatchNorm used batch statistics of each batch (running statistics "
+            "untouched); dropout off."
+        )
+    files = dict(getattr(loaded, "files", {}) or {})
+    if loaded.sha256 and str(loaded.path) not in files:
+        files[str(loaded.path)] = loaded.sha256
+    files.update(src.files)
+    problem.notes = notes
+    problem.loaded = loaded
+    problem.data_source = src
+    problem.input_info = {
+        "model": {
+            "path": str(loaded.path),
+            "sha256": loaded.sha256 or None,
+            "format": loaded.format,
+            "num_params": sum(p.numel() for p in net.parameters()),
+            "params_selected": problem.num_params,
+            "param_names": list(problem.names),
+        },
+        "data": {
+            "source": src.source,
+            "sha256": src.sha256,
+            "num_samples": problem.num_samples,
+            "num_terms": problem.num_terms,
+            "batch_size": batch_size,
+            "subset_seed": seed if samples is not None else None,
+        },
+        "loss": problem.loss_name,
+        "reduction": red,
+        "weight_decay": weight_decay,
+        "dtype": str(dtype_t).replace("torch.", ""),
+        "device": str(device_t),
+        "seed": seed,
+        "train_mode": train_mode,
+        "files": files,
+        "versions": io.versions(),
+    }
+    problem.load_options = {
+        "batch_size": batch_size, "options": options, "base_dir": base_dir,
+        "ignore_index": ignore_index, "forward_kwargs": dict(forward_kwargs or {}),
+        "output": output, "groups": dict(groups or {}),
+    }
+    return problem
+
+
+def _classes(problem: Problem, out: torch.Tensor) -> int | None:
+    if problem.loss_fn.classification and out.dim() >= 1:
+        return int(out.shape[-1])
+    return None
+
+
+def _make_loss(spec: Any, reduction: str, ignore_index: int) -> Loss:
+    if isinstance(spec, Loss):
+        return spec
+    text = str(getattr(spec, "value", spec))
+    if ".py:" in text:
+        from ._losses import CallableLoss
+        from .io import import_callable
+
+        fn, _ = import_callable(text, what="loss")
+        return CallableLoss(fn, name=text, reduction=reduction)
+    if callable(spec):
+        from ._losses import CallableLoss
+
+        return CallableLoss(spec, name=getattr(spec, "__name__", "loss"), reduction=reduction)
+    return get_loss(text, ignore_index=ignore_index)
+
+
+def load_like(problem: Problem, data: Any, *, split: str | None = None) -> Problem:
+    """The same model, loss and preprocessing as ``problem`` on other data (e.g. test data).
+
+    The input shape, normalisation and other file options of the first load apply, so test
+    data are preprocessed exactly as the training data were.
+    """
+    opts = getattr(problem, "load_options", None) or {"batch_size": 512, "options": {}}
+    options = dict(opts["options"])
+    if split is not None:
+        options["split"] = split
+    src, _ = _source_from(data, batch_size=opts["batch_size"], samples=None, seed=0,
+                          base_dir=None, options=options)
+    new = Problem(
+        problem.model,
+        problem.loss_fn,
+        src.batches,
+        reduction=problem.reduction,
+        params=list(problem.names),
+        train_mode=problem.train_mode,
+        forward_kwargs=opts.get("forward_kwargs"),
+        output=opts.get("output"),
+    )
+    out = _check_fit(new, src.source)
+    new.check_data(source=src.source, classes=_classes(new, out),
+                   vocabulary=_embedding_size(problem.model))
+    new.data_source = src
+    return new

@@ -1,0 +1,106 @@
+"""Helpers both figure renderers share (matplotlib and plotly): colours, labels, data access.
+
+Everything here reads result documents; nothing draws.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "PALETTE",
+    "as_array",
+    "block_label",
+    "fmt",
+    "results_of",
+    "surface_axis_label",
+    "taylor_series",
+    "trace_columns",
+]
+
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies, and in grey print.
+PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"]
+
+def results_of(doc: dict[str, Any], key: str) -> Any:
+    """The ``key`` entry of a document, of its ``results``, or the object itself."""
+    if "results" in doc and isinstance(doc["results"], dict) and key in doc["results"]:
+        return doc["results"][key]
+    if key in doc:
+        return doc[key]
+    return doc
+
+
+def as_array(values) -> np.ndarray:
+    """Nested lists with ``None`` (non-finite in JSON) as a float array with NaN."""
+    if values is None:
+        return None
+    return np.array(
+        [[np.nan if v is None else v for v in row] for row in values]
+        if values and isinstance(values[0], (list, tuple))
+        else [np.nan if v is None else v for v in values],
+        dtype=float,
+    )
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def block_label(block: str) -> str:
+    """``"0"`` reads as a number on an axis: call Sequential indices modules."""
+    return f"module {block}" if block.replace(".", "").isdigit() else block
+
+
+def surface_axis_label(
+    surf: dict[str, Any], i: int, *, tex: bool = True, short: bool = False
+) -> str:
+    """Axis label of direction ``i``: what it is and, for eigenvectors, its eigenvalue."""
+    d = surf.get("directions") or {}
+    kind = d.get("kind", "")
+    evs = surf.get("eigenvalues") or d.get("eigenvalues")
+    if kind == "eigen" and evs and i < len(evs):
+        lam = fmt(evs[i])
+        sym = (f"$v_{i + 1}$", f"$\\lambda_{i + 1}$") if tex else (f"v{i + 1}", f"λ{i + 1}")
+        if short:
+            return f"{sym[0]} ({sym[1]} = {lam})"
+        matrix = d.get("matrix") or "hessian"
+        name = "Hessian" if matrix == "hessian" else matrix
+        return f"{sym[0]}, {name} eigenvector ({sym[1]} = {lam})"
+    if kind == "random":
+        return f"random d{i + 1}" if short else f"random direction {i + 1} (unit norm)"
+    if kind == "filter-normalized":
+        return (
+            f"filter-norm. d{i + 1}"
+            if short
+            else f"filter-normalised direction {i + 1} (multiples)"
+        )
+    return f"direction {i + 1}"
+
+
+def taylor_series(check: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-direction series of a Taylor/gradient check entry, in whatever form it has."""
+    subs = check.get("directions") or check.get("results") or check.get("subresults") or []
+    out = []
+    for i, s in enumerate(x for x in subs if isinstance(x, dict)):
+        # curvscope check writes {"direction", "steps", "errors": {"e1", "e2"}, ...}
+        flat = {**s, **(s.get("errors") or {})}
+        if "h" not in flat and "steps" in flat:
+            flat["h"] = flat["steps"]
+        flat["label"] = str(s.get("direction") or f"direction {i + 1}")
+        out.append(flat)
+    return out
+
+
+def trace_columns(trace: Any) -> dict[str, list]:
+    """A solver trace as columns, whether it is stored as rows or as columns."""
+    if isinstance(trace, dict):
+        return {k: list(v) for k, v in trace.items() if isinstance(v, list)}
+    if isinstance(trace, list) and trace and isinstance(trace[0], dict):
+        keys = list(dict.fromkeys(k for row in trace for k in row))
+        return {k: [row.get(k) for row in trace] for k in keys}
+    return {}
