@@ -1,7 +1,159 @@
-"""Imports go one way (STYLE.md section 1): no plotting or CLI libraries below report/."""
+"""The structure is a test (STYLE.md section 1): imports go one way, and no private name
+crosses a package boundary. Every ``import`` statement of the package is read with ``ast``
+(function-level imports included) and checked against the rules below; a violation names the
+file, the line and the rule.
+"""
 
+from __future__ import annotations
+
+import ast
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "curvscope"
+
+BASE = {"_errors", "_sampling", "_losses"}
+"""Modules every layer may use: errors, the one subset routine, losses."""
+
+LAYERS: dict[str, set[str]] = {
+    "_errors": set(),
+    "_sampling": {"_errors"},
+    "_losses": {"_errors"},
+    "models": {"_errors"},
+    "linalg": BASE,
+    "io": BASE | {"models"},
+    "problem": BASE,
+    "_load": BASE | {"io", "problem", "models"},
+    "_distributed": BASE | {"problem"},
+    "operators": BASE | {"linalg", "problem", "_distributed"},
+    "diagnostics": BASE | {"linalg", "operators", "problem", "io", "_distributed"},
+    "solvers": BASE | {"linalg", "operators", "problem", "_distributed"},
+    "report": BASE | {"io"},
+    "_examples": BASE | {"io", "models"},
+    "app": BASE
+    | {"io", "problem", "_load", "linalg", "operators", "diagnostics", "solvers", "report"}
+    | {"_examples", "_distributed", "models"},
+    "_api": BASE | {"io", "problem", "_load", "linalg", "operators", "diagnostics", "app"},
+    "cli": BASE
+    | {"io", "problem", "_load", "linalg", "operators", "diagnostics", "solvers", "report"}
+    | {"app", "_examples", "_api", "models", "_distributed"},
+    "__main__": {"cli"},
+    "__init__": set(),  # names are resolved lazily (PEP 562): importing curvscope is cheap
+}
+"""Which first-level modules or packages each one may import."""
+
+NEVER = [
+    ("report", {"linalg", "operators", "diagnostics", "solvers", "problem", "app", "_load"}),
+    ("linalg", {"problem", "operators", "diagnostics"}),
+    ("io", {"operators", "linalg", "diagnostics", "solvers", "problem"}),
+    ("*", {"cli"}),
+]
+"""Pairs that must never appear, stated apart so a change of LAYERS cannot allow them."""
+
+
+def _unit(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0].removesuffix(".py") if rel.parts else ""
+
+
+def _imports(path: Path):
+    """``(line, target unit, imported module path, imported names)`` of every import."""
+    tree = ast.parse(path.read_text(), str(path))
+    rel = path.relative_to(ROOT)
+    package = ["curvscope", *rel.parts[:-1]]
+    if rel.name != "__init__.py":
+        pass
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = [*base, *(node.module.split(".") if node.module else [])]
+            else:
+                module = (node.module or "").split(".")
+            if module[0] != "curvscope":
+                continue
+            names = [a.name for a in node.names]
+            if len(module) == 1:  # from curvscope import x / from .. import x
+                for n in names:
+                    yield node.lineno, n, [*module, n], []
+            else:
+                yield node.lineno, module[1], module, names
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "curvscope" and len(parts) > 1:
+                    yield node.lineno, parts[1], parts, []
+
+
+def _files():
+    return sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_unit_has_a_rule():
+    units = {_unit(p) for p in _files()}
+    missing = sorted(units - set(LAYERS))
+    assert not missing, f"add layer rules for {missing} to tests/test_layering.py"
+
+
+def test_imports_follow_the_layer_rules():
+    violations = []
+    for path in _files():
+        unit = _unit(path)
+        allowed = LAYERS[unit]
+        for line, target, module, names in _imports(path):
+            if target == unit or target == "__version__":
+                continue
+            where = f"{path.relative_to(ROOT.parent)}:{line}"
+            for src, forbidden in NEVER:
+                if (src == "*" or src == unit) and target in forbidden:
+                    violations.append(f"{where}: {unit} -> {target} is never allowed")
+            if target not in allowed:
+                violations.append(
+                    f"{where}: {unit} imports {'.'.join(module)}, but {unit} may import only "
+                    f"{', '.join(sorted(allowed)) or 'nothing of curvscope'}"
+                )
+    assert not violations, "\n".join(violations)
+
+
+def test_no_private_name_crosses_a_package():
+    violations = []
+    for path in _files():
+        unit = _unit(path)
+        for line, target, module, names in _imports(path):
+            if target == unit:
+                continue
+            where = f"{path.relative_to(ROOT.parent)}:{line}"
+            deep = [m for m in module[2:] if m.startswith("_")]
+            if deep:
+                violations.append(f"{where}: imports the private module {'.'.join(module)}")
+            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            if private:
+                violations.append(f"{where}: imports private names {private} from {target}")
+    assert not violations, "\n".join(violations)
+
+
+def test_library_messages_name_no_command_line_flag():
+    """Library errors name arguments (``arg('top')``); only cli/ writes ``--flags``."""
+    import re
+
+    flag = re.compile(r"""["'][^"'\n]*\s--[a-z][a-z-]+""")
+    violations = []
+    for path in _files():
+        if _unit(path) == "cli":
+            continue
+        for i, text in enumerate(path.read_text().splitlines(), 1):
+            stripped = text.strip()
+            if stripped.startswith("#") or '"""' in stripped:
+                continue
+            if flag.search(text) and "Error(" in "".join(
+                path.read_text().splitlines()[max(0, i - 6) : i]
+            ):
+                violations.append(f"{path.relative_to(ROOT.parent)}:{i}: {stripped[:90]}")
+    assert not violations, "\n".join(violations)
+
 
 BLOCKED = ["matplotlib", "plotly", "typer", "rich", "jinja2"]
 
@@ -13,7 +165,7 @@ class Blocker:
             raise ImportError('blocked ' + name)
 sys.meta_path.insert(0, Blocker())
 import curvscope, curvscope.io, curvscope.operators, curvscope.linalg
-import curvscope.diagnostics, curvscope.solvers
+import curvscope.diagnostics, curvscope.solvers, curvscope.problem
 print('ok')
 """
 
@@ -22,3 +174,17 @@ def test_library_layers_import_without_plotting_or_cli_libraries():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_importing_curvscope_imports_no_torch():
+    code = "import sys, curvscope; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", ["load", "hessian", "spectrum", "lanczos", "document"])
+def test_flat_api_names_resolve(name):
+    import curvscope
+
+    assert callable(getattr(curvscope, name))

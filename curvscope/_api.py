@@ -1,0 +1,134 @@
+"""The flat public API's own functions: one name per curvature matrix, Lanczos, documents."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .linalg import as_operator, eigenpairs
+from .operators import (
+    EKFACOperator,
+    EmpiricalFisherOperator,
+    FisherOperator,
+    GGNOperator,
+    HessianOperator,
+    KFACOperator,
+    PCHOperator,
+)
+from .problem import Problem
+
+__all__ = [
+    "document",
+    "ekfac",
+    "empirical_fisher",
+    "fisher",
+    "ggn",
+    "hessian",
+    "kfac",
+    "lanczos",
+    "pch",
+]
+
+
+def hessian(problem: Problem, *, hvp: str = "auto") -> HessianOperator:
+    """The Hessian of the problem's loss (see :class:`~curvscope.operators.HessianOperator`)."""
+    return HessianOperator(problem, mode=hvp)
+
+
+def ggn(problem: Problem) -> GGNOperator:
+    """The generalised Gauss-Newton matrix (:class:`~curvscope.operators.GGNOperator`)."""
+    return GGNOperator(problem)
+
+
+def fisher(
+    problem: Problem, *, kind: str = "exact", mc_samples: int = 1, seed: int = 0
+) -> FisherOperator:
+    """The Fisher, exact or Monte-Carlo (:class:`~curvscope.operators.FisherOperator`)."""
+    return FisherOperator(problem, kind=kind, mc_samples=mc_samples, seed=seed)
+
+
+def empirical_fisher(problem: Problem) -> EmpiricalFisherOperator:
+    """The empirical Fisher (:class:`~curvscope.operators.EmpiricalFisherOperator`)."""
+    return EmpiricalFisherOperator(problem)
+
+
+def pch(
+    problem: Problem, *, mode: str = "abs", approximation: str = "expectation"
+) -> PCHOperator:
+    """Chen et al.'s positive-curvature Hessian (:class:`~curvscope.operators.PCHOperator`)."""
+    return PCHOperator(problem, mode=mode, approximation=approximation)
+
+
+def kfac(
+    problem: Problem, *, fisher_type: str = "exact", mc_samples: int = 1, seed: int = 0
+) -> KFACOperator:
+    """KFAC (:class:`~curvscope.operators.KFACOperator`)."""
+    return KFACOperator(problem, fisher_type=fisher_type, mc_samples=mc_samples, seed=seed)
+
+
+def ekfac(
+    problem: Problem, *, fisher_type: str = "exact", mc_samples: int = 1, seed: int = 0
+) -> EKFACOperator:
+    """EKFAC (:class:`~curvscope.operators.EKFACOperator`)."""
+    return EKFACOperator(problem, fisher_type=fisher_type, mc_samples=mc_samples, seed=seed)
+
+
+def lanczos(
+    A: Any,
+    *,
+    top: int = 5,
+    bottom: int = 0,
+    tol: float = 1e-4,
+    max_iter: int | None = None,
+    seed: int | torch.Generator = 0,
+):
+    """Extreme eigenpairs of any symmetric operator, each with its measured residual.
+
+    Returns the ``top`` result (descending) when only ``top`` is asked for, the ``bottom``
+    one when only ``bottom`` is, else the list ``[top, bottom]`` (see
+    :func:`curvscope.linalg.eigenpairs`).
+    """
+    res = eigenpairs(as_operator(A), top=top, bottom=bottom, tol=tol, max_iter=max_iter,
+                     seed=seed)
+    return res[0] if len(res) == 1 else res
+
+
+def document(
+    result: Any,
+    problem: Problem | None = None,
+    *,
+    command: str | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The result document the command line would write for ``result``.
+
+    Args:
+        result: a result object of :mod:`curvscope.diagnostics` (``spectrum``, ``density``,
+            ``compare``, ``check``) or a surface.
+        problem: the problem it was computed on (its ``input`` section).
+        command: the command name (default: from the result's type).
+        settings: the options used, recorded under ``settings``.
+    """
+    from .app import document as make
+
+    name = command or _command_of(result)
+    results = result.to_results() if hasattr(result, "to_results") else {name: result}
+    return make(
+        problem,
+        name,
+        settings=dict(settings or {}),
+        results=results,
+        started=time.perf_counter(),
+        passes_before=problem.data_passes if problem is not None else 0,
+        matvecs=int(getattr(result, "num_matvecs", 0)),
+        notes=list(getattr(result, "notes", []) or []),
+    )
+
+
+def _command_of(result: Any) -> str:
+    name = type(result).__name__.removesuffix("Result").lower()
+    return {"spectrum": "spectrum", "density": "density", "compare": "compare",
+            "check": "check", "surface": "surface"}.get(name, name)
+
