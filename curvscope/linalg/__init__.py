@@ -3,6 +3,7 @@
 from ._cg import CGResult, MinresResult, cg, minres
 from ._lanczos import DEFAULT_TOL, EigenResult, LanczosResult, eigenpairs, lanczos
 from ._power import power_iteration
+from ._restarted import eigsh
 from ._slq import Density, SLQResult, slq, spectral_density
 from ._trace import TraceEstimate, exact_trace, hutchinson_trace, hutchpp_trace
 
@@ -17,6 +18,7 @@ __all__ = [
     "eigenpairs",
     "lanczos",
     "power_iteration",
+    "eigsh",
     "Density",
     "SLQResult",
     "slq",
