@@ -43,9 +43,12 @@ __all__ = ["eigsh"]
 
 Progress = Callable[[int, int, str], None]
 
-BREAKDOWN = 10.0
-r"""Breakdown at least when :math:`\beta \le` ``BREAKDOWN`` :math:`\varepsilon \sqrt{j}\,
-\lVert A\rVert`: what classical Gram-Schmidt twice leaves of a vector inside the basis."""
+BREAKDOWN = 20.0
+r"""Breakdown at least when :math:`\beta \le` ``BREAKDOWN`` :math:`\varepsilon \sqrt{P}\,
+\lVert A\rVert`, the round-off of a product: at the invariant step of matrices with four
+distinct eigenvalues, :math:`\beta / \lVert A v\rVert` was 2-12 such units (P = 100..1000,
+float32 and float64). A breakdown declared on a larger :math:`\beta` costs only products:
+pairs that do not pass the test are not locked, and the fresh search finds them again."""
 
 ROUNDOFF = 4.0
 r"""Error bounds are at least ``ROUNDOFF`` :math:`\varepsilon \sqrt{P}\,\lVert A\rVert`, the
@@ -133,44 +136,70 @@ def _pick(values: torch.Tensor, top: int, bottom: int) -> tuple[torch.Tensor, to
 
 
 def _error_bounds(
-    values: torch.Tensor, resid: torch.Tensor, complete: bool, floor: float
+    values: torch.Tensor,
+    resid: torch.Tensor,
+    *,
+    resolved: torch.Tensor,
+    side: torch.Tensor,
+    complete: bool,
+    floor: float,
 ) -> torch.Tensor:
     r"""An error bound for every value, against all the others.
 
     Each value :math:`\theta_i` with residual :math:`r_i` has an eigenvalue within
-    :math:`r_i` (Weyl). Values closer than the sum of their residuals form a cluster; the rest
-    of the spectrum is then at least :math:`\delta = \min_j (|\theta_i - \theta_j| - r_j)`
-    away over the values outside the cluster, and the Kato-Temple bound
-    :math:`R^2/\delta` (with :math:`R^2` the cluster's summed squared residuals) is sharper
-    when :math:`\delta > R`. Where the values do not cover the whole space (``complete``
-    false) and there is nothing outside the cluster, the gap is unknown and only
-    :math:`r_i` is used. ``floor`` is the round-off of one product in the operator's dtype.
+    :math:`r_i`. Values closer than the sum of their residuals form a cluster; when the rest
+    of the spectrum is :math:`\delta` away from :math:`\theta_i`, the Kato-Temple bound
+    :math:`R^2/\delta` (:math:`R^2` the cluster's summed squared residuals) is sharper when
+    :math:`\delta > R`. On each side, :math:`\delta` is the distance to the nearest value
+    outside the cluster less that value's residual, but only if that value is ``resolved``
+    (converged): an unconverged Ritz value stands for a part of the spectrum the basis has not
+    resolved, whose eigenvalues may lie closer (a Ritz vector mixing many eigenvectors has
+    some of them several residuals away). A side without values is empty on the outer side of
+    an end (``side`` +1: the top end, nothing above; -1: the bottom end, nothing below) and
+    unknown towards the middle unless the values cover the whole space (``complete``). An
+    unknown gap, or a cluster with an unconverged member, leaves :math:`r_i`. ``floor`` is the
+    round-off of one product in the operator's dtype.
     """
     n = values.shape[0]
     if n == 0:
         return values.clone()
     order = torch.argsort(values)
-    v, r = values[order], resid[order]
+    v, r, ok, sd = values[order], resid[order], resolved[order], side[order]
     cluster = torch.zeros(n, dtype=torch.long)
     if n > 1:
         split = (v[1:] - v[:-1]) > (r[1:] + r[:-1])
         cluster[1:] = torch.cumsum(split.long(), 0)
     bounds = torch.empty(n, dtype=torch.float64)
     for i in range(n):
-        inside = cluster == cluster[i]
-        outside = ~inside
-        if outside.any():
-            gap = float(((v[outside] - v[i]).abs() - r[outside]).min())
-        else:
-            gap = math.inf if complete else 0.0
+        inside = (cluster == cluster[i]).nonzero()[:, 0]
+        lo, hi = int(inside[0]), int(inside[-1])
         b = float(r[i])
-        r2 = float((r[inside] ** 2).sum())
-        if gap > 0:
-            b = min(b, r2 / gap)
+        gaps = []
+        for j, outer, inward in (
+            (hi + 1, int(sd[i]) == 1, hi + 1 < n),
+            (lo - 1, int(sd[i]) == -1, lo > 0),
+        ):
+            if not inward:
+                gaps.append(math.inf if outer or complete else 0.0)
+            elif bool(ok[j]):
+                gaps.append(float((v[j] - v[i]).abs() - r[j]))
+            else:
+                gaps.append(0.0)
+        gap = min(gaps)
+        if bool(ok[inside].all()) and gap > 0:
+            b = min(b, float((r[inside] ** 2).sum()) / gap)
         bounds[i] = max(b, floor)
     out = torch.empty_like(bounds)
     out[order] = bounds
     return out
+
+
+def _sides(n: int, top_idx: torch.Tensor, bottom_idx: torch.Tensor) -> torch.Tensor:
+    """+1 for the top picks, -1 for the bottom picks, 0 elsewhere."""
+    side = torch.zeros(n, dtype=torch.long)
+    side[top_idx] = 1
+    side[bottom_idx] = -1
+    return side
 
 
 def eigsh(
@@ -306,10 +335,18 @@ def eigsh(
     def passes(vals: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
         """Per value: whether its estimate passes the stopping test."""
         norm = max(float(vals.abs().max()), 1e-300)
+        small = res <= tol * norm
         if rtol is None:
-            return res <= tol * norm
-        floor = ROUNDOFF * eps * math.sqrt(n) * norm
-        bounds = _error_bounds(vals, res, X.shape[1] + j >= n, floor)
+            return small
+        t_idx, b_idx = _pick(vals, top, bottom)
+        bounds = _error_bounds(
+            vals,
+            res,
+            resolved=small,
+            side=_sides(vals.shape[0], t_idx, b_idx),
+            complete=X.shape[1] + j >= n,
+            floor=ROUNDOFF * eps * math.sqrt(n) * norm,
+        )
         return bounds <= rtol * vals.abs()
 
     def converged_now() -> bool:
@@ -350,7 +387,7 @@ def eigsh(
         j += 1
         theta, S = torch.linalg.eigh(T[:j, :j])
         est = beta * S[j - 1, :].abs()
-        limit = max(BREAKDOWN * eps * math.sqrt(j + X.shape[1]), min(breakdown_rel, eps**0.5))
+        limit = max(BREAKDOWN * eps * math.sqrt(n), min(breakdown_rel, eps**0.5))
         if beta <= limit * scale or X.shape[1] + j >= n:
             # Invariant subspace: its Ritz pairs are exact to the estimates est.
             if X.shape[1] + j >= n or steps >= budget:
@@ -362,8 +399,10 @@ def eigsh(
             )
             if not improved:
                 break
-            # Lock the best pairs of both ends, then search the complement afresh.
+            # Lock the best pairs of both ends that pass the test (a breakdown declared on a
+            # beta above round-off leaves some inexact), then search the complement afresh.
             keep = torch.cat([t_idx, b_idx])
+            keep = keep[passes(vals, res)[keep]]
             off = x_vals.shape[0]
             cols = []
             for i in keep.tolist():
@@ -518,8 +557,16 @@ def _finish(
     floor = ROUNDOFF * torch.finfo(Y.dtype).eps * math.sqrt(n) * norm
     rest = torch.ones(vals.shape[0], dtype=torch.bool)
     rest[sel] = False
+    all_vals = torch.cat([lam, vals[rest]])
+    all_res = torch.cat([resid, res_est[rest]])
+    tk = t_idx.shape[0]
     bounds = _error_bounds(
-        torch.cat([lam, vals[rest]]), torch.cat([resid, res_est[rest]]), complete, floor
+        all_vals,
+        all_res,
+        resolved=all_res <= tol * norm,
+        side=_sides(all_vals.shape[0], torch.arange(tk), torch.arange(tk, k)),
+        complete=complete,
+        floor=floor,
     )[:k]
     if rtol is None:
         converged = resid <= tol * norm
