@@ -436,8 +436,17 @@ def eigsh(
         if converged_now() or steps >= budget:
             break
         if j == m:
-            # Thick restart: keep the best Ritz vectors of both ends, (m + k) / 2 in all.
-            kt, kb = _keep_counts(m, top, bottom)
+            # Thick restart: keep the best Ritz vectors of both ends (_keep_counts).
+            vals, res = union()
+            ok = passes(vals, res)
+            t_u, b_u = _pick(vals, top, bottom)
+            kt, kb = _keep_counts(
+                theta,
+                top,
+                bottom,
+                top > 0 and not bool(ok[t_u].all()),
+                bottom > 0 and not bool(ok[b_u].all()),
+            )
             t_idx, b_idx = _pick(theta, kt, kb)
             keep = torch.sort(torch.cat([t_idx, b_idx])).values
             p = keep.shape[0]
@@ -474,16 +483,55 @@ def eigsh(
     )
 
 
-def _keep_counts(m: int, top: int, bottom: int) -> tuple[int, int]:
-    """Ritz vectors kept at each end: about ``(m + k) / 2`` in all, the buffer split evenly."""
+KEEP_FRACTION = 0.65
+r"""At a restart, keep the wanted pairs and this fraction of the other :math:`m - k` vectors
+(at most :math:`m - 2`). Wu & Simon suggest about half; on a 9k-parameter MLP Hessian and on
+dense test spectra (P = 500), 0.65 needed 342/293/120/637 products for the sets top-1 bottom-1,
+top-5, bottom-2 and top-5 bottom-2 together, 0.5 needed 371/297/119/634 and 0.8
+366/298/119/629."""
+
+
+def _keep_counts(
+    theta: torch.Tensor, top: int, bottom: int, lag_top: bool, lag_bottom: bool
+) -> tuple[int, int]:
+    r"""Ritz vectors kept at each end at a restart (``theta`` ascending).
+
+    The total is fixed by :data:`KEEP_FRACTION`; the split between the ends is chosen for the
+    ends still lagging (wanted, not yet passing the test). The next cycle acts on the unkept
+    Ritz values :math:`[\theta_{k_b+1}, \theta_{m-k_t}]`, and a wanted value at distance
+    :math:`d` outside that interval of width :math:`w` converges at a rate set by
+    :math:`d/w` (Chebyshev; the criterion of Yamazaki, Bai, Simon, Wang and Wu 2010,
+    "Adaptive projection subspace dimension for the thick-restart Lanczos method", ACM TOMS
+    37(3), used here only for the split). Keeping more at the wanted end widens :math:`d`;
+    keeping more at the other end narrows :math:`w`, which pays when that end has outliers:
+    on an MLP Hessian the bottom end needed half the products once the top outliers were kept.
+    The split maximising the smallest :math:`d/w` over lagging ends is taken.
+    """
+    m = theta.shape[0]
     k = top + bottom
-    keep = min(m - 1, max(k, (m + k) // 2))
+    keep = min(m - 2, int(round(k + KEEP_FRACTION * (m - k))))
+    if keep <= k:
+        return top, min(m - 1, k) - top
     extra = keep - k
-    if top and bottom:
-        return top + extra - extra // 2, bottom + extra // 2
-    if top:
-        return top + extra, 0
-    return 0, bottom + extra
+    choice = (top + extra - extra // 2, bottom + extra // 2)
+    if not (lag_top or lag_bottom):
+        return choice
+    th = theta.tolist()
+    best = -math.inf
+    for et in range(extra + 1):
+        kt, kb = top + et, bottom + extra - et
+        lo, hi = th[kb], th[m - kt - 1]
+        width = hi - lo
+        if width <= 0:
+            continue
+        g = math.inf
+        if lag_top:
+            g = min(g, (th[m - top] - hi) / width)
+        if lag_bottom:
+            g = min(g, (lo - th[bottom - 1]) / width)
+        if g > best:
+            best, choice = g, (kt, kb)
+    return choice
 
 
 def _improves(
