@@ -14,7 +14,10 @@ then reads :math:`A Y = Y \Theta + v_{m+1} (\beta_m S_{m,:})`, so after the rest
         & \beta & \ddots \end{pmatrix}
 
 is an arrowhead matrix followed by the usual tridiagonal continuation. This is the same
-subspace as ARPACK's implicit restart with exact shifts, obtained without QR sweeps.
+subspace as ARPACK's implicit restart with exact shifts, obtained without QR sweeps. How many
+vectors each end keeps is chosen at every restart (:func:`_keep_counts`): keeping the
+converged outliers of the other end deflates them, which halved the products for the bottom
+end of an MLP Hessian.
 
 For every Ritz pair the relation gives the residual
 :math:`\lVert A y_i - \theta_i y_i \rVert = \beta_m |e_m^T s_i|` without a product; full
@@ -60,17 +63,19 @@ r"""Breakdown also when :math:`\beta \le \min(` ``BREAKDOWN_TOL`` ``tol``,
 :math:`\sqrt{\varepsilon}) \lVert A\rVert`. The products themselves carry round-off well above
 :math:`\varepsilon \lVert A\rVert` (a float64 matrix with 4 distinct eigenvalues gave
 :math:`\beta = 1.9 \cdot 10^{-14} \lVert A\rVert` at step 4, where the Krylov space is
-invariant), and a :math:`\beta` this small means the pairs are exact far below the tolerance;
-continuing from the normalised round-off would search a random direction that is not even
-orthogonal to the basis."""
+invariant), and a :math:`\beta` this small means the pairs are exact far below the tolerance.
+Continuing from the normalised round-off instead would never see the breakdown, and missed the
+multiplicities that the fresh searches after a breakdown find."""
 
 
 def default_basis_size(k: int, n: int) -> int:
     """``max(20, 2 k + 10)`` vectors, at most ``n``.
 
-    Twice the wanted pairs leaves as many buffer Ritz vectors as wanted ones, which keeps the
-    convergence rate of the wanted pairs close to that of unrestarted Lanczos (Wu & Simon
-    2000, section 4); the floor of 20 keeps each restart cycle at least about 10 products long.
+    Twice the wanted pairs plus 10 leaves at least as many buffer Ritz vectors as wanted ones
+    and several new vectors per restart cycle; the floor of 20 is ARPACK's default ``ncv``
+    for small ``k`` (scipy ``eigsh``). It trades products for memory: on a 9k-parameter MLP
+    Hessian, top-1 and bottom-1 took 72-120 products with 20 vectors where unrestarted Lanczos
+    (as many vectors as steps) took 47-63 steps.
     """
     return min(n, max(20, 2 * k + 10))
 
@@ -112,7 +117,9 @@ def _start(v0: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tenso
     return v
 
 
-def _orthogonalise(w: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+def _orthogonalise(
+    w: torch.Tensor, blocks: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Remove from ``w`` its components along orthonormal blocks; coefficients of the last."""
     coef = None
     # Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005).
@@ -307,7 +314,6 @@ def eigsh(
     restarts = 0
 
     def matvec(V: torch.Tensor, what: str) -> torch.Tensor:
-        nonlocal steps
         out = A @ V.to(device=A.device)
         out = out.reshape(n, V.shape[1]).to(device=bdev, dtype=dtype)
         if not bool(torch.isfinite(out).all()):
@@ -401,6 +407,11 @@ def eigsh(
                 break
             # Lock the best pairs of both ends that pass the test (a breakdown declared on a
             # beta above round-off leaves some inexact), then search the complement afresh.
+            fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(bdev, dtype)
+            fresh, _ = _orthogonalise(fresh, [X, V[:, :j]])
+            fnorm = float(torch.linalg.vector_norm(fresh))
+            if fnorm <= math.sqrt(eps):
+                break  # nothing is left outside the subspaces found
             keep = torch.cat([t_idx, b_idx])
             keep = keep[passes(vals, res)[keep]]
             off = x_vals.shape[0]
@@ -410,19 +421,9 @@ def eigsh(
                     cols.append(X[:, i])
                 else:
                     cols.append(V[:, :j] @ S[:, i - off].to(device=bdev, dtype=dtype))
-            fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(bdev, dtype)
-            fresh, _ = _orthogonalise(fresh, [X, V[:, :j]])
-            X = torch.stack(cols, dim=1)
+            X = torch.stack(cols, dim=1) if cols else X[:, :0]
             x_vals, x_est = vals[keep], res[keep]
-            fresh, _ = _orthogonalise(fresh, [X])
-            fnorm = float(torch.linalg.vector_norm(fresh))
-            if fnorm <= eps:
-                # Nothing is left outside the subspaces found: the Ritz pairs are final.
-                theta = torch.zeros(0, dtype=torch.float64)
-                est = theta.clone()
-                j = 0
-                break
-            V[:, 0] = fresh / fnorm
+            V[:, 0] = fresh / torch.linalg.vector_norm(fresh)
             T.zero_()
             j = 0
             theta = torch.zeros(0, dtype=torch.float64)
