@@ -70,6 +70,9 @@ class EigenResult:
         tol: the relative tolerance used.
         num_iters: Lanczos steps (or power iterations).
         shift: the shift ``s`` of ``A + s I`` for shifted power iteration, else ``None``.
+        error_bounds: ``[k]`` float64 bounds on ``|lambda_true - lambda|`` (thick-restart
+            :func:`~curvscope.linalg.eigsh`), else ``None``.
+        restarts: basis restarts (thick-restart Lanczos), else 0.
     """
 
     which: str
@@ -83,6 +86,8 @@ class EigenResult:
     tol: float
     num_iters: int
     shift: float | None = None
+    error_bounds: torch.Tensor | None = None
+    restarts: int = 0
 
     @property
     def all_converged(self) -> bool:
