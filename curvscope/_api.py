@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
-from .linalg import as_operator, eigenpairs
+from .linalg import as_operator, eigsh
 from .operators import (
     EKFACOperator,
     EmpiricalFisherOperator,
@@ -75,23 +73,16 @@ def ekfac(
     return EKFACOperator(problem, fisher_type=fisher_type, mc_samples=mc_samples, seed=seed)
 
 
-def lanczos(
-    A: Any,
-    *,
-    top: int = 5,
-    bottom: int = 0,
-    tol: float = 1e-4,
-    max_iter: int | None = None,
-    seed: int | torch.Generator = 0,
-):
-    """Extreme eigenpairs of any symmetric operator, each with its measured residual.
+def lanczos(A: Any, *, top: int = 5, bottom: int = 0, **kwargs: Any):
+    """Extreme eigenpairs of any symmetric operator by thick-restart Lanczos.
 
-    Returns the ``top`` result (descending) when only ``top`` is asked for, the ``bottom``
-    one when only ``bottom`` is, else the list ``[top, bottom]`` (see
-    :func:`curvscope.linalg.eigenpairs`).
+    Each eigenvalue carries its measured residual and an error bound. Returns the ``top``
+    result (descending) when only ``top`` is asked for, the ``bottom`` one when only
+    ``bottom`` is, else the list ``[top, bottom]``. Keyword arguments (``tol``, ``rtol``,
+    ``basis_size``, ``max_matvecs``, ``v0``, ``seed``...) are those of
+    :func:`curvscope.linalg.eigsh`.
     """
-    res = eigenpairs(as_operator(A), top=top, bottom=bottom, tol=tol, max_iter=max_iter,
-                     seed=seed)
+    res = eigsh(as_operator(A), top=top, bottom=bottom, **kwargs)
     return res[0] if len(res) == 1 else res
 
 

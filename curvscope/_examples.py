@@ -19,11 +19,7 @@ from torch import nn
 
 from . import __version__
 from ._errors import OptionError
-from .io._archs import build_arch
-from .io._checkpoints import save_checkpoint
-from .io._datasets import load_dataset
-from .io._results import write_atomic
-from .io._tokens import load_tokens, shipped_text
+from .io import build_arch, load_dataset, load_tokens, save_checkpoint, shipped_text, write_atomic
 
 __all__ = ["EXAMPLES", "encode_text", "make_example", "train_char_lm"]
 

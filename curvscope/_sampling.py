@@ -10,10 +10,21 @@ __all__ = ["as_generator", "subset_indices"]
 
 
 def as_generator(seed: int | torch.Generator | None) -> torch.Generator:
-    """A CPU generator from a seed (``None``: seed 0) or the generator itself."""
+    """A CPU generator from a seed (``None``: seed 0) or the generator itself.
+
+    Raises:
+        OptionError: for anything but an int, a generator or ``None``.
+    """
     if isinstance(seed, torch.Generator):
         return seed
-    return torch.Generator().manual_seed(0 if seed is None else int(seed))
+    if seed is None:
+        return torch.Generator().manual_seed(0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise OptionError(
+            f"{arg('seed')} must be an int or a torch.Generator, not {type(seed).__name__}.",
+            option="seed",
+        )
+    return torch.Generator().manual_seed(seed)
 
 
 def subset_indices(

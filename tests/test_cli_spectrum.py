@@ -115,8 +115,8 @@ def test_strict_exit_code_on_non_convergence(tiny):
     result = run(
         "spectrum",
         tiny / "model.pt",
-        "--max-iter",
-        "5",
+        "--max-matvecs",
+        "9",
         "--tol",
         "1e-14",
         "--top",

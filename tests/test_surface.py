@@ -192,7 +192,7 @@ def test_direction_file_errors(tmp_path):
     with pytest.raises(OptionError, match=f"does not fit the {problem.num_params} selected"):
         surface(problem, dims=1, directions=tmp_path / "big.pt", steps=3)
     np.save(tmp_path / "one.npy", np.ones(problem.num_params))
-    with pytest.raises(OptionError, match="--dims 2 needs 2 directions"):
+    with pytest.raises(OptionError, match="^dims 2 needs 2 directions"):
         surface(problem, dims=2, directions=str(tmp_path / "one.npy"), steps=3)
     with pytest.raises(OptionError, match="does not exist"):
         surface(problem, dims=1, directions=str(tmp_path / "missing.pt"), steps=3)
@@ -207,16 +207,20 @@ def test_direction_file_errors(tmp_path):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"dims": 3}, "--dims 3 is not supported"),
+        ({"dims": 3}, "^dims 3 is not supported"),
         ({"steps": 1}, "at least 2 points"),
         ({"range_": (1, -1)}, "LO < HI"),
         ({"directions": "sideways"}, "is not known"),
     ],
 )
 def test_option_errors(kw, match):
+    from curvscope.cli._common import flag_name
+
     problem, _ = _problem(CASES[0])
-    with pytest.raises(OptionError, match=match):
+    with pytest.raises(OptionError, match=match) as err:
         surface(problem, **{"dims": 1, "steps": 3, **kw})
+    if "range_" in kw:
+        assert err.value.render(flag_name).startswith("--range")
 
 
 def test_non_finite_losses_are_nan_and_noted():

@@ -679,6 +679,7 @@ FLAG_NAMES = {
     "from_dir": "--from",
     "blocks": "--per-layer/--per-param/--group",
     "token_dtype": "--token-dtype",
+    "max_matvecs": "--max-matvecs (or --max-iter)",
 }
 """Library argument names whose command-line flag is not ``--`` plus the dashed name."""
 

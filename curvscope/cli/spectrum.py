@@ -62,6 +62,30 @@ def spectrum_cli(
     strict: Annotated[
         bool, typer.Option("--strict", help="Exit 3 when a requested pair did not converge.")
     ] = False,
+    max_matvecs: Annotated[
+        int | None,
+        typer.Option(
+            "--max-matvecs",
+            help="Lanczos: products at most, the final residual check included (default: "
+            "from the pairs asked for; --max-iter means the same for Lanczos).",
+        ),
+    ] = None,
+    basis_size: Annotated[
+        int | None,
+        typer.Option(
+            "--basis-size",
+            help="Lanczos basis vectors at most (default: from the pairs and the memory "
+            "budget); restarts keep the best Ritz vectors of both ends.",
+        ),
+    ] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option(
+            "--rtol",
+            help="Converge each eigenvalue to this relative accuracy (error bound / |lambda|) "
+            "instead of --tol.",
+        ),
+    ] = None,
 ) -> None:
     """Extreme eigenvalues of the Hessian (or GGN, Fisher, PCH, KFAC), each with its residual."""
     with guarded():
@@ -90,10 +114,12 @@ def spectrum_cli(
                 bottom=bottom,
                 method=method,
                 tol=common.tol,
-                max_iter=common.max_iter,
+                max_iter=max_matvecs if max_matvecs is not None else common.max_iter,
                 seed=common.seed,
                 repeats=repeats,
                 samples=repeat_samples,
+                rtol=rtol,
+                basis_size=basis_size,
                 progress=update,
             )
         notes = list(result.notes)
@@ -105,6 +131,9 @@ def spectrum_cli(
             "blocks": blocks,
             "repeats": repeats,
             "repeat_samples": repeat_samples,
+            "max_matvecs": max_matvecs,
+            "basis_size": basis_size,
+            "rtol": rtol,
             "save_eigenvectors": save_eigenvectors_,
             "strict": strict,
         }

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .._sampling import as_generator
-from ..linalg import eigenpairs
+from ..linalg import eigsh
 from ..operators import HessianOperator
 from ..problem import Problem
 from ._convexity import convexity_certificate
@@ -72,7 +72,7 @@ def check(
     eigvecs = None
     if eigen_directions:
         p64 = problem.to(torch.float64)
-        (top,) = eigenpairs(HessianOperator(p64), top=eigen_directions, tol=1e-6, seed=gen)
+        (top,) = eigsh(HessianOperator(p64), top=eigen_directions, tol=1e-6, seed=gen)
         eigvecs = top.eigenvectors
         matvecs += top.num_matvecs
     step(0, "gradient test")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._errors import CurvscopeError, OptionError, UnsupportedModelError
-from ..linalg import LinearOperator, as_operator, eigenpairs
+from ..linalg import LinearOperator, as_operator, eigsh
 from ..operators import compare_defaults
 from ._common import Progress, named_operators, resolve_blocks
 
@@ -194,7 +194,7 @@ def _reference(H, hb, block, n, k, exact_max_dim, probes, tol, gen) -> _Referenc
     if dense is None:
         z = _rademacher(n, probes, gen, torch.empty(0, dtype=hb.dtype, device=hb.device))
         hz = hb @ z
-    res = eigenpairs(hb, top=k, tol=tol, seed=gen)[0]
+    res = eigsh(hb, top=k, tol=tol, seed=gen)[0]
     bias = _bias_of(H, block)
     hbias = H.block(bias) if bias else None
     bias_abs = _abs_matrix(hbias.dense()) if bias else None
@@ -214,7 +214,7 @@ def _row(op, block, name, ref: _Reference, k, tol, gen) -> Comparison:
     else:
         rel, stderr = _rel_hutchinson(ab @ ref.probes, ref.hz)
         method = "hutchinson"
-    top, bottom = eigenpairs(ab, top=k, bottom=1, tol=tol, seed=gen)
+    top, bottom = eigsh(ab, top=k, bottom=1, tol=tol, seed=gen)
     overlap = torch.linalg.svdvals(
         top.eigenvectors.to(torch.float64).T @ ref.top_vectors.to(torch.float64)
     ).clamp(max=1.0)

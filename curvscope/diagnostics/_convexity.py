@@ -27,7 +27,7 @@ from torch import nn
 
 from .._errors import UnsupportedModelError
 from .._sampling import as_generator
-from ..linalg import eigenpairs
+from ..linalg import eigsh
 from ..operators import HessianOperator, activation_derivatives, mlp_chain
 from ..problem import Problem
 
@@ -158,7 +158,7 @@ def convexity_certificate(
         above = all(holds_everywhere[t:])
         certified = bool(above and convex_loss)
         block = H.block(layer.name)
-        (res,) = eigenpairs(block, top=0, bottom=1, tol=eigen_tol, max_iter=max_iter, seed=gen)
+        (res,) = eigsh(block, top=0, bottom=1, tol=eigen_tol, max_matvecs=max_iter, seed=gen)
         matvecs += res.num_matvecs
         layers.append(
             ConvexityLayer(

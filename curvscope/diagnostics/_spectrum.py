@@ -11,7 +11,7 @@ import torch
 from .._errors import OptionError, arg
 from .._sampling import as_generator
 from ..io import canonical_sign
-from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, eigenpairs, power_iteration
+from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, eigsh, power_iteration
 from ._common import Progress, labelled, named_operators, resolve_blocks
 
 __all__ = [
@@ -56,6 +56,8 @@ class SpectrumEntry:
     num_iters: int
     shift: float | None = None
     spread: dict | None = None
+    error_bounds: list[float] | None = None
+    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def _solve(
     max_iter: int | None,
     seed: torch.Generator,
     progress: Progress | None,
+    rtol: float | None = None,
+    basis_size: int | None = None,
 ) -> list[EigenResult]:
     n = op.shape[0]
     if top + bottom > n:
@@ -102,8 +106,16 @@ def _solve(
             f"eigenvalues of a {op.name} block with only {n} rows."
         )
     if method == Method.LANCZOS:
-        return eigenpairs(
-            op, top=top, bottom=bottom, tol=tol, max_iter=max_iter, seed=seed, progress=progress
+        return eigsh(
+            op,
+            top=top,
+            bottom=bottom,
+            tol=tol,
+            rtol=rtol,
+            basis_size=basis_size,
+            max_matvecs=max_iter,
+            seed=seed,
+            progress=progress,
         )
     out = []
     iters = max_iter if max_iter is not None else 1000
@@ -136,6 +148,8 @@ def spectrum(
     seed: int | torch.Generator = 0,
     repeats: int = 0,
     samples: int | None = None,
+    rtol: float | None = None,
+    basis_size: int | None = None,
     progress: Progress | None = None,
 ) -> SpectrumResult:
     r"""Extreme eigenpairs of each operator and block, each with its measured residual.
@@ -155,10 +169,15 @@ def spectrum(
         bottom: number of smallest eigenvalues per block.
         method: ``lanczos`` or ``power``.
         tol: relative residual tolerance.
-        max_iter: Lanczos steps (or power iterations per pair) at most.
+        max_iter: products at most for thick-restart Lanczos (the final residual check
+            included), or power iterations per pair.
         seed: seeds start vectors and data subsets (an int or a generator).
         repeats: number of subset repeats (0: none).
         samples: subset size for ``repeats``.
+        rtol: Lanczos converges each pair to this relative accuracy (its error bound
+            over ``|lambda|``) instead of ``tol``.
+        basis_size: Lanczos basis vectors at most (default from the pairs asked for and a
+            1 GiB budget, :func:`curvscope.linalg.default_basis_size`).
         progress: ``progress(completed, total, description)``.
 
     Raises:
@@ -197,6 +216,8 @@ def spectrum(
                 "method": method,
                 "tol": tol,
                 "max_iter": max_iter,
+                "rtol": rtol,
+                "basis_size": basis_size,
             }
             results = _solve(
                 op,
@@ -225,6 +246,10 @@ def spectrum(
                         num_iters=res.num_iters,
                         shift=res.shift,
                         spread=spreads.get(res.which),
+                        error_bounds=(
+                            None if res.error_bounds is None else res.error_bounds.tolist()
+                        ),
+                        restarts=int(getattr(res, "restarts", 0)),
                     )
                 )
                 vectors.append(canonical_sign(res.eigenvectors.detach()))

@@ -43,7 +43,7 @@ from .._errors import CurvscopeError, OptionError, arg
 from .._losses import is_classification
 from .._sampling import as_generator
 from ..io import canonical_sign, load_eigenvectors
-from ..linalg import EigenResult, eigenpairs
+from ..linalg import EigenResult, eigsh
 from ..operators import HessianOperator
 from ..problem import Problem
 
@@ -166,9 +166,9 @@ def filter_normalized_direction(
     vec = torch.cat(parts)
     if not bool((vec != 0).any()):
         raise OptionError(
-            "--directions filter-normalized leaves nothing to move: every selected parameter "
-            "is a bias or normalisation parameter (set to zero as in Li et al. 2018); select "
-            "weights with --params or use --directions random."
+            f"{arg('directions')} filter-normalized leaves nothing to move: every selected "
+            "parameter is a bias or normalisation parameter (set to zero as in Li et al. "
+            f"2018); select weights with {arg('params')} or use {arg('directions')} random."
         )
     return vec
 
@@ -180,7 +180,7 @@ def _check_eigen_file(obj: dict, problem: Problem, path: Path, model_sha256: str
         raise OptionError(
             f"eigenvector file {path} was computed for another model (its model_sha256 "
             f"{str(obj['model_sha256'])[:12]}... differs from this checkpoint's "
-            f"{model_sha256[:12]}...); recompute it with spectrum --save-eigenvectors."
+            f"{model_sha256[:12]}...); recompute it with spectrum {arg('save_eigenvectors')}."
         )
     if names != problem.names:
         raise OptionError(
@@ -256,12 +256,12 @@ def load_directions(
         vec = vec.unsqueeze(1)
     if vec.dim() != 2 or vec.shape[0] != problem.num_params:
         raise OptionError(
-            f"--directions file {path} holds a tensor of shape {list(vec.shape)}, which does not "
-            f"fit the {problem.num_params} selected parameters (expected [{problem.num_params}] "
-            f"or [{problem.num_params}, k])."
+            f"{arg('directions')} file {path} holds a tensor of shape {list(vec.shape)}, which "
+            f"does not fit the {problem.num_params} selected parameters (expected "
+            f"[{problem.num_params}] or [{problem.num_params}, k])."
         )
     if not torch.isfinite(vec).all():
-        raise OptionError(f"--directions file {path} holds NaN or Inf values.")
+        raise OptionError(f"{arg('directions')} file {path} holds NaN or Inf values.")
     return vec, info
 
 
@@ -298,7 +298,7 @@ def _resolve_directions(
             D, info = load_directions(directions, problem, model_sha256=model_sha256)
         if D.shape[1] < dims:
             raise OptionError(
-                f"--dims {dims} needs {dims} directions but "
+                f"{arg('dims')} {dims} needs {dims} directions but "
                 f"{info['source'] or 'the tensor'} holds {D.shape[1]}."
             )
         if D.shape[1] > dims:
@@ -306,7 +306,7 @@ def _resolve_directions(
         D = D[:, :dims]
         norms = [float(n) for n in torch.linalg.vector_norm(D, dim=0)]
         if any(n == 0 for n in norms):
-            raise OptionError("a direction given with --directions is zero.")
+            raise OptionError(f"a direction given with {arg('directions')} is zero.")
         if info["kind"] == "eigen":
             ev = info["eigenvalues"][:dims]
             desc = (
@@ -326,13 +326,13 @@ def _resolve_directions(
     kind = str(getattr(directions, "value", directions))
     if kind == "eigen":
         if eigen is None:
-            res = eigenpairs(
+            res = eigsh(
                 HessianOperator(problem),
                 top=dims,
                 seed=gen,
                 progress=progress,
                 **({"tol": tol} if tol is not None else {}),
-                **({"max_iter": max_iter} if max_iter is not None else {}),
+                **({"max_matvecs": max_iter} if max_iter is not None else {}),
             )[0]
             matvecs += int(res.num_matvecs)
         else:
@@ -384,7 +384,7 @@ def _resolve_directions(
         sd = SurfaceDirections("filter-normalized", desc, norms, bias_bn=bias_bn)
         return D, sd, matvecs, notes
     raise OptionError(
-        f"--directions {directions!r} is not known; choose eigen, random, filter-normalized "
+        f"{arg('directions')} {directions!r} is not known; choose eigen, random, filter-normalized "
         "or a file."
     )
 
@@ -486,12 +486,12 @@ def surface(
             tensor).
         range_: ``(lo, hi)`` of the grid coordinates, or one pair per direction.
         steps: points per axis (one int, or one per direction).
-        eigen: precomputed top eigenpairs (``eigenpairs(...)[0]``) for ``"eigen"``.
+        eigen: precomputed top eigenpairs (``eigsh(...)[0]``) for ``"eigen"``.
         seed: random source (Lanczos start vector, random directions): an int or a generator.
         model_sha256: the checkpoint's hash, checked against an eigenvector file's.
         quadratic: also evaluate the second-order Taylor model (one gradient and one Hessian
             product with the directions).
-        tol: eigenpair tolerance (default that of :func:`curvscope.linalg.eigenpairs`).
+        tol: eigenpair tolerance (default that of :func:`curvscope.linalg.eigsh`).
         max_iter: maximum Lanczos steps.
         chunk_size: grid points evaluated together per batch with ``vmap``.
         progress: ``progress(completed, total, description)``.
@@ -504,18 +504,20 @@ def surface(
             directions, or direction files that do not fit (see :func:`load_directions`).
     """
     if dims not in (1, 2):
-        raise OptionError(f"--dims {dims} is not supported; a surface has 1 or 2 dimensions.")
+        raise OptionError(
+            f"{arg('dims')} {dims} is not supported; a surface has 1 or 2 dimensions."
+        )
     steps_t = (steps,) * dims if isinstance(steps, int) else tuple(int(s) for s in steps)
     if len(steps_t) != dims or any(s < 2 for s in steps_t):
-        raise OptionError(f"--steps {steps} must give at least 2 points per axis.")
+        raise OptionError(f"{arg('steps')} {steps} must give at least 2 points per axis.")
     if range_ and isinstance(range_[0], (tuple, list)):
         ranges = [tuple(float(v) for v in r) for r in range_]
     else:
         ranges = [tuple(float(v) for v in range_)] * dims
     if len(ranges) != dims or any(len(r) != 2 or not r[0] < r[1] for r in ranges):
-        raise OptionError(f"--range {range_} must be LO,HI with LO < HI.")
+        raise OptionError(f"{arg('range_')} {range_} must be LO,HI with LO < HI.")
     if any(not math.isfinite(v) for r in ranges for v in r):
-        raise OptionError(f"--range {range_} must be finite.")
+        raise OptionError(f"{arg('range_')} {range_} must be finite.")
     if chunk_size < 1:
         raise OptionError("chunk_size must be at least 1.")
 

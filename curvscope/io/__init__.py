@@ -26,9 +26,10 @@ from ._results import (
     write_atomic,
     write_document,
 )
-from ._tokens import TokenBatches, TokenWindows, load_tokens
+from ._tokens import TokenBatches, TokenWindows, load_tokens, shipped_text
 
 __all__ = [
+    "shipped_text",
     "import_callable",
     "ACTIVATIONS",
     "ARCH_TYPES",

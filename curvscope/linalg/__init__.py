@@ -24,7 +24,7 @@ from ._operator import (
     require_square,
 )
 from ._power import power_iteration
-from ._restarted import eigsh
+from ._restarted import default_basis_size, eigsh
 from ._slq import Density, SLQResult, slq, spectral_density
 from ._trace import TraceEstimate, exact_trace, hutchinson_trace, hutchpp_trace, random_probes
 
@@ -52,6 +52,7 @@ __all__ = [
     "eigenpairs",
     "lanczos",
     "power_iteration",
+    "default_basis_size",
     "eigsh",
     "Density",
     "SLQResult",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._errors import OptionError
+from .._errors import OptionError, arg
 from .._sampling import as_generator
 from ._operator import LinearOperator, as_operator, require_square
 
@@ -222,15 +222,19 @@ def eigenpairs(
     n = A.shape[0]
     k = top + bottom
     if top < 0 or bottom < 0 or k == 0:
-        raise OptionError("ask for at least one eigenvalue (--top or --bottom >= 1).")
+        raise OptionError(
+            f"ask for at least one eigenvalue ({arg('top')} or {arg('bottom')} >= 1)."
+        )
     if k > n:
         raise OptionError(
-            f"--top {top} and --bottom {bottom} ask for {k} eigenvalues of a matrix with only "
-            f"{n} rows."
+            f"{arg('top')} {top} and {arg('bottom')} {bottom} ask for {k} eigenvalues of a "
+            f"matrix with only {n} rows."
         )
     max_iter = min(n, max_iter if max_iter is not None else max(100, 10 * k))
     if max_iter < k:
-        raise OptionError(f"--max-iter {max_iter} is smaller than the {k} eigenvalues requested.")
+        raise OptionError(
+            f"{arg('max_iter')} {max_iter} is smaller than the {k} eigenvalues requested."
+        )
 
     def done(res: LanczosResult) -> bool:
         m = res.alphas.shape[0]

@@ -636,7 +636,8 @@ class _TorchWrapped(LinearOperator):
         )
         self.op = op
         sym = getattr(op, "SELF_ADJOINT", None) if symmetric is None else symmetric
-        self.SELF_ADJOINT = bool(sym)
+        # an operator that declares nothing is taken as symmetric when square, as a callable
+        self.SELF_ADJOINT = bool(sym) if sym is not None else shape[0] == shape[1]
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = self.op @ V

@@ -40,7 +40,9 @@ from typing import Any
 import torch
 
 from .._errors import NonFiniteError, OptionError, arg
+from .._sampling import as_generator
 from ._lanczos import DEFAULT_TOL, EigenResult
+from ._operator import as_operator
 
 __all__ = ["eigsh"]
 
@@ -68,16 +70,26 @@ Continuing from the normalised round-off instead would never see the breakdown, 
 multiplicities that the fresh searches after a breakdown find."""
 
 
-def default_basis_size(k: int, n: int) -> int:
-    """``max(20, 2 k + 10)`` vectors, at most ``n``.
+BASIS_BUDGET = 2**30
+"""Bytes the default basis may take (1 GiB): 80 vectors of 3.3M float32 parameters."""
 
-    Twice the wanted pairs plus 10 leaves at least as many buffer Ritz vectors as wanted ones
-    and several new vectors per restart cycle; the floor of 20 is ARPACK's default ``ncv``
-    for small ``k`` (scipy ``eigsh``). It trades products for memory: on a 9k-parameter MLP
-    Hessian, top-1 and bottom-1 took 72-120 products with 20 vectors where unrestarted Lanczos
-    (as many vectors as steps) took 47-63 steps.
+PREFERRED_BASIS = 80
+"""Basis vectors wanted when memory allows: unrestarted runs on the example Hessians took
+47-75 steps for top-5 and bottom-2, so most runs then finish without a restart, in as few
+products as plain Lanczos (with 20 vectors, top-1 and bottom-1 of a 9k-parameter MLP took
+72-120 products against 47-63)."""
+
+
+def default_basis_size(k: int, n: int, *, itemsize: int = 4, budget: int = BASIS_BUDGET) -> int:
+    """The basis size from the pairs asked for and a memory budget.
+
+    ``max(PREFERRED_BASIS, 2 k + 10)`` vectors where ``budget`` bytes hold them, else as many
+    as fit but never fewer than ``2 k + 10`` (twice the wanted pairs plus 10 leaves as many
+    buffer Ritz vectors as wanted ones; 20 is ARPACK's ``ncv`` for small ``k``); at most ``n``.
     """
-    return min(n, max(20, 2 * k + 10))
+    floor = max(20, 2 * k + 10)
+    fit = int(budget // max(1, n * itemsize))
+    return min(n, max(floor, min(max(PREFERRED_BASIS, floor), fit)))
 
 
 def default_max_matvecs(k: int, n: int) -> int:
@@ -88,16 +100,6 @@ def default_max_matvecs(k: int, n: int) -> int:
     tiny matrices from a pointless budget.
     """
     return min(max(300, 20 * k), max(20 * n, 2 * k))
-
-
-def _generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise OptionError(
-            f"{arg('seed')} must be an int or a torch.Generator, not {type(seed).__name__}."
-        )
-    return torch.Generator().manual_seed(seed)
 
 
 def _start(v0: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -276,6 +278,7 @@ def eigsh(
         OptionError: for counts, tolerances, sizes, ``v0`` or ``seed`` that cannot work.
         NonFiniteError: when a product returns NaN or Inf.
     """
+    A = as_operator(A)
     n = int(A.shape[0])
     if len(A.shape) != 2 or int(A.shape[1]) != n:
         raise OptionError(f"the operator must be square, not of shape {tuple(A.shape)}.")
@@ -290,7 +293,10 @@ def eigsh(
         raise OptionError(f"{arg('tol')} must be positive, not {tol}.")
     if rtol is not None and not rtol > 0:
         raise OptionError(f"{arg('rtol')} must be positive, not {rtol}.")
-    m = default_basis_size(k, n) if basis_size is None else min(int(basis_size), n)
+    itemsize = torch.empty((), dtype=A.dtype).element_size()
+    m = default_basis_size(k, n, itemsize=itemsize) if basis_size is None else min(
+        int(basis_size), n
+    )
     if m < min(k + 1, n):
         raise OptionError(
             f"{arg('basis_size')} {basis_size} cannot hold the {k} requested pairs and a new "
@@ -302,7 +308,7 @@ def eigsh(
             f"{arg('max_matvecs')} {total} leaves too little for {k} pairs: give at least "
             f"{2 * k} ({k} steps and the final check of {k} products)."
         )
-    gen = _generator(seed)
+    gen = as_generator(seed)
     dtype = A.dtype
     bdev = torch.device(basis_device) if basis_device is not None else torch.device(A.device)
     eps = torch.finfo(dtype).eps

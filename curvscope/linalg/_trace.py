@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._errors import OptionError
+from .._errors import OptionError, arg
 from .._sampling import as_generator
 from ._operator import LinearOperator, as_operator
 
@@ -255,7 +255,7 @@ def exact_trace(A, *, max_dim: int = EXACT_MAX_DIM, batch: int = 64) -> TraceEst
     if n > max_dim:
         raise OptionError(
             f"the exact trace needs {n} products, more than the limit of {max_dim} "
-            "(raise --exact-trace-max or rely on the Hutchinson/Hutch++ estimates)."
+            f"(raise {arg('max_dim')} or rely on the Hutchinson/Hutch++ estimates)."
         )
     total = torch.zeros((), dtype=torch.float64)
     matvecs = 0

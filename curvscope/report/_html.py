@@ -522,10 +522,10 @@ def _plotly_tag(plotly_js: str) -> tuple[str, str]:
         js = _URL.sub(r"\1\\/\\/", get_plotlyjs())
         return f'<script type="text/javascript">{js}</script>', ""
     if _URL.search(plotly_js) or plotly_js.startswith("//"):
-        from .._errors import OptionError
+        from .._errors import OptionError, arg
 
         raise OptionError(
-            f"--plotly-js {plotly_js!r} is a network address; the report must open offline: "
+            f"{arg('plotly_js')} {plotly_js!r} is a network address; the report must open offline: "
             "give 'inline' or a relative path to a local plotly.min.js."
         )
     return f'<script src="{html.escape(plotly_js, quote=True)}"></script>', " file: 'self'"

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .._errors import CurvscopeError, OptionError
+from .._errors import CurvscopeError, OptionError, arg
 from .._sampling import as_generator
 from ..problem import Problem
 from ._objective import Objective, ProblemObjective
@@ -141,7 +141,7 @@ def _resolve_settings(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _eig_extremes(objective: Objective, name: str, w: torch.Tensor, generator, tol, max_iter):
-    from ..linalg import eigenpairs
+    from ..linalg import eigsh
 
     op = objective.track(objective.curvature(name, w), diagnostic=True)
     n = op.shape[0]
@@ -149,7 +149,7 @@ def _eig_extremes(objective: Objective, name: str, w: torch.Tensor, generator, t
         top = op @ torch.ones(1, dtype=op.dtype, device=op.device)
         value = float(top[0])
         return value, value, 0.0, 0.0
-    res = eigenpairs(op, top=1, bottom=1, tol=tol, max_iter=max_iter, seed=generator)
+    res = eigsh(op, top=1, bottom=1, tol=tol, max_matvecs=max_iter, seed=generator)
     t, b = res[0], res[1]
     return (
         float(t.eigenvalues[0]),
@@ -165,7 +165,7 @@ class _Batches:
     def __init__(self, base: ProblemObjective, batch_size: int, generator: torch.Generator):
         if not 1 <= batch_size <= base.problem.num_samples:
             raise OptionError(
-                f"--batch-size {batch_size} for the solver must be between 1 and the "
+                f"{arg('batch_size')} {batch_size} for the solver must be between 1 and the "
                 f"{base.problem.num_samples} samples."
             )
         self.base = base
@@ -242,12 +242,12 @@ def run_solver(
 
     if solver_name not in SOLVERS:
         raise OptionError(
-            f"--solver {solver_name!r} is not known; choose from {', '.join(SOLVERS)}."
+            f"{arg('solver')} {solver_name!r} is not known; choose from {', '.join(SOLVERS)}."
         )
     if max_iter < 0:
-        raise OptionError(f"--max-iter must be non-negative, got {max_iter}.")
+        raise OptionError(f"{arg('max_iter')} must be non-negative, got {max_iter}.")
     if budget_matvecs is not None and budget_matvecs < 1:
-        raise OptionError(f"--budget-matvecs must be positive, got {budget_matvecs}.")
+        raise OptionError(f"{arg('budget_matvecs')} must be positive, got {budget_matvecs}.")
     spec = SOLVERS[solver_name]
     cfg = _resolve_settings(solver_name, settings)
     objective = _as_objective(problem)

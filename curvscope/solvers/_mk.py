@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .._errors import OptionError, UnsupportedModelError
+from .._errors import OptionError, UnsupportedModelError, arg
 from ..operators import HessianOperator
 from ._linesearch import ARMIJO_C1, ARMIJO_SHRINK, armijo
 from ._objective import Objective, ProblemObjective
@@ -107,7 +107,7 @@ def mk_quantities(objective: Objective, w: torch.Tensor) -> list[dict[str, Any]]
     if sorted(names) != sorted(problem.names):
         raise UnsupportedModelError(
             "MK works on all weights and biases of the MLP together; select all of them "
-            "(no --params)."
+            f"(no {arg('params')})."
         )
     params = {n: t.detach() for n, t in problem.params.items()}
     L = len(layers)
