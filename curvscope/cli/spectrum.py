@@ -184,6 +184,7 @@ def _print(result, session, doc_path, saved) -> None:
         ("#", {"justify": "right"}),
         ("eigenvalue", {"justify": "right"}),
         ("residual", {"justify": "right"}),
+        ("error bound", {"justify": "right"}),
         ("converged", {"justify": "center"}),
     ]:
         table.add_column(col, **kw)
@@ -201,6 +202,7 @@ def _print(result, session, doc_path, saved) -> None:
                 str(i + 1),
                 f"{lam: .6g}",
                 f"{res:.2e}",
+                f"{e.error_bounds[i]:.1e}" if e.error_bounds else "-",
                 "[green]yes[/]" if ok else "[red]no[/]",
             ]
             if has_spread:
@@ -214,9 +216,12 @@ def _print(result, session, doc_path, saved) -> None:
     if unconverged:
         console.print(
             f"[yellow]{unconverged} pair(s) did not reach residual <= tol x ||A||; raise "
-            "--max-iter or loosen --tol.[/]"
+            "--max-matvecs or --basis-size, or loosen --tol.[/]"
         )
-    console.print(f"{result.num_matvecs} matrix-vector products. Result: {doc_path}")
+    console.print(
+        f"{result.num_matvecs} matrix-vector products. The error bound is min(r, r^2/gap) "
+        f"(r: residual). Result: {doc_path}"
+    )
     if saved:
         console.print(f"Eigenvectors: {doc_path.parent / 'eigenvectors.pt'}")
 
