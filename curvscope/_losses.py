@@ -185,12 +185,11 @@ class CrossEntropy(Loss):
         o, t = self._pair(out, target)
         keep = (t != self.ignore_index).to(o.dtype).unsqueeze(-1)
         p = torch.softmax(o, dim=-1) * keep
-        full = out.shape
 
         def apply(U: torch.Tensor) -> torch.Tensor:
             u = U.reshape(U.shape[0], *o.shape)
             r = p * u - p * (p * u).sum(-1, keepdim=True)
-            return r.reshape(U.shape[0], *full)
+            return r.reshape(U.shape)
 
         return apply
 
@@ -218,13 +217,11 @@ class CausalLM(CrossEntropy):
         return target[:, 1:]
 
     def hessian_apply(self, out: torch.Tensor, target: Any) -> Callable:
-        inner = super().hessian_apply(out, target)
-        full = out.shape
+        inner = super().hessian_apply(out, target)  # over positions 0..T-2
 
         def apply(U: torch.Tensor) -> torch.Tensor:
-            r = inner(U[:, :, :-1].reshape(U.shape[0], full[0], full[1] - 1, full[2]))
-            r = r.reshape(U.shape[0], full[0], full[1] - 1, full[2])
-            return torch.cat([r, torch.zeros_like(U[:, :, -1:])], dim=2)
+            body = inner(U[:, :, :-1].contiguous())
+            return torch.cat([body, torch.zeros_like(U[:, :, -1:])], dim=2)
 
         return apply
 

@@ -381,8 +381,12 @@ class Problem:
             target = kwargs.get("labels")
             if not own_loss:
                 kwargs.pop("labels", None)
-            if target is None and isinstance(self.loss_fn, CausalLM):
-                target = _lm_target(kwargs.get("input_ids"), kwargs.get("attention_mask"))
+            if isinstance(self.loss_fn, CausalLM):
+                mask = kwargs.get("attention_mask")
+                if target is None:
+                    target = _lm_target(kwargs.get("input_ids"), mask)
+                elif isinstance(target, torch.Tensor):
+                    target = _mask_lm_targets(target, mask, own=False)
             if target is None and not own_loss:
                 raise DataError(
                     f"a dict batch needs a 'labels' entry for the {self.loss_name} loss; it has "
@@ -833,12 +837,25 @@ def prediction_counts(loss: Loss, out: torch.Tensor, target: Any) -> tuple[int, 
 
 
 def _lm_target(ids: Any, mask: Any) -> torch.Tensor | None:
+    """Next-token targets for ``causal_lm``: the ids, with padding ignored on both sides.
+
+    A position is no target when it is padding, or when the position that predicts it is
+    (the first real token after left padding has nothing real before it).
+    """
     if not isinstance(ids, torch.Tensor):
         return None
-    target = ids.clone()
-    if isinstance(mask, torch.Tensor):
-        target = target.masked_fill(mask == 0, IGNORE_INDEX)
-    return target
+    return _mask_lm_targets(ids.clone(), mask, own=True)
+
+
+def _mask_lm_targets(target: torch.Tensor, mask: Any, *, own: bool) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or target.dim() != 2 or mask.shape != target.shape:
+        return target
+    pad = mask == 0
+    if own:
+        target = target.masked_fill(pad, IGNORE_INDEX)
+    shifted = torch.zeros_like(pad)
+    shifted[:, 1:] = pad[:, :-1]
+    return target.masked_fill(shifted, IGNORE_INDEX)
 
 
 def _field(out: Any, key: str) -> Any:

@@ -59,3 +59,17 @@ def assert_close(actual, expected, rtol=RTOL, what="value"):
             f"{what}: {int(bad.sum())} entries differ by more than {rtol:.1e} x {scale:.3e} "
             f"(max {float(err.max()):.3e}):\n" + "\n".join(rows)
         )
+
+
+def hessian_by_double_backward(f, w):
+    """Dense Hessian of ``f`` at ``w``, one autograd double backward per row.
+
+    torch.func's ``hessian``/``jacrev(jacrev(.))`` is wrong through LayerNorm and train-mode
+    BatchNorm when both the input and the affine weights are differentiated (vmap over the
+    norms' backward; functorch issue #534, seen in torch 2.13: 10-30% off), so sequence models
+    use this instead, cross-checked against central differences of the gradient.
+    """
+    w = w.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(f(w), w, create_graph=True)
+    rows = [torch.autograd.grad(g[i], w, retain_graph=True)[0] for i in range(w.numel())]
+    return torch.stack(rows).detach()
