@@ -219,3 +219,24 @@ def test_pickle_payload_is_not_executed_without_trust(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "evil.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_known_tracebacks_are_data_errors(tmp_path):
+    """Issue 14: inputs that used to reach a traceback get one sentence naming the file."""
+    model = make_model()
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 4), np.float32), y=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match="empty.npz holds no samples"):
+        load_dataset(tmp_path / "empty.npz")
+    from curvscope.io import Dataset
+
+    empty = Dataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), "e.npz", "")
+    with pytest.raises(DataError, match="e.npz holds no samples"):  # min() of no labels
+        check_fits(model, empty, "cross_entropy")
+    (tmp_path / "hdr.csv").write_text("a,b,c,d,label\n")
+    with pytest.raises(DataError, match="hdr.csv has a header but no rows"):  # IndexError
+        load_dataset(tmp_path / "hdr.csv")
+    np.savez(tmp_path / "full.npz", x=np.zeros((10, 4), np.float32), y=np.zeros(10, np.int64))
+    data = (tmp_path / "full.npz").read_bytes()
+    (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="half.npz is not a readable .npz file"):  # BadZipFile
+        load_dataset(tmp_path / "half.npz")

@@ -100,6 +100,13 @@ def _array_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def _brief(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened, to quote inside one sentence."""
+    text = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else ""
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
 def _labels(y: np.ndarray | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(np.array(y))
     if t.is_floating_point():
@@ -150,8 +157,10 @@ def _from_npz(path: Path, x_key: str | None, y_key: str | None):
                     "--y-key."
                 )
             return f[xk], f[yk]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({exc}).") from None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib and numpy raise many kinds
+        raise DataError(f"{path} is not a readable .npz file ({_brief(exc)}).") from None
 
 
 def _from_pt(path: Path, x_key, y_key):
@@ -183,6 +192,8 @@ def _from_csv(path: Path, label_column: str | None):
         [float(v) for v in rows[0]]
     except ValueError:
         header, rows = rows[0], rows[1:]
+    if not rows:
+        raise DataError(f"{path} has a header but no rows of data.")
     ncol = len(rows[0])
     if label_column is None:
         col = ncol - 1
@@ -327,6 +338,8 @@ def load_dataset(
         source, sha = str(path), file_sha256(path)
     x = torch.as_tensor(np.array(x) if not isinstance(x, torch.Tensor) else x).float()
     y = _labels(y if not isinstance(y, torch.Tensor) else y.numpy())
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise DataError(f"{source} holds no samples.")
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels.")
     notes = []
@@ -376,6 +389,10 @@ def check_fits(model: nn.Module, dataset: Dataset, loss: str) -> None:
         DataError: when one sample does not go through the model (shape), or labels fall
             outside the model's output range.
     """
+    if len(dataset) == 0:
+        # Checked first: the label-range check below reduces over the labels (min() of an
+        # empty tensor is an error, not a finding).
+        raise DataError(f"{dataset.source} holds no samples.")
     if not torch.isfinite(dataset.x).all():
         raise NonFiniteError(f"the inputs of {dataset.source} hold NaN or Inf values.")
     if dataset.y.is_floating_point() and not torch.isfinite(dataset.y).all():
