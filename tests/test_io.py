@@ -175,11 +175,11 @@ def test_every_data_format_loads_the_same_arrays(tmp_path):
     assert test.x.shape == (4, 1, 2, 3) and float(test.x.max()) <= 1.0
     norm = load_dataset(tmp_path / "d.npz", normalize="10,2")
     assert torch.allclose(norm.x, (torch.from_numpy(xf) - 10) / 2)
-    with pytest.raises(DataError, match="name the inputs and labels with --x-key"):
+    with pytest.raises(DataError, match="name the inputs and labels with x_key"):
         load_dataset(tmp_path / "k.npz")
-    with pytest.raises(DataError, match="--label-column 'nope' is not a column"):
+    with pytest.raises(DataError, match="label_column 'nope' is not a column"):
         load_dataset(tmp_path / "d.csv", label_column="nope")
-    with pytest.raises(DataError, match="--input-shape 5 has 5 values but each sample"):
+    with pytest.raises(DataError, match="input_shape 5 has 5 values but each sample"):
         load_dataset(tmp_path / "d.npz", input_shape="5")
 
 
@@ -199,7 +199,7 @@ def test_builtins_and_data_errors(tmp_path):
     x = torch.randn(5, 7)
     from curvscope.io import Dataset
 
-    with pytest.raises(DataError, match=r"samples of shape \(7,\).*--input-shape"):
+    with pytest.raises(DataError, match=r"samples of shape \(7,\).*input_shape"):
         check_fits(model, Dataset(x, torch.zeros(5, dtype=torch.long), "t", ""), "cross_entropy")
     with pytest.raises(DataError, match=r"range over 0..5 but the model has 3 outputs"):
         labels = torch.tensor([0, 1, 2, 0, 5])
@@ -240,3 +240,71 @@ def test_known_tracebacks_are_data_errors(tmp_path):
     (tmp_path / "half.npz").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="half.npz is not a readable .npz file"):  # BadZipFile
         load_dataset(tmp_path / "half.npz")
+
+
+def test_dataset_records_every_file_it_read(tmp_path):
+    from curvscope.io import file_sha256
+
+    x = np.arange(24, dtype=np.uint8).reshape(6, 2, 2)
+    y = np.arange(6, dtype=np.uint8) % 3
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", x, 8)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", y, 8)
+    pair = [tmp_path / "train-images-idx3-ubyte.gz", tmp_path / "train-labels-idx1-ubyte.gz"]
+    expected = {str(p): file_sha256(p) for p in pair}
+    assert load_dataset(pair[0]).files == expected
+    assert load_dataset(tmp_path).files == expected
+    np.savez(tmp_path / "d.npz", x=x.reshape(6, 4), y=y)
+    ds = load_dataset(tmp_path / "d.npz")
+    assert ds.files == {str(tmp_path / "d.npz"): ds.sha256}
+    assert ds.subset(3, seed=0).files == ds.files
+    assert load_dataset("sinus").files == {}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"x": np.array([["a"] * 4] * 3), "y": np.arange(3)}, "inputs of .*strings or objects"),
+        ({"x": np.ones((3, 4), complex), "y": np.arange(3)}, "inputs of .* complex numbers"),
+        ({"x": np.ones((3, 4)), "y": np.arange(2)}, "3 inputs but 2 labels"),
+        ({"x": np.ones((2, 4)), "y": np.int64(1)}, "labels of .* one number"),
+        ({"x": np.float32(3), "y": np.arange(1)}, "holds no samples"),
+    ],
+)
+def test_malformed_arrays_are_data_errors(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=match) as info:
+        load_dataset(tmp_path / "bad.npz")
+    assert "bad.npz" in str(info.value) and info.value.path == str(tmp_path / "bad.npz")
+
+
+def test_damaged_idx_headers_are_data_errors(tmp_path):
+    y = np.arange(3, dtype=np.uint8)
+    _write_idx(tmp_path / "a-labels-idx1-ubyte", y, 8)
+    images = tmp_path / "a-images-idx3-ubyte"
+    for raw, match in [
+        (b"\x00\x00\x08\x04" + b"\xff" * 16, r"header gives shape \(4294967295, "),  # no alloc
+        (b"\x00\x00\x08\xff", "truncated inside its IDX header"),
+        (b"\x01\x02\x08\x01", "bad magic number"),
+        (b"", "bad magic number"),
+    ]:
+        images.write_bytes(raw)
+        with pytest.raises(DataError, match=match):
+            load_dataset(images)
+    _write_idx(tmp_path / "b-labels-idx1-ubyte.gz", y, 8)
+    (tmp_path / "b-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01\x03")[:-6])
+    with pytest.raises(DataError, match="b-images-idx3-ubyte.gz cannot be read"):  # EOFError
+        load_dataset(tmp_path / "b-images-idx3-ubyte.gz")
+
+
+def test_preprocessing_arguments_are_checked(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32), y=np.arange(2))
+    for kwargs, match in [
+        ({"input_shape": "nan"}, "input_shape 'nan' .* finite"),
+        ({"input_shape": "-1,-4"}, "input_shape '-1,-4' .* positive whole numbers"),
+        ({"scale": float("nan")}, "scale nan .* finite number other than 0"),
+        ({"scale": 0}, "scale 0 .* other than 0"),
+        ({"normalize": "0,nan"}, "normalize '0,nan' .* finite"),
+        ({"normalize": "0,-1"}, "normalize standard deviations .* positive"),
+    ]:
+        with pytest.raises(DataError, match=match):
+            load_dataset(tmp_path / "d.npz", **kwargs)
