@@ -15,6 +15,7 @@ import importlib.util
 import io
 import json
 import pickle
+import pickletools
 import re
 import sys
 import zipfile
@@ -89,6 +90,23 @@ def _is_torchscript(path: Path) -> bool:
             return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
     except Exception:  # noqa: BLE001 - a damaged archive is torch.load's to report
         return False
+
+
+def _check_unpickled(model: nn.Module, path: Path) -> None:
+    """:func:`_check_finite` for a module that came out of a pickle or TorchScript archive.
+
+    A damaged pickle can still unpickle into an ``nn.Module`` whose inner dicts are broken
+    (a flipped byte renames ``_modules``), so walking its parameters is itself a check.
+    """
+    try:
+        _check_finite(model, path)
+        model.state_dict()
+    except (CheckpointError, NonFiniteError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(
+            f"{path} unpickles to a damaged module ({_brief(exc)}).", path=str(path)
+        ) from None
 
 
 def _check_finite(model: nn.Module, path: Path) -> None:
@@ -405,7 +423,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path} is a damaged TorchScript archive ({_brief(exc)}).", path=str(path)
             ) from None
-        _check_finite(module, path)
+        _check_unpickled(module, path)
         note = (
             "TorchScript model: torch.func cannot transform it; Hessian products use "
             "double backward, one column at a time."
@@ -495,6 +513,49 @@ def _importable(*folders: Path) -> Iterator[None]:
                 sys.path.remove(entry)
 
 
+# Memo slots are numbered as a pickler fills them, 0, 1, 2...; a damaged index (a flipped bit
+# in LONG_BINPUT) makes the C unpickler grow its memo to that size and zero it: gigabytes.
+_MEMO_SLACK = 16
+
+
+def _scan_pickles(path: Path) -> None:
+    """Walk the opcodes of the pickles a trusted load will run, without running any.
+
+    :mod:`pickletools` reads each opcode's argument and stops at the end of the data, so a
+    damaged length or memo index is refused here rather than allocated by the unpickler.
+    The zip format (``torch.save`` since 1.6) keeps its pickle in ``*/data.pkl``; the legacy
+    format is five pickles in a row (magic number, protocol, system info, object, storage
+    keys) before raw tensor bytes.
+    """
+    try:
+        if _kind(path) == "zip":
+            # zipfile checks the CRC-32 that torch's reader skips: a flipped bit is caught here.
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                streams = [io.BytesIO(zf.read(names[0]))] if names else []
+            count = 1
+        else:
+            streams, count = [io.BytesIO(path.read_bytes())], 5
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, OSError...
+        raise CheckpointError(
+            f"{path} is corrupt: its archive is damaged ({_brief(exc)}).", path=str(path)
+        ) from None
+    for stream in streams:
+        for _ in range(count):
+            if stream.tell() == len(stream.getbuffer()):
+                break
+            try:
+                for n, (op, argument, _pos) in enumerate(pickletools.genops(stream)):
+                    if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and (
+                        not isinstance(argument, int) or argument > 2 * n + _MEMO_SLACK
+                    ):
+                        raise ValueError(f"memo index {argument} at opcode {n}")
+            except Exception as exc:  # noqa: BLE001 - pickletools raises ValueError and more
+                raise CheckpointError(
+                    f"{path} is corrupt: its pickle is damaged ({_brief(exc)}).", path=str(path)
+                ) from None
+
+
 def _maybe_pickled_module(path, sha, files, trust, map_location, exc) -> LoadedModel:
     refused = _refused_global(exc)
     if not trust:
@@ -510,6 +571,7 @@ def _maybe_pickled_module(path, sha, files, trust, map_location, exc) -> LoadedM
             "model.state_dict() or a curvscope checkpoint.",
             path=str(path),
         ) from None
+    _scan_pickles(path)
     try:
         with _importable(path.resolve().parent, Path.cwd()):
             obj = torch.load(path, map_location=map_location, weights_only=False)
@@ -538,7 +600,7 @@ def _maybe_pickled_module(path, sha, files, trust, map_location, exc) -> LoadedM
         raise CheckpointError(
             f"{path} unpickles to a {type(obj).__name__}, not an nn.Module.", path=str(path)
         )
-    _check_finite(obj, path)
+    _check_unpickled(obj, path)
     return LoadedModel(
         obj, path, "pickle", sha, notes=["loaded a pickled module (trusted)."], files=files
     )
