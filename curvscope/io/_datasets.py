@@ -14,7 +14,8 @@ import csv
 import gzip
 import hashlib
 import math
-from dataclasses import dataclass, replace
+import zlib
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import DataError, NonFiniteError
+from .._errors import DataError, NonFiniteError, arg
 from .._losses import is_classification
 from ._results import file_sha256
 
@@ -46,6 +47,8 @@ class Dataset:
         source: what was loaded (a built-in name or a path), with preprocessing.
         sha256: hash of the file's bytes (or of the generated arrays for built-ins).
         subset_seed: seed of the random subset, when ``subset`` chose one.
+        files: every file read, path -> SHA-256 of its bytes (both files of an IDX pair;
+            empty for built-ins).
     """
 
     x: torch.Tensor
@@ -53,6 +56,7 @@ class Dataset:
     source: str
     sha256: str
     subset_seed: int | None = None
+    files: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -80,7 +84,8 @@ class Dataset:
         """
         if not 1 <= n <= len(self):
             raise DataError(
-                f"--samples {n} must be between 1 and the {len(self)} samples of {self.source}."
+                f"{arg('samples')} {n} must be between 1 and the {len(self)} samples of "
+                f"{self.source}."
             )
         g = torch.Generator().manual_seed(seed)
         idx = torch.randperm(len(self), generator=g)[:n].sort().values
@@ -100,13 +105,82 @@ def _array_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _labels(y: np.ndarray | torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(np.array(y))
-    if t.is_floating_point():
-        if t.numel() and torch.all(t == t.round()) and t.dim() == 1:
+def _brief(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened, to quote inside one sentence."""
+    text = str(exc).strip()
+    text = text.splitlines()[0].strip().rstrip(".") if text else ""
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def _numeric(value: object, what: str, where: str) -> np.ndarray:
+    """``value`` (array, tensor or nested list) as a native-byte-order numeric array.
+
+    Raises:
+        DataError: for strings, objects, complex numbers, ragged lists and tensors numpy
+            cannot hold; ``what`` (inputs, labels) and ``where`` (the file) name them.
+    """
+    try:
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            if t.is_complex():
+                raise DataError(
+                    f"the {what} of {where} are complex numbers; curvscope needs real ones.",
+                    path=where,
+                )
+            if t.layout != torch.strided:
+                t = t.to_dense()
+            if t.dtype not in (
+                torch.bool,
+                torch.uint8,
+                torch.int8,
+                torch.int16,
+                torch.int32,
+                torch.int64,
+                torch.float16,
+                torch.float32,
+                torch.float64,
+            ):
+                t = t.double() if t.is_floating_point() else t.long()
+            arr = t.cpu().numpy()
+        else:
+            arr = np.asarray(value)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ragged lists, meta or quantized tensors, ...
+        raise DataError(
+            f"the {what} of {where} are not a numeric array ({_brief(exc)}).", path=where
+        ) from None
+    kind = arr.dtype.kind
+    if kind == "c":
+        raise DataError(
+            f"the {what} of {where} are complex numbers; curvscope needs real ones.", path=where
+        )
+    if kind not in "biuf":
+        raise DataError(
+            f"the {what} of {where} have dtype {arr.dtype} (strings or objects), not numbers.",
+            path=where,
+        )
+    if arr.dtype.byteorder not in ("=", "|"):  # IDX files are big-endian; torch wants native
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+# Integer-valued float labels become class indices only where float64 holds them exactly.
+_EXACT_INT = 2.0**53
+
+
+def _labels(y: np.ndarray) -> torch.Tensor:
+    if y.dtype.kind == "f":
+        t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64))
+        whole = bool(torch.isfinite(t).all()) and bool((t.abs() < _EXACT_INT).all())
+        if t.numel() and t.dim() == 1 and whole and torch.all(t == t.round()):
             return t.long()
         return t.float()
-    return t.long()
+    if y.dtype.kind == "u" and y.dtype.itemsize == 8:
+        # uint64 beyond int64 would wrap to negative labels; clamp so the range check names it.
+        y = np.minimum(y, np.iinfo(np.int64).max)
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
 
 # ------------------------------------------------------------------ built-ins
@@ -140,50 +214,89 @@ _BUILTINS = {"digits": _digits, "sinus": _sinus, "blobs2d": _blobs2d}
 # ------------------------------------------------------------------ files
 def _from_npz(path: Path, x_key: str | None, y_key: str | None):
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(
+                f"{path} holds one .npy array, not an .npz archive of inputs and labels; save "
+                "both with np.savez(path, x=..., y=...).",
+                path=str(path),
+            )
+        with loaded as f:
             keys = list(f.keys())
             xk = x_key or next((k for k in ("x", "X", "inputs", "data") if k in keys), None)
             yk = y_key or next((k for k in ("y", "Y", "labels", "targets") if k in keys), None)
             if xk not in keys or yk not in keys:
                 raise DataError(
-                    f"{path} has arrays {keys}; name the inputs and labels with --x-key and "
-                    "--y-key."
+                    f"{path} has arrays {keys}; name the inputs and labels with {arg('x_key')} "
+                    f"and {arg('y_key')}.",
+                    path=str(path),
                 )
             return f[xk], f[yk]
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({exc}).") from None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib and numpy raise many kinds
+        # An object array (allow_pickle=False), a cut archive (BadZipFile, EOFError), a
+        # bad CRC, a .npy or pickle renamed .npz (np.load then returns no NpzFile), a
+        # declared shape too large to allocate (MemoryError).
+        raise DataError(
+            f"{path} is not a readable .npz file ({_brief(exc)}).", path=str(path)
+        ) from None
 
 
-def _from_pt(path: Path, x_key, y_key):
+def _from_pt(path: Path, x_key: str | None, y_key: str | None):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise DataError(f"{path} is not a readable tensor file ({exc}).") from None
+    except Exception as exc:  # noqa: BLE001 - truncated archives, refused pickles, ...
+        raise DataError(
+            f"{path} is not a readable tensor file ({_brief(exc)}).", path=str(path)
+        ) from None
     if isinstance(obj, dict):
         xk = x_key or next((k for k in ("x", "X", "inputs") if k in obj), None)
         yk = y_key or next((k for k in ("y", "Y", "labels", "targets") if k in obj), None)
         if xk not in obj or yk not in obj:
-            raise DataError(f"{path} holds keys {list(obj)}; name them with --x-key/--y-key.")
+            keys = ", ".join(map(repr, list(obj)[:10])) or "none"
+            raise DataError(
+                f"{path} holds keys {keys}; name the inputs and labels with {arg('x_key')} and "
+                f"{arg('y_key')}.",
+                path=str(path),
+            )
         return obj[xk], obj[yk]
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
         return obj[0], obj[1]
-    raise DataError(f"{path} must hold an (x, y) pair or a dict with x and y tensors.")
+    raise DataError(
+        f"{path} holds a {type(obj).__name__}, not an (x, y) pair or a dict with x and y tensors.",
+        path=str(path),
+    )
 
 
 def _from_csv(path: Path, label_column: str | None):
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             rows = [r for r in csv.reader(fh) if r]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} cannot be read as CSV ({exc}).") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path} cannot be read as CSV ({_brief(exc)}).", path=str(path)) from None
     if not rows:
-        raise DataError(f"{path} is empty.")
+        raise DataError(f"{path} is empty.", path=str(path))
     header = None
     try:
         [float(v) for v in rows[0]]
     except ValueError:
         header, rows = rows[0], rows[1:]
+    if not rows:
+        raise DataError(f"{path} has a header but no rows of data.", path=str(path))
     ncol = len(rows[0])
+    for i, r in enumerate(rows):
+        if len(r) != ncol:
+            line = i + 1 + (header is not None)
+            raise DataError(
+                f"row {line} of {path} has {len(r)} values but the first row has {ncol}.",
+                path=str(path),
+            )
+    if ncol < 2:
+        raise DataError(
+            f"{path} has {ncol} column; it needs input columns and a label column.",
+            path=str(path),
+        )
     if label_column is None:
         col = ncol - 1
     elif header is not None and label_column in header:
@@ -194,15 +307,21 @@ def _from_csv(path: Path, label_column: str | None):
         except ValueError:
             names = f"; columns are {', '.join(header)}" if header else ""
             raise DataError(
-                f"--label-column {label_column!r} is not a column of {path}{names}."
+                f"{arg('label_column')} {label_column!r} is not a column of {path}{names}.",
+                path=str(path),
             ) from None
         if not -ncol <= col < ncol:
-            raise DataError(f"--label-column {col} is out of range for {ncol} columns in {path}.")
+            raise DataError(
+                f"{arg('label_column')} {col} is out of range for {ncol} columns in {path}.",
+                path=str(path),
+            )
         col %= ncol
     try:
         arr = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
     except ValueError as exc:
-        raise DataError(f"{path} holds a non-numeric value ({exc}).") from None
+        raise DataError(
+            f"{path} holds a non-numeric value ({_brief(exc)}).", path=str(path)
+        ) from None
     return np.delete(arr, col, axis=1).astype(np.float32), arr[:, col]
 
 
@@ -214,24 +333,42 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except OSError as exc:
-        raise DataError(f"{path} cannot be read ({exc}).") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip raises BadGzipFile (an OSError) for a wrong magic number, EOFError for a cut
+        # stream and zlib.error for damaged blocks.
+        raise DataError(f"{path} cannot be read ({_brief(exc)}).", path=str(path)) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number).")
+        raise DataError(f"{path} is not an IDX file (bad magic number).", path=str(path))
     ndim = data[3]
+    if ndim == 0:
+        raise DataError(
+            f"{path} is an IDX file of zero dimensions, so it holds no samples.", path=str(path)
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated inside its IDX header.", path=str(path))
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    body = np.frombuffer(data, dtype=dtype, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values.")
-    return body.reshape(dims)
+    # Python integers: the product of four 32-bit dimensions overflows int64 silently, and
+    # comparing sizes before np.frombuffer never allocates what a damaged header claims.
+    count = math.prod(dims)
+    if count * dtype.itemsize != len(data) - header:
+        raise DataError(
+            f"{path} is truncated or damaged: its header gives shape {tuple(dims)} "
+            f"({count} values) but it holds {len(data) - header} bytes of {dtype.itemsize}.",
+            path=str(path),
+        )
+    return np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
 
 
-def _idx_pair(path: Path, split: str):
+def _idx_pair(path: Path, split: str) -> tuple[np.ndarray, np.ndarray, Path, list[Path]]:
     if path.is_dir():
         prefix = {"train": "train", "test": "t10k"}.get(split)
         if prefix is None:
-            raise DataError(f"--split {split!r} is not known; choose train or test.")
+            raise DataError(
+                f"{arg('split')} {split!r} is not known for {path}; choose train or test.",
+                path=str(path),
+            )
 
         def find(kind: str) -> Path:
             for suffix in ("", ".gz"):
@@ -240,32 +377,55 @@ def _idx_pair(path: Path, split: str):
                         path
                         / f"{prefix}-{kind}{sep}idx{3 if kind == 'images' else 1}-ubyte{suffix}"
                     )
-                    if p.exists():
+                    if p.is_file():
                         return p
             raise DataError(
-                f"{path} has no {prefix}-{kind}-idx*-ubyte[.gz] file for --split {split}."
+                f"{path} has no {prefix}-{kind}-idx*-ubyte[.gz] file for {arg('split')} {split}.",
+                path=str(path),
             )
 
-        return _read_idx(find("images")), _read_idx(find("labels")), path
-    images = _read_idx(path)
+        images, labels = find("images"), find("labels")
+        return _read_idx(images), _read_idx(labels), path, [images, labels]
     name = path.name
     label_name = name.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1")
     label_path = path.with_name(label_name)
-    if label_name == name or not label_path.exists():
-        raise DataError(f"{path}: cannot find the matching labels file {label_name}.")
-    return images, _read_idx(label_path), path
+    if label_name == name:
+        raise DataError(
+            f"{path} is not an IDX images file (named like train-images-idx3-ubyte); pass the "
+            "images file or the folder holding both.",
+            path=str(path),
+        )
+    if not label_path.is_file():
+        raise DataError(
+            f"{path}: cannot find the matching labels file {label_name}.", path=str(path)
+        )
+    return _read_idx(path), _read_idx(label_path), path, [path, label_path]
 
 
 # ------------------------------------------------------------------ entry point
-def _parse_numbers(value: str | list | tuple | None, flag: str) -> list[float] | None:
+def _parse_numbers(value: object, name: str, where: str) -> list[float] | None:
     if value is None:
         return None
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        return [float(v) for v in str(value).split(",") if v.strip()]
-    except ValueError:
-        raise DataError(f"{flag} {value!r} must be comma-separated numbers.") from None
+        numbers = [float(v) for v in items if not isinstance(v, str) or v.strip()]
+    except (TypeError, ValueError):
+        raise DataError(
+            f"{arg(name)} {value!r} for {where} must be comma-separated numbers."
+        ) from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise DataError(f"{arg(name)} {value!r} for {where} must hold finite numbers.")
+    return numbers
+
+
+def _parse_shape(value: object, where: str) -> list[int]:
+    numbers = _parse_numbers(value, "input_shape", where) or []
+    if not numbers or not all(v == int(v) and 1 <= v <= 2**31 for v in numbers):
+        raise DataError(
+            f"{arg('input_shape')} {value!r} for {where} must be positive whole numbers such as "
+            "1,28,28."
+        )
+    return [int(v) for v in numbers]
 
 
 def load_dataset(
@@ -294,9 +454,11 @@ def load_dataset(
         normalize: ``"MEAN,STD"`` or per channel ``"M1,M2,M3,S1,S2,S3"``.
 
     Raises:
-        DataError: for missing files, unknown names, unreadable or malformed data.
+        DataError: for missing files, unknown names, unreadable or malformed data; every
+            message is one sentence naming the file.
     """
     spec_str = str(spec)
+    files: dict[str, str] = {}
     if spec_str in _BUILTINS:
         x, y = _BUILTINS[spec_str]()
         source, sha = spec_str, _array_hash(x, y)
@@ -307,56 +469,90 @@ def load_dataset(
         if not path.exists():
             if spec_str.lower() in _DOWNLOAD_NAMES:
                 raise DataError(
-                    f"--data {spec_str} would need a download, and curvscope never downloads; "
-                    "pass the IDX files or a folder holding them."
+                    f"{arg('data')} {spec_str} would need a download, and curvscope never "
+                    "downloads; pass the IDX files or a folder holding them."
                 )
             raise DataError(
-                f"data {path} does not exist (built-in sets: {', '.join(BUILTIN_DATASETS)})."
+                f"data {path} does not exist (built-in sets: {', '.join(BUILTIN_DATASETS)}).",
+                path=str(path),
             )
         name = path.name.lower()
-        if path.is_dir() or "idx" in name:
-            x, y, path = _idx_pair(path, split)
+        read = [path]
+        # The suffix decides before the name: "idx" in "mnist_idx.npz" is no IDX file.
+        if path.is_dir():
+            x, y, path, read = _idx_pair(path, split)
         elif name.endswith(".npz"):
             x, y = _from_npz(path, x_key, y_key)
         elif name.endswith((".pt", ".pth")):
             x, y = _from_pt(path, x_key, y_key)
         elif name.endswith(".csv"):
             x, y = _from_csv(path, label_column)
+        elif "idx" in name:
+            x, y, path, read = _idx_pair(path, split)
         else:
-            raise DataError(f"{path}: unknown data format (use .npz, .pt, .csv or IDX files).")
-        source, sha = str(path), file_sha256(path)
-    x = torch.as_tensor(np.array(x) if not isinstance(x, torch.Tensor) else x).float()
-    y = _labels(y if not isinstance(y, torch.Tensor) else y.numpy())
-    if x.shape[0] != y.shape[0]:
-        raise DataError(f"{source}: {x.shape[0]} inputs but {y.shape[0]} labels.")
+            raise DataError(
+                f"{path}: unknown data format (use .npz, .pt, .csv or IDX files).", path=str(path)
+            )
+        try:
+            source, sha = str(path), file_sha256(path)
+            files = {str(p): file_sha256(p) for p in read}
+        except OSError as exc:
+            raise DataError(f"{path} cannot be read ({_brief(exc)}).", path=str(path)) from None
+    xa, ya = _numeric(x, "inputs", source), _numeric(y, "labels", source)
+    if xa.ndim == 0 or xa.shape[0] == 0:
+        raise DataError(f"{source} holds no samples.", path=source)
+    if ya.ndim == 0:
+        raise DataError(f"the labels of {source} are one number, not one per sample.", path=source)
+    if xa.shape[0] != ya.shape[0]:
+        raise DataError(f"{source}: {xa.shape[0]} inputs but {ya.shape[0]} labels.", path=source)
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(xa, dtype=np.float32))
+    except (MemoryError, ValueError) as exc:
+        raise DataError(
+            f"the inputs of {source} cannot be made float32 ({_brief(exc)}).", path=source
+        ) from None
+    y = _labels(ya)
     notes = []
     if input_shape is not None:
-        shape = [int(v) for v in _parse_numbers(input_shape, "--input-shape")]
-        per = int(np.prod(shape))
+        shape = _parse_shape(input_shape, source)
+        per = math.prod(shape)
         if x[0].numel() != per:
             raise DataError(
-                f"--input-shape {','.join(map(str, shape))} has {per} values but each sample of "
-                f"{source} has {x[0].numel()}."
+                f"{arg('input_shape')} {','.join(map(str, shape))} has {per} values but each "
+                f"sample of {source} has {x[0].numel()}.",
+                path=source,
             )
         x = x.reshape(x.shape[0], *shape)
         notes.append(f"shape {shape}")
     if scale is not None:
-        if scale == 0:
-            raise DataError("--scale 0 would divide by zero.")
-        x = x / float(scale)
-        notes.append(f"/{scale:g}")
-    norm = _parse_numbers(normalize, "--normalize")
+        try:
+            factor = float(scale)
+        except (TypeError, ValueError):
+            raise DataError(f"{arg('scale')} {scale!r} for {source} must be a number.") from None
+        if factor == 0 or not math.isfinite(factor):
+            raise DataError(
+                f"{arg('scale')} {scale!r} for {source} must be a finite number other than 0."
+            )
+        x = x / factor
+        notes.append(f"/{factor:g}")
+    norm = _parse_numbers(normalize, "normalize", source)
     if norm:
         if len(norm) % 2:
-            raise DataError("--normalize needs MEAN,STD pairs (one mean and one std per channel).")
+            raise DataError(
+                f"{arg('normalize')} for {source} needs MEAN,STD pairs (one mean and one std per "
+                "channel)."
+            )
         c = len(norm) // 2
         mean, std = torch.tensor(norm[:c]), torch.tensor(norm[c:])
         if (std <= 0).any():
-            raise DataError("--normalize standard deviations must be positive.")
+            raise DataError(
+                f"{arg('normalize')} standard deviations for {source} must be positive."
+            )
         if c > 1:
             if x.dim() < 2 or x.shape[1] != c:
                 raise DataError(
-                    f"--normalize gives {c} channels but inputs have shape {tuple(x.shape[1:])}."
+                    f"{arg('normalize')} gives {c} channels but the inputs of {source} have shape "
+                    f"{tuple(x.shape[1:])}."
                 )
             view = [1, c] + [1] * (x.dim() - 2)
             x = (x - mean.view(view)) / std.view(view)
@@ -365,7 +561,7 @@ def load_dataset(
         notes.append(f"normalised {norm}")
     if notes:
         source = f"{source} ({', '.join(notes)})"
-    return Dataset(x, y, source, sha)
+    return Dataset(x, y, source, sha, files=files)
 
 
 def check_fits(model: nn.Module, dataset: Dataset, loss: str) -> None:
@@ -376,6 +572,10 @@ def check_fits(model: nn.Module, dataset: Dataset, loss: str) -> None:
         DataError: when one sample does not go through the model (shape), or labels fall
             outside the model's output range.
     """
+    if len(dataset) == 0:
+        # Checked first: the label-range check below reduces over the labels (min() of an
+        # empty tensor is an error, not a finding).
+        raise DataError(f"{dataset.source} holds no samples.")
     if not torch.isfinite(dataset.x).all():
         raise NonFiniteError(f"the inputs of {dataset.source} hold NaN or Inf values.")
     if dataset.y.is_floating_point() and not torch.isfinite(dataset.y).all():
@@ -391,15 +591,20 @@ def check_fits(model: nn.Module, dataset: Dataset, loss: str) -> None:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
             f"the data of {dataset.source} (samples of shape {tuple(dataset.x.shape[1:])}) do "
-            f"not fit the model's input ({first}); reshape them with --input-shape."
+            f"not fit the model's input ({first}); reshape them with {arg('input_shape')}."
         ) from None
     finally:
         model.train(was)
     if is_classification(loss):
         if dataset.y.is_floating_point():
             raise DataError(
-                f"--loss {loss} needs integer class labels, but {dataset.source} "
+                f"{arg('loss')} {loss} needs integer class labels, but {dataset.source} "
                 "has real-valued targets."
+            )
+        if dataset.y.dim() != 1 and out.dim() == 2:
+            raise DataError(
+                f"{arg('loss')} {loss} needs one class index per sample, but the labels of "
+                f"{dataset.source} have shape {tuple(dataset.y.shape)}."
             )
         classes = out.shape[-1]
         lo, hi = int(dataset.y.min()), int(dataset.y.max())
