@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ._errors import CurvscopeError, DataError, OptionError, arg
-from ._losses import Loss, get_loss
+from ._losses import Loss, ModelLoss, get_loss
 from .problem import Problem
 
 __all__ = ["DTYPES", "load", "load_like", "parse_device", "parse_dtype"]
@@ -346,6 +346,9 @@ def load(
     if isinstance(model, nn.Module):
         loaded = io.LoadedModel(model, Path(type(model).__name__), "module", "")
         base_dir = None
+    elif io.is_hf_folder(model):
+        loaded = io.load_hf(model)
+        base_dir = Path(model).resolve()
     else:
         loaded = io.load_checkpoint(
             model,
@@ -353,7 +356,7 @@ def load(
             trust_checkpoint=trust_checkpoint,
             state_key=state_key,
             strip_prefix=strip_prefix,
-            **({"load_strict": load_strict} if not load_strict else {}),
+            load_strict=load_strict,
         )
         base_dir = Path(model).resolve().parent
     meta = dict(loaded.meta or {})
@@ -385,6 +388,8 @@ def load(
         )
     red = reduction or meta.get("reduction") or "mean"
     loss_obj = _make_loss(loss_spec, red, ignore_index)
+    if isinstance(loss_obj, ModelLoss) and type(loaded.model).__name__.endswith("ForCausalLM"):
+        loss_obj = ModelLoss(shifted=True)  # HuggingFace shifts the labels inside
     net = loaded.model.to(device=device_t, dtype=dtype_t)
     direct = not isinstance(data_spec, (str, Path, Mapping)) or ".py:" in str(data_spec)
     problem = Problem(

@@ -172,7 +172,7 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
         load_checkpoint(tmp_path / "cut.pt")
     torch.save(model.state_dict(), tmp_path / "sd.pt")
-    with pytest.raises(CheckpointError, match="plain state dict; pass model MODULE:CALLABLE"):
+    with pytest.raises(CheckpointError, match="plain state dict; pass builder MODULE:CALLABLE"):
         load_checkpoint(tmp_path / "sd.pt")
     other = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3), nn.Linear(3, 2))
     torch.save(other.state_dict(), tmp_path / "big.pt")
@@ -418,7 +418,7 @@ def test_trusted_pickle_imports_its_class_from_beside_the_checkpoint(tmp_path, m
         sys.modules.pop("mymodels", None)
     message = str(info.value)
     assert "whole.pt" in message and "\n" not in message
-    assert "model builder MODULE:CALLABLE" in message and "mymodels.py to PYTHONPATH" in message
+    assert "builder MODULE:CALLABLE" in message and "mymodels.py to PYTHONPATH" in message
     assert sys.path == path_before
 
 

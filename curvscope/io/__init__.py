@@ -15,6 +15,7 @@ from ._eigenvectors import (
     load_eigenvectors,
     save_eigenvectors,
 )
+from ._hf import is_hf_folder, load_hf
 from ._imports import import_callable
 from ._results import (
     SCHEMA,
@@ -29,6 +30,8 @@ from ._results import (
 from ._tokens import TokenBatches, TokenWindows, load_tokens, shipped_text
 
 __all__ = [
+    "is_hf_folder",
+    "load_hf",
     "shipped_text",
     "import_callable",
     "ACTIVATIONS",

@@ -130,8 +130,8 @@ def _import_builder(spec: str) -> tuple[Any, Path | None]:
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise CheckpointError(
-            f"{arg('model')} {spec!r} must be MODULE:CALLABLE or path/file.py:CALLABLE.",
-            option="model",
+            f"{arg('builder')} {spec!r} must be MODULE:CALLABLE or path/file.py:CALLABLE.",
+            option="builder",
         )
     target, _, attr = spec.rpartition(":")
     name = None
@@ -140,7 +140,7 @@ def _import_builder(spec: str) -> tuple[Any, Path | None]:
             file = Path(target)
             if not file.is_file():
                 raise CheckpointError(
-                    f"{arg('model')} file {file} does not exist.", path=str(file), option="model"
+                    f"{arg('builder')} file {file} does not exist.", path=str(file), option="builder"
                 )
             name = f"_curvscope_user_model_{abs(hash(str(file.resolve())))}"
             mod_spec = importlib.util.spec_from_file_location(name, file)
@@ -158,11 +158,11 @@ def _import_builder(spec: str) -> tuple[Any, Path | None]:
         if name is not None:
             sys.modules.pop(name, None)
         raise CheckpointError(
-            f"{arg('model')} {spec}: cannot import {target} ({_brief(exc)}).", option="model"
+            f"{arg('builder')} {spec}: cannot import {target} ({_brief(exc)}).", option="builder"
         ) from None
     if not hasattr(module, attr):
         raise CheckpointError(
-            f"{arg('model')} {spec}: {target} has no attribute {attr!r}.", option="model"
+            f"{arg('builder')} {spec}: {target} has no attribute {attr!r}.", option="builder"
         )
     return getattr(module, attr), source
 
@@ -178,12 +178,12 @@ def _build_user_model(spec: str, files: dict[str, str]) -> nn.Module:
         net = builder()
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(
-            f"{arg('model')} {spec}: calling it failed ({_brief(exc)}).", option="model"
+            f"{arg('builder')} {spec}: calling it failed ({_brief(exc)}).", option="builder"
         ) from None
     if not isinstance(net, nn.Module):
         raise CheckpointError(
-            f"{arg('model')} {spec} returned a {type(net).__name__}, not a module.",
-            option="model",
+            f"{arg('builder')} {spec} returned a {type(net).__name__}, not a module.",
+            option="builder",
         )
     return net
 
@@ -469,7 +469,7 @@ def load_checkpoint(
                 path=str(path),
             )
         raise CheckpointError(
-            f"{path} is a plain state dict; pass {arg('model')} MODULE:CALLABLE (or "
+            f"{path} is a plain state dict; pass {arg('builder')} MODULE:CALLABLE (or "
             "path/to/file.py:CALLABLE) that builds the module.",
             path=str(path),
         )
@@ -580,7 +580,7 @@ def _maybe_pickled_module(path, sha, files, trust, map_location, exc) -> LoadedM
         raise CheckpointError(
             f"{path} needs the module {err.name!r} to unpickle its model, and it is not "
             f"importable from {path.resolve().parent}, the current folder or the Python path; "
-            f"pass a {arg('model')} builder MODULE:CALLABLE with a state dict instead, or add "
+            f"pass a {arg('builder')} MODULE:CALLABLE with a state dict instead, or add "
             f"the folder that holds {top}.py to PYTHONPATH.",
             path=str(path),
         ) from None
@@ -588,7 +588,7 @@ def _maybe_pickled_module(path, sha, files, trust, map_location, exc) -> LoadedM
         where = "the script that saved it (__main__)" if "__main__" in str(err) else "its module"
         raise CheckpointError(
             f"{path} refers to a class that {where} no longer defines ({_brief(err)}); import "
-            f"the module that defines it, or pass a {arg('model')} builder MODULE:CALLABLE with "
+            f"the module that defines it, or pass a {arg('builder')} MODULE:CALLABLE with "
             "a state dict instead.",
             path=str(path),
         ) from None
@@ -647,7 +647,7 @@ def _load_safetensors(path, sha, files, model, state_key, strip_prefix, strict) 
         fmt = "safetensors+model"
     else:
         raise CheckpointError(
-            f"{path} has no curvscope arch metadata; pass {arg('model')} MODULE:CALLABLE.",
+            f"{path} has no curvscope arch metadata; pass {arg('builder')} MODULE:CALLABLE.",
             path=str(path),
         )
     _check_finite(net, path)

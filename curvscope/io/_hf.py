@@ -102,6 +102,6 @@ def load_hf(path: str | os.PathLike) -> LoadedModel:
         f"HuggingFace {name} from {folder} (transformers {transformers.__version__}), "
         "attention switched to the eager implementation (double backward)."
     ]
-    loaded = LoadedModel(model, folder, "huggingface", digest, {"type": name}, meta, notes)
-    object.__setattr__(loaded, "files", files) if hasattr(loaded, "files") else None
-    return loaded
+    return LoadedModel(
+        model, folder, "huggingface", digest, {"type": name}, meta, notes, files=files
+    )
