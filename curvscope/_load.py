@@ -388,8 +388,19 @@ def load(
         )
     red = reduction or meta.get("reduction") or "mean"
     loss_obj = _make_loss(loss_spec, red, ignore_index)
-    if isinstance(loss_obj, ModelLoss) and type(loaded.model).__name__.endswith("ForCausalLM"):
+    if isinstance(loss_obj, ModelLoss) and type(loaded.model).__name__.endswith(
+        ("ForCausalLM", "LMHeadModel")
+    ):
         loss_obj = ModelLoss(shifted=True)  # HuggingFace shifts the labels inside
+    own_loss_note = None
+    if isinstance(loss_obj, ModelLoss) and dtype_t == torch.float64 and loaded.format == (
+        "huggingface"
+    ):
+        own_loss_note = (
+            "the model's own loss: HuggingFace computes it in float32 (logits.float()) even in "
+            "a float64 run, which limits second derivatives to about 1e-7; the causal_lm loss "
+            "computes the same loss in float64."
+        )
     net = loaded.model.to(device=device_t, dtype=dtype_t)
     direct = not isinstance(data_spec, (str, Path, Mapping)) or ".py:" in str(data_spec)
     problem = Problem(
@@ -411,6 +422,8 @@ def load(
     problem.check_data(source=src.source, classes=_classes(problem, out),
                        vocabulary=_embedding_size(net))
     notes = list(loaded.notes) + list(problem.notes)
+    if own_loss_note:
+        notes.append(own_loss_note)
     if train_mode:
         notes.append(
             "train mode: BatchNorm used batch statistics of each batch (running statistics "

@@ -140,7 +140,9 @@ def _import_builder(spec: str) -> tuple[Any, Path | None]:
             file = Path(target)
             if not file.is_file():
                 raise CheckpointError(
-                    f"{arg('builder')} file {file} does not exist.", path=str(file), option="builder"
+                    f"{arg('builder')} file {file} does not exist.",
+                    path=str(file),
+                    option="builder",
                 )
             name = f"_curvscope_user_model_{abs(hash(str(file.resolve())))}"
             mod_spec = importlib.util.spec_from_file_location(name, file)
