@@ -231,8 +231,35 @@ def _forward_hint(model: nn.Module, problem: Problem, exc: BaseException) -> str
     return ""
 
 
-def _check_fit(problem: Problem, source: str) -> torch.Tensor:
+def _check_ids(problem: Problem, source: str, hint: int | None) -> None:
+    """Token ids past the model's embedding, named before any forward pass."""
+    vocab = _embedding_size(problem.model)
+    if vocab is None:
+        return
+    if hint is not None and hint > vocab:
+        raise DataError(
+            f"token id {hint - 1} in {source} is past the model's vocabulary of {vocab} "
+            f"(ids must lie in 0..{vocab - 1}).",
+            option="data",
+        )
+    batch = next(problem.batches())
+    ids = [t for t in batch.inputs.args if isinstance(t, torch.Tensor)]
+    ids += [v for k, v in batch.inputs.kwargs.items() if k == "input_ids"]
+    for t in ids:
+        if t.is_floating_point() or t.dtype == torch.bool or not t.numel():
+            continue
+        if int(t.max()) >= vocab or int(t.min()) < 0:
+            bad = int(t.max()) if int(t.max()) >= vocab else int(t.min())
+            raise DataError(
+                f"token id {bad} in {source} is past the model's vocabulary of {vocab} "
+                f"(ids must lie in 0..{vocab - 1}).",
+                option="data",
+            )
+
+
+def _check_fit(problem: Problem, source: str, vocab_hint: int | None = None) -> torch.Tensor:
     """Run the first batch through the model; a failure is a sentence naming the data."""
+    _check_ids(problem, source, vocab_hint)
     batch = next(problem.batches())
     try:
         with torch.no_grad(), problem.mode():
@@ -418,7 +445,7 @@ def load(
     )
     if samples is not None and not applied:
         problem = problem.subsample(samples, seed)
-    out = _check_fit(problem, src.source)
+    out = _check_fit(problem, src.source, src.vocab_size)
     problem.check_data(source=src.source, classes=_classes(problem, out),
                        vocabulary=_embedding_size(net))
     notes = list(loaded.notes) + list(problem.notes)

@@ -430,6 +430,28 @@ def load_checkpoint(
             "TorchScript model: torch.func cannot transform it; Hessian products use "
             "double backward, one column at a time."
         )
+        if model is not None:
+            # a builder wraps the scripted module: builder(scripted) -> nn.Module (e.g. to
+            # pick one head, add fixed arguments or a preprocessing step)
+            builder, source = _import_builder(model)
+            if source is not None:
+                files[str(source)] = file_sha256(source)
+            try:
+                wrapped = builder(module)
+            except Exception as exc:  # noqa: BLE001 - the user's code: one sentence
+                raise CheckpointError(
+                    f"{arg('builder')} {model}: calling it with the TorchScript module of "
+                    f"{path} failed ({_brief(exc)}); a builder for a TorchScript file takes "
+                    "the loaded module and returns the module to analyse.",
+                    option="builder",
+                ) from None
+            if not isinstance(wrapped, nn.Module):
+                raise CheckpointError(
+                    f"{arg('builder')} {model} returned a {type(wrapped).__name__}, not a module.",
+                    option="builder",
+                )
+            notes = [note, f"the TorchScript module is wrapped by {model}."]
+            return LoadedModel(wrapped, path, "torchscript+builder", sha, notes=notes, files=files)
         return LoadedModel(module, path, "torchscript", sha, notes=[note], files=files)
     if kind not in ("zip", "pickle"):
         raise CheckpointError(
