@@ -234,8 +234,15 @@ def test_mc_kfac_is_fixed_and_converges():
 
 def test_unsupported_layers_are_named():
     model, loss, data, reduction = build(CASES[4])
-    with pytest.raises(UnsupportedModelError, match=r"layer '1' \(BatchNorm2d\)"):
-        KFACOperator(Problem(model, loss, data, reduction=reduction))
+    problem = Problem(model, loss, data, reduction=reduction)
+    K = KFACOperator(problem)  # the BatchNorm layer is left out, and the note says so
+    assert any("1 (BatchNorm2d)" in n for n in K.notes)
+    assert K.shape[0] == problem.num_params - 4
+    with pytest.raises(UnsupportedModelError, match=r"layer '1' \(BatchNorm2d\)") as err:
+        K.block("1")
+    assert err.value.matrix == "kfac" and err.value.layer == "1"
+    with pytest.raises(UnsupportedModelError, match=r"in none \(layer '1' is BatchNorm2d\)"):
+        KFACOperator(problem.select("1.*"))
     torch.manual_seed(0)
     grouped = nn.Sequential(nn.Conv2d(2, 2, 3, groups=2), nn.Flatten(), nn.Linear(8, 3)).double()
     x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
@@ -256,3 +263,52 @@ def test_ekfac_weight_only_block_uses_the_sliced_factor():
     Aw = A[:-1, :-1]
     truth = _ekfac_truth((G, Aw), ref[s, s], list(range(G.shape[0] * Aw.shape[0])))
     assert_close(E.block("0.weight").dense(), truth, what="EKFAC weight-only block")
+
+
+def test_empirical_kfac_on_sequences_with_an_embedding_matches_its_definition():
+    """Expand KFAC (Eschenhagen et al. 2023): Linear weights shared over positions; the
+    Embedding's input is one-hot, so its A is the diagonal of token frequencies."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 5, (5, 3), generator=g)
+    y = torch.randint(0, 4, (5, 3), generator=g)
+    y[1, 2] = -100
+    data = [(x[:2], y[:2]), (x[2:], y[2:])]
+    problem = Problem(model, "cross_entropy", data)
+    K = KFACOperator(problem, fisher_type="empirical")
+    N, R = 5, 3
+    T = int((y != -100).sum())
+    emb, lin = model[0], model[1]
+    h = emb(x).detach()  # [N, R, 3]: the Linear's inputs
+    h_ = h.clone().requires_grad_(True)
+    out = lin(h_)
+    terms = (y != -100).sum(1).double()  # tokens per sample
+    # per-sample label gradients scaled by 1/sqrt(T_i) (mean reduction, the EF convention)
+    losses = torch.nn.functional.cross_entropy(
+        out.reshape(-1, 4), y.reshape(-1), ignore_index=-100, reduction="none"
+    ).reshape(N, R).sum(1)
+    gh = torch.autograd.grad((losses / terms.sqrt()).sum(), h_, retain_graph=True)[0]
+    go = torch.autograd.grad((losses / terms.sqrt()).sum(), out)[0]  # [N, R, 4]
+    a = torch.cat([h, torch.ones(N, R, 1, dtype=torch.float64)], -1)
+    A_lin = torch.einsum("nri,nrj->ij", a, a) / (N * R)
+    G_lin = torch.einsum("nro,nrp->op", go, go) / T
+    A_emb = torch.bincount(x.reshape(-1), minlength=5).double() / (N * R)
+    G_emb = torch.einsum("nro,nrp->op", gh, gh) / T
+    # dense blocks: Linear row-major [W | b] -> G kron A; Embedding [V, d] -> A kron G
+    B_lin = torch.kron(G_lin, A_lin)
+    B_emb = torch.kron(torch.diag(A_emb), G_emb)
+    sl = problem.param_slices()
+    V = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    got = K @ V
+    assert_close(got[sl["0.weight"]], B_emb @ V[sl["0.weight"]], what="Embedding block")
+    # the Linear's weight and bias are one block in [W | b] order
+    idx = torch.arange(12).reshape(4, 3)
+    order = torch.cat([torch.cat([idx, (12 + torch.arange(4))[:, None]], 1)]).reshape(-1)
+    lin_rows = torch.arange(sl["1.weight"].start, sl["1.bias"].stop)[order]
+    assert_close(got[lin_rows], B_lin @ V[lin_rows], what="Linear block over positions")
+    inv = K.inverse(0.1)
+    back = K @ (inv @ V) + 0.1 * (inv @ V)
+    assert_close(back, V, rtol=1e-10, what="damped inverse")
+    with pytest.raises(UnsupportedModelError, match="Embedding layers yet"):
+        EKFACOperator(problem, fisher_type="empirical") @ V

@@ -66,12 +66,42 @@ class _KLayer:
     has_bias: bool
     weight: str | None  # selected full parameter name, or None
     bias: str | None
-    n_in: int  # columns of W (without the bias column)
-    n_out: int
+    n_in: int  # columns of W (without the bias column); Embedding: num_embeddings
+    n_out: int  # Embedding: embedding_dim
+
+    @property
+    def embedding(self) -> bool:
+        """Whether the layer is an ``nn.Embedding``.
+
+        Its weight ``[V, d]`` is the Linear-style ``[d, V]`` transposed, and its input a one-hot
+        whose factor ``A`` is diagonal (the token frequencies).
+        """
+        return isinstance(self.module, nn.Embedding)
 
     def index(self) -> list[int]:
         idx = list(range(self.n_in)) if self.weight else []
         return idx + ([self.n_in] if self.bias else [])
+
+
+SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding)
+"""Layers with Kronecker factors; Linear on ``[N, ..., in]`` inputs shares its weight over
+the middle (sequence) positions: the expand approximation (Eschenhagen et al. 2023)."""
+
+
+def kfac_supported(problem: Problem) -> tuple[list[str], dict[str, str]]:
+    """Selected parameter names KFAC covers, and the others by module (name -> layer type)."""
+    covered, skipped = [], {}
+    for pname in problem.names:
+        mname = pname.rpartition(".")[0]
+        module = problem.model.get_submodule(mname)
+        ok = isinstance(module, SUPPORTED) and not (
+            isinstance(module, nn.Embedding) and (module.max_norm is not None)
+        )
+        if ok:
+            covered.append(pname)
+        else:
+            skipped[mname or "model"] = type(module).__name__
+    return covered, skipped
 
 
 def _kfac_layers(problem: Problem, matrix: str) -> list[_KLayer]:
@@ -79,13 +109,20 @@ def _kfac_layers(problem: Problem, matrix: str) -> list[_KLayer]:
     for pname in problem.names:
         mname, _, leaf = pname.rpartition(".")
         module = problem.model.get_submodule(mname)
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, SUPPORTED):
             raise UnsupportedModelError(
-                f"the {matrix} matrix supports Linear and Conv2d layers only; layer "
+                f"the {matrix} matrix supports Linear, Conv2d and Embedding layers only; layer "
                 f"{mname or 'model'!r} ({type(module).__name__}) has selected parameters "
                 "(select fewer parameters).",
                 matrix=matrix,
+                layer=mname,
             )
+        if isinstance(module, nn.Embedding):
+            if mname not in layers:
+                V, d = module.weight.shape
+                layers[mname] = _KLayer(mname, module, False, None, None, V, d)
+            setattr(layers[mname], leaf, pname)
+            continue
         if isinstance(module, nn.Conv2d) and (
             module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
         ):
@@ -112,9 +149,11 @@ def _recorder(store: list):
 
 
 def _patches(layer: _KLayer, x: torch.Tensor) -> torch.Tensor:
-    """Layer inputs as ``[n, R, in (+1)]`` (Conv2d: unfolded patches)."""
+    """Layer inputs as ``[n, R, in (+1)]`` (Conv2d: unfolded patches; Embedding: ids ``[n, R]``)."""
     m = layer.module
     n = x.shape[0]
+    if layer.embedding:
+        return x.reshape(n, -1)
     if isinstance(m, nn.Conv2d):
         a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
         a = a.transpose(1, 2)
@@ -177,7 +216,29 @@ class KFACOperator(CurvatureOperator):
             raise OptionError(f"{arg('mc_samples')} must be at least 1, got {mc_samples}.")
         base = "ekfac" if self._ekfac else "kfac"
         self.name = base if fisher_type is KFACFisherType.EXACT else f"{base}-{fisher_type.value}"
+        covered, skipped = kfac_supported(problem)
+        self.skipped_layers = dict(skipped)
+        if skipped:
+            if not covered:
+                first = next(iter(skipped))
+                raise UnsupportedModelError(
+                    f"the {self.name} matrix covers Linear, Conv2d and Embedding layers; the "
+                    f"selected parameters are in none (layer {first!r} is "
+                    f"{skipped[first]}).",
+                    matrix=self.name,
+                    layer=first,
+                )
+            problem = problem.select(covered)
         super().__init__(problem, fisher_type=fisher_type, mc_samples=int(mc_samples), seed=seed)
+        if skipped:
+            shown = ", ".join(f"{m} ({t})" for m, t in list(skipped.items())[:6])
+            self.notes.append(
+                f"{self.name} covers the Linear, Conv2d and Embedding layers only: it is the "
+                f"matrix of those {problem.num_params} parameters; the parameters of "
+                f"{len(skipped)} other layer(s) are left out: {shown}"
+                + (" ..." if len(skipped) > 6 else "")
+                + "."
+            )
         refuse_train_mode(problem, self.name)
         self.fisher_type = fisher_type
         self.mc_samples = int(mc_samples)
@@ -250,6 +311,14 @@ class KFACOperator(CurvatureOperator):
             for layer in layers:
                 a = acts[layer.name]
                 R[layer.name] = a.shape[1]
+                if layer.embedding:  # one-hot inputs: A is the diagonal of token counts
+                    counts = torch.bincount(a.reshape(-1), minlength=layer.n_in)
+                    A[layer.name] = A[layer.name] + counts.to(self.problem.dtype)
+                    A[layer.name] = A[layer.name].to(self.problem.device)
+                    for col in cols:
+                        g = col[layer.name]
+                        G[layer.name] = G[layer.name] + c * torch.einsum("nro,nrp->op", g, g)
+                    continue
                 A[layer.name] = A[layer.name] + torch.einsum("nri,nrj->ij", a, a)
                 for col in cols:
                     g = col[layer.name]
@@ -264,6 +333,9 @@ class KFACOperator(CurvatureOperator):
         out = {}
         for layer in self.layers:
             A, G = self._shared["raw"][layer.name]
+            if layer.embedding:  # A is kept as its diagonal
+                out[layer.name] = (A, G)
+                continue
             idx = layer.index()
             out[layer.name] = (A[idx][:, idx], G)
         return out
@@ -272,9 +344,12 @@ class KFACOperator(CurvatureOperator):
         r"""``(Q_G, Q_A, D)``: the layer block is :math:`(Q_G \otimes Q_A) diag(D) (..)^T`."""
         if layer.name not in self._eig:
             A, G = self.factors()[layer.name]
-            lam_a, qa = torch.linalg.eigh(A)
             lam_g, qg = torch.linalg.eigh(G)
-            self._eig[layer.name] = (qg, qa, torch.outer(lam_g, lam_a))
+            if layer.embedding:  # diagonal A: its eigenbasis is the identity (qa = None)
+                self._eig[layer.name] = (qg, None, torch.outer(lam_g, A))
+            else:
+                lam_a, qa = torch.linalg.eigh(A)
+                self._eig[layer.name] = (qg, qa, torch.outer(lam_g, lam_a))
         return self._eig[layer.name]
 
     # ------------------------------------------------------------------ layout
@@ -284,6 +359,9 @@ class KFACOperator(CurvatureOperator):
         k = V.shape[1]
         views = {}
         for layer in self.layers:
+            if layer.embedding:  # [V, d] stored; the Linear-style layout is [d, V]
+                views[layer.name] = parts[layer.weight].reshape(k, layer.n_in, layer.n_out).mT
+                continue
             pieces = []
             if layer.weight:
                 pieces.append(parts[layer.weight].reshape(k, layer.n_out, layer.n_in))
@@ -296,6 +374,9 @@ class KFACOperator(CurvatureOperator):
         parts = {}
         for layer in self.layers:
             r = results[layer.name]
+            if layer.embedding:
+                parts[layer.weight] = r.mT
+                continue
             if layer.weight:
                 parts[layer.weight] = r[..., : layer.n_in]
             if layer.bias:
@@ -306,6 +387,8 @@ class KFACOperator(CurvatureOperator):
     # ------------------------------------------------------------------ products
     def _apply_layer(self, layer: _KLayer, X: torch.Tensor) -> torch.Tensor:
         A, G = self.factors()[layer.name]
+        if layer.embedding:
+            return (G @ X) * A
         return G @ X @ A
 
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -331,6 +414,22 @@ class KFACOperator(CurvatureOperator):
 
     def _with_problem(self, problem: Problem) -> CurvatureOperator:
         return type(self)(problem, **self._knobs, _shared=self._shared)
+
+    def block(self, name: str) -> CurvatureOperator:
+        """The block of a covered layer or parameter; a left-out layer is refused.
+
+        Raises:
+            UnsupportedModelError: for a block of a layer KFAC does not cover.
+        """
+        if name in self.skipped_layers or name.rpartition(".")[0] in self.skipped_layers:
+            module = name if name in self.skipped_layers else name.rpartition(".")[0]
+            raise UnsupportedModelError(
+                f"the {self.name} matrix does not cover layer {module!r} "
+                f"({self.skipped_layers[module]}).",
+                matrix=self.name,
+                layer=module,
+            )
+        return super().block(name)
 
 
 class EKFACOperator(KFACOperator):
@@ -364,6 +463,14 @@ class EKFACOperator(KFACOperator):
         return self._eig[layer.name]
 
     def _scales(self) -> None:
+        emb = [layer.name for layer in self.layers if layer.embedding]
+        if emb:
+            raise UnsupportedModelError(
+                f"the {self.name} matrix does not support Embedding layers yet (layer "
+                f"{emb[0]!r}); use kfac, or select other parameters.",
+                matrix=self.name,
+                layer=emb[0],
+            )
         factors = self.factors()
         bases = {}
         for layer in self.layers:
@@ -416,6 +523,9 @@ class _KroneckerInverse(LinearOperator):
         res = {}
         for layer in self.op.layers:
             qg, qa, D = self.op._eigen(layer)
+            if qa is None:  # Embedding: diagonal A
+                res[layer.name] = qg @ ((qg.T @ views[layer.name]) / (D + self.shift))
+                continue
             res[layer.name] = qg @ ((qg.T @ views[layer.name] @ qa) / (D + self.shift)) @ qa.T
         return self.op._assemble(res, V.shape[1])
 
