@@ -438,3 +438,26 @@ def test_loaded_model_records_every_file_it_read(tmp_path):
     assert load_checkpoint(path).files == {str(path): file_sha256(path)}
     via_module = load_checkpoint(tmp_path / "sd.pt", model="tests.test_io:builder")
     assert any(p.endswith("test_io.py") for p in via_module.files)
+
+
+def test_damaged_trusted_pickles_are_refused_before_unpickling(tmp_path):
+    """The full unpickler would allocate for a damaged memo index; fuzzing found 5-30 s stalls."""
+    import zipfile
+
+    torch.save(make_model(), tmp_path / "whole.pt")
+    data = bytearray((tmp_path / "whole.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "whole.pt") as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("data.pkl"))
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    at = data.index(b"Linear", start)  # a class name inside data.pkl: torch never checks CRCs
+    data[at + 5] ^= 1
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="flipped.pt is corrupt: .*Bad CRC-32"):
+        load_checkpoint(tmp_path / "flipped.pt", trust_checkpoint=True)
+    # a legacy-format pickle whose memo index is far beyond any a pickler writes
+    memo = b"\x80\x02cbuiltins\nprint\nr" + struct.pack("<I", 10**6) + b"."
+    (tmp_path / "memo.pt").write_bytes(memo)
+    with pytest.raises(CheckpointError, match="memo.pt is corrupt: .*memo index 1000000"):
+        load_checkpoint(tmp_path / "memo.pt", trust_checkpoint=True)
+    with pytest.raises(CheckpointError, match="memo.pt is a pickled object .it needs print"):
+        load_checkpoint(tmp_path / "memo.pt")

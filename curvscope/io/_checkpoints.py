@@ -190,7 +190,9 @@ def _build_user_model(spec: str, files: dict[str, str]) -> nn.Module:
     return net
 
 
-def _build_arch(arch: Any, path: Path, state: dict, strip_prefix: str | None, strict: bool):
+def _build_arch(
+    arch: Any, path: Path, state: dict, strip_prefix: str | None, strict: bool
+) -> tuple[nn.Module, list[str]]:
     """Build ``arch`` after checking, on the meta device, that ``state`` fits it.
 
     A damaged or hostile ``arch`` (``sizes: [100000, 100000]``) would otherwise allocate
@@ -519,6 +521,14 @@ def _unpickler_reason(exc: BaseException) -> str:
     return _brief(exc)
 
 
+def _cwd() -> list[Path]:
+    """The current folder, or none when it was deleted under us (Path.cwd() raises then)."""
+    try:
+        return [Path.cwd()]
+    except OSError:
+        return []
+
+
 @contextlib.contextmanager
 def _importable(*folders: Path) -> Iterator[None]:
     """Put ``folders`` in front of ``sys.path`` for the duration, then take them out again.
@@ -597,7 +607,7 @@ def _maybe_pickled_module(path, sha, files, trust, map_location, exc) -> LoadedM
         ) from None
     _scan_pickles(path)
     try:
-        with _importable(path.resolve().parent, Path.cwd()):
+        with _importable(path.resolve().parent, *_cwd()):
             obj = torch.load(path, map_location=map_location, weights_only=False)
     except ModuleNotFoundError as err:
         top = (err.name or "?").split(".")[0]

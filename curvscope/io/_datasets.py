@@ -3,9 +3,10 @@
 Built-ins: ``digits`` (the UCI 8x8 handwritten digits, 1797 images, shipped as package data,
 CC BY 4.0), ``sinus`` (a seeded 1-D sine regression for the Suk-style MLP) and ``blobs2d``
 (two seeded Gaussian blobs for logistic regression, 800 points as in Veitch Sec. 3). Files:
-``.npz`` (``x``/``X`` and ``y`` or ``--x-key``/``--y-key``), ``.pt`` (a tensor pair, a tuple
-or a dict, loaded with ``weights_only=True``), ``.csv`` (``--label-column``) and IDX files as
-MNIST and Fashion-MNIST ship them (``.gz`` or not, or a folder plus ``--split``).
+``.npz`` (``x``/``X`` and ``y`` or ``x_key``/``y_key``), ``.pt`` (a tensor pair, a tuple
+or a dict, loaded with ``weights_only=True``), ``.csv`` (``label_column``) and IDX files as
+MNIST and Fashion-MNIST ship them (``.gz`` or not, or a folder plus ``split``). Whatever a
+file holds, it loads or raises one sentence naming it (issue 14).
 """
 
 from __future__ import annotations
