@@ -103,7 +103,7 @@ def test_imports_follow_the_layer_rules():
     for path in _files():
         unit = _unit(path)
         allowed = LAYERS[unit]
-        for line, target, module, names in _imports(path):
+        for line, target, module, _names in _imports(path):
             if target == unit or target == "__version__":
                 continue
             where = f"{path.relative_to(ROOT.parent)}:{line}"
