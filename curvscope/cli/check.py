@@ -59,7 +59,8 @@ def check_cli(
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},
         )
-    table = Table(title="derivative checks (evaluated in float64)", title_style="bold")
+    evaluated_in = result.checks[0].get("evaluated_in", "float64")
+    table = Table(title=f"derivative checks (evaluated in {evaluated_in})", title_style="bold")
     for col in ("check", "verdict", "slopes by direction", "reason"):
         table.add_column(col)
     for c in result.checks[:2]:
@@ -69,6 +70,8 @@ def check_cli(
         )
         table.add_row(c["name"], _verdict(c["passed"]), slopes, c["reason"])
     console.print(table)
+    for note in result.checks[0].get("notes") or []:
+        console.print(f"[yellow]{note}[/]", highlight=False)
     taylor = result.checks[1]
     f32 = taylor.get("float32_floor") or {}
     if f32:
