@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from .._errors import CurvscopeError, OptionError
 from ..problem import Problem
@@ -36,7 +37,9 @@ __all__ = [
     "open_session",
     "parse_floats",
     "parse_list",
+    "print_table",
     "progress_bar",
+    "table",
 ]
 
 console = Console()
@@ -705,6 +708,70 @@ def guarded() -> Iterator[None]:
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(code=130) from None
+
+
+# ---------------------------------------------------------------------- tables
+LABEL_MIN_WIDTH = 5
+"""Label columns are never narrowed below this (or their longest cell)."""
+
+
+def table(title: str, columns: list[str], *, numbers: tuple[str, ...] | list[str] = (),
+          center: tuple[str, ...] | list[str] = ()) -> Table:
+    """A rich table whose ``numbers`` columns are never cut.
+
+    Label columns wrap (and are narrowed first when the table is too wide); number columns
+    are right-aligned, keep at least the width of their longest cell (set in
+    :func:`print_table`) and fold rather than end in an ellipsis: ``1.087e-06`` never prints
+    as ``1.087…``.
+
+    Args:
+        title: the table's title.
+        columns: column headers, in order.
+        numbers: headers of the columns that hold numbers.
+        center: headers of centred columns (yes/no flags).
+    """
+    t = Table(title=title, title_style="bold")
+    for col in columns:
+        t.add_column(
+            col,
+            justify="right" if col in numbers else "center" if col in center else "left",
+            overflow="fold",
+        )
+    t.number_columns = [i for i, col in enumerate(columns) if col in numbers]  # type: ignore[attr-defined]
+    return t
+
+
+def _cell_width(cell: Any) -> int:
+    from rich.text import Text
+
+    if isinstance(cell, str):
+        return max((Text.from_markup(line).cell_len for line in cell.splitlines()), default=0)
+    if isinstance(cell, Text):
+        return cell.cell_len
+    return 0
+
+
+def print_table(t: Table, target: Console | None = None) -> None:
+    """Print a table made by :func:`table` without cutting a number.
+
+    Number columns get their longest cell as minimum width. On a terminal the table fits
+    the width by wrapping labels first; when that is not enough its lines run past the
+    edge instead of being cropped. Written to a file or a pipe, the table is printed at its
+    full natural width, whatever COLUMNS says.
+    """
+    out = target or console
+    numbers = set(getattr(t, "number_columns", ()))
+    for i, col in enumerate(t.columns):
+        widest = max([_cell_width(c) for c in col.cells] + [1])
+        # labels may fold down to LABEL_MIN_WIDTH characters a line, never vanish
+        col.min_width = widest if i in numbers else min(widest, LABEL_MIN_WIDTH)
+    if out.is_terminal:
+        out.print(t, crop=False)
+    else:
+        natural = out.measure(t, options=out.options.update_width(100_000)).maximum
+        # print() caps its width at the console's, so a wider twin writes to the same file
+        wide = Console(file=out.file, width=max(natural, out.width), color_system=None)
+        wide.print(t, crop=False)
 
 
 @contextlib.contextmanager

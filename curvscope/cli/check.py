@@ -6,7 +6,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from ..diagnostics import check
 from ._common import (
@@ -16,7 +15,9 @@ from ._common import (
     finish,
     guarded,
     open_session,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["check_cli", "register"]
@@ -60,16 +61,17 @@ def check_cli(
             counts={"matvecs": result.num_matvecs},
         )
     evaluated_in = result.checks[0].get("evaluated_in", "float64")
-    table = Table(title=f"derivative checks (evaluated in {evaluated_in})", title_style="bold")
-    for col in ("check", "verdict", "slopes by direction", "reason"):
-        table.add_column(col)
+    t = table(
+        f"derivative checks (evaluated in {evaluated_in})",
+        ["check", "verdict", "slopes by direction", "reason"],
+    )
     for c in result.checks[:2]:
         slopes = "; ".join(
             ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in d["slopes"].items())
             for d in c["directions"]
         )
-        table.add_row(c["name"], _verdict(c["passed"]), slopes, c["reason"])
-    console.print(table)
+        t.add_row(c["name"], _verdict(c["passed"]), slopes, c["reason"])
+    print_table(t)
     for note in result.checks[0].get("notes") or []:
         console.print(f"[yellow]{note}[/]", highlight=False)
     taylor = result.checks[1]
@@ -80,10 +82,7 @@ def check_cli(
             f"and stops decreasing at h = {f32['e2_stops_decreasing_at_h']:.0e}."
         )
     conv = result.checks[2]
-    ctable = Table(
-        title="convexity certificate (each hidden layer's diagonal block only)", title_style="bold"
-    )
-    for col in (
+    ccols = [
         "layer",
         "activation",
         "satisfied",
@@ -91,8 +90,12 @@ def check_cli(
         "certified",
         "min eigenvalue",
         "residual",
-    ):
-        ctable.add_column(col, justify="right" if col not in ("layer", "activation") else "left")
+    ]
+    ctable = table(
+        "convexity certificate (each hidden layer's diagonal block only)",
+        ccols,
+        numbers=ccols[2:],
+    )
     for layer in conv["layers"]:
         ctable.add_row(
             layer["name"],
@@ -104,7 +107,7 @@ def check_cli(
             f"{layer['min_eigenvalue_residual']:.1e}",
         )
     if conv["layers"]:
-        console.print(ctable)
+        print_table(ctable)
     console.print(f"[dim]{conv['reason']}[/]")
     console.print(f"Result: {path}")
 

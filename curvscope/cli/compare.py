@@ -6,7 +6,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
 from ..diagnostics import COMPARE_MATRICES, compare
@@ -18,7 +17,9 @@ from ._common import (
     finish,
     guarded,
     open_session,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["compare_cli", "register"]
@@ -81,8 +82,7 @@ def compare_cli(
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},
         )
-    table = Table(title="approximations against the Hessian, per layer block", title_style="bold")
-    for col in (
+    cols = [
         "layer",
         "matrix",
         "rel. Frobenius error",
@@ -90,15 +90,15 @@ def compare_cli(
         "top eigenvalue (H)",
         "overlap top-k",
         "min eigenvalue",
-    ):
-        table.add_column(col, justify="left" if col in ("layer", "matrix") else "right")
+    ]
+    t = table("approximations against the Hessian, per layer block", cols, numbers=cols[2:])
     last = None
     for r in sorted(result.comparisons, key=lambda r: r.block):
         err = f"{r.rel_frobenius:.3g}" + (
             f" ± {r.rel_frobenius_stderr:.1g}" if r.method == "hutchinson" else " (exact)"
         )
         overlap = sum(r.subspace_overlap) / max(len(r.subspace_overlap), 1)
-        table.add_row(
+        t.add_row(
             r.block if r.block != last else "",
             r.matrix,
             err,
@@ -108,7 +108,7 @@ def compare_cli(
             f"{r.min_eigenvalue:.3g}",
         )
         last = r.block
-    console.print(table)
+    print_table(t)
     for s in result.skipped:
         console.print(f"[yellow]skipped {s['matrix']}[/]: {s['reason']}")
     console.print(f"Result: {path}")

@@ -6,7 +6,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
 from ..diagnostics import density
@@ -20,7 +19,9 @@ from ._common import (
     guarded,
     open_session,
     parse_list,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["density_cli", "register"]
@@ -132,17 +133,16 @@ def _print(result, session, doc_path) -> None:
         f"Trace: {p.num_params} parameters, {p.num_samples} samples, {info['loss']} "
         f"({info['reduction']}), {info['dtype']}"
     )
-    table = Table(title=title, title_style="bold")
-    for col, kw in [
-        ("matrix", {}),
-        ("block", {}),
-        ("estimator", {}),
-        ("estimate ± stderr", {"justify": "right"}),
-        ("exact", {"justify": "right"}),
-        ("error / stderr", {"justify": "right"}),
-        ("products", {"justify": "right"}),
-    ]:
-        table.add_column(col, **kw)
+    cols = [
+        "matrix",
+        "block",
+        "estimator",
+        "estimate ± stderr",
+        "exact",
+        "error / stderr",
+        "products",
+    ]
+    t = table(title, cols, numbers=cols[3:])
     exact = {(t.matrix, t.block): t.estimate for t in result.traces if t.estimator == "exact"}
     slq = {(d.matrix, d.block): d for d in result.densities}
     keys = list(dict.fromkeys([(d.matrix, d.block) for d in result.densities]))
@@ -156,7 +156,7 @@ def _print(result, session, doc_path) -> None:
             z = ""
             if ex is not None and name != "exact" and err > 0:
                 z = f"{(est - ex) / err:+.2f}"
-            table.add_row(
+            t.add_row(
                 key[0] if i == 0 else "",
                 key[1] if i == 0 else "",
                 name,
@@ -165,11 +165,10 @@ def _print(result, session, doc_path) -> None:
                 z,
                 str(mv),
             )
-        table.add_section()
-    console.print(table)
-    dens = Table(title="Spectral density (SLQ)", title_style="bold")
-    for col in ("matrix", "block", "P", "probes", "steps", "min node", "max node", "sigma"):
-        dens.add_column(col, justify="left" if col in ("matrix", "block") else "right")
+        t.add_section()
+    print_table(t)
+    dcols = ["matrix", "block", "P", "probes", "steps", "min node", "max node", "sigma"]
+    dens = table("Spectral density (SLQ)", dcols, numbers=dcols[2:])
     for d in result.densities:
         live = [
             x
@@ -187,7 +186,7 @@ def _print(result, session, doc_path) -> None:
             f"{max(live):.4g}",
             f"{d.sigma:.3g}",
         )
-    console.print(dens)
+    print_table(dens)
     console.print(
         "[dim]slq: the quadrature's own trace estimate; hutchpp stderr covers its Hutchinson "
         "part only.[/]"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
 from ._common import (
@@ -24,7 +23,9 @@ from ._common import (
     console,
     guarded,
     open_session,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["register", "report_cli", "write_plotly_js"]
@@ -135,14 +136,12 @@ def _ensure_plotly(out_dir: Path, plotly_js: str) -> None:
 
 
 def _print(run, seconds: float) -> None:
-    table = Table(title=f"report written in {seconds:.1f} s", title_style="bold")
-    table.add_column("part")
-    table.add_column("result")
+    t = table(f"report written in {seconds:.1f} s", ["part", "result"])
     for part, path in run.documents.items():
-        table.add_row(part, str(path))
+        t.add_row(part, str(path))
     for s in run.skipped:
-        table.add_row(s["part"], f"[yellow]skipped:[/] {s['reason']}")
-    console.print(table)
+        t.add_row(s["part"], f"[yellow]skipped:[/] {s['reason']}")
+    print_table(t)
     if run.figures:
         console.print(f"Figures: {run.figures[0].parent}/ ({len(run.figures)} files)")
     console.print(f"Report: {run.html}")

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
 from ..problem import Problem
@@ -20,7 +19,9 @@ from ._common import (
     guarded,
     open_session,
     parse_list,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["register", "solve_cli", "solve_results"]
@@ -184,8 +185,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def _print(runs: list[SolveRun], doc_path: Path) -> None:
-    table = Table(title="solvers from the same weights", title_style="bold")
-    for col in (
+    cols = [
         "solver",
         "iters",
         "final loss",
@@ -195,10 +195,14 @@ def _print(runs: list[SolveRun], doc_path: Path) -> None:
         "time s",
         "test acc",
         "stop",
-    ):
-        table.add_column(col, justify="left" if col in ("solver", "stop") else "right")
+    ]
+    t = table(
+        "solvers from the same weights",
+        cols,
+        numbers=[c for c in cols if c not in ("solver", "stop")],
+    )
     for row in compare_runs(runs):
-        table.add_row(
+        t.add_row(
             row["solver"],
             str(row["iterations"]),
             _fmt(row["final_loss"], ".6g"),
@@ -209,7 +213,7 @@ def _print(runs: list[SolveRun], doc_path: Path) -> None:
             _fmt(row["test_accuracy"], ".4f"),
             row["stop_reason"],
         )
-    console.print(table)
+    print_table(t)
     for run in runs:
         console.print(f"[bold]{run.solver}[/]")
         for f in run.findings:

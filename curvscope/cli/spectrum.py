@@ -6,7 +6,6 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
 from ..diagnostics import spectrum
@@ -20,7 +19,9 @@ from ._common import (
     finish,
     guarded,
     open_session,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["register", "spectrum_cli"]
@@ -176,21 +177,15 @@ def _print(result, session, doc_path, saved) -> None:
         f"({session.input_info['reduction']}), {session.input_info['dtype']}"
         + (", train mode" if p.train_mode else "")
     )
-    table = Table(title=title, title_style="bold")
-    for col, kw in [
-        ("matrix", {}),
-        ("block", {}),
-        ("end", {}),
-        ("#", {"justify": "right"}),
-        ("eigenvalue", {"justify": "right"}),
-        ("residual", {"justify": "right"}),
-        ("error bound", {"justify": "right"}),
-        ("converged", {"justify": "center"}),
-    ]:
-        table.add_column(col, **kw)
     has_spread = any(e.spread for e in result.spectra)
-    if has_spread:
-        table.add_column("subset mean ± std", justify="right")
+    spread_col = ["subset mean ± std"] if has_spread else []
+    t = table(
+        title,
+        ["matrix", "block", "end", "#", "eigenvalue", "residual", "error bound", "converged"]
+        + spread_col,
+        numbers=["#", "eigenvalue", "residual", "error bound", *spread_col],
+        center=["converged"],
+    )
     for e in result.spectra:
         for i, (lam, res, ok) in enumerate(
             zip(e.eigenvalues, e.residual_norms, e.converged, strict=True)
@@ -209,9 +204,9 @@ def _print(result, session, doc_path, saved) -> None:
                 row.append(
                     f"{e.spread['mean'][i]:.4g} ± {e.spread['std'][i]:.2g}" if e.spread else ""
                 )
-            table.add_row(*row)
-        table.add_section()
-    console.print(table)
+            t.add_row(*row)
+        t.add_section()
+    print_table(t)
     unconverged = sum(not c for e in result.spectra for c in e.converged)
     if unconverged:
         console.print(

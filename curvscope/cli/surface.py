@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
 from ..diagnostics import surface
@@ -21,7 +20,9 @@ from ._common import (
     open_session,
     parse_floats,
     parse_list,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["register", "surface_cli"]
@@ -132,23 +133,19 @@ def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline")
 
 
 def _print(result, doc_path: Path, figures: list[Path]) -> None:
-    table = Table(title=result.directions.description, title_style="bold")
-    table.add_column("direction")
-    table.add_column("eigenvalue", justify="right")
-    table.add_column("g·d", justify="right")
-    table.add_column("d·Hd", justify="right")
-    table.add_column("axis", justify="right")
+    cols = ["direction", "eigenvalue", "g·d", "d·Hd", "axis"]
+    t = table(result.directions.description, cols, numbers=cols[1:])
     for i in range(result.dims):
         ev = result.eigenvalues[i] if result.eigenvalues else None
         axis = result.axes[i]
-        table.add_row(
+        t.add_row(
             f"d{i + 1}",
             "" if ev is None else f"{ev:.6g}",
             f"{result.gradient_projections[i]:.3e}",
             f"{result.curvatures[i][i]:.6g}",
             f"{axis[0]:g} .. {axis[-1]:g} ({len(axis)})",
         )
-    console.print(table)
+    print_table(t)
     flat = [v for row in result.loss for v in (row if isinstance(row, list) else [row])]
     finite = [v for v in flat if v == v]
     console.print(
