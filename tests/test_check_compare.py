@@ -391,6 +391,7 @@ def test_check_and_compare_commands(tmp_path):
     )
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert doc["counts"]["data_passes"] > 0  # issue 14: "0 data passes" for 2237 products
     rows = doc["results"]["comparisons"]
     assert {(row["block"], row["matrix"]) for row in rows} == {
         ("0", "ggn"),

@@ -400,6 +400,17 @@ def test_surface_cli(tmp_path, monkeypatch):
     assert (tmp_path / "surface_contour.png").is_file()
     assert not ADDRESS.search((tmp_path / "surface.html").read_text())
     assert "surface.json" in res.output
+    # a 1-D run in the same folder replaces this command's figures; others' files stay
+    (tmp_path / "spectrum.json").write_text("{}")
+    (tmp_path / "notes.png").write_bytes(b"mine")
+    res = runner.invoke(
+        app, ["surface", "model.pt", "--out", str(tmp_path), "--steps", "5", "--dims", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "surface_line.png").is_file()
+    for stale in ("surface_contour.png", "surface_3d.png", "surface_slices.png", "surface.html"):
+        assert not (tmp_path / stale).exists(), stale
+    assert (tmp_path / "spectrum.json").is_file() and (tmp_path / "notes.png").is_file()
     res = runner.invoke(app, ["surface", "model.pt", "--out", str(tmp_path), "--dims", "3"])
     assert res.exit_code == 1 and "--dims 3 is not supported" in res.output
     res = runner.invoke(app, ["surface", "model.pt", "--out", str(tmp_path), "--range", "1,0"])
@@ -527,6 +538,7 @@ def test_report_cli(tmp_path, monkeypatch):
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     assert not ADDRESS.search((tmp_path / "plotly.min.js").read_text())
     assert "report.html" in res.output.replace("\n", "") and "skipped" in res.output
+    out.mkdir(exist_ok=True)  # --from names a folder that exists (checked before any work)
     res = runner.invoke(app, ["report", "--from", str(out)])
     assert res.exit_code == 0, res.output
     assert seen["render"] == (out, {"plotly_js": "inline", "figure_formats": ("png",)})

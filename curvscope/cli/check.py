@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 
-from ..diagnostics import check
+from .._errors import OptionError
 from ._common import (
     CommonArgs,
+    announce,
     common_options,
     console,
     finish,
@@ -43,8 +44,26 @@ def check_cli(
     """Are the derivatives right, and where is the layer-wise Hessian provably convex?"""
     with guarded():
         t0 = time.perf_counter()
+        from ..diagnostics import DERIVATIVE_STEPS as STEPS
+        from ..diagnostics import check
+        from .spectrum import lanczos_products
+
+        if directions < 0 or eigen_directions < 0:
+            raise OptionError("--directions and --eigen-directions must be non-negative.")
         session = open_session(common)
-        with progress_bar() as update:
+        n = session.problem.num_params
+        dirs = directions + eigen_directions
+        # eigenvectors; per direction 2 x len(STEPS) losses (gradient test), len(STEPS) losses
+        # and one product (Taylor, float64 and the float32 floor); the certificate's eigsh
+        planned = announce(
+            f"gradient and Taylor tests along {directions} random and {eigen_directions} "
+            "eigenvector directions, convexity certificate",
+            (lanczos_products(eigen_directions, n) if eigen_directions else 0)
+            + dirs * (4 * len(STEPS) + 6)
+            + lanczos_products(1, n),
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = check(
                 session.problem,
                 directions=directions,

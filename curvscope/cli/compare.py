@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 
 from .._errors import OptionError
-from ..diagnostics import COMPARE_MATRICES, compare
-from ..operators import build_operators, resolve_matrices
 from ._common import (
     CommonArgs,
+    announce,
     common_options,
     console,
     finish,
@@ -21,6 +20,7 @@ from ._common import (
     progress_bar,
     table,
 )
+from ._names import COMPARE_MATRICES
 
 __all__ = ["compare_cli", "register"]
 
@@ -44,6 +44,9 @@ def compare_cli(
     """Relative error, eigenvalues and eigenspace overlap of GGN, Fisher, PCH, KFAC... per layer."""
     with guarded():
         t0 = time.perf_counter()
+        from ..diagnostics import compare
+        from ..operators import build_operators, resolve_matrices
+
         matrices = resolve_matrices(matrix, approximations_only=True)
         session = open_session(common)
         candidates, skipped = build_operators(
@@ -57,7 +60,22 @@ def compare_cli(
         (hessian,) = build_operators(
             session.problem, ["hessian"], seed=common.seed, hvp=common.hvp
         )[0].values()
-        with progress_bar() as update:
+        from .spectrum import block_sizes, lanczos_products
+
+        sizes = block_sizes(session.problem, "per-layer")
+        # per block: the reference (dense up to --exact-max-dim, else probes) and each
+        # candidate alike, plus top-k Lanczos runs for eigenvalues and overlaps
+        per = [
+            (1 + len(candidates)) * ((n if n <= exact_max_dim else probes)
+                                     + lanczos_products(top_k, n))
+            for n in sizes
+        ]
+        planned = announce(
+            f"{', '.join(candidates)} against the Hessian in {len(sizes)} layer blocks",
+            sum(per),
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = compare(
                 hessian,
                 candidates,

@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 
 from .._errors import OptionError
-from ..diagnostics import density
-from ..operators import MATRIX_NAMES, build_operators, resolve_matrices
 from ._common import (
     CommonArgs,
+    announce,
     block_mode,
     common_options,
     console,
@@ -23,6 +22,7 @@ from ._common import (
     progress_bar,
     table,
 )
+from ._names import MATRIX_NAMES
 
 __all__ = ["density_cli", "register"]
 
@@ -74,6 +74,9 @@ def density_cli(
     """Spectral density (stochastic Lanczos quadrature) and trace (Hutchinson, Hutch++, exact)."""
     with guarded():
         t0 = time.perf_counter()
+        from ..diagnostics import density
+        from ..operators import build_operators, resolve_matrices
+
         matrices = resolve_matrices(matrix)
         blocks = block_mode(per_layer, per_param, common.group)
         parse_list(distribution, "--distribution", ["rademacher", "gaussian"])
@@ -83,7 +86,23 @@ def density_cli(
             raise OptionError(f"--grid-points must be at least 2, got {grid_points}.")
         session = open_session(common)
         ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
-        with progress_bar() as update:
+        from .spectrum import block_sizes
+
+        sizes = block_sizes(session.problem, blocks)
+        per = [
+            probes * min(lanczos_steps, n)
+            + 2 * trace_probes
+            + (n if exact_trace_max and n <= exact_trace_max else 0)
+            for n in sizes
+        ]
+        where = "" if blocks == "all" else f" in each of {len(sizes)} blocks"
+        planned = announce(
+            f"{', '.join(matrices)} density by SLQ ({probes} probes x {lanczos_steps} steps) "
+            f"and traces{where}",
+            len(matrices) * sum(per),
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = density(
                 ops,
                 blocks=blocks,

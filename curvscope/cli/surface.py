@@ -10,9 +10,10 @@ from typing import Annotated
 import typer
 
 from .._errors import OptionError
-from ..diagnostics import surface
 from ._common import (
     CommonArgs,
+    announce,
+    check_paths,
     common_options,
     console,
     finish,
@@ -82,8 +83,23 @@ def surface_cli(
             raise OptionError(f"--dims {dims} is not supported; a surface has 1 or 2 dimensions.")
         lo_hi = parse_range(range_)
         formats = parse_list(plots, "--plots", PLOT_FORMATS)
+        if steps < 2:
+            raise OptionError(f"--steps must be at least 2, got {steps}.")
+        from ..diagnostics import surface
+        from .spectrum import lanczos_products
+
+        named = directions not in ("eigen", "random", "filter-normalized")
+        check_paths(common, {"--directions": directions if named else None})
         session = open_session(common)
-        with progress_bar() as update:
+        points = steps**dims
+        eigen = lanczos_products(dims, session.problem.num_params) if directions == "eigen" else 0
+        planned = announce(
+            f"loss surface on {'x'.join([str(steps)] * dims)} points along {directions} "
+            "directions",
+            points + eigen,
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = surface(
                 session.problem,
                 dims=dims,
@@ -120,7 +136,7 @@ def surface_cli(
 def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline") -> list[Path]:
     """Figures of a written surface document (matplotlib files, and an HTML page)."""
     from ..io import read_document, write_atomic
-    from ..report import render_report, save_figures
+    from ..report import SURFACE_FIGURES, remove_stale_figures, render_report, save_figures
 
     doc = read_document(doc_path)
     out = doc_path.parent
@@ -129,6 +145,11 @@ def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline")
         paths.append(
             write_atomic(out / "surface.html", render_report({"surface": doc}, plotly_js=plotly_js))
         )
+    elif (out / "surface.html").is_file():
+        (out / "surface.html").unlink()  # an earlier run's page, not of these results
+    # this command's figures of an earlier run that this one did not write (a 2-D run's
+    # contour after a 1-D run) go; other commands' files stay
+    remove_stale_figures(out, paths, SURFACE_FIGURES)
     return paths
 
 

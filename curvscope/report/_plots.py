@@ -40,6 +40,7 @@ __all__ = [
     "plot_surface_1d",
     "plot_surface_3d",
     "plot_surface_contour",
+    "remove_stale_figures",
     "save_figures",
 ]
 
@@ -589,6 +590,37 @@ def plot_solver_curves(doc: dict[str, Any], ax=None, *, x: str = "iterations") -
 
 
 # ----------------------------------------------------------------------------- all figures
+SURFACE_FIGURES = ("surface_contour", "surface_3d", "surface_slices", "surface_line")
+"""File stems of the surface figures (2-D: contour, 3-D, slices; 1-D: line)."""
+FIGURE_STEMS = (*SURFACE_FIGURES, "spectrum", "density", "compare", "taylor", "solver_loss")
+"""Every file stem :func:`figures_for` can give."""
+FIGURE_FORMATS = ("png", "pdf", "svg")
+"""Formats :func:`save_figures` writes."""
+
+
+def remove_stale_figures(
+    out_dir: str | os.PathLike, written: list[Path], stems: tuple[str, ...] = FIGURE_STEMS
+) -> list[Path]:
+    """Remove figures ``stems`` x :data:`FIGURE_FORMATS` in ``out_dir`` not in ``written``.
+
+    A run replaces the figures it wrote before; one that was not written this time (a 2-D
+    surface's contour after a 1-D run, a PDF no longer asked for) would otherwise sit beside
+    the new results as if it belonged to them. Files with other names are left alone.
+
+    Returns:
+        The paths removed.
+    """
+    keep = {Path(p).resolve() for p in written}
+    removed = []
+    for stem in stems:
+        for fmt in FIGURE_FORMATS:
+            path = Path(out_dir) / f"{stem}.{fmt}"
+            if path.is_file() and path.resolve() not in keep:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def figures_for(doc: dict[str, Any]) -> dict[str, Figure]:
     """Every figure a result document supports, by file stem (``surface_contour``...)."""
     command = doc.get("command")
