@@ -265,6 +265,25 @@ def test_plot_into_given_axes(documents):
     assert plots.plot_solver_curves(documents["solve"], ax=ax) is fig
 
 
+def test_weights_marker_is_drawn_above_the_3d_surface(documents):
+    from curvscope.report import _plotly
+
+    surf = documents["surface"]["results"]["surface"]
+    finite = [v for row in surf["loss"] for v in row if v is not None]
+    fig = plots.plot_surface_3d(documents["surface"])
+    ax = fig.axes[0]
+    assert ax.computed_zorder is False  # drawn in zorder, not hidden by depth sorting
+    surface_z = max(c.get_zorder() for c in ax.collections if "Poly3D" in type(c).__name__)
+    marks = [c for c in ax.collections if "Path3D" in type(c).__name__]
+    assert marks and min(c.get_zorder() for c in marks) > surface_z
+    (line,) = ax.get_lines()
+    xs, ys, zs = line.get_data_3d()
+    assert xs[0] == xs[1] and ys[0] == ys[1] and zs[1] > max(finite)  # vertical, above all
+    fig3 = _plotly.surface_3d(documents["surface"])
+    (w,) = [t for t in fig3.data if t.name == "weights w"]
+    assert w.type == "scatter3d" and w.z[1] > max(finite) and w.x[0] == w.x[1]
+
+
 def test_non_finite_surface_points_are_gaps(documents):
     doc = json.loads(json.dumps(documents["surface"]))
     doc["results"]["surface"]["loss"][0][0] = None

@@ -846,6 +846,8 @@ def guarded() -> Iterator[None]:
 
     Ctrl-C exits with 130 after saying so.
     """
+    # off a terminal (a pipe, a log) sentences are not broken at 80 columns
+    console.soft_wrap = not console.is_terminal
     try:
         yield
     except CurvscopeError as exc:

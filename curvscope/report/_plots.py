@@ -28,6 +28,7 @@ from ._figures import (
     surface_axis_label,
     taylor_series,
     trace_columns,
+    weights_marker,
 )
 
 __all__ = [
@@ -265,16 +266,27 @@ def plot_surface_3d(doc: dict[str, Any], ax=None) -> Figure:
             rcount=min(80, len(a)),
             ccount=min(80, len(b)),
         )
-        i0, j0 = _centre_index(a), _centre_index(b)
-        if np.isfinite(z[i0, j0]):
+        s.set_zorder(1)
+        mark = weights_marker(surf)
+        if mark is not None:
+            a0, b0, z0, _, top = mark
+            # mplot3d sorts artists by depth, which put the marker behind the surface
+            # (issue 14); draw in zorder instead, and mark the weights by a vertical line from
+            # their loss to above the surface, topped by the marker
+            ax.computed_zorder = False
+            ax.plot([a0, a0], [b0, b0], [z0, top], color="#D55E00", lw=1.6, zorder=9)
+            ax.scatter([a0], [b0], [z0], color="#D55E00", s=18, depthshade=False, zorder=10)
             ax.scatter(
-                [a[i0]],
-                [b[j0]],
-                [z[i0, j0]],
+                [a0],
+                [b0],
+                [top],
                 color="#D55E00",
-                s=30,
+                edgecolor="black",
+                s=60,
+                marker="v",
                 depthshade=False,
-                label="weights $w$",
+                zorder=11,
+                label=f"weights $w$ (loss {z0:.4g})",
             )
             ax.legend(loc="upper left")
         ax.set_xlabel(surface_axis_label(surf, 0), labelpad=8, fontsize=9)
