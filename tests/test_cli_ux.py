@@ -49,6 +49,13 @@ def test_version_and_help_import_no_torch(args):
     assert ("curvscope" in res.stdout) if args == ["--version"] else ("Usage" in res.stdout)
 
 
+@pytest.mark.parametrize("args", [["spectrum", "missing.pt"], ["compare", "m.pt", "--matrix", "x"]])
+def test_refusals_before_loading_import_no_torch(args):
+    res, heavy = _probe(*args)
+    assert heavy == "HEAVY []", heavy
+    assert "error:" in res.stderr
+
+
 def test_help_names_equal_the_registries():
     from curvscope.cli import _names
     from curvscope.diagnostics import COMPARE_MATRICES

@@ -7,7 +7,14 @@ torch; ``tests/test_startup.py`` checks that these tuples equal them.
 
 from __future__ import annotations
 
-__all__ = ["COMPARE_MATRICES", "MATRIX_HELP", "MATRIX_NAMES", "SOLVER_NAMES", "matrix_help"]
+__all__ = [
+    "COMPARE_MATRICES",
+    "MATRIX_HELP",
+    "MATRIX_NAMES",
+    "SOLVER_NAMES",
+    "matrix_help",
+    "matrix_names",
+]
 
 MATRIX_HELP: tuple[tuple[str, str], ...] = (
     ("hessian", "the exact Hessian of the loss"),
@@ -56,6 +63,25 @@ SOLVER_NAMES: tuple[str, ...] = (
     "mk-closed-form",
 )
 """Every solver ``solve --solver`` knows."""
+
+
+def matrix_names(value: str, *, approximations_only: bool = False) -> list[str]:
+    """``--matrix`` checked before torch is imported (the registry checks it again later).
+
+    Raises:
+        OptionError: for an unknown or refused name, or none at all.
+    """
+    from .._errors import OptionError
+
+    items = list(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
+    valid = [n for n in MATRIX_NAMES if n != "hessian" or not approximations_only]
+    bad = [n for n in items if n not in valid]
+    if bad:
+        what = "cannot be compared with the Hessian" if approximations_only else "is not known"
+        raise OptionError(f"--matrix {','.join(bad)!r} {what}; choose from {', '.join(valid)}.")
+    if not items:
+        raise OptionError("--matrix needs at least one matrix name.")
+    return items
 
 
 def matrix_help() -> str:

@@ -44,13 +44,13 @@ def check_cli(
     """Are the derivatives right, and where is the layer-wise Hessian provably convex?"""
     with guarded():
         t0 = time.perf_counter()
+        if directions < 0 or eigen_directions < 0:
+            raise OptionError("--directions and --eigen-directions must be non-negative.")
+        session = open_session(common)
         from ..diagnostics import DERIVATIVE_STEPS as STEPS
         from ..diagnostics import check
         from .spectrum import lanczos_products
 
-        if directions < 0 or eigen_directions < 0:
-            raise OptionError("--directions and --eigen-directions must be non-negative.")
-        session = open_session(common)
         n = session.problem.num_params
         dirs = directions + eigen_directions
         # eigenvectors; per direction 2 x len(STEPS) losses (gradient test), len(STEPS) losses

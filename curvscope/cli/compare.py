@@ -20,7 +20,7 @@ from ._common import (
     progress_bar,
     table,
 )
-from ._names import COMPARE_MATRICES
+from ._names import COMPARE_MATRICES, matrix_names
 
 __all__ = ["compare_cli", "register"]
 
@@ -44,11 +44,11 @@ def compare_cli(
     """Relative error, eigenvalues and eigenspace overlap of GGN, Fisher, PCH, KFAC... per layer."""
     with guarded():
         t0 = time.perf_counter()
-        from ..diagnostics import compare
-        from ..operators import build_operators, resolve_matrices
-
-        matrices = resolve_matrices(matrix, approximations_only=True)
+        matrices = matrix_names(matrix, approximations_only=True)
         session = open_session(common)
+        from ..diagnostics import compare
+        from ..operators import build_operators
+
         candidates, skipped = build_operators(
             session.problem, matrices, seed=common.seed, skip_unsupported=True
         )

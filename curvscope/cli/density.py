@@ -22,7 +22,7 @@ from ._common import (
     progress_bar,
     table,
 )
-from ._names import MATRIX_NAMES
+from ._names import MATRIX_NAMES, matrix_names
 
 __all__ = ["density_cli", "register"]
 
@@ -74,10 +74,7 @@ def density_cli(
     """Spectral density (stochastic Lanczos quadrature) and trace (Hutchinson, Hutch++, exact)."""
     with guarded():
         t0 = time.perf_counter()
-        from ..diagnostics import density
-        from ..operators import build_operators, resolve_matrices
-
-        matrices = resolve_matrices(matrix)
+        matrices = matrix_names(matrix)
         blocks = block_mode(per_layer, per_param, common.group)
         parse_list(distribution, "--distribution", ["rademacher", "gaussian"])
         if sigma is not None and not sigma > 0:
@@ -85,6 +82,9 @@ def density_cli(
         if grid_points < 2:
             raise OptionError(f"--grid-points must be at least 2, got {grid_points}.")
         session = open_session(common)
+        from ..diagnostics import density
+        from ..operators import build_operators
+
         ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
         from .spectrum import block_sizes
 

@@ -137,9 +137,6 @@ def solve_cli(
     """Run solvers from the checkpoint's weights; trace them and explain their convergence."""
     with guarded():
         t0 = time.perf_counter()
-        from ..solvers import run_solver
-        from .spectrum import lanczos_products
-
         names = parse_list(solver, "--solver", list(SOLVER_NAMES))
         if not names:
             raise OptionError("--solver needs at least one solver name.")
@@ -149,6 +146,9 @@ def solve_cli(
             raise OptionError(f"--grad-tol must be non-negative, got {grad_tol}.")
         check_paths(common, {"--test-data": test_data})
         session = open_session(common)
+        from ..solvers import run_solver
+        from .spectrum import lanczos_products
+
         test_problem = _test_problem(session, test_data) if test_data else None
         max_iter = common.max_iter or DEFAULT_MAX_ITER
         n = session.problem.num_params

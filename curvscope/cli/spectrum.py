@@ -21,7 +21,7 @@ from ._common import (
     progress_bar,
     table,
 )
-from ._names import MATRIX_NAMES, matrix_help
+from ._names import MATRIX_NAMES, matrix_help, matrix_names
 
 __all__ = ["register", "spectrum_cli"]
 
@@ -95,14 +95,11 @@ def spectrum_cli(
     """Extreme eigenvalues of the Hessian (or GGN, Fisher, PCH, KFAC), each with its residual."""
     with guarded():
         t0 = time.perf_counter()
-        from ..diagnostics import spectrum
-        from ..operators import build_operators, resolve_matrices
-
         if bottom is None:
             # power iteration finds the bottom end only on a shifted operator, slowly and often
             # unconverged (issue 14): ask for it explicitly there
             bottom = 0 if method == "power" else 2
-        matrices = resolve_matrices(matrix)
+        matrices = matrix_names(matrix)
         blocks = block_mode(per_layer, per_param, common.group)
         if top < 0 or bottom < 0 or top + bottom == 0:
             raise OptionError(
@@ -117,6 +114,9 @@ def spectrum_cli(
                 raise OptionError("--repeats R needs --samples N, the size of each subset.")
             repeat_samples, common.samples = common.samples, None
         session = open_session(common)
+        from ..diagnostics import spectrum
+        from ..operators import build_operators
+
         ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
         planned = announce(
             *spectrum_plan(session, matrices, blocks, top, bottom, method, repeats), session

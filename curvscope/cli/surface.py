@@ -85,12 +85,12 @@ def surface_cli(
         formats = parse_list(plots, "--plots", PLOT_FORMATS)
         if steps < 2:
             raise OptionError(f"--steps must be at least 2, got {steps}.")
-        from ..diagnostics import surface
-        from .spectrum import lanczos_products
-
         named = directions not in ("eigen", "random", "filter-normalized")
         check_paths(common, {"--directions": directions if named else None})
         session = open_session(common)
+        from ..diagnostics import surface
+        from .spectrum import lanczos_products
+
         points = steps**dims
         eigen = lanczos_products(dims, session.problem.num_params) if directions == "eigen" else 0
         planned = announce(
