@@ -124,7 +124,8 @@ def main() -> None:
         print(f"  curvscope {' '.join(call):<18} {t:6.3f} s  torch imported: {torch_loaded}")
     print(f"  worst {worst:.3f} s")
 
-    t_torch, _ = median_cpu([py, "-c", "import torch"], args.repeats)
+    # both end with os._exit: the interpreter's teardown (torch's atexit work) is not start-up
+    t_torch, _ = median_cpu([py, "-c", "import os, torch; os._exit(0)"], args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([py, "-c", MAKE_CHECKPOINT, tmp], check=True, env=_env(), cwd=ROOT)
         cmd = [py, "-c", UNTIL_FIRST_PRODUCT, "spectrum", f"{tmp}/model.pt", "--out",
@@ -133,7 +134,7 @@ def main() -> None:
         if "FIRST PRODUCT" not in res.stderr:
             raise SystemExit(f"spectrum did not reach its first product:\n{res.stderr}")
         print("\nbefore the first product (limit: import torch + 0.2 s CPU):")
-        print(f"  python -c 'import torch'          {t_torch:6.3f} s")
+        print(f"  python -c 'import torch'           {t_torch:6.3f} s")
         print(f"  curvscope spectrum (to product 1)  {t_cmd:6.3f} s  "
               f"(+{t_cmd - t_torch:.3f} s beyond import torch)")
         if args.importtime:

@@ -195,3 +195,12 @@ def test_threads_are_applied_and_recorded(tmp_path):
         assert [s["which"] for s in doc["results"]["spectra"]] == ["top"]
     finally:
         torch.set_num_threads(before)
+
+
+def test_progress_descriptions_with_brackets_are_not_markup(monkeypatch):
+    buf = io.StringIO()
+    monkeypatch.setattr(_common, "err_console", Console(file=buf, width=200))
+    with _common.progress_bar(session=_FakeSession(), planned=10, interval=0.05) as update:
+        update(1, 2, "compare [fc1] ggn")
+        time.sleep(0.15)
+    assert "compare [fc1] ggn" in buf.getvalue()

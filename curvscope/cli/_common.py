@@ -1001,7 +1001,11 @@ def progress_bar(
             done, total = state["done"], state["total"]
         return done, total
 
+    from rich.markup import escape
+
     def update(completed: int, total: int, description: str) -> None:
+        # block names such as "[fc1.weight]" must not be read as markup
+        description = escape(description)
         state.update(done=completed, total=total, what=description)
         if bar is not None:
             done, tot = figures()
