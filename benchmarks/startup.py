@@ -125,18 +125,23 @@ def main() -> None:
     print(f"  worst {worst:.3f} s")
 
     # both end with os._exit: the interpreter's teardown (torch's atexit work) is not start-up
-    t_torch, _ = median_cpu([py, "-c", "import os, torch; os._exit(0)"], args.repeats)
+    baseline = [py, "-c", "import os, torch; os._exit(0)"]
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([py, "-c", MAKE_CHECKPOINT, tmp], check=True, env=_env(), cwd=ROOT)
         cmd = [py, "-c", UNTIL_FIRST_PRODUCT, "spectrum", f"{tmp}/model.pt", "--out",
                f"{tmp}/out", "--threads", "1"]
-        t_cmd, res = median_cpu(cmd, args.repeats)
+        # interleaved, so that load from other jobs drifts over both alike
+        pairs = [(cpu(baseline)[0], cpu(cmd)) for _ in range(args.repeats)]
+        t_torch = statistics.median(t for t, _ in pairs)
+        t_cmd = statistics.median(t for _, (t, _) in pairs)
+        extra = statistics.median(c - t for t, (c, _) in pairs)
+        res = pairs[-1][1][1]
         if "FIRST PRODUCT" not in res.stderr:
             raise SystemExit(f"spectrum did not reach its first product:\n{res.stderr}")
         print("\nbefore the first product (limit: import torch + 0.2 s CPU):")
         print(f"  python -c 'import torch'           {t_torch:6.3f} s")
         print(f"  curvscope spectrum (to product 1)  {t_cmd:6.3f} s  "
-              f"(+{t_cmd - t_torch:.3f} s beyond import torch)")
+              f"(median of the paired differences: +{extra:.3f} s beyond import torch)")
         if args.importtime:
             print("\nlargest imports of curvscope --version (cumulative s):")
             for s, mod in importtime(["-m", "curvscope", "--version"]):
