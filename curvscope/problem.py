@@ -186,6 +186,8 @@ class Problem:
         # one counter shared by every view of this problem (blocks, subsets, dtype copies),
         # so a document counts the passes its operators made on any of them
         self._passes = [0]
+        # work for progress bars: one per pass, a k-column curvature product counts k
+        self._work = [0]
         self.notes: list[str] = []
         self._count()
         if check_deterministic:
@@ -199,6 +201,19 @@ class Problem:
     @data_passes.setter
     def data_passes(self, value: int) -> None:
         self._passes[0] = int(value)
+
+    @property
+    def work_done(self) -> int:
+        """Products so far, for progress reports.
+
+        A pass over the data counts one, a product with k columns counts k (by this problem
+        and every view of it).
+        """
+        return self._work[0]
+
+    def add_work(self, amount: int) -> None:
+        """Count ``amount`` more units of :attr:`work_done`."""
+        self._work[0] += int(amount)
 
     # ----------------------------------------------------------------- parameters
     @staticmethod
@@ -479,6 +494,7 @@ class Problem:
     def batches(self) -> Iterator[Batch]:
         """One pass over the data: batches moved to the parameters' device."""
         self.data_passes += 1
+        self._work[0] += 1
         for i, item in enumerate(self._raw()):
             inputs, target = self.split(item)
             size = self._size(inputs, target)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from curvscope.diagnostics import (
     gradient_test,
     taylor_test,
 )
-from curvscope.diagnostics._derivatives import combine
+from curvscope.diagnostics._derivatives import GRADIENT_SLOPE, STEPS, _fit, combine
 from curvscope.io import build_arch, save_checkpoint
 from curvscope.operators import build_operators, make_operator
 
@@ -88,6 +89,109 @@ def test_quadratic_model_is_inconclusive_at_the_round_off_floor():
     assert g[0].passed is None and "round-off floor" in g[0].reason
     t = taylor_test(problem, directions=1)
     assert t[0].slopes["e2"] is None and abs(t[0].slopes["e1"] - 2) < 0.3
+
+
+# ---------------------------------------------------------------- verdicts that cannot mislead
+class FunctionalCNN(nn.Module):
+    """ReLU and max pooling as functions: no ReLU or MaxPool module to be found by type."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(nn.functional.relu(self.conv(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+def _module_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 3)
+    )
+
+
+def _cnn_problem(model):
+    torch.manual_seed(0)
+    x, y = torch.randn(300, 1, 8, 8), torch.randint(0, 3, (300,))
+    torch.manual_seed(1)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return Problem(model, "cross_entropy", [(x[:150], y[:150]), (x[150:], y[150:])])
+
+
+def test_a_jump_in_the_error_curve_gets_no_slope():
+    # issue 14: flat at 7e-7 for h from 3e-3 to 3e-5, then 3e-13; a slope 1.86 was fitted
+    steps = np.array(STEPS)
+    errors = np.where(steps >= 3e-5, 7e-7, 3e-13)
+    errors = np.where(steps > 3e-3, 7e-7 * (steps / 3e-3) ** 2, errors)
+    floor = EPS64 * 0.5 / steps
+    fit = _fit(steps, errors, floor, GRADIENT_SLOPE)
+    assert fit.slope is None and fit.jump is not None
+    assert steps[fit.jump[0]] == pytest.approx(10**-4.5)
+    # a smooth curve down to the floor is fitted, and so is a zero crossing that recovers
+    smooth = np.maximum(1e-3 * steps**2, floor)
+    assert _fit(steps, smooth, floor, GRADIENT_SLOPE).slope == pytest.approx(2, abs=0.05)
+    dip = np.abs(1e-3 * steps**2 - 1e-2 * steps**4) + floor
+    dipfit = _fit(steps, dip, floor, GRADIENT_SLOPE)
+    assert dipfit.jump is None and dipfit.slope == pytest.approx(2, abs=0.1)
+
+
+@pytest.mark.parametrize("make", [_module_cnn, FunctionalCNN], ids=["modules", "functional"])
+def test_cnn_kinks_are_found_from_the_computation(make):
+    problem = _cnn_problem(make())
+    result = check(problem, directions=2, eigen_directions=1, seed=0)
+    grad, taylor = result.checks[0], result.checks[1]
+    assert [d["direction"] for d in grad["directions"]] == [
+        "random 1",
+        "random 2",
+        "eigenvector 1",
+    ]
+    for entry in (grad, taylor):
+        assert entry["passed"] is not False, entry["reason"]
+        for d in entry["directions"]:
+            assert d["passed"] is not False, d["reason"]
+            # large steps flip ReLU signs and max-pool winners, the smallest ones do not
+            assert d["kink_changes"][0] > 0 and d["kink_changes"][-1] == 0
+    for d in grad["directions"] + taylor["directions"]:  # every direction alike
+        assert "ReLU signs or max-pool winners" in d["reason"], d["reason"]
+        if d["passed"]:  # fitted on the steps that crossed no kink
+            assert "steps that crossed kinks left out" in d["reason"]
+    # the random directions' central differences cross kinks down to the round-off floor
+    assert all(d["passed"] is None for d in grad["directions"][:2])
+
+
+def test_torchscript_cnn_jump_is_inconclusive():
+    # TorchScript hides relu and max_pool2d from the recorder: the jump itself must tell
+    problem = _cnn_problem(torch.jit.script(_module_cnn()))
+    for r in gradient_test(problem, directions=2, seed=0):
+        assert r.passed is None and "a jump" in r.reason and r.kink_changes is None
+
+
+class Float32Inside(nn.Module):
+    """Builds float32 state inside its forward: a float64 copy cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(4, 8)
+        self.lin2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        mix = torch.eye(4) * 0.5
+        return self.lin2(torch.tanh(self.lin1(x @ mix)))
+
+
+def test_model_that_cannot_run_in_float64_is_checked_in_float32():
+    torch.manual_seed(0)
+    model = torch.jit.script(Float32Inside())
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    result = check(Problem(model, "cross_entropy", [(x, y)]), directions=1, eigen_directions=1)
+    for entry in result.checks[:2]:
+        assert entry["evaluated_in"] == "float32"
+        assert "cannot run in float64" in entry["notes"][0]
+        assert "same dtype" in entry["notes"][0]
+        assert entry["passed"] is True, entry["reason"]
 
 
 def _fractions(model, x, y, layer_acts):
@@ -287,6 +391,7 @@ def test_check_and_compare_commands(tmp_path):
     )
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert doc["counts"]["data_passes"] > 0  # issue 14: "0 data passes" for 2237 products
     rows = doc["results"]["comparisons"]
     assert {(row["block"], row["matrix"]) for row in rows} == {
         ("0", "ggn"),

@@ -75,3 +75,42 @@ def test_solve_command_refuses_unknown_solver(patched, tmp_path):
     res = runner.invoke(app, ["solve", "model.pt", "--solver", "adam", "--out", str(tmp_path)])
     assert res.exit_code == 1
     assert "adam" in res.output
+
+
+def _lbfgs_final_loss(out):
+    doc = json.loads((out / "solve.json").read_text())
+    (run,) = [s for s in doc["results"]["solves"] if s["solver"] == "lbfgs"]
+    text = format(run["final_loss"], ".6g")
+    assert "e-" in text  # the case of issue 14: 1.087e-06 printed as "1.087…"
+    return text
+
+
+@pytest.mark.parametrize("width", [60, 80])
+def test_solve_table_keeps_every_number_on_a_narrow_terminal(patched, tmp_path, monkeypatch, width):
+    import io
+
+    from rich.console import Console
+
+    from curvscope.cli import _common
+
+    buf = io.StringIO()
+    term = Console(file=buf, width=width, force_terminal=True, no_color=True)
+    monkeypatch.setattr(_common, "console", term)
+    out = tmp_path / "run"
+    args = ["solve", "model.pt", "--solver", "lbfgs,gd", "--max-iter", "40", "--grad-tol", "0"]
+    res = runner.invoke(app, [*args, "--curvature-every", "0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    table = buf.getvalue()
+    assert _lbfgs_final_loss(out) in table
+    assert "…" not in table
+
+
+def test_solve_table_through_a_pipe_is_printed_at_full_width(patched, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a pipe ignores the terminal's width
+    out = tmp_path / "run"
+    args = ["solve", "model.pt", "--solver", "lbfgs,gd", "--max-iter", "40", "--grad-tol", "0"]
+    res = runner.invoke(app, [*args, "--curvature-every", "0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert _lbfgs_final_loss(out) in res.output and "…" not in res.output
+    header = next(line for line in res.output.splitlines() if "final loss" in line)
+    assert "grad norm" in header and "stop" in header  # one line: nothing wrapped

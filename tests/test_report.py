@@ -265,6 +265,25 @@ def test_plot_into_given_axes(documents):
     assert plots.plot_solver_curves(documents["solve"], ax=ax) is fig
 
 
+def test_weights_marker_is_drawn_above_the_3d_surface(documents):
+    from curvscope.report import _plotly
+
+    surf = documents["surface"]["results"]["surface"]
+    finite = [v for row in surf["loss"] for v in row if v is not None]
+    fig = plots.plot_surface_3d(documents["surface"])
+    ax = fig.axes[0]
+    assert ax.computed_zorder is False  # drawn in zorder, not hidden by depth sorting
+    surface_z = max(c.get_zorder() for c in ax.collections if "Poly3D" in type(c).__name__)
+    marks = [c for c in ax.collections if "Path3D" in type(c).__name__]
+    assert marks and min(c.get_zorder() for c in marks) > surface_z
+    (line,) = ax.get_lines()
+    xs, ys, zs = line.get_data_3d()
+    assert xs[0] == xs[1] and ys[0] == ys[1] and zs[1] > max(finite)  # vertical, above all
+    fig3 = _plotly.surface_3d(documents["surface"])
+    (w,) = [t for t in fig3.data if t.name == "weights w"]
+    assert w.type == "scatter3d" and w.z[1] > max(finite) and w.x[0] == w.x[1]
+
+
 def test_non_finite_surface_points_are_gaps(documents):
     doc = json.loads(json.dumps(documents["surface"]))
     doc["results"]["surface"]["loss"][0][0] = None
@@ -400,6 +419,17 @@ def test_surface_cli(tmp_path, monkeypatch):
     assert (tmp_path / "surface_contour.png").is_file()
     assert not ADDRESS.search((tmp_path / "surface.html").read_text())
     assert "surface.json" in res.output
+    # a 1-D run in the same folder replaces this command's figures; others' files stay
+    (tmp_path / "spectrum.json").write_text("{}")
+    (tmp_path / "notes.png").write_bytes(b"mine")
+    res = runner.invoke(
+        app, ["surface", "model.pt", "--out", str(tmp_path), "--steps", "5", "--dims", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "surface_line.png").is_file()
+    for stale in ("surface_contour.png", "surface_3d.png", "surface_slices.png", "surface.html"):
+        assert not (tmp_path / stale).exists(), stale
+    assert (tmp_path / "spectrum.json").is_file() and (tmp_path / "notes.png").is_file()
     res = runner.invoke(app, ["surface", "model.pt", "--out", str(tmp_path), "--dims", "3"])
     assert res.exit_code == 1 and "--dims 3 is not supported" in res.output
     res = runner.invoke(app, ["surface", "model.pt", "--out", str(tmp_path), "--range", "1,0"])
@@ -527,6 +557,7 @@ def test_report_cli(tmp_path, monkeypatch):
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
     assert not ADDRESS.search((tmp_path / "plotly.min.js").read_text())
     assert "report.html" in res.output.replace("\n", "") and "skipped" in res.output
+    out.mkdir(exist_ok=True)  # --from names a folder that exists (checked before any work)
     res = runner.invoke(app, ["report", "--from", str(out)])
     assert res.exit_code == 0, res.output
     assert seen["render"] == (out, {"plotly_js": "inline", "figure_formats": ("png",)})

@@ -51,3 +51,60 @@ def test_read_document_errors(tmp_path):
     (tmp_path / "other.json").write_text('{"schema": "x"}')
     with pytest.raises(CurvscopeError, match="not a curvscope result document"):
         read_document(tmp_path / "other.json")
+
+
+KILL_MID_WRITE = """
+import os, signal, sys
+from curvscope.io import SCHEMA, write_document
+
+out, first = sys.argv[1], sys.argv[2] == "first"
+if first:
+    write_document({"schema": SCHEMA, "command": "spectrum", "run": 1}, out)
+
+real_fdopen = os.fdopen
+
+
+class HalfThenKilled:
+    # writes half of the document, then the process is killed (SIGKILL: no cleanup runs)
+    def __init__(self, fh):
+        self.fh = fh
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, data):
+        self.fh.write(data[: len(data) // 2])
+        self.fh.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+os.fdopen = lambda fd, mode, **kw: HalfThenKilled(real_fdopen(fd, mode, **kw))
+write_document({"schema": SCHEMA, "command": "spectrum", "run": 2, "pad": "x" * 200_000}, out)
+print("not killed")
+"""
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["previous-file", "no-file"])
+def test_a_run_killed_while_writing_leaves_the_previous_document_or_none(tmp_path, previous):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "-c", KILL_MID_WRITE, str(tmp_path), "first" if previous else "none"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    path = tmp_path / "spectrum.json"
+    if previous:
+        assert read_document(path)["run"] == 1  # whole, and the earlier one
+    else:
+        assert not path.exists()
+    # only the hidden temporary file holds the half-written text
+    assert all(p.name.startswith(".spectrum.json.") for p in tmp_path.iterdir() if p != path)

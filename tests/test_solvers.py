@@ -434,6 +434,9 @@ FIRE = {
         solver="mk",
     ),
     "newton_residual": _run(_it(3, newton_residual=[None, 1.8, 1.95])),
+    # MK on a GELU MLP took the loss from 0.167 to 887 (issue 14)
+    "diverged": _run(_it(4, loss=[0.167, 0.12, 3.0, 887.0], grad_norm=[1, 1, 1, 1])),
+    "non_finite": _run(_it(3, loss=[1.0, None, float("inf")], grad_norm=[1, None, None])),
 }
 
 SILENT = {
@@ -451,6 +454,8 @@ SILENT = {
     "indefinite": _run(_it(2, curvature_max=[2.0, 2.0], curvature_min=[0.1, 1e-12])),
     "mk_scaled_gradient": _run(_it(2, layer_cosines=[None, None])),
     "newton_residual": _run(_it(2, newton_residual=[None, None])),
+    "diverged": _run(_it(4, loss=[1.0, 0.5, 0.6, 0.4], grad_norm=[1, 1, 1, 1])),
+    "non_finite": _run(_it(3, loss=[1.0, 0.5, 0.4], grad_norm=[1, 0.5, 0.4])),
 }
 
 
@@ -486,6 +491,18 @@ def test_attribution_texts_carry_the_numbers():
     good = _rule_fn("newton_residual")(_run(_it(2, newton_residual=[None, 1e-9])))
     assert "solves the Newton system" in good.text
     assert [x.rule for x in attribute(FIRE["converged"])] == ["converged"]
+
+
+def test_attribution_names_divergence_and_growth():
+    d = _rule_fn("diverged")(FIRE["diverged"])
+    assert "from 0.167 to 887" in d.text
+    rising = _run(_it(6, loss=[5.0, 1.0, 0.5, 0.6, 0.7, 0.8], grad_norm=[1] * 6))
+    g = _rule_fn("diverged")(rising)
+    assert g is not None and "rose in each of the last 3 iterations" in g.text
+    rules = [f.rule for f in attribute({**FIRE["diverged"], "stop_reason": "max_iter"})]
+    assert "diverged" in rules and "iteration_limit" in rules
+    nf = _rule_fn("non_finite")(FIRE["non_finite"])
+    assert "from iteration 1" in nf.text
 
 
 def test_compare_runs_rows():

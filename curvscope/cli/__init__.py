@@ -1,7 +1,9 @@
 """The ``curvscope`` command line: a thin typer app over the library.
 
 Each command lives in its own module ``curvscope.cli.<command>`` with a ``register(app)``
-function; this package assembles them.
+function; this package assembles them. The command modules import torch, numpy and the
+numerics inside their functions only, so ``--version`` and ``--help`` start in a fraction of
+a second (``benchmarks/startup.py``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import importlib
 from typing import Annotated
 
-import torch
 import typer
 
 from .. import __version__
@@ -41,11 +42,8 @@ def _root(
     ] = False,
 ) -> None:
     """Eigenvalues, densities, checks, surfaces and solver runs for trained models."""
-    # Trained networks with saturated tanh/sigmoid units produce float32 subnormals in their
-    # derivatives; on x86 CPUs arithmetic on them is microcoded. On the digits-mlp example a
-    # gradient took 700 ms instead of 28 ms. Flushing them to zero changes results below
-    # 1.2e-38 only, so the command line (which owns its process) turns it on.
-    torch.set_flush_denormal(True)
+    # Nothing here imports torch: --version and every --help answer without it (issue 14).
+    # Torch's process settings are made by _common.prepare_torch on the command path.
 
 
 for _name in COMMANDS:

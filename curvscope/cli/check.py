@@ -6,17 +6,19 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from ..diagnostics import check
+from .._errors import OptionError
 from ._common import (
     CommonArgs,
+    announce,
     common_options,
     console,
     finish,
     guarded,
     open_session,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["check_cli", "register"]
@@ -42,8 +44,26 @@ def check_cli(
     """Are the derivatives right, and where is the layer-wise Hessian provably convex?"""
     with guarded():
         t0 = time.perf_counter()
+        if directions < 0 or eigen_directions < 0:
+            raise OptionError("--directions and --eigen-directions must be non-negative.")
         session = open_session(common)
-        with progress_bar() as update:
+        from ..diagnostics import DERIVATIVE_STEPS as STEPS
+        from ..diagnostics import check
+        from .spectrum import lanczos_products
+
+        n = session.problem.num_params
+        dirs = directions + eigen_directions
+        # eigenvectors; per direction 2 x len(STEPS) losses (gradient test), len(STEPS) losses
+        # and one product (Taylor, float64 and the float32 floor); the certificate's eigsh
+        planned = announce(
+            f"gradient and Taylor tests along {directions} random and {eigen_directions} "
+            "eigenvector directions, convexity certificate",
+            (lanczos_products(eigen_directions, n) if eigen_directions else 0)
+            + dirs * (4 * len(STEPS) + 6)
+            + lanczos_products(1, n),
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = check(
                 session.problem,
                 directions=directions,
@@ -59,16 +79,20 @@ def check_cli(
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},
         )
-    table = Table(title="derivative checks (evaluated in float64)", title_style="bold")
-    for col in ("check", "verdict", "slopes by direction", "reason"):
-        table.add_column(col)
+    evaluated_in = result.checks[0].get("evaluated_in", "float64")
+    t = table(
+        f"derivative checks (evaluated in {evaluated_in})",
+        ["check", "verdict", "slopes by direction", "reason"],
+    )
     for c in result.checks[:2]:
         slopes = "; ".join(
             ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in d["slopes"].items())
             for d in c["directions"]
         )
-        table.add_row(c["name"], _verdict(c["passed"]), slopes, c["reason"])
-    console.print(table)
+        t.add_row(c["name"], _verdict(c["passed"]), slopes, c["reason"])
+    print_table(t)
+    for note in result.checks[0].get("notes") or []:
+        console.print(f"[yellow]{note}[/]", highlight=False)
     taylor = result.checks[1]
     f32 = taylor.get("float32_floor") or {}
     if f32:
@@ -77,10 +101,7 @@ def check_cli(
             f"and stops decreasing at h = {f32['e2_stops_decreasing_at_h']:.0e}."
         )
     conv = result.checks[2]
-    ctable = Table(
-        title="convexity certificate (each hidden layer's diagonal block only)", title_style="bold"
-    )
-    for col in (
+    ccols = [
         "layer",
         "activation",
         "satisfied",
@@ -88,8 +109,12 @@ def check_cli(
         "certified",
         "min eigenvalue",
         "residual",
-    ):
-        ctable.add_column(col, justify="right" if col not in ("layer", "activation") else "left")
+    ]
+    ctable = table(
+        "convexity certificate (each hidden layer's diagonal block only)",
+        ccols,
+        numbers=ccols[2:],
+    )
     for layer in conv["layers"]:
         ctable.add_row(
             layer["name"],
@@ -101,7 +126,7 @@ def check_cli(
             f"{layer['min_eigenvalue_residual']:.1e}",
         )
     if conv["layers"]:
-        console.print(ctable)
+        print_table(ctable)
     console.print(f"[dim]{conv['reason']}[/]")
     console.print(f"Result: {path}")
 

@@ -6,20 +6,21 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
-from ..diagnostics import COMPARE_MATRICES, compare
-from ..operators import build_operators, resolve_matrices
 from ._common import (
     CommonArgs,
+    announce,
     common_options,
     console,
     finish,
     guarded,
     open_session,
+    print_table,
     progress_bar,
+    table,
 )
+from ._names import COMPARE_MATRICES, matrix_names
 
 __all__ = ["compare_cli", "register"]
 
@@ -43,8 +44,11 @@ def compare_cli(
     """Relative error, eigenvalues and eigenspace overlap of GGN, Fisher, PCH, KFAC... per layer."""
     with guarded():
         t0 = time.perf_counter()
-        matrices = resolve_matrices(matrix, approximations_only=True)
+        matrices = matrix_names(matrix, approximations_only=True)
         session = open_session(common)
+        from ..diagnostics import compare
+        from ..operators import build_operators
+
         candidates, skipped = build_operators(
             session.problem, matrices, seed=common.seed, skip_unsupported=True
         )
@@ -56,7 +60,22 @@ def compare_cli(
         (hessian,) = build_operators(
             session.problem, ["hessian"], seed=common.seed, hvp=common.hvp
         )[0].values()
-        with progress_bar() as update:
+        from .spectrum import block_sizes, lanczos_products
+
+        sizes = block_sizes(session.problem, "per-layer")
+        # per block: the reference (dense up to --exact-max-dim, else probes) and each
+        # candidate alike, plus top-k Lanczos runs for eigenvalues and overlaps
+        per = [
+            (1 + len(candidates)) * ((n if n <= exact_max_dim else probes)
+                                     + lanczos_products(top_k, n))
+            for n in sizes
+        ]
+        planned = announce(
+            f"{', '.join(candidates)} against the Hessian in {len(sizes)} layer blocks",
+            sum(per),
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = compare(
                 hessian,
                 candidates,
@@ -81,8 +100,7 @@ def compare_cli(
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},
         )
-    table = Table(title="approximations against the Hessian, per layer block", title_style="bold")
-    for col in (
+    cols = [
         "layer",
         "matrix",
         "rel. Frobenius error",
@@ -90,15 +108,15 @@ def compare_cli(
         "top eigenvalue (H)",
         "overlap top-k",
         "min eigenvalue",
-    ):
-        table.add_column(col, justify="left" if col in ("layer", "matrix") else "right")
+    ]
+    t = table("approximations against the Hessian, per layer block", cols, numbers=cols[2:])
     last = None
     for r in sorted(result.comparisons, key=lambda r: r.block):
         err = f"{r.rel_frobenius:.3g}" + (
             f" ± {r.rel_frobenius_stderr:.1g}" if r.method == "hutchinson" else " (exact)"
         )
         overlap = sum(r.subspace_overlap) / max(len(r.subspace_overlap), 1)
-        table.add_row(
+        t.add_row(
             r.block if r.block != last else "",
             r.matrix,
             err,
@@ -108,7 +126,7 @@ def compare_cli(
             f"{r.min_eigenvalue:.3g}",
         )
         last = r.block
-    console.print(table)
+    print_table(t)
     for s in result.skipped:
         console.print(f"[yellow]skipped {s['matrix']}[/]: {s['reason']}")
     console.print(f"Result: {path}")

@@ -6,13 +6,11 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
-from ..diagnostics import density
-from ..operators import MATRIX_NAMES, build_operators, resolve_matrices
 from ._common import (
     CommonArgs,
+    announce,
     block_mode,
     common_options,
     console,
@@ -20,8 +18,11 @@ from ._common import (
     guarded,
     open_session,
     parse_list,
+    print_table,
     progress_bar,
+    table,
 )
+from ._names import MATRIX_NAMES, matrix_names
 
 __all__ = ["density_cli", "register"]
 
@@ -73,7 +74,7 @@ def density_cli(
     """Spectral density (stochastic Lanczos quadrature) and trace (Hutchinson, Hutch++, exact)."""
     with guarded():
         t0 = time.perf_counter()
-        matrices = resolve_matrices(matrix)
+        matrices = matrix_names(matrix)
         blocks = block_mode(per_layer, per_param, common.group)
         parse_list(distribution, "--distribution", ["rademacher", "gaussian"])
         if sigma is not None and not sigma > 0:
@@ -81,8 +82,27 @@ def density_cli(
         if grid_points < 2:
             raise OptionError(f"--grid-points must be at least 2, got {grid_points}.")
         session = open_session(common)
+        from ..diagnostics import density
+        from ..operators import build_operators
+
         ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
-        with progress_bar() as update:
+        from .spectrum import block_sizes
+
+        sizes = block_sizes(session.problem, blocks)
+        per = [
+            probes * min(lanczos_steps, n)
+            + 2 * trace_probes
+            + (n if exact_trace_max and n <= exact_trace_max else 0)
+            for n in sizes
+        ]
+        where = "" if blocks == "all" else f" in each of {len(sizes)} blocks"
+        planned = announce(
+            f"{', '.join(matrices)} density by SLQ ({probes} probes x {lanczos_steps} steps) "
+            f"and traces{where}",
+            len(matrices) * sum(per),
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = density(
                 ops,
                 blocks=blocks,
@@ -132,17 +152,16 @@ def _print(result, session, doc_path) -> None:
         f"Trace: {p.num_params} parameters, {p.num_samples} samples, {info['loss']} "
         f"({info['reduction']}), {info['dtype']}"
     )
-    table = Table(title=title, title_style="bold")
-    for col, kw in [
-        ("matrix", {}),
-        ("block", {}),
-        ("estimator", {}),
-        ("estimate ± stderr", {"justify": "right"}),
-        ("exact", {"justify": "right"}),
-        ("error / stderr", {"justify": "right"}),
-        ("products", {"justify": "right"}),
-    ]:
-        table.add_column(col, **kw)
+    cols = [
+        "matrix",
+        "block",
+        "estimator",
+        "estimate ± stderr",
+        "exact",
+        "error / stderr",
+        "products",
+    ]
+    t = table(title, cols, numbers=cols[3:])
     exact = {(t.matrix, t.block): t.estimate for t in result.traces if t.estimator == "exact"}
     slq = {(d.matrix, d.block): d for d in result.densities}
     keys = list(dict.fromkeys([(d.matrix, d.block) for d in result.densities]))
@@ -156,7 +175,7 @@ def _print(result, session, doc_path) -> None:
             z = ""
             if ex is not None and name != "exact" and err > 0:
                 z = f"{(est - ex) / err:+.2f}"
-            table.add_row(
+            t.add_row(
                 key[0] if i == 0 else "",
                 key[1] if i == 0 else "",
                 name,
@@ -165,11 +184,10 @@ def _print(result, session, doc_path) -> None:
                 z,
                 str(mv),
             )
-        table.add_section()
-    console.print(table)
-    dens = Table(title="Spectral density (SLQ)", title_style="bold")
-    for col in ("matrix", "block", "P", "probes", "steps", "min node", "max node", "sigma"):
-        dens.add_column(col, justify="left" if col in ("matrix", "block") else "right")
+        t.add_section()
+    print_table(t)
+    dcols = ["matrix", "block", "P", "probes", "steps", "min node", "max node", "sigma"]
+    dens = table("Spectral density (SLQ)", dcols, numbers=dcols[2:])
     for d in result.densities:
         live = [
             x
@@ -187,7 +205,7 @@ def _print(result, session, doc_path) -> None:
             f"{max(live):.4g}",
             f"{d.sigma:.3g}",
         )
-    console.print(dens)
+    print_table(dens)
     console.print(
         "[dim]slq: the quadrature's own trace estimate; hutchpp stderr covers its Hutchinson "
         "part only.[/]"

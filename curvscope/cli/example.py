@@ -26,13 +26,16 @@ def example_cli(
     seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 0,
 ) -> None:
     """Train an example model in seconds and write OUT/model.pt and OUT/data.npz."""
-    from .._examples import EXAMPLES, make_example
-
     with guarded():
+        from .._examples import EXAMPLES, make_example
+        from ._common import check_out_dir, prepare_torch
+
         if name not in EXAMPLES:
             raise OptionError(
                 f"example {name!r} is not known; choose one of {', '.join(EXAMPLES)}."
             )
+        check_out_dir(out)
+        prepare_torch()
         with console.status(f"training {name}..."):
             info = make_example(name, out, seed=seed)
     console.print(f"[bold]{name}[/]: {EXAMPLES[name]}")

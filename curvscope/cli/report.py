@@ -15,16 +15,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
 from ._common import (
     CommonArgs,
+    announce,
+    check_out_dir,
     common_options,
     console,
     guarded,
     open_session,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["register", "report_cli", "write_plotly_js"]
@@ -87,9 +90,6 @@ def report_cli(
     ] = "png",
 ) -> None:
     """Run the analyses and write DIR/report.html (or render existing documents with --from)."""
-    from ..app import run_report
-    from ..report import render_directory
-
     with guarded():
         t0 = time.perf_counter()
         formats = tuple(f.strip() for f in figures.split(",") if f.strip())
@@ -99,6 +99,12 @@ def report_cli(
         if from_dir is not None:
             if common.model_path is not None:
                 raise OptionError("give either MODEL or --from DIR, not both.")
+            if not Path(from_dir).is_dir():
+                what = "is a file, not a folder" if Path(from_dir).exists() else "does not exist"
+                raise OptionError(f"--from {from_dir} {what}.")
+            check_out_dir(Path(from_dir), "--from")
+            from ..report import render_directory
+
             _ensure_plotly(Path(from_dir), plotly_js)
             run = render_directory(from_dir, plotly_js=plotly_js, figure_formats=formats)
         else:
@@ -107,8 +113,16 @@ def report_cli(
             if preset not in ("quick", "full"):
                 raise OptionError(f"--preset {preset!r} is not known; choose quick or full.")
             session = open_session(common)
+            from ..app import run_report
+
             _ensure_plotly(Path(common.out), plotly_js)
-            with progress_bar() as update:
+            planned = announce(
+                f"report ({preset}): spectrum, density, check, compare and surface"
+                + (", solvers" if preset == "full" else ""),
+                report_plan(session, preset),
+                session,
+            )
+            with progress_bar(session=session, planned=planned) as update:
                 run = run_report(
                     session.problem,
                     out_dir=common.out,
@@ -124,6 +138,31 @@ def report_cli(
         _print(run, time.perf_counter() - t0)
 
 
+def report_plan(session, preset: str) -> int:
+    """About how many products the report's parts take (app/_report.py's settings)."""
+    from ..diagnostics import DERIVATIVE_STEPS as STEPS
+    from .solve import PRODUCTS_PER_ITERATION
+    from .spectrum import block_sizes, lanczos_products
+
+    full = preset == "full"
+    p = session.problem
+    n = p.num_params
+    layers = block_sizes(p, "per-layer")
+    matrices = 4 if full else 1
+    spectrum = matrices * lanczos_products(7, n) * (1 + (len(layers) if full else 0))
+    density = 20 * min(80 if full else 30, n) + 2 * (100 if full else 30)
+    density += n if full and n <= 2000 else 0
+    check = lanczos_products(1, n) + 3 * (4 * len(STEPS) + 6) + lanczos_products(1, n)
+    candidates = 8 if full else 2
+    compare = sum(
+        (1 + candidates) * (min(m, 2048) if m <= 2048 else 64) + lanczos_products(5, m)
+        for m in layers
+    )
+    surface = (41 if full else 21) ** 2
+    solve = sum(30 * v for v in PRODUCTS_PER_ITERATION.values()) if full else 0
+    return spectrum + density + check + compare + surface + solve
+
+
 def _ensure_plotly(out_dir: Path, plotly_js: str) -> None:
     if plotly_js == "inline":
         return
@@ -135,14 +174,12 @@ def _ensure_plotly(out_dir: Path, plotly_js: str) -> None:
 
 
 def _print(run, seconds: float) -> None:
-    table = Table(title=f"report written in {seconds:.1f} s", title_style="bold")
-    table.add_column("part")
-    table.add_column("result")
+    t = table(f"report written in {seconds:.1f} s", ["part", "result"])
     for part, path in run.documents.items():
-        table.add_row(part, str(path))
+        t.add_row(part, str(path))
     for s in run.skipped:
-        table.add_row(s["part"], f"[yellow]skipped:[/] {s['reason']}")
-    console.print(table)
+        t.add_row(s["part"], f"[yellow]skipped:[/] {s['reason']}")
+    print_table(t)
     if run.figures:
         console.print(f"Figures: {run.figures[0].parent}/ ({len(run.figures)} files)")
     console.print(f"Report: {run.html}")

@@ -4,33 +4,54 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
-from ..problem import Problem
-from ..solvers import SOLVERS, Finding, SolveRun, compare_runs, run_solver
 from ._common import (
     CommonArgs,
+    announce,
+    check_paths,
     common_options,
     console,
     finish,
     guarded,
     open_session,
     parse_list,
+    print_table,
     progress_bar,
+    table,
 )
+from ._names import SOLVER_NAMES
+
+if TYPE_CHECKING:
+    from ..problem import Problem
+    from ..solvers import Finding, SolveRun
 
 __all__ = ["register", "solve_cli", "solve_results"]
 
 DEFAULT_SOLVERS = "gd,lbfgs,nlcg,newton-cg,hf,eacg,mk"
 DEFAULT_MAX_ITER = 50
+PRODUCTS_PER_ITERATION = {
+    "gd": 2,
+    "gd-armijo": 3,
+    "lbfgs": 2,
+    "nlcg": 3,
+    "newton-cg": 12,
+    "hf": 15,
+    "eacg": 12,
+    "eacg-clip": 12,
+    "mk": 3,
+    "mk-closed-form": 6,
+}
+"""Rough products and gradients per iteration, for the plan line only."""
 
 
 def solve_results(runs: list[SolveRun]) -> dict[str, Any]:
     """``results`` of the solve document (DESIGN.md "Contracts": ``results.solves``)."""
+    from ..solvers import compare_runs
+
     solves = [run.to_result() for run in runs]
     rows = compare_runs(runs)
     for row in rows:
@@ -116,18 +137,38 @@ def solve_cli(
     """Run solvers from the checkpoint's weights; trace them and explain their convergence."""
     with guarded():
         t0 = time.perf_counter()
-        names = parse_list(solver, "--solver", list(SOLVERS))
+        names = parse_list(solver, "--solver", list(SOLVER_NAMES))
         if not names:
             raise OptionError("--solver needs at least one solver name.")
         if curvature_every < 0:
             raise OptionError(f"--curvature-every must be non-negative, got {curvature_every}.")
         if grad_tol < 0:
             raise OptionError(f"--grad-tol must be non-negative, got {grad_tol}.")
+        check_paths(common, {"--test-data": test_data})
         session = open_session(common)
+        from ..solvers import run_solver
+        from .spectrum import lanczos_products
+
         test_problem = _test_problem(session, test_data) if test_data else None
         max_iter = common.max_iter or DEFAULT_MAX_ITER
+        n = session.problem.num_params
+        per_run = [
+            max_iter * PRODUCTS_PER_ITERATION.get(name, 3)
+            + (max_iter // curvature_every + 1) * 2 * lanczos_products(1, n)
+            if curvature_every
+            else max_iter * PRODUCTS_PER_ITERATION.get(name, 3)
+            for name in names
+        ]
+        if budget_matvecs is not None:
+            per_run = [min(p, budget_matvecs) for p in per_run]
+        planned = announce(
+            f"{', '.join(names)}: up to {max_iter} iterations each"
+            + (f", extreme Hessian eigenvalues every {curvature_every}" if curvature_every else ""),
+            sum(per_run),
+            session,
+        )
         runs = []
-        with progress_bar() as update:
+        with progress_bar(session=session, planned=planned) as update:
             for name in names:
                 runs.append(
                     run_solver(
@@ -184,8 +225,9 @@ def _fmt(v, spec: str) -> str:
 
 
 def _print(runs: list[SolveRun], doc_path: Path) -> None:
-    table = Table(title="solvers from the same weights", title_style="bold")
-    for col in (
+    from ..solvers import compare_runs
+
+    cols = [
         "solver",
         "iters",
         "final loss",
@@ -195,10 +237,14 @@ def _print(runs: list[SolveRun], doc_path: Path) -> None:
         "time s",
         "test acc",
         "stop",
-    ):
-        table.add_column(col, justify="left" if col in ("solver", "stop") else "right")
+    ]
+    t = table(
+        "solvers from the same weights",
+        cols,
+        numbers=[c for c in cols if c not in ("solver", "stop")],
+    )
     for row in compare_runs(runs):
-        table.add_row(
+        t.add_row(
             row["solver"],
             str(row["iterations"]),
             _fmt(row["final_loss"], ".6g"),
@@ -209,7 +255,7 @@ def _print(runs: list[SolveRun], doc_path: Path) -> None:
             _fmt(row["test_accuracy"], ".4f"),
             row["stop_reason"],
         )
-    console.print(table)
+    print_table(t)
     for run in runs:
         console.print(f"[bold]{run.solver}[/]")
         for f in run.findings:

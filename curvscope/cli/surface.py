@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from .._errors import OptionError
-from ..diagnostics import surface
 from ._common import (
     CommonArgs,
+    announce,
+    check_paths,
     common_options,
     console,
     finish,
@@ -21,7 +21,9 @@ from ._common import (
     open_session,
     parse_floats,
     parse_list,
+    print_table,
     progress_bar,
+    table,
 )
 
 __all__ = ["register", "surface_cli"]
@@ -81,8 +83,23 @@ def surface_cli(
             raise OptionError(f"--dims {dims} is not supported; a surface has 1 or 2 dimensions.")
         lo_hi = parse_range(range_)
         formats = parse_list(plots, "--plots", PLOT_FORMATS)
+        if steps < 2:
+            raise OptionError(f"--steps must be at least 2, got {steps}.")
+        named = directions not in ("eigen", "random", "filter-normalized")
+        check_paths(common, {"--directions": directions if named else None})
         session = open_session(common)
-        with progress_bar() as update:
+        from ..diagnostics import surface
+        from .spectrum import lanczos_products
+
+        points = steps**dims
+        eigen = lanczos_products(dims, session.problem.num_params) if directions == "eigen" else 0
+        planned = announce(
+            f"loss surface on {'x'.join([str(steps)] * dims)} points along {directions} "
+            "directions",
+            points + eigen,
+            session,
+        )
+        with progress_bar(session=session, planned=planned) as update:
             result = surface(
                 session.problem,
                 dims=dims,
@@ -119,7 +136,7 @@ def surface_cli(
 def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline") -> list[Path]:
     """Figures of a written surface document (matplotlib files, and an HTML page)."""
     from ..io import read_document, write_atomic
-    from ..report import render_report, save_figures
+    from ..report import SURFACE_FIGURES, remove_stale_figures, render_report, save_figures
 
     doc = read_document(doc_path)
     out = doc_path.parent
@@ -128,27 +145,28 @@ def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline")
         paths.append(
             write_atomic(out / "surface.html", render_report({"surface": doc}, plotly_js=plotly_js))
         )
+    elif (out / "surface.html").is_file():
+        (out / "surface.html").unlink()  # an earlier run's page, not of these results
+    # this command's figures of an earlier run that this one did not write (a 2-D run's
+    # contour after a 1-D run) go; other commands' files stay
+    remove_stale_figures(out, paths, SURFACE_FIGURES)
     return paths
 
 
 def _print(result, doc_path: Path, figures: list[Path]) -> None:
-    table = Table(title=result.directions.description, title_style="bold")
-    table.add_column("direction")
-    table.add_column("eigenvalue", justify="right")
-    table.add_column("g·d", justify="right")
-    table.add_column("d·Hd", justify="right")
-    table.add_column("axis", justify="right")
+    cols = ["direction", "eigenvalue", "g·d", "d·Hd", "axis"]
+    t = table(result.directions.description, cols, numbers=cols[1:])
     for i in range(result.dims):
         ev = result.eigenvalues[i] if result.eigenvalues else None
         axis = result.axes[i]
-        table.add_row(
+        t.add_row(
             f"d{i + 1}",
             "" if ev is None else f"{ev:.6g}",
             f"{result.gradient_projections[i]:.3e}",
             f"{result.curvatures[i][i]:.6g}",
             f"{axis[0]:g} .. {axis[-1]:g} ({len(axis)})",
         )
-    console.print(table)
+    print_table(t)
     flat = [v for row in result.loss for v in (row if isinstance(row, list) else [row])]
     finite = [v for v in flat if v == v]
     console.print(

@@ -10,6 +10,7 @@ from ._common import BLOCK_MODES, named_operators, resolve_blocks
 from ._compare import COMPARE_MATRICES, CompareResult, Comparison, compare
 from ._convexity import ConvexityLayer, ConvexityResult, convexity_certificate
 from ._density import DensityEntry, DensityResult, TraceEntry, density
+from ._derivatives import STEPS as DERIVATIVE_STEPS
 from ._derivatives import DirectionResult, gradient_test, taylor_test
 from ._spectrum import BlockMode, Method, SpectrumEntry, SpectrumResult, spectrum
 from ._surface import (
@@ -23,6 +24,7 @@ from ._surface import (
 __all__ = [
     "BLOCK_MODES",
     "COMPARE_MATRICES",
+    "DERIVATIVE_STEPS",
     "CheckResult",
     "CompareResult",
     "Comparison",

@@ -18,6 +18,7 @@ from ._derivatives import (
     SLOPE_TOLERANCE,
     TAYLOR_SLOPES,
     combine,
+    evaluation_problem,
     gradient_test,
     taylor_test,
 )
@@ -69,14 +70,17 @@ def check(
         if progress is not None:
             progress(i, total, what)
 
+    evaluated, note = evaluation_problem(problem)
+    in_dtype = str(evaluated.dtype).removeprefix("torch.")
+    notes = [note] if note else []
     eigvecs = None
     if eigen_directions:
-        p64 = problem.to(torch.float64)
-        (top,) = eigsh(HessianOperator(p64), top=eigen_directions, tol=1e-6, seed=gen)
+        tol = 1e-6 if evaluated.dtype == torch.float64 else 1e-4
+        (top,) = eigsh(HessianOperator(evaluated), top=eigen_directions, tol=tol, seed=gen)
         eigvecs = top.eigenvectors
         matvecs += top.num_matvecs
     step(0, "gradient test")
-    grad = gradient_test(problem, directions=directions, eigenvectors=eigvecs, seed=gen)
+    grad = gradient_test(evaluated, directions=directions, eigenvectors=eigvecs, seed=gen)
     passed, reason = combine(grad)
     checks = [
         {
@@ -88,12 +92,13 @@ def check(
                 "slope_tolerance": SLOPE_TOLERANCE,
                 "floor_factor": FLOOR_FACTOR,
             },
-            "evaluated_in": "float64",
+            "evaluated_in": in_dtype,
+            "notes": notes,
             "directions": [asdict(r) for r in grad],
         }
     ]
     step(1, "Taylor test")
-    taylor = taylor_test(problem, directions=directions, eigenvectors=eigvecs, seed=gen)
+    taylor = taylor_test(evaluated, directions=directions, eigenvectors=eigvecs, seed=gen)
     matvecs += 2 * len(taylor)
     passed, reason = combine(taylor)
     checks.append(
@@ -106,7 +111,8 @@ def check(
                 "slope_tolerance": SLOPE_TOLERANCE,
                 "floor_factor": FLOOR_FACTOR,
             },
-            "evaluated_in": "float64",
+            "evaluated_in": in_dtype,
+            "notes": notes,
             "float32_floor": taylor[0].float32_floor if taylor else {},
             "directions": [asdict(r) for r in taylor],
         }

@@ -14,24 +14,26 @@ round-off floor is measured separately and reported beside the verdict.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
+from .._errors import CurvscopeError
 from .._sampling import as_generator
 from ..operators import HessianOperator
 from ..problem import Problem
+from ._kinks import KinkRecorder, pattern_changes
 
 __all__ = [
     "GRADIENT_SLOPE",
-    "KINK_MODULES",
     "SLOPE_TOLERANCE",
     "TAYLOR_SLOPES",
     "DirectionResult",
     "combine",
+    "evaluation_problem",
     "gradient_test",
     "taylor_test",
 ]
@@ -50,27 +52,24 @@ NEAR_FLOOR = 1e4
 """Within this factor of the floor, an error that stops falling marks round-off."""
 FIT_POINTS = 6
 """The slope is fitted over at most this many smallest steps above the floor (3 decades)."""
+JUMP_FACTOR = 10.0
+"""An error this many times below the expected-slope extrapolation of the step before it,
+staying there at every smaller step, is a jump (a kink crossed, not a Taylor curve)."""
+JUMP_VISIBLE = 100.0
+"""A jump counts only where the extrapolated error is this far above the round-off floor,
+so that round-off cannot explain the drop."""
 STEPS = tuple(10.0 ** (-k / 2) for k in range(0, 15))
 """h and eps values: 1 down to 1e-7 in half decades."""
-
-KINK_MODULES = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool2d,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-)
-"""Piecewise-smooth modules whose kinks finite differences may cross."""
 
 
 @dataclass(frozen=True)
 class DirectionResult:
-    """One direction's sweep: steps, errors, fitted slopes and a verdict."""
+    """One direction's sweep: steps, errors, fitted slopes and a verdict.
+
+    ``kink_changes[i]`` counts the elements whose ReLU sign or max-pool winner differs
+    between the weights and the points of step ``steps[i]``; ``None`` when the forward shows
+    no piecewise-linear operation (or cannot be observed: TorchScript).
+    """
 
     direction: str
     steps: list[float]
@@ -81,42 +80,161 @@ class DirectionResult:
     passed: bool | None
     reason: str
     float32_floor: dict[str, float] = field(default_factory=dict)
+    kink_changes: list[int] | None = None
+    evaluated_in: str = "float64"
 
 
-def _fit(steps: np.ndarray, errors: np.ndarray, floor: np.ndarray, expected: float):
+@dataclass(frozen=True)
+class _Fit:
+    slope: float | None
+    range: list[float] | None
+    roundoff: float | None
+    jump: tuple[int, int] | None = None
+
+
+def _usable(errors: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    return np.isfinite(errors) & (errors > FLOOR_FACTOR * floor) & (errors > 0)
+
+
+def _jump(
+    steps: np.ndarray, errors: np.ndarray, floor: np.ndarray, expected: float, skip: np.ndarray
+) -> tuple[int, int] | None:
+    """The first drop far below the expected slope that the curve never recovers from.
+
+    Between consecutive steps ``a`` and ``b = a + 1`` (neither in ``skip``), the error at
+    ``b`` lies ``JUMP_FACTOR`` below ``errors[a] (h_b / h_a)^expected`` although that
+    extrapolation is ``JUMP_VISIBLE`` above the round-off floor, and every smaller step stays
+    ``JUMP_FACTOR`` below its own extrapolation where that is ``JUMP_VISIBLE`` above the floor.
+    A Taylor curve cannot do this (higher-order
+    terms only make errors at larger steps bigger); a zero crossing of the error dips and
+    recovers; a kink left behind (errors flat, then at round-off) does it.
+    """
+    n = len(steps)
+    above = _usable(errors, floor)
+    for a in range(n - 1):
+        b = a + 1
+        if skip[a] or skip[b] or not above[a] or not np.isfinite(errors[b]):
+            continue
+
+        def extrapolated(j: int, a: int = a) -> float:
+            return float(errors[a] * (steps[j] / steps[a]) ** expected)
+
+        if extrapolated(b) < JUMP_VISIBLE * floor[b] or errors[b] >= extrapolated(b) / JUMP_FACTOR:
+            continue
+        later = [
+            j
+            for j in range(b + 1, n)
+            if not skip[j] and np.isfinite(errors[j]) and extrapolated(j) >= JUMP_VISIBLE * floor[j]
+        ]
+        if all(errors[j] < extrapolated(j) / JUMP_FACTOR for j in later):
+            return a, b
+    return None
+
+
+def _fit(
+    steps: np.ndarray,
+    errors: np.ndarray,
+    floor: np.ndarray,
+    expected: float,
+    kinked: np.ndarray | None = None,
+) -> _Fit:
     """Slope of log(error) against log(step) in the asymptotic window above round-off.
 
-    The window is the first run of consecutive points, from the largest step down, whose
-    errors stay above ``FLOOR_FACTOR x floor``; it ends early where round-off takes over:
-    an error within ``NEAR_FLOOR x floor`` that stopped falling at half the expected rate.
-    The slope is fitted over the window's ``FIT_POINTS`` smallest steps (large steps are
-    often not yet asymptotic, e.g. h = 1 along a top eigenvector). Returns
-    ``(slope, [h_min, h_max], roundoff_h)``.
+    Walking from the largest step down, the window is the last run of consecutive points
+    that are above ``FLOOR_FACTOR x floor``, crossed no kink (``kinked``) and whose errors do
+    not rise (by more than the floor); a rise, or a single point at the floor followed by
+    clear errors (the error crossing zero), starts a new run. It ends where round-off takes
+    over: an error below the floor, or within ``NEAR_FLOOR x floor`` that stopped falling at
+    half the expected rate. The slope is fitted over the window's ``FIT_POINTS`` smallest
+    steps (large steps are often not yet asymptotic, e.g. h = 1 along a top eigenvector).
+    A curve with a jump (:func:`_jump`) gets no slope.
     """
-    ok = (errors > FLOOR_FACTOR * floor) & np.isfinite(errors) & (errors > 0)
-    idx = np.nonzero(ok)[0]
-    if idx.size == 0:
-        return None, None, float(steps[0])
-    run = [int(idx[0])]
-    for i in idx[1:]:
-        if i != run[-1] + 1:
-            break
-        prev = run[-1]
-        local = np.log10(errors[prev] / errors[i]) / np.log10(steps[prev] / steps[i])
-        if errors[i] < NEAR_FLOOR * floor[i] and local < expected / 2:
-            break
-        run.append(int(i))
-    roundoff = float(steps[run[-1] + 1]) if run[-1] + 1 < len(steps) else None
-    if len(run) < MIN_POINTS:
-        return None, None, roundoff
-    run = run[-FIT_POINTS:]
-    x, y = np.log10(steps[run]), np.log10(errors[run])
+    n = len(steps)
+    kinked = np.zeros(n, dtype=bool) if kinked is None else kinked
+    jump = _jump(steps, errors, floor, expected, kinked)
+    ok = _usable(errors, floor)
+    runs: list[list[int]] = []
+    run: list[int] = []
+    roundoff = None
+    for i in range(n):
+        if kinked[i]:
+            if run:
+                runs.append(run)
+            run = []
+            continue
+        if not ok[i]:
+            clear = i + 1 < n and ok[i + 1] and errors[i + 1] > NEAR_FLOOR * floor[i + 1]
+            if clear:  # a zero crossing of the error (it recovers at once): start again
+                if run:
+                    runs.append(run)
+                run = []
+                continue
+            if run or runs:  # errors reached the floor: round-off from here on
+                roundoff = float(steps[i])
+                break
+            continue
+        if run:
+            prev = run[-1]
+            local = np.log10(errors[prev] / errors[i]) / np.log10(steps[prev] / steps[i])
+            if errors[i] < NEAR_FLOOR * floor[i] and local < expected / 2:
+                roundoff = float(steps[i])
+                break
+            if errors[i] - errors[prev] > floor[i]:  # not monotone: start again from here
+                runs.append(run)
+                run = []
+        run.append(i)
+    if run:
+        runs.append(run)
+    if roundoff is None and not runs:
+        roundoff = float(steps[0])
+    window = runs[-1] if runs else []
+    if jump is not None or len(window) < MIN_POINTS:
+        return _Fit(None, None, roundoff, jump)
+    window = window[-FIT_POINTS:]
+    x, y = np.log10(steps[window]), np.log10(errors[window])
     slope = float(np.polyfit(x, y, 1)[0])
-    return slope, [float(steps[run[-1]]), float(steps[run[0]])], roundoff
+    return _Fit(slope, [float(steps[window[-1]]), float(steps[window[0]])], roundoff)
 
 
-def _has_kinks(model: nn.Module) -> list[str]:
-    return [type(m).__name__ for m in model.modules() if isinstance(m, KINK_MODULES)]
+def evaluation_problem(problem: Problem) -> tuple[Problem, str | None]:
+    """The problem in float64 for the derivative checks, or in float32 when it cannot run so.
+
+    Returns:
+        ``(problem, note)``: the note says why float32 was used (``None`` for float64).
+
+    Raises:
+        CurvscopeError: when the model's own errors (not the dtype) stop the float64 pass.
+    """
+    if problem.dtype == torch.float64:
+        return problem, None
+    try:
+        p64 = problem.to(torch.float64)
+        p64.loss()
+        return p64, None
+    except CurvscopeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the model's own float64 code
+        # TorchScript puts its interpreter's traceback first and the cause last
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        cause = (lines[-1] if lines else "")[:200]
+        if not re.match(r"\w+(Error|Exception)\b", cause):
+            cause = f"{type(exc).__name__}: {cause}".rstrip(": ")
+        p32 = problem.to(torch.float32)
+        return p32, (
+            f"the model cannot run in float64 ({cause}), so the "
+            "derivatives are checked in float32, with float32's wider round-off floor"
+        )
+
+
+def _recorded_loss(problem: Problem, w: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    rec = KinkRecorder()
+    with rec:
+        value = float(problem.loss(w))
+    return value, rec.patterns
+
+
+def _changes(reference: list[torch.Tensor], counts: list[int]) -> list[int] | None:
+    return counts if reference else None
 
 
 def _directions(
@@ -133,28 +251,62 @@ def _directions(
     return out
 
 
-def _verdict(slopes: dict, expected: dict, kinks: list[str], keys: Sequence[str]):
-    conclusive = {k: slopes[k] for k in keys if slopes[k] is not None}
+def _verdict(
+    fits: dict[str, _Fit],
+    expected: dict,
+    keys: Sequence[str],
+    steps: np.ndarray,
+    kinked: np.ndarray,
+    above: np.ndarray,
+    scripted: bool,
+):
+    """Verdict and reason of one direction from its fits (one per error curve)."""
+    for k in keys:
+        jump = fits[k].jump
+        if jump is not None:
+            a, b = jump
+            what = "error" if k == "error" else f"{k} error"
+            return None, (
+                f"inconclusive: the {what} falls from h = {steps[a]:.0e} to {steps[b]:.0e} far "
+                f"faster than slope {expected[k]:g} and stays low: a jump, as when the steps "
+                "cross a kink of a piecewise-linear operation; no slope is fitted across a jump"
+            )
+    crossed = kinked & above
+    kink_text = ""
+    if crossed.any():
+        h = float(steps[np.nonzero(crossed)[0][-1]])
+        kink_text = (
+            f"ReLU signs or max-pool winners change along every step down to h = {h:.0e}"
+        )
+    slopes = {k: fits[k].slope for k in keys}
+    conclusive = {k: s for k, s in slopes.items() if s is not None}
     if not conclusive:
+        if kink_text:
+            return None, (
+                f"inconclusive: {kink_text} (kinks crossed), and the errors of the smaller "
+                "steps are at the round-off floor"
+            )
         return None, (
             "inconclusive: every error at the round-off floor (the model's higher derivatives "
             "vanish along this direction, e.g. a linear or quadratic model)"
         )
+    left_out = f"; steps that crossed kinks left out ({kink_text})" if kink_text else ""
     bad = {k: s for k, s in conclusive.items() if abs(s - expected[k]) > SLOPE_TOLERANCE}
     if not bad:
         missing = [k for k in keys if slopes[k] is None]
         extra = f"; {', '.join(missing)} at the round-off floor" if missing else ""
         slope_text = ", ".join(f"{k} slope {s:.2f}" for k, s in conclusive.items())
-        return True, f"passed: {slope_text} (expected {_expected(expected, keys)}){extra}"
-    if kinks:
+        return True, (
+            f"passed: {slope_text} (expected {_expected(expected, keys)}){extra}{left_out}"
+        )
+    if scripted:
         return None, (
             f"inconclusive: slopes {_fmt(bad)} differ from {_expected(expected, keys)}, and the "
-            f"model has piecewise-linear layers ({', '.join(sorted(set(kinks)))}) whose kinks "
-            "the differences may cross"
+            "model is TorchScript, whose operations cannot be watched for kinks"
         )
     return False, (
         f"failed: slopes {_fmt(bad)} differ from {_expected(expected, keys)} by more than "
-        f"{SLOPE_TOLERANCE}: the derivatives autograd returns do not match the loss"
+        f"{SLOPE_TOLERANCE}: the derivatives autograd returns do not match the loss{left_out}"
     )
 
 
@@ -175,57 +327,82 @@ def gradient_test(
 ) -> list[DirectionResult]:
     """Central differences against the autograd directional derivative (Veitch eq. 31).
 
+    Every evaluation records the ReLU signs and max-pool winners of the forward
+    (:class:`~curvscope.diagnostics._kinks.KinkRecorder`); steps whose points differ from the
+    weights crossed a kink and are left out of the fit.
+
     Args:
-        problem: evaluated in float64 (a float64 copy is made when needed).
+        problem: evaluated in float64 (a float64 copy is made when needed; float32 when the
+            model cannot run in float64, see :func:`evaluation_problem`).
         directions: number of random unit directions.
         eigenvectors: optional ``[P, k]`` directions (top Hessian eigenvectors).
         seed: random source of the directions (an int or a generator).
     """
-    p64 = problem.to(torch.float64)
+    p, _ = evaluation_problem(problem)
+    eps = float(torch.finfo(p.dtype).eps)
     gen = as_generator(seed)
-    w = p64.param_vector()
-    loss0, grad = p64.loss_and_grad()
-    kinks = _has_kinks(problem.model)
+    w = p.param_vector()
+    loss0, grad = p.loss_and_grad()
+    _, reference = _recorded_loss(p, w)
     steps = np.array(STEPS)
     out = []
-    for label, d in _directions(p64, directions, gen, eigenvectors):
+    for label, d in _directions(p, directions, gen, eigenvectors):
+        d = d.to(p.dtype)
         gd = float(grad @ d)
-        errs = []
-        for eps in steps:
-            fd = (float(p64.loss(w + eps * d)) - float(p64.loss(w - eps * d))) / (2 * eps)
-            errs.append(abs(fd - gd))
+        errs, kinks = [], []
+        for h in steps:
+            plus, pat_plus = _recorded_loss(p, w + h * d)
+            minus, pat_minus = _recorded_loss(p, w - h * d)
+            errs.append(abs((plus - minus) / (2 * h) - gd))
+            kinks.append(
+                pattern_changes(reference, pat_plus) + pattern_changes(reference, pat_minus)
+            )
         errs = np.array(errs)
-        # round-off of a central difference: about eps64 |L| / eps
-        floor = np.finfo(np.float64).eps * max(abs(float(loss0)), 1e-300) / steps
-        slope, rng, roundoff = _fit(steps, errs, floor, GRADIENT_SLOPE)
-        passed, reason = _verdict({"error": slope}, {"error": GRADIENT_SLOPE}, kinks, ["error"])
+        # round-off of a central difference: about eps |L| / h
+        floor = eps * max(abs(float(loss0)), 1e-300) / steps
+        kinked = np.array(kinks) > 0
+        fit = _fit(steps, errs, floor, GRADIENT_SLOPE, kinked)
+        passed, reason = _verdict(
+            {"error": fit},
+            {"error": GRADIENT_SLOPE},
+            ["error"],
+            steps,
+            kinked,
+            _usable(errs, floor),
+            p.scripted,
+        )
         out.append(
             DirectionResult(
                 label,
                 steps.tolist(),
                 {"error": errs.tolist()},
-                {"error": slope},
-                {"error": rng},
-                {"error": roundoff},
+                {"error": fit.slope},
+                {"error": fit.range},
+                {"error": fit.roundoff},
                 passed,
                 reason,
+                kink_changes=_changes(reference, kinks),
+                evaluated_in=str(p.dtype).removeprefix("torch."),
             )
         )
     return out
 
 
-def _taylor_errors(problem: Problem, d: torch.Tensor, steps: np.ndarray):
+def _taylor_errors(problem: Problem, d: torch.Tensor, steps: np.ndarray, record: bool = False):
     w = problem.param_vector()
     d = d.to(problem.dtype)
     loss0, grad = problem.loss_and_grad()
+    reference = _recorded_loss(problem, w)[1] if record else []
     gd = float(grad @ d)
     dhd = float(d @ (HessianOperator(problem) @ d))
-    e1, e2 = [], []
+    e1, e2, kinks = [], [], []
     for h in steps:
-        diff = float(problem.loss(w + h * d)) - float(loss0) - h * gd
+        value, patterns = _recorded_loss(problem, w + h * d)
+        diff = value - float(loss0) - h * gd
         e1.append(abs(diff))
         e2.append(abs(diff - 0.5 * h * h * dhd))
-    return float(loss0), np.array(e1), np.array(e2)
+        kinks.append(pattern_changes(reference, patterns) if record else 0)
+    return float(loss0), np.array(e1), np.array(e2), _changes(reference, kinks)
 
 
 def taylor_test(
@@ -239,29 +416,40 @@ def taylor_test(
 
     The same sweep in float32 gives the float32 round-off floor (the smallest e1 and e2
     reached and the h where e2 stops decreasing), reported beside the float64 verdict.
+    Steps that crossed a kink (ReLU signs, max-pool winners) are left out of the fit.
 
     Args:
-        problem: evaluated in float64 (a float64 copy is made when needed).
+        problem: evaluated in float64 (a float64 copy is made when needed; float32 when the
+            model cannot run in float64, see :func:`evaluation_problem`).
         directions: number of random unit directions.
         eigenvectors: optional ``[P, k]`` directions.
         seed: random source of the directions (an int or a generator).
     """
-    p64 = problem.to(torch.float64)
-    p32 = problem.to(torch.float32)
+    p, _ = evaluation_problem(problem)
+    in32 = p.dtype == torch.float32
+    p32 = p if in32 else problem.to(torch.float32)
+    eps = float(torch.finfo(p.dtype).eps)
     gen = as_generator(seed)
-    kinks = _has_kinks(problem.model)
     steps = np.array(STEPS)
     out = []
-    for label, d in _directions(p64, directions, gen, eigenvectors):
-        loss0, e1, e2 = _taylor_errors(p64, d, steps)
-        floor = np.full_like(steps, np.finfo(np.float64).eps * max(abs(loss0), 1e-300))
-        s1, r1, h1 = _fit(steps, e1, floor, TAYLOR_SLOPES[0])
-        s2, r2, h2 = _fit(steps, e2, floor, TAYLOR_SLOPES[1])
-        slopes = {"e1": s1, "e2": s2}
+    for label, d in _directions(p, directions, gen, eigenvectors):
+        loss0, e1, e2, kinks = _taylor_errors(p, d, steps, record=True)
+        floor = np.full_like(steps, eps * max(abs(loss0), 1e-300))
+        kinked = np.array(kinks or [0] * len(steps)) > 0
+        fits = {
+            "e1": _fit(steps, e1, floor, TAYLOR_SLOPES[0], kinked),
+            "e2": _fit(steps, e2, floor, TAYLOR_SLOPES[1], kinked),
+        }
         passed, reason = _verdict(
-            slopes, dict(zip(("e1", "e2"), TAYLOR_SLOPES, strict=True)), kinks, ["e1", "e2"]
+            fits,
+            dict(zip(("e1", "e2"), TAYLOR_SLOPES, strict=True)),
+            ["e1", "e2"],
+            steps,
+            kinked,
+            _usable(e1, floor),
+            p.scripted,
         )
-        _, f1, f2 = _taylor_errors(p32, d, steps)
+        f1, f2 = (e1, e2) if in32 else _taylor_errors(p32, d, steps)[1:3]
         stall = int(np.argmin(f2))
         f32 = {
             "e1_min": float(f1.min()),
@@ -274,12 +462,14 @@ def taylor_test(
                 label,
                 steps.tolist(),
                 {"e1": e1.tolist(), "e2": e2.tolist()},
-                slopes,
-                {"e1": r1, "e2": r2},
-                {"e1": h1, "e2": h2},
+                {k: f.slope for k, f in fits.items()},
+                {k: f.range for k, f in fits.items()},
+                {k: f.roundoff for k, f in fits.items()},
                 passed,
                 reason,
                 f32,
+                kink_changes=kinks,
+                evaluated_in=str(p.dtype).removeprefix("torch."),
             )
         )
     return out

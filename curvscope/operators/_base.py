@@ -67,7 +67,10 @@ class CurvatureOperator(LinearOperator):
 
     # --------------------------------------------------------------- products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        before = self.problem.work_done
         out = self._data_matmat(V)
+        # progress counts k columns as k products, however many passes they took
+        self.problem.add_work(V.shape[1] - (self.problem.work_done - before))
         if self.problem.weight_decay:
             out = out + self.problem.weight_decay * V
         return out

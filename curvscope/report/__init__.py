@@ -6,6 +6,8 @@ package draws what their documents say (matplotlib figures, plotly charts, the H
 
 from ._html import plotly_js_text, render_report
 from ._plots import (
+    FIGURE_STEMS,
+    SURFACE_FIGURES,
     figures_for,
     plot_check_taylor,
     plot_compare,
@@ -15,14 +17,17 @@ from ._plots import (
     plot_surface_1d,
     plot_surface_3d,
     plot_surface_contour,
+    remove_stale_figures,
     save_figures,
 )
 from ._render import PARTS, SKIPPED_FILE, Rendered, render_directory, render_documents
 
 __all__ = [
+    "FIGURE_STEMS",
     "PARTS",
     "SKIPPED_FILE",
     "Rendered",
+    "SURFACE_FIGURES",
     "figures_for",
     "plot_check_taylor",
     "plot_compare",
@@ -36,5 +41,6 @@ __all__ = [
     "render_directory",
     "render_documents",
     "render_report",
+    "remove_stale_figures",
     "save_figures",
 ]

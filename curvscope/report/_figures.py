@@ -82,6 +82,25 @@ def surface_axis_label(
     return f"direction {i + 1}"
 
 
+def weights_marker(surf: dict[str, Any]) -> tuple[float, float, float, float, float] | None:
+    """Where the 3-D views mark the weights: ``(a, b, z, z_low, z_top)``.
+
+    ``(a, b)`` is the grid point nearest the origin and ``z`` its loss; ``z_top`` lies a
+    little above the highest finite loss and ``z_low`` at the lowest, so a vertical line
+    through the weights spans the surface and a marker at ``z_top`` is never hidden by it.
+    ``None`` when the loss there is not finite.
+    """
+    a, b = (np.asarray(v, dtype=float) for v in surf["axes"])
+    z = as_array(surf["loss"])
+    i, j = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
+    if not np.isfinite(z[i, j]):
+        return None
+    finite = z[np.isfinite(z)]
+    lo, hi = float(finite.min()), float(finite.max())
+    top = hi + 0.08 * ((hi - lo) or abs(hi) or 1.0)
+    return float(a[i]), float(b[j]), float(z[i, j]), lo, top
+
+
 def taylor_series(check: dict[str, Any]) -> list[dict[str, Any]]:
     """The per-direction series of a Taylor/gradient check entry, in whatever form it has."""
     subs = check.get("directions") or check.get("results") or check.get("subresults") or []

@@ -21,6 +21,7 @@ from ._figures import (
     surface_axis_label,
     taylor_series,
     trace_columns,
+    weights_marker,
 )
 
 __all__ = [
@@ -94,6 +95,23 @@ def surface_3d(doc: dict[str, Any]) -> go.Figure:
                 showlegend=True,
                 visible="legendonly",
                 hovertemplate="quadratic model %{z:.5g}<extra></extra>",
+            )
+        )
+    mark = weights_marker(surf)
+    if mark is not None:
+        a0, b0, z0, _, top = mark
+        # a vertical line from the weights' loss to above the surface, and a marker on top:
+        # a point on the surface itself is hidden by it from most angles (issue 14)
+        fig.add_trace(
+            go.Scatter3d(
+                x=[a0, a0],
+                y=[b0, b0],
+                z=[z0, top],
+                mode="lines+markers",
+                name="weights w",
+                line={"color": "#D55E00", "width": 6},
+                marker={"size": [3, 7], "color": "#D55E00", "symbol": ["circle", "diamond"]},
+                hovertemplate=f"weights w<br>loss={z0:.5g}<extra></extra>",
             )
         )
     fig.update_layout(

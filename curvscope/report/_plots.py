@@ -28,6 +28,7 @@ from ._figures import (
     surface_axis_label,
     taylor_series,
     trace_columns,
+    weights_marker,
 )
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "plot_surface_1d",
     "plot_surface_3d",
     "plot_surface_contour",
+    "remove_stale_figures",
     "save_figures",
 ]
 
@@ -264,16 +266,27 @@ def plot_surface_3d(doc: dict[str, Any], ax=None) -> Figure:
             rcount=min(80, len(a)),
             ccount=min(80, len(b)),
         )
-        i0, j0 = _centre_index(a), _centre_index(b)
-        if np.isfinite(z[i0, j0]):
+        s.set_zorder(1)
+        mark = weights_marker(surf)
+        if mark is not None:
+            a0, b0, z0, _, top = mark
+            # mplot3d sorts artists by depth, which put the marker behind the surface
+            # (issue 14); draw in zorder instead, and mark the weights by a vertical line from
+            # their loss to above the surface, topped by the marker
+            ax.computed_zorder = False
+            ax.plot([a0, a0], [b0, b0], [z0, top], color="#D55E00", lw=1.6, zorder=9)
+            ax.scatter([a0], [b0], [z0], color="#D55E00", s=18, depthshade=False, zorder=10)
             ax.scatter(
-                [a[i0]],
-                [b[j0]],
-                [z[i0, j0]],
+                [a0],
+                [b0],
+                [top],
                 color="#D55E00",
-                s=30,
+                edgecolor="black",
+                s=60,
+                marker="v",
                 depthshade=False,
-                label="weights $w$",
+                zorder=11,
+                label=f"weights $w$ (loss {z0:.4g})",
             )
             ax.legend(loc="upper left")
         ax.set_xlabel(surface_axis_label(surf, 0), labelpad=8, fontsize=9)
@@ -589,6 +602,37 @@ def plot_solver_curves(doc: dict[str, Any], ax=None, *, x: str = "iterations") -
 
 
 # ----------------------------------------------------------------------------- all figures
+SURFACE_FIGURES = ("surface_contour", "surface_3d", "surface_slices", "surface_line")
+"""File stems of the surface figures (2-D: contour, 3-D, slices; 1-D: line)."""
+FIGURE_STEMS = (*SURFACE_FIGURES, "spectrum", "density", "compare", "taylor", "solver_loss")
+"""Every file stem :func:`figures_for` can give."""
+FIGURE_FORMATS = ("png", "pdf", "svg")
+"""Formats :func:`save_figures` writes."""
+
+
+def remove_stale_figures(
+    out_dir: str | os.PathLike, written: list[Path], stems: tuple[str, ...] = FIGURE_STEMS
+) -> list[Path]:
+    """Remove figures ``stems`` x :data:`FIGURE_FORMATS` in ``out_dir`` not in ``written``.
+
+    A run replaces the figures it wrote before; one that was not written this time (a 2-D
+    surface's contour after a 1-D run, a PDF no longer asked for) would otherwise sit beside
+    the new results as if it belonged to them. Files with other names are left alone.
+
+    Returns:
+        The paths removed.
+    """
+    keep = {Path(p).resolve() for p in written}
+    removed = []
+    for stem in stems:
+        for fmt in FIGURE_FORMATS:
+            path = Path(out_dir) / f"{stem}.{fmt}"
+            if path.is_file() and path.resolve() not in keep:
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def figures_for(doc: dict[str, Any]) -> dict[str, Figure]:
     """Every figure a result document supports, by file stem (``surface_contour``...)."""
     command = doc.get("command")

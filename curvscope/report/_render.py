@@ -11,7 +11,7 @@ from typing import Any
 from .._errors import CurvscopeError, arg
 from ..io import read_document, write_atomic
 from ._html import render_report
-from ._plots import save_figures
+from ._plots import remove_stale_figures, save_figures
 
 __all__ = ["PARTS", "SKIPPED_FILE", "Rendered", "render_directory", "render_documents"]
 
@@ -50,6 +50,10 @@ def render_documents(
     figures: list[Path] = []
     for doc in documents.values():
         figures += save_figures(doc, out / "figures", figure_formats)
+    # figures/ belongs to the report: a figure of an earlier run that this one did not
+    # write (another preset, a format no longer asked for) goes
+    if (out / "figures").is_dir():
+        remove_stale_figures(out / "figures", figures)
     page = render_report(documents, plotly_js=plotly_js, skipped=list(skipped or []))
     return write_atomic(out / "report.html", page), figures
 

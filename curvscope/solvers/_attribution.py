@@ -33,6 +33,8 @@ MK_COSINE_TOL = 1e-6
 """Per-tensor cosine >= 1 - MK_COSINE_TOL counts as 'parallel to the gradient'."""
 NEWTON_RESIDUAL_BAD = 0.1
 """Median relative Newton residual above which eq. 35 'does not solve the Newton system'."""
+GROWTH_WINDOW = 3
+"""A loss that rose in each of the last GROWTH_WINDOW iterations counts as diverging."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +353,68 @@ def newton_residual(run) -> Finding | None:
     )
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def non_finite(run) -> Finding | None:
+    """Rule ``non_finite``.
+
+    Fires when a recorded loss or gradient norm is NaN or infinite (written as null in a
+    result document, as NaN in a fresh trace); names the first iteration.
+    """
+    its = _col(run, "iteration")
+    bad = []
+    for key in ("loss", "grad_norm"):
+        col = _col(run, key)
+        if not col:
+            continue
+        bad += [(i, key) for i, v in zip(its, col, strict=False) if not _finite(v)]
+    if not bad:
+        return None
+    first, key = min(bad)
+    what = "loss" if key == "loss" else "gradient norm"
+    return Finding(
+        "non_finite",
+        f"non-finite values: the {what} is NaN or infinite from iteration {first} on "
+        f"({len({i for i, _ in bad})} of {len(its)} recorded points).",
+        {"first": first, "count": len({i for i, _ in bad}), "quantity": key},
+    )
+
+
+def diverged(run) -> Finding | None:
+    """Rule ``diverged``.
+
+    Fires when the last finite loss is above the starting loss, or when the loss rose in
+    each of the last GROWTH_WINDOW iterations: the solver made things worse.
+    """
+    loss = [v for v in _col(run, "loss") if _finite(v)]
+    if len(loss) < 2:
+        return None
+    start, end = loss[0], loss[-1]
+    tail = loss[-GROWTH_WINDOW - 1 :]
+    growing = len(tail) == GROWTH_WINDOW + 1 and all(
+        b > a for a, b in zip(tail, tail[1:], strict=False)
+    )
+    if end > start:
+        text = (
+            f"diverged: the loss went from {start:.4g} to {end:.4g} ({end / start:.3g}x its "
+            "start)" if start > 0 else f"diverged: the loss went from {start:.4g} to {end:.4g}"
+        )
+    elif growing:
+        text = (
+            f"diverging: the loss rose in each of the last {GROWTH_WINDOW} iterations, from "
+            f"{tail[0]:.4g} to {end:.4g}"
+        )
+    else:
+        return None
+    return Finding(
+        "diverged",
+        text + ".",
+        {"start": start, "end": end, "growing_last": growing, "window": GROWTH_WINDOW},
+    )
+
+
 def error(run) -> Finding | None:
     """Fires when the run stopped on an error (non-finite loss, unsupported model...)."""
     if _get(run, "stop_reason") != "error":
@@ -364,6 +428,8 @@ def error(run) -> Finding | None:
 
 RULES: list[Callable[[Any], Finding | None]] = [
     converged,
+    non_finite,
+    diverged,
     budget_exhausted,
     iteration_limit,
     stalled,
