@@ -3,7 +3,9 @@
 from ._archs import ACTIVATIONS, ARCH_TYPES, LAYER_TYPES, build_arch
 from ._checkpoints import (
     CHECKPOINT_FORMAT,
+    STEP_KEYS,
     LoadedModel,
+    checkpoint_step,
     load_checkpoint,
     save_checkpoint,
     save_safetensors,
@@ -38,7 +40,9 @@ __all__ = [
     "LAYER_TYPES",
     "Dataset",
     "LoadedModel",
+    "STEP_KEYS",
     "build_arch",
+    "checkpoint_step",
     "check_fits",
     "load_checkpoint",
     "load_dataset",
