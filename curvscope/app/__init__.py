@@ -2,8 +2,8 @@
 
 :func:`run_report` is the pipeline behind ``curvscope report``, :func:`track` the one
 behind ``curvscope track`` (and :class:`Tracker` its form inside a training loop);
-:func:`document` builds the result document every command writes. Numerics live in the diagnostics and solvers, drawing
-in :mod:`curvscope.report`.
+:func:`document` builds the result document every command writes. Numerics live in the
+diagnostics and solvers, drawing in :mod:`curvscope.report`.
 """
 
 from ._documents import describe, document, save_document
