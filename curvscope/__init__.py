@@ -74,6 +74,7 @@ _API: dict[str, tuple[str, str]] = {
     "read_document": (".io", "read_document"),
     "run_report": (".app", "run_report"),
     "track": (".app", "track"),
+    "diff_documents": (".app", "diff_documents"),
     "Tracker": (".app", "Tracker"),
     "stability_threshold": (".app", "stability_threshold"),
 }

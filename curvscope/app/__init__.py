@@ -6,6 +6,7 @@ behind ``curvscope track`` (and :class:`Tracker` its form inside a training loop
 diagnostics and solvers, drawing in :mod:`curvscope.report`.
 """
 
+from ._diff import COVERAGE, DiffEntry, DiffResult, diff_documents
 from ._documents import describe, document, save_document
 from ._report import PRESETS, ReportRun, run_report
 from ._track import (
@@ -20,12 +21,16 @@ from ._track import (
 )
 
 __all__ = [
+    "COVERAGE",
+    "DiffEntry",
+    "DiffResult",
     "PRESETS",
     "TRACE_ESTIMATORS",
     "ReportRun",
     "TrackRun",
     "Tracker",
     "describe",
+    "diff_documents",
     "document",
     "expand_checkpoints",
     "order_checkpoints",
