@@ -15,6 +15,10 @@ from ._plots import (
     plot_surface_1d,
     plot_surface_3d,
     plot_surface_contour,
+    plot_track,
+    plot_track_layers,
+    plot_track_loss,
+    plot_track_trace,
     save_figures,
 )
 from ._render import PARTS, SKIPPED_FILE, Rendered, render_directory, render_documents
@@ -32,6 +36,10 @@ __all__ = [
     "plot_surface_1d",
     "plot_surface_3d",
     "plot_surface_contour",
+    "plot_track",
+    "plot_track_layers",
+    "plot_track_loss",
+    "plot_track_trace",
     "plotly_js_text",
     "render_directory",
     "render_documents",
