@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ._common import console, guarded
@@ -82,13 +83,13 @@ def _print(result, a: Path, b: Path, show_all: bool, coverage: float) -> None:
             t.add_column(col)
         for d in result.input_differences:
             va, vb = _fmt(d["a"]), _fmt(d["b"])
-            t.add_row(d["field"], va[:40], vb[:40])
+            t.add_row(escape(d["field"]), escape(va[:40]), escape(vb[:40]))
         console.print(t)
     entries = result.entries if show_all else result.changed
     entries = sorted(entries, key=lambda e: e.verdict == "same")
-    table = Table(title=f"{result.command}: {a} (A) vs {b} (B)", title_style="bold")
-    for col, kw in (("number", {}), ("A", {"justify": "right"}), ("B", {"justify": "right"}),
-                    ("B - A", {"justify": "right"}),
+    table = Table(title=escape(f"{result.command}: {a} (A) vs {b} (B)"), title_style="bold")
+    for col, kw in (("number", {"no_wrap": True}), ("A", {"justify": "right"}),
+                    ("B", {"justify": "right"}), ("B - A", {"justify": "right"}),
                     (f"{coverage:g} x uncertainty", {"justify": "right"}),
                     ("from", {}), ("verdict", {})):
         table.add_column(col, **kw)
@@ -96,10 +97,10 @@ def _print(result, a: Path, b: Path, show_all: bool, coverage: float) -> None:
     for e in entries[:limit]:
         colour = "green" if e.verdict == "same" else "red"
         table.add_row(
-            e.key, _fmt(e.a), _fmt(e.b),
+            escape(e.key), escape(_fmt(e.a)), escape(_fmt(e.b)),
             "-" if e.difference is None else f"{e.difference:.3g}",
             "-" if e.uncertainty is None else f"{coverage * e.uncertainty:.2g}",
-            e.basis, f"[{colour}]{e.verdict}[/]",
+            escape(e.basis), f"[{colour}]{e.verdict}[/]",
         )
     if entries:
         console.print(table)
@@ -111,7 +112,7 @@ def _print(result, a: Path, b: Path, show_all: bool, coverage: float) -> None:
         f"{counts['only in b']} only in B."
     )
     for note in result.notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(f"[dim]{escape(note)}[/]")
 
 
 def register(app: typer.Typer) -> None:

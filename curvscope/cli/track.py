@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..operators import MATRIX_NAMES, matrix_help
@@ -220,11 +221,11 @@ def _print(run, figures, seconds) -> None:
             f"{ws['max_eigenvalue_difference']:.1e})."
         )
     for note in doc.get("notes") or []:
-        console.print(f"[dim]{note}[/]")
+        console.print(f"[dim]{escape(note)}[/]")
     console.print(f"{doc['counts']['matvecs']} matrix-vector products in {seconds:.1f} s. "
-                  f"Result: {run.path}")
+                  + escape(f"Result: {run.path}"))
     if figures:
-        console.print(f"Figures: {', '.join(str(p) for p in figures)}")
+        console.print(escape(f"Figures: {', '.join(str(p) for p in figures)}"))
 
 
 def register(app: typer.Typer) -> None:
