@@ -115,7 +115,7 @@ def expand_checkpoints(specs: Sequence[str | Path]) -> list[Path]:
         text = str(spec)
         if _GLOB.search(text) and not Path(text).exists():
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            matches = [m for m in matches if m.is_file()]
+            matches = [m for m in matches if m.exists()]
             if not matches:
                 raise OptionError(
                     f"the pattern {text!r} among {arg('checkpoints')} matches no file.",

@@ -3,9 +3,7 @@
 from ._archs import ACTIVATIONS, ARCH_TYPES, LAYER_TYPES, build_arch
 from ._checkpoints import (
     CHECKPOINT_FORMAT,
-    STEP_KEYS,
     LoadedModel,
-    checkpoint_step,
     load_checkpoint,
     save_checkpoint,
     save_safetensors,
@@ -28,6 +26,7 @@ from ._results import (
     write_atomic,
     write_document,
 )
+from ._steps import STEP_KEYS, checkpoint_step
 from ._tokens import TokenBatches, TokenWindows, load_tokens, shipped_text
 
 __all__ = [
