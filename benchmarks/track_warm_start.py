@@ -99,10 +99,11 @@ def main() -> None:
             run, secs = runs[warm]
             per = [r["num_matvecs_eigen"] for r in run.rows]
             total = sum(per)
+            pairs = len(run.rows) * (s["top"] + s["bottom"])
+            verdict = (f"{apart} of {pairs}; the warm run's value is the more extreme in "
+                       f"{warm_better}") if warm else ""
             print(f"| {label} | {'warm' if warm else 'cold'} | {total} | {per[0]}, "
-                  f"{int(np.median(per[1:]))} | {secs:.1f} | {diff:.2e} | "
-                  + (f"{apart} of {len(runs[True][0].rows) * (s['top'] + s['bottom'])}; the warm run's value is the "
-                     f"more extreme in {warm_better}" if warm else "") + " |")
+                  f"{int(np.median(per[1:]))} | {secs:.1f} | {diff:.2e} | {verdict} |")
         warm_total = sum(r["num_matvecs_eigen"] for r in runs[True][0].rows)
         cold_total = sum(r["num_matvecs_eigen"] for r in runs[False][0].rows)
         print(f"|  | saving | {100 * (1 - warm_total / cold_total):.0f}% | | "
