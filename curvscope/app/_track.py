@@ -203,6 +203,10 @@ def _check_architectures(
 ) -> None:
     """Every checkpoint must hold the first one's architecture (names, shapes, ``arch``).
 
+    Each checkpoint is loaded once here, before any analysis, so that a mismatch stops the
+    run at once (the analysis then loads each again: twice the reading, none of it wasted on
+    a run that cannot finish).
+
     Raises:
         CheckpointError: naming the first checkpoint that differs and how.
     """
@@ -273,8 +277,7 @@ class _Measurer:
         self.vectors[key] = torch.cat([r.eigenvectors for r in results], dim=1).detach().clone()
         return results, used, cold, diff
 
-    def measure(self, problem: Problem, progress: Progress | None = None,
-                label: str = "") -> dict[str, Any]:
+    def measure(self, problem: Problem, progress: Progress | None = None) -> dict[str, Any]:
         """One row (without its step and checkpoint) at the problem's current weights."""
         loss, grad = problem.loss_and_grad()
         ops, _ = build_operators(problem, self.matrices, seed=self.seed, hvp=self.hvp)
@@ -290,7 +293,7 @@ class _Measurer:
         cold_total: int | None = 0 if self.compare_cold else None
         max_diff = 0.0
         for name, op in ops.items():
-            tick = _labelled(progress, f"{label}{name}")
+            tick = _labelled(progress, name)
             results, used, cold, diff = self._solve(op, (name, "all"), self.top, self.bottom,
                                                     tick)
             eigen += used
@@ -541,15 +544,17 @@ def track(
     passes_before = problem.data_passes
     measurer = _Measurer(names, top, bottom, estimator, trace_probes, per_layer, tol, rtol,
                          max_matvecs, basis_size, seed, warm_start, compare_cold, hvp)
-    all_settings = _settings(
-        measurer,
-        lr=lr,
-        momentum=momentum,
-        checkpoints=[str(c) for c in ([checkpoints] if isinstance(checkpoints, (str, Path))
-                                      else checkpoints)],
-        order=order_by,
-        **dict(settings or {}),
-    )
+    all_settings = {
+        **dict(settings or {}),  # the caller's own (the command line's flags) first
+        **_settings(
+            measurer,
+            lr=lr,
+            momentum=momentum,
+            checkpoints=[str(c) for c in ([checkpoints] if isinstance(checkpoints, (str, Path))
+                                          else checkpoints)],
+            order=order_by,
+        ),
+    }
     rows: list[dict[str, Any]] = []
     out_path: Path | None = None
 
@@ -575,17 +580,20 @@ def track(
                 # copy_ converts to the analysis dtype and device; the problem's parameter
                 # views share storage with the model, so they see the new weights
                 problem.model.load_state_dict(loaded.model.state_dict())
-        label = f"step {ckpt.step}: " if ckpt.step is not None else f"{ckpt.path.name}: "
+        if progress is not None:
+            progress(i, len(ordered), "checkpoints")
         row = {
             "index": i,
             "step": ckpt.step,
             "step_source": ckpt.step_source,
             "checkpoint": str(ckpt.path),
             "sha256": loaded.sha256 or None,
-            **measurer.measure(problem, progress, label),
+            **measurer.measure(problem, progress),
         }
         rows.append(row)
         write(complete=False)
+        if progress is not None:
+            progress(i + 1, len(ordered), "checkpoints")
     doc = write(complete=True)
     return TrackRun(doc, out_path)
 
@@ -643,8 +651,8 @@ def _weights_sha256(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        flat = t.detach().cpu().reshape(-1).contiguous()
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 
