@@ -21,8 +21,10 @@ whose roots stay inside the unit circle exactly when :math:`\eta\lambda < 2(1+\b
 (for :math:`0 \le \beta < 1`): the threshold is :math:`2(1+\beta)/\eta`. Cohen, Kaur, Li,
 Kolter and Talwalkar, "Gradient Descent on Neural Networks Typically Occurs at the Edge of
 Stability", ICLR 2021, use the same :math:`(2 + 2\beta)/\eta` for Polyak momentum (their
-Nesterov threshold differs and is not drawn here); ``tests/test_track.py`` checks it on the
-recurrence.
+Nesterov threshold differs and is not drawn here); ``tests/test_track.py`` checks it against
+``torch.optim.SGD``. The threshold is that of full-batch gradient descent: with small mini-batches
+and momentum the sharpness has been seen to settle lower (arXiv:2604.14108, "Momentum Further
+Constrains Sharpness at the Edge of Stochastic Stability").
 """
 
 from __future__ import annotations
