@@ -205,3 +205,28 @@ def test_a_float32_rerun_differs_from_float64_only_within_uncertainty(tmp_path):
         p = cs.Problem(m, "cross_entropy", [(x.to(dtype), y) for x, y in data])
         docs.append(cs.document(cs.spectrum(cs.hessian(p), top=2, bottom=1, tol=1e-5), p))
     assert not diff_documents(*docs).changed
+
+
+def test_near_zero_numbers_use_the_scale_of_their_family():
+    def surface(cross):
+        return {"command": "surface", "input": {"dtype": "float32"}, "results": {"surface": {
+            "directions": {"kind": "random"},
+            "curvatures": [[2.0, cross], [cross, 0.5]]}}}
+
+    # an off-diagonal d1.H d2 at round-off of ||H|| (2.0), not of its own size
+    res = diff_documents(surface(1e-8), surface(-3e-8))
+    assert not res.changed and not res.notes
+    assert diff_documents(surface(1e-8), surface(1e-3)).counts["different"] == 2
+
+    def compare(min_eig):
+        return {"command": "compare", "input": {"dtype": "float32"}, "settings": {"tol": 1e-4},
+                "results": {"comparisons": [{"block": "fc1", "matrix": "ggn",
+                                             "rel_frobenius": 0.3, "top_eigenvalues": [2.0],
+                                             "min_eigenvalue": min_eig}]}}
+
+    # Lanczos pins a small eigenvalue to tol x ||A|| (2e-4 here), not to tol x |value|
+    res = diff_documents(compare(4.9e-5), compare(2.6e-5))
+    assert not res.changed and res.entries[-1].basis == "tol x ||A||"
+    assert diff_documents(compare(4.9e-5), compare(2e-3)).counts["different"] == 1
+    eigen = {**surface(0.0), "results": {"surface": {"directions": {"kind": "eigen"}}}}
+    assert "eigenvectors found from another start" in diff_documents(eigen, eigen).notes[0]

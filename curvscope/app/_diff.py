@@ -123,6 +123,12 @@ class DiffResult:
 Item = tuple[str, str, Any, list[tuple[str, float]]]
 """(section, key, value, [(basis, uncertainty), ...]) of one number of one document."""
 
+SCALE = "scale"
+"""An entry ``(SCALE, s)`` among the uncertainties is no uncertainty: it says that the
+number's round-off is relative to ``s`` (the largest of its family, e.g. of a surface's
+loss grid or of ``d_i . H d_j``) rather than to its own magnitude, for numbers that come
+out of cancellation and should be near zero."""
+
 
 def _num(x: Any) -> float | None:
     if isinstance(x, bool) or x is None:
@@ -180,6 +186,12 @@ def _tol_of(doc: dict) -> float:
     return tol if tol else 1e-4
 
 
+def _norm(values: Any) -> float:
+    """The largest magnitude among numbers (0 for none)."""
+    nums = [abs(x) for x in (_num(v) for v in (values or [])) if x is not None]
+    return max(nums, default=0.0)
+
+
 def _compare(doc: dict) -> Iterator[Item]:
     tol = _tol_of(doc)
     for r in (doc.get("results") or {}).get("comparisons") or []:
@@ -189,35 +201,40 @@ def _compare(doc: dict) -> Iterator[Item]:
                [("stderr", u)] if u else [])
         if r.get("chen_metric") is not None:
             yield ("comparisons", f"{head} Chen metric", r.get("chen_metric"), [])
-        for name in ("top_eigenvalues", "hessian_top_eigenvalues"):
+        # Lanczos converges to a residual of tol x ||A||, ||A|| the largest |eigenvalue|
+        own = tol * max(_norm(r.get("top_eigenvalues")), abs(_num(r.get("min_eigenvalue")) or 0))
+        for name, bound in (("top_eigenvalues", own),
+                            ("hessian_top_eigenvalues",
+                             tol * _norm(r.get("hessian_top_eigenvalues")))):
             for i, v in enumerate(r.get(name) or []):
-                x = _num(v)
                 yield ("comparisons", f"{head} {name.replace('_', ' ')} #{i + 1}", v,
-                       [("tol x |value|", tol * abs(x))] if x is not None else [])
+                       [("tol x ||A||", bound)])
         if r.get("min_eigenvalue") is not None:
-            x = _num(r.get("min_eigenvalue"))
             yield ("comparisons", f"{head} smallest eigenvalue", r.get("min_eigenvalue"),
-                   [("tol x |value|", tol * abs(x))] if x is not None else [])
+                   [("tol x ||A||", own)])
 
 
 def _surface(doc: dict) -> Iterator[Item]:
     surf = (doc.get("results") or {}).get("surface") or {}
     tol = _tol_of(doc)
+    loss = surf.get("loss")
+    flat = list(_flat(loss)) if isinstance(loss, list) else []
+    loss_scale = [(SCALE, _norm([v for _, v in flat] + [surf.get("center_loss")]))]
     if "center_loss" in surf:
-        yield ("surface", "loss at the weights", surf.get("center_loss"), [])
+        yield ("surface", "loss at the weights", surf.get("center_loss"), loss_scale)
+    norm = _norm(surf.get("eigenvalues"))
     for i, v in enumerate(surf.get("eigenvalues") or []):
-        x = _num(v)
-        yield ("surface", f"direction eigenvalue #{i + 1}", v,
-               [("tol x |value|", tol * abs(x))] if x is not None else [])
-    for i, v in enumerate(surf.get("gradient_projections") or []):
-        yield ("surface", f"g . d{i + 1}", v, [])
+        yield ("surface", f"direction eigenvalue #{i + 1}", v, [("tol x ||A||", tol * norm)])
+    projections = surf.get("gradient_projections") or []
+    for i, v in enumerate(projections):
+        yield ("surface", f"g . d{i + 1}", v, [(SCALE, _norm(projections))])
+    curv = [c for row in surf.get("curvatures") or []
+            for c in (row if isinstance(row, list) else [row])]
     for i, row in enumerate(surf.get("curvatures") or []):
         for j, v in enumerate(row if isinstance(row, list) else [row]):
-            yield ("surface", f"d{i + 1} . H d{j + 1}", v, [])
-    loss = surf.get("loss")
-    if isinstance(loss, list):
-        for idx, v in _flat(loss):
-            yield ("surface", f"loss{idx}", v, [])
+            yield ("surface", f"d{i + 1} . H d{j + 1}", v, [(SCALE, _norm(curv))])
+    for idx, v in flat:
+        yield ("surface", f"loss{idx}", v, loss_scale)
 
 
 def _flat(values: list, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -301,9 +318,10 @@ def _compare_pair(section: str, key: str, a: Any, ua: list, b: Any, ub: list,
     if xa is None or xb is None:
         same = a == b
         return DiffEntry(section, key, a, b, None, None, "exact", "same" if same else "different")
-    parts = [u for _, u in (*ua, *ub) if u is not None]
-    bases = list(dict.fromkeys(name for name, _ in (*ua, *ub)))
-    floor = roundoff * max(abs(xa), abs(xb))
+    parts = [u for name, u in (*ua, *ub) if u is not None and name != SCALE]
+    bases = list(dict.fromkeys(name for name, _ in (*ua, *ub) if name != SCALE))
+    scales = [u for name, u in (*ua, *ub) if name == SCALE and u is not None]
+    floor = roundoff * max(abs(xa), abs(xb), *scales)
     u = math.sqrt(sum(p * p for p in parts) + floor * floor)
     diff = xb - xa
     basis = " + ".join(bases) if bases else "round-off"
@@ -395,6 +413,15 @@ def diff_documents(a: dict[str, Any], b: dict[str, Any], *, names: tuple[str, st
             (va, ua), (vb, ub) = items_a[sk], items_b[sk]
             entries.append(_compare_pair(section, key, va, ua, vb, ub, roundoff))
     notes = []
+    kinds = {((d.get("results") or {}).get("surface") or {}).get("directions", {}).get("kind")
+             for d in (a, b)} if ca == "surface" else set()
+    if "eigen" in kinds:
+        notes.append(
+            "surface values carry no uncertainty of their directions: eigenvectors found from "
+            "another start (another seed) differ by about residual/gap, which moves g . d, "
+            "d . H d and the loss grid beyond round-off; compare the direction eigenvalues, "
+            "or surfaces along the same saved directions (surface --directions FILE)."
+        )
     if a.get("complete") is False or b.get("complete") is False:
         notes.append("one of the documents is partial (an interrupted run).")
     return DiffResult(ca, entries, _input_differences(a, b), notes)
