@@ -73,6 +73,10 @@ _API: dict[str, tuple[str, str]] = {
     "write_document": (".io", "write_document"),
     "read_document": (".io", "read_document"),
     "run_report": (".app", "run_report"),
+    "track": (".app", "track"),
+    "diff_documents": (".app", "diff_documents"),
+    "Tracker": (".app", "Tracker"),
+    "stability_threshold": (".app", "stability_threshold"),
 }
 
 __all__ = ["__version__", *_API]

@@ -1,5 +1,6 @@
-"""Data parallelism over ``torch.distributed``: every rank holds the model, a share of the
-batches, and the same Krylov vectors; every product, loss and gradient is summed over ranks.
+"""Data parallelism over ``torch.distributed``: products, losses and gradients summed over ranks.
+
+Every rank holds the model, a share of the batches and the same Krylov vectors.
 
 The same code runs on CPUs (backend ``gloo``) and GPUs (``nccl``). Under ``torchrun`` the
 command line joins the process group from the environment (:func:`from_environment`); the

@@ -17,7 +17,18 @@ from .. import __version__
 
 __all__ = ["app", "main"]
 
-COMMANDS = ["example", "spectrum", "density", "check", "compare", "surface", "solve", "report"]
+COMMANDS = [
+    "example",
+    "spectrum",
+    "density",
+    "check",
+    "compare",
+    "surface",
+    "solve",
+    "report",
+    "track",
+    "diff",
+]
 
 app = typer.Typer(
     name="curvscope",

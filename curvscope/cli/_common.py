@@ -43,6 +43,7 @@ __all__ = [
     "err_console",
     "finish",
     "guarded",
+    "load_kwargs",
     "open_session",
     "parse_floats",
     "parse_list",
@@ -724,6 +725,53 @@ def prepare_torch(common: CommonArgs | None = None) -> None:
     common.threads = torch.get_num_threads()  # recorded in the document's settings
 
 
+def load_kwargs(common: CommonArgs) -> dict[str, Any]:
+    """What :func:`curvscope.load` takes besides the model and the data, from the shared flags.
+
+    For commands that load several checkpoints (``track``); :func:`open_session` passes the
+    same arguments for one.
+
+    Raises:
+        OptionError: for a malformed ``--forward-kwargs`` or ``--group``.
+    """
+    options = {
+        k: v
+        for k, v in {
+            "x_key": common.x_key,
+            "y_key": common.y_key,
+            "label_column": common.label_column,
+            "split": common.split,
+            "input_shape": common.input_shape,
+            "scale": common.scale,
+            "normalize": common.normalize,
+            "block_size": common.block_size,
+        }.items()
+        if v is not None
+    }
+    return {
+        "loss": common.loss,
+        "reduction": common.reduction,
+        "params": common.params,
+        "weight_decay": common.weight_decay,
+        "batch_size": common.batch_size,
+        "samples": common.samples,
+        "seed": common.seed,
+        "device": common.device,
+        "dtype": common.dtype,
+        "train_mode": common.train_mode,
+        "builder": common.model,
+        "trust_checkpoint": common.trust_checkpoint,
+        "state_key": common.state_key,
+        "strip_prefix": common.strip_prefix,
+        "load_strict": common.load_strict,
+        "forward_kwargs": parse_kwargs(common.forward_kwargs, "--forward-kwargs"),
+        "output": common.output,
+        "groups": parse_groups(common.group),
+        "ignore_index": common.ignore_index,
+        **options,
+    }
+
+
 def open_session(common: CommonArgs) -> Session:
     """Check the output folder and every input path, then load checkpoint and data.
 
@@ -831,6 +879,7 @@ FLAG_NAMES = {
     "blocks": "--per-layer/--per-param/--group",
     "token_dtype": "--token-dtype",
     "max_matvecs": "--max-matvecs (or --max-iter)",
+    "checkpoints": "CKPT",
 }
 """Library argument names whose command-line flag is not ``--`` plus the dashed name."""
 

@@ -27,6 +27,7 @@ from ._results import (
     write_atomic,
     write_document,
 )
+from ._steps import STEP_KEYS, checkpoint_step
 from ._tokens import TokenBatches, TokenWindows, load_tokens, shipped_text
 
 __all__ = [
@@ -41,7 +42,9 @@ __all__ = [
     "LAYER_TYPES",
     "Dataset",
     "LoadedModel",
+    "STEP_KEYS",
     "build_arch",
+    "checkpoint_step",
     "check_fits",
     "load_checkpoint",
     "load_dataset",

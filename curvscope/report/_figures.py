@@ -19,6 +19,11 @@ __all__ = [
     "surface_axis_label",
     "taylor_series",
     "trace_columns",
+    "track_eigen_series",
+    "track_layer_series",
+    "track_thresholds",
+    "track_trace_series",
+    "track_x",
 ]
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies, and in grey print.
@@ -123,3 +128,102 @@ def trace_columns(trace: Any) -> dict[str, list]:
         keys = list(dict.fromkeys(k for row in trace for k in row))
         return {k: [row.get(k) for row in trace] for k in keys}
     return {}
+
+
+# ----------------------------------------------------------------------------- track
+def _rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = results_of(doc, "track")
+    return rows if isinstance(rows, list) else []
+
+
+def _nan(v: Any) -> float:
+    return np.nan if v is None else float(v)
+
+
+def track_x(doc: dict[str, Any]) -> tuple[np.ndarray, str]:
+    """The x values of a track's rows and the axis label.
+
+    The training step when every row has one; otherwise the rows' positions (the order by
+    file name).
+    """
+    rows = _rows(doc)
+    if rows and all(r.get("step") is not None for r in rows):
+        return np.array([r["step"] for r in rows], dtype=float), "training step"
+    return (
+        np.array([r.get("index", i) for i, r in enumerate(rows)], dtype=float),
+        "checkpoint (in file-name order)",
+    )
+
+
+def track_eigen_series(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One series per matrix, end and index: ``{matrix, which, index, label, y, err, ok}``.
+
+    ``err`` is the error bound of each eigenvalue (its residual where no bound was recorded).
+    """
+    rows = _rows(doc)
+    keys: list[tuple[str, str, int]] = []
+    for r in rows:
+        for m, ends in (r.get("eigenvalues") or {}).items():
+            for which, vals in ends.items():
+                for i in range(len(vals or [])):
+                    if (m, which, i) not in keys:
+                        keys.append((m, which, i))
+    out = []
+    for m, which, i in keys:
+        y, err, ok = [], [], []
+        for r in rows:
+            vals = ((r.get("eigenvalues") or {}).get(m) or {}).get(which) or []
+            bounds = ((r.get("error_bounds") or {}).get(m) or {}).get(which)
+            if bounds is None:
+                bounds = ((r.get("residuals") or {}).get(m) or {}).get(which) or []
+            conv = ((r.get("converged") or {}).get(m) or {}).get(which) or []
+            y.append(_nan(vals[i]) if i < len(vals) else np.nan)
+            err.append(_nan(bounds[i]) if i < len(bounds) else 0.0)
+            ok.append(bool(conv[i]) if i < len(conv) else True)
+        label = f"λ{i + 1}" if which == "top" else f"λmin{'' if i == 0 else i + 1}"
+        out.append({"matrix": m, "which": which, "index": i, "label": label,
+                    "y": np.array(y), "err": np.nan_to_num(np.array(err)), "ok": np.array(ok)})
+    return out
+
+
+def track_trace_series(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One series per matrix with a trace: ``{matrix, estimator, y, err}`` (err: stderr)."""
+    rows = _rows(doc)
+    matrices = list(dict.fromkeys(m for r in rows for m in (r.get("trace") or {})))
+    out = []
+    for m in matrices:
+        ts = [(r.get("trace") or {}).get(m) or {} for r in rows]
+        est = next((t.get("estimator") for t in ts if t.get("estimator")), "")
+        out.append({"matrix": m, "estimator": est,
+                    "y": np.array([_nan(t.get("estimate")) for t in ts]),
+                    "err": np.nan_to_num(np.array([_nan(t.get("stderr")) for t in ts]))})
+    return out
+
+
+def track_layer_series(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """One series per matrix and module: ``{matrix, block, y, err, ok}``."""
+    rows = _rows(doc)
+    keys = list(dict.fromkeys(
+        (m, b) for r in rows for m, layers in (r.get("per_layer_top") or {}).items()
+        for b in layers
+    ))
+    out = []
+    for m, b in keys:
+        es = [((r.get("per_layer_top") or {}).get(m) or {}).get(b) or {} for r in rows]
+        out.append({"matrix": m, "block": b,
+                    "y": np.array([_nan(e.get("eigenvalue")) for e in es]),
+                    "err": np.nan_to_num(np.array([_nan(e.get("error_bound")) for e in es])),
+                    "ok": np.array([bool(e.get("converged", True)) for e in es])})
+    return out
+
+
+def track_thresholds(doc: dict[str, Any]) -> list[tuple[float, str]]:
+    """Horizontal reference lines: ``2/lr`` and, with momentum, ``2(1+momentum)/lr``."""
+    stab = results_of(doc, "stability")
+    if not isinstance(stab, dict) or not stab.get("lr"):
+        return []
+    lr, beta = stab["lr"], stab.get("momentum") or 0.0
+    lines = [(float(stab.get("threshold_no_momentum") or 2.0 / lr), f"2/η = {fmt(2.0 / lr)}")]
+    if beta:
+        lines.append((float(stab["threshold"]), f"2(1+β)/η = {fmt(stab['threshold'])}"))
+    return lines

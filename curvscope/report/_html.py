@@ -31,7 +31,7 @@ CSP = (
 )
 _URL = re.compile(r"(https?:)//", re.IGNORECASE)
 
-SECTION_ORDER = ["spectrum", "density", "check", "compare", "surface", "solve"]
+SECTION_ORDER = ["spectrum", "density", "check", "compare", "surface", "solve", "track"]
 
 TITLES = {
     "spectrum": "Spectrum",
@@ -40,6 +40,7 @@ TITLES = {
     "compare": "How well the approximations match the Hessian",
     "surface": "Loss surface",
     "solve": "Solver runs",
+    "track": "Training: curvature across checkpoints",
 }
 
 NAV = {
@@ -49,6 +50,7 @@ NAV = {
     "compare": "Comparison",
     "surface": "Surface",
     "solve": "Solvers",
+    "track": "Training",
 }
 
 HOW_TO_READ = {
@@ -88,6 +90,15 @@ HOW_TO_READ = {
         "Each solver's loss and gradient norm per iteration, started from the same weights. "
         "The findings list what the curvature trace explains: negative curvature met, "
         "damping changes, line-search failures, stalls."
+    ),
+    "track": (
+        "The same measurements at every checkpoint of a training run, on the same samples with "
+        "the same seeds: loss, gradient norm, the extreme eigenvalues with their error bounds "
+        "as bars, and, when recorded, the trace with its standard error and each layer's own "
+        "top eigenvalue. The dashed line is 2/η for the step size η of training (dotted: "
+        "2(1+β)/η with heavy-ball momentum β): gradient descent cannot stay stable where the "
+        "sharpness is above it, and full-batch training typically rises to it and hovers "
+        "there (Cohen et al. 2021, the edge of stability)."
     ),
 }
 
@@ -468,6 +479,69 @@ def _solve(doc: dict, page: _Page) -> str:
     return out
 
 
+def _track(doc: dict, page: _Page) -> str:
+    res = doc.get("results") or {}
+    rows = res.get("track") or []
+    settings = doc.get("settings") or {}
+    matrices = list(settings.get("matrix") or [])
+    out = page.chart(charts.track_chart(doc)) + page.chart(charts.track_loss_chart(doc))
+    trace = charts.track_trace_chart(doc)
+    layers = charts.track_layers_chart(doc)
+    if trace is not None and layers is not None:
+        out += '<div class="grid2">' + page.chart(trace) + page.chart(layers) + "</div>"
+    else:
+        out += page.chart(trace) + page.chart(layers)
+    header = ["step", "checkpoint", "loss", "gradient norm"]
+    for m in matrices:
+        header += [f"{m} top", "error bound"]
+        if settings.get("bottom"):
+            header.append(f"{m} bottom")
+        if settings.get("trace"):
+            header += [f"{m} trace", "std. error"]
+    header.append("products")
+    body = []
+    for r in rows:
+        ckpt = r.get("checkpoint")
+        cells = [_td(r.get("step") if r.get("step") is not None else f"#{r.get('index')}"),
+                 _td(ckpt.replace("\\", "/").rsplit("/", 1)[-1] if ckpt else "(in training)"),
+                 _td(r.get("loss"), True), _td(r.get("grad_norm"), True)]
+        for m in matrices:
+            ends = (r.get("eigenvalues") or {}).get(m) or {}
+            bounds = (r.get("error_bounds") or {}).get(m) or {}
+            top = ends.get("top") or []
+            cells += [_td(top[0] if top else None, True),
+                      _td((bounds.get("top") or [None])[0], True)]
+            if settings.get("bottom"):
+                bot = ends.get("bottom") or []
+                cells.append(_td(bot[0] if bot else None, True))
+            if settings.get("trace"):
+                t = (r.get("trace") or {}).get(m) or {}
+                cells += [_td(t.get("estimate"), True), _td(t.get("stderr"), True)]
+        cells.append(_td(r.get("num_matvecs"), True))
+        body.append(cells)
+    out += _table(header, body)
+    lines = []
+    stab = res.get("stability")
+    if stab:
+        lines.append(
+            f"Stability threshold 2(1+β)/η = {_num(stab.get('threshold'))} for step size "
+            f"η = {_num(stab.get('lr'))} and momentum β = {_num(stab.get('momentum'))}."
+        )
+    ws = res.get("warm_start") or {}
+    if ws.get("matvecs_cold"):
+        lines.append(
+            f"Warm start: {ws.get('matvecs')} Lanczos products against "
+            f"{ws.get('matvecs_cold')} from random starts "
+            f"({_num(100 * (ws.get('saving') or 0.0), 3)}% saved; largest eigenvalue "
+            f"difference {_num(ws.get('max_eigenvalue_difference'), 2)})."
+        )
+    elif ws:
+        lines.append(f"Lanczos products: {ws.get('matvecs')} ({_esc(ws.get('start'))}).")
+    if lines:
+        out += "<ul class='notes'>" + "".join(f"<li>{_esc(x)}</li>" for x in lines) + "</ul>"
+    return out
+
+
 def _finding_text(f: Any) -> str:
     if isinstance(f, str):
         return f
@@ -483,6 +557,7 @@ _RENDER = {
     "compare": _compare,
     "surface": _surface,
     "solve": _solve,
+    "track": _track,
 }
 
 

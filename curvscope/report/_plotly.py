@@ -21,6 +21,11 @@ from ._figures import (
     surface_axis_label,
     taylor_series,
     trace_columns,
+    track_eigen_series,
+    track_layer_series,
+    track_thresholds,
+    track_trace_series,
+    track_x,
     weights_marker,
 )
 
@@ -34,6 +39,10 @@ __all__ = [
     "surface_contour",
     "surface_lines",
     "taylor_chart",
+    "track_chart",
+    "track_layers_chart",
+    "track_loss_chart",
+    "track_trace_chart",
 ]
 
 FONT = {"family": "-apple-system, 'Segoe UI', Helvetica, Arial, sans-serif", "size": 13}
@@ -472,6 +481,125 @@ def solver_chart(doc: dict[str, Any], key: str = "loss") -> go.Figure:
             },
         )
     )
+    return fig
+
+
+_DASHES = ["solid", "dash", "dot", "dashdot"]
+
+
+def _add_thresholds(fig: go.Figure, doc: dict[str, Any]) -> None:
+    for k, (value, label) in enumerate(track_thresholds(doc)):
+        fig.add_hline(y=value, line={"color": "#404040", "width": 1.2,
+                                     "dash": "dash" if k == 0 else "dot"},
+                      annotation_text=label, annotation_position="top left")
+
+
+def track_chart(doc: dict[str, Any]) -> go.Figure:
+    """Extreme eigenvalues against step, error bars from the error bounds, 2/η lines."""
+    x, xlabel = track_x(doc)
+    series = track_eigen_series(doc)
+    matrices = list(dict.fromkeys(s["matrix"] for s in series))
+    fig = go.Figure()
+    for n, s in enumerate(series):
+        colour = PALETTE[n % len(PALETTE)]
+        bottom = s["which"] == "bottom"
+        label = s["label"] if len(matrices) == 1 else f"{s['matrix']} {s['label']}"
+        fig.add_trace(
+            go.Scatter(
+                x=x.tolist(),
+                y=_nan_to_none(s["y"]),
+                mode="lines+markers",
+                name=label,
+                line={"color": colour, "width": 2,
+                      "dash": _DASHES[matrices.index(s["matrix"]) % len(_DASHES)]},
+                error_y={"type": "data", "array": s["err"].tolist(), "visible": True,
+                         "color": colour},
+                marker={
+                    "symbol": "triangle-down" if bottom else "circle",
+                    "size": 7,
+                    "color": [colour if ok else "white" for ok in s["ok"]],
+                    "line": {"color": [colour if ok else "#B00020" for ok in s["ok"]],
+                             "width": 1.5},
+                },
+                customdata=s["err"].tolist(),
+                hovertemplate=f"{label} = %{{y:.6g}} ± %{{customdata:.1e}}<br>"
+                f"{xlabel} %{{x}}<extra></extra>",
+            )
+        )
+    _add_thresholds(fig, doc)
+    fig.update_layout(
+        _layout("Eigenvalues during training (bars: error bounds; hollow red: not converged)",
+                xaxis={"title": {"text": xlabel}}, yaxis={"title": {"text": "eigenvalue"}})
+    )
+    return fig
+
+
+def track_loss_chart(doc: dict[str, Any]) -> go.Figure:
+    """Loss and gradient norm against step (log scales)."""
+    x, xlabel = track_x(doc)
+    rows = results_of(doc, "track")
+    fig = go.Figure()
+    for n, (key, name) in enumerate((("loss", "loss"), ("grad_norm", "gradient norm"))):
+        y = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
+        fig.add_trace(go.Scatter(x=x.tolist(), y=_nan_to_none(y), mode="lines+markers",
+                                 name=name, yaxis="y" if n == 0 else "y2",
+                                 line={"color": PALETTE[n], "width": 2,
+                                       "dash": "solid" if n == 0 else "dash"}))
+    fig.update_layout(
+        _layout("Loss and gradient norm during training",
+                xaxis={"title": {"text": xlabel}},
+                yaxis={"title": {"text": "loss"}, "type": "log", "exponentformat": "power"},
+                yaxis2={"title": {"text": "gradient norm"}, "overlaying": "y", "side": "right",
+                        "type": "log", "exponentformat": "power", "showgrid": False},
+                height=380)
+    )
+    return fig
+
+
+def track_trace_chart(doc: dict[str, Any]) -> go.Figure | None:
+    """Trace against step, error bars one standard error."""
+    x, xlabel = track_x(doc)
+    series = track_trace_series(doc)
+    if not series:
+        return None
+    fig = go.Figure()
+    for n, s in enumerate(series):
+        colour = PALETTE[n % len(PALETTE)]
+        fig.add_trace(go.Scatter(
+            x=x.tolist(), y=_nan_to_none(s["y"]), mode="lines+markers",
+            name=f"{s['matrix']} ({s['estimator']})", line={"color": colour, "width": 2},
+            error_y={"type": "data", "array": s["err"].tolist(), "visible": True,
+                     "color": colour},
+        ))
+    fig.update_layout(_layout("Trace during training (bars: one standard error)",
+                              xaxis={"title": {"text": xlabel}},
+                              yaxis={"title": {"text": "trace"}}, height=380))
+    return fig
+
+
+def track_layers_chart(doc: dict[str, Any]) -> go.Figure | None:
+    """Each module's top eigenvalue against step."""
+    x, xlabel = track_x(doc)
+    series = track_layer_series(doc)
+    if not series:
+        return None
+    matrices = list(dict.fromkeys(s["matrix"] for s in series))
+    blocks = list(dict.fromkeys(s["block"] for s in series))
+    fig = go.Figure()
+    for s in series:
+        colour = PALETTE[blocks.index(s["block"]) % len(PALETTE)]
+        name = block_label(s["block"]) + ("" if len(matrices) == 1 else f" ({s['matrix']})")
+        fig.add_trace(go.Scatter(
+            x=x.tolist(), y=_nan_to_none(s["y"]), mode="lines+markers", name=name,
+            line={"color": colour, "width": 2,
+                  "dash": _DASHES[matrices.index(s["matrix"]) % len(_DASHES)]},
+            error_y={"type": "data", "array": s["err"].tolist(), "visible": True,
+                     "color": colour},
+        ))
+    _add_thresholds(fig, doc)
+    fig.update_layout(_layout("Per-layer sharpness during training",
+                              xaxis={"title": {"text": xlabel}},
+                              yaxis={"title": {"text": "top eigenvalue of the layer's block"}}))
     return fig
 
 

@@ -28,6 +28,11 @@ from ._figures import (
     surface_axis_label,
     taylor_series,
     trace_columns,
+    track_eigen_series,
+    track_layer_series,
+    track_thresholds,
+    track_trace_series,
+    track_x,
     weights_marker,
 )
 
@@ -42,6 +47,10 @@ __all__ = [
     "plot_surface_3d",
     "plot_surface_contour",
     "remove_stale_figures",
+    "plot_track",
+    "plot_track_layers",
+    "plot_track_loss",
+    "plot_track_trace",
     "save_figures",
 ]
 
@@ -601,6 +610,122 @@ def plot_solver_curves(doc: dict[str, Any], ax=None, *, x: str = "iterations") -
     return fig
 
 
+# ----------------------------------------------------------------------------- track
+_LINESTYLES = ["-", "--", ":", "-."]
+
+
+def _thresholds(ax, doc: dict[str, Any]) -> None:
+    for k, (value, label) in enumerate(track_thresholds(doc)):
+        ax.axhline(value, color="0.25", lw=1.1, ls="--" if k == 0 else ":", label=label,
+                   zorder=1)
+
+
+def _hollow(ax, x, y, ok, marker: str) -> None:
+    """Unconverged points: hollow red markers on top of the line."""
+    bad = ~np.asarray(ok, dtype=bool)
+    if bad.any():
+        ax.scatter(x[bad], y[bad], marker=marker, facecolor="white", edgecolor="#B00020",
+                   s=36, lw=1.3, zorder=4)
+
+
+def plot_track(doc: dict[str, Any], ax=None) -> Figure:
+    r"""Extreme eigenvalues against training step, with their error bounds as error bars.
+
+    Top eigenvalues are circles, bottom ones triangles; one line style per matrix. With a
+    step size recorded (``--lr``) the stability threshold :math:`2/\eta` is drawn dashed, and
+    with momentum :math:`2(1+\beta)/\eta` dotted (see
+    :func:`curvscope.app.stability_threshold`). Unconverged pairs are hollow red.
+    """
+    x, xlabel = track_x(doc)
+    series = track_eigen_series(doc)
+    with _style():
+        fig, ax = _new(ax, figsize=(7.2, 4.6))
+        matrices = list(dict.fromkeys(s["matrix"] for s in series))
+        for n, s in enumerate(series):
+            ls = _LINESTYLES[matrices.index(s["matrix"]) % len(_LINESTYLES)]
+            colour = PALETTE[n % len(PALETTE)]
+            marker = "v" if s["which"] == "bottom" else "o"
+            label = s["label"] if len(matrices) == 1 else f"{s['matrix']} {s['label']}"
+            ax.errorbar(x, s["y"], yerr=s["err"], color=colour, ls=ls, marker=marker, ms=4,
+                        capsize=2.5, elinewidth=1.0, label=label)
+            _hollow(ax, x, s["y"], s["ok"], marker)
+        _thresholds(ax, doc)
+        if any(s["which"] == "bottom" for s in series):
+            ax.axhline(0, color="0.5", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("eigenvalue")
+        name = matrices[0] if len(matrices) == 1 else "curvature"
+        ax.set_title(f"{'Hessian' if name == 'hessian' else name} eigenvalues during training")
+        ax.legend(loc="best", ncol=2 if len(series) > 4 else 1)
+    return fig
+
+
+def plot_track_loss(doc: dict[str, Any], ax=None) -> Figure:
+    """Training loss (left axis) and gradient norm (right axis) at each checkpoint."""
+    x, xlabel = track_x(doc)
+    rows = results_of(doc, "track")
+    loss = np.array([np.nan if r.get("loss") is None else r["loss"] for r in rows], dtype=float)
+    grad = np.array([np.nan if r.get("grad_norm") is None else r["grad_norm"] for r in rows],
+                    dtype=float)
+    with _style():
+        fig, ax = _new(ax, figsize=(7.2, 3.8))
+        ax.plot(x, loss, color=PALETTE[0], marker="o", ms=3.5, label="loss")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("loss", color=PALETTE[0])
+        if np.isfinite(loss).any() and np.nanmin(loss) > 0:
+            ax.set_yscale("log")
+        ax2 = ax.twinx()
+        ax2.plot(x, grad, color=PALETTE[1], marker="s", ms=3, ls="--", label="gradient norm")
+        ax2.set_ylabel("gradient norm", color=PALETTE[1])
+        ax2.grid(False)
+        ax2.spines["right"].set_visible(True)
+        ax.set_title("Loss and gradient norm during training")
+    return fig
+
+
+def plot_track_trace(doc: dict[str, Any], ax=None) -> Figure | None:
+    """The trace estimate against step, error bars one standard error."""
+    x, xlabel = track_x(doc)
+    series = track_trace_series(doc)
+    if not series:
+        return None
+    with _style():
+        fig, ax = _new(ax, figsize=(7.2, 4.0))
+        for n, s in enumerate(series):
+            ax.errorbar(x, s["y"], yerr=s["err"], color=PALETTE[n % len(PALETTE)], marker="o",
+                        ms=4, capsize=2.5, label=f"{s['matrix']} ({s['estimator']})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("trace")
+        ax.set_title("Trace during training (error bars: one standard error)")
+        ax.legend(loc="best")
+    return fig
+
+
+def plot_track_layers(doc: dict[str, Any], ax=None) -> Figure | None:
+    """Each module's top eigenvalue (its own diagonal block) against step."""
+    x, xlabel = track_x(doc)
+    series = track_layer_series(doc)
+    if not series:
+        return None
+    with _style():
+        fig, ax = _new(ax, figsize=(7.2, 4.4))
+        matrices = list(dict.fromkeys(s["matrix"] for s in series))
+        blocks = list(dict.fromkeys(s["block"] for s in series))
+        for s in series:
+            ls = _LINESTYLES[matrices.index(s["matrix"]) % len(_LINESTYLES)]
+            colour = PALETTE[blocks.index(s["block"]) % len(PALETTE)]
+            label = block_label(s["block"]) + ("" if len(matrices) == 1 else f" ({s['matrix']})")
+            ax.errorbar(x, s["y"], yerr=s["err"], color=colour, ls=ls, marker="o", ms=3.5,
+                        capsize=2, label=label)
+            _hollow(ax, x, s["y"], s["ok"], "o")
+        _thresholds(ax, doc)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top eigenvalue of the layer's block")
+        ax.set_title("Per-layer sharpness during training")
+        ax.legend(loc="best", ncol=2 if len(series) > 5 else 1)
+    return fig
+
+
 # ----------------------------------------------------------------------------- all figures
 SURFACE_FIGURES = ("surface_contour", "surface_3d", "surface_slices", "surface_line")
 """File stems of the surface figures (2-D: contour, 3-D, slices; 1-D: line)."""
@@ -659,6 +784,13 @@ def figures_for(doc: dict[str, Any]) -> dict[str, Figure]:
         makers.append(("taylor", plot_check_taylor))
     if results.get("solves"):
         makers.append(("solver_loss", plot_solver_curves))
+    if command == "track" and results.get("track"):
+        makers += [
+            ("track_eigenvalues", plot_track),
+            ("track_loss", plot_track_loss),
+            ("track_trace", plot_track_trace),
+            ("track_layers", plot_track_layers),
+        ]
     for name, make in makers:
         fig = make(doc)
         if fig is not None:

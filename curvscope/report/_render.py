@@ -13,10 +13,21 @@ from ..io import read_document, write_atomic
 from ._html import render_report
 from ._plots import remove_stale_figures, save_figures
 
-__all__ = ["PARTS", "SKIPPED_FILE", "Rendered", "render_directory", "render_documents"]
+__all__ = [
+    "OPTIONAL_PARTS",
+    "PARTS",
+    "SKIPPED_FILE",
+    "Rendered",
+    "render_directory",
+    "render_documents",
+]
 
 PARTS = ("spectrum", "density", "check", "compare", "surface", "solve")
 """The report's parts, in page order; each is the document ``<part>.json``."""
+
+OPTIONAL_PARTS = ("track",)
+"""Documents a folder may hold besides the report's parts (``track.json`` from ``curvscope
+track``): rendered when present, never listed as skipped when absent."""
 
 SKIPPED_FILE = "report-skipped.json"
 """What a report run left out and why, so ``report --from`` can say it again."""
@@ -74,7 +85,7 @@ def render_directory(
         raise CurvscopeError(f"{arg('from_dir')} {folder} is not a folder.")
     documents: dict[str, dict] = {}
     paths: dict[str, Path] = {}
-    for name in PARTS:
+    for name in (*PARTS, *OPTIONAL_PARTS):
         path = folder / f"{name}.json"
         if path.is_file():
             documents[name] = read_document(path)
@@ -82,7 +93,7 @@ def render_directory(
     if not documents:
         raise CurvscopeError(
             f"{arg('from_dir')} {folder} holds no result document "
-            f"({', '.join(p + '.json' for p in PARTS)})."
+            f"({', '.join(p + '.json' for p in (*PARTS, *OPTIONAL_PARTS))})."
         )
     recorded: list[dict[str, str]] = []
     try:
@@ -95,11 +106,12 @@ def render_directory(
         for r in recorded
         if str(r.get("part", "")).split(":")[0] not in documents or ":" in str(r.get("part", ""))
     ]
-    skipped += [
-        {"part": p, "reason": f"no {p}.json in {folder}"}
-        for p in PARTS
-        if p not in documents and p not in named
-    ]
+    if any(p in documents for p in PARTS):  # a track alone is no report with parts missing
+        skipped += [
+            {"part": p, "reason": f"no {p}.json in {folder}"}
+            for p in PARTS
+            if p not in documents and p not in named
+        ]
     html, figures = render_documents(
         documents, folder, plotly_js=plotly_js, figure_formats=figure_formats, skipped=skipped
     )

@@ -1,0 +1,233 @@
+"""``curvscope track``: curvature at every checkpoint of a training run, in one document."""
+
+# No ``from __future__ import annotations``: the signature is rebuilt below and typer must see
+# real annotations.
+
+import inspect
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ._names import MATRIX_NAMES, matrix_help
+from ._common import (
+    CommonArgs,
+    common_options,
+    console,
+    guarded,
+    load_kwargs,
+    progress_bar,
+)
+
+__all__ = ["register", "track_cli"]
+
+
+def _many_checkpoints(func):
+    """Make the positional argument a list of checkpoints (paths or quoted globs)."""
+    sig = inspect.signature(func)
+    params = list(sig.parameters.values())
+    params[0] = params[0].replace(
+        annotation=Annotated[
+            list[str],
+            typer.Argument(
+                help="Checkpoints of one run: files or quoted globs ('runs/ckpt-*.pt'), "
+                "ordered by the step each records (meta.step, step, global_step, epoch) or by "
+                "the last integer in its name.",
+                show_default=False,
+                metavar="CKPT...",
+            ),
+        ],
+    )
+    func.__signature__ = sig.replace(parameters=params)
+    return func
+
+
+@_many_checkpoints
+@common_options
+def track_cli(
+    common: CommonArgs,
+    matrix: Annotated[
+        str,
+        typer.Option(
+            "--matrix",
+            help="Comma-separated matrices: " + ", ".join(MATRIX_NAMES) + ". " + matrix_help(),
+        ),
+    ] = "hessian",
+    top: Annotated[int, typer.Option("--top", help="Largest eigenvalues per matrix.")] = 3,
+    bottom: Annotated[int, typer.Option("--bottom", help="Smallest eigenvalues per matrix.")] = 0,
+    trace: Annotated[
+        bool, typer.Option("--trace", help="Record the trace (Hutch++) with its standard error.")
+    ] = False,
+    trace_estimator: Annotated[
+        str, typer.Option("--trace-estimator", help="hutchpp or hutchinson.")
+    ] = "hutchpp",
+    trace_probes: Annotated[
+        int, typer.Option("--trace-probes", help="Products per trace estimate.")
+    ] = 99,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="Each module's top eigenvalue (its own block).")
+    ] = False,
+    lr: Annotated[
+        float | None,
+        typer.Option("--lr", help="Training step size: draws the stability threshold 2/lr."),
+    ] = None,
+    momentum: Annotated[
+        float | None,
+        typer.Option(
+            "--momentum",
+            help="Heavy-ball momentum of training: the threshold becomes 2(1+momentum)/lr.",
+        ),
+    ] = None,
+    warm_start: Annotated[
+        bool,
+        typer.Option(
+            "--warm-start/--cold-start",
+            help="Start each Lanczos run from the previous checkpoint's Ritz vectors.",
+        ),
+    ] = True,
+    compare_cold: Annotated[
+        bool,
+        typer.Option(
+            "--compare-cold",
+            help="Also solve every checkpoint from a random start and record both product "
+            "counts (what the warm start saved).",
+        ),
+    ] = False,
+    max_matvecs: Annotated[
+        int | None,
+        typer.Option("--max-matvecs", help="Products per Lanczos run at most."),
+    ] = None,
+    basis_size: Annotated[
+        int | None, typer.Option("--basis-size", help="Lanczos basis vectors at most.")
+    ] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option("--rtol", help="Converge each eigenvalue to this relative error bound."),
+    ] = None,
+    figures: Annotated[
+        str,
+        typer.Option(
+            "--figures",
+            help="Figure formats written to OUT/figures (png, pdf, svg; comma-separated), or "
+            "none.",
+        ),
+    ] = "png",
+) -> None:
+    """Curvature across training: eigenvalues, trace and per-layer sharpness at every checkpoint."""
+    with guarded():
+        from .._errors import OptionError
+        from ..app import TRACE_ESTIMATORS, track
+        from ..report import save_figures
+        from ._common import parse_list
+
+        if trace_estimator not in TRACE_ESTIMATORS:
+            raise OptionError(
+                f"--trace-estimator {trace_estimator!r} is not known; choose "
+                f"{', '.join(TRACE_ESTIMATORS)}."
+            )
+        formats = [] if figures.strip().lower() == "none" else parse_list(
+            figures, "--figures", ["png", "pdf", "svg"]
+        )
+        t0 = time.perf_counter()
+        checkpoints = [str(c) for c in common.model_path]
+        common.model_path = Path(checkpoints[0]) if checkpoints else Path()
+        kwargs = load_kwargs(common)
+        seed = kwargs.pop("seed")
+        settings = {
+            **{k: v for k, v in common.settings().items() if k != "model_path"},
+            "trace_estimator": trace_estimator if trace else None,
+            "figures": formats,
+        }
+        with progress_bar() as update:
+            run = track(
+                checkpoints,
+                common.data,
+                matrices=matrix,
+                top=top,
+                bottom=bottom,
+                trace=trace_estimator if trace else False,
+                trace_probes=trace_probes,
+                per_layer=per_layer,
+                lr=lr,
+                momentum=momentum,
+                tol=common.tol,
+                rtol=rtol,
+                max_matvecs=max_matvecs if max_matvecs is not None else common.max_iter,
+                basis_size=basis_size,
+                seed=seed,
+                warm_start=warm_start,
+                compare_cold=compare_cold,
+                hvp=common.hvp,
+                out=common.out,
+                settings=settings,
+                progress=update,
+                **kwargs,
+            )
+        paths = save_figures(run.document, common.out / "figures", tuple(formats))
+        _print(run, paths, time.perf_counter() - t0)
+
+
+def _print(run, figures, seconds) -> None:
+    doc = run.document
+    res = doc["results"]
+    rows = res["track"]
+    matrices = doc["settings"]["matrix"]
+    table = Table(title=f"{len(rows)} checkpoints, {doc['input']['data']['num_samples']} "
+                  f"samples, {doc['input']['dtype']}", title_style="bold")
+    table.add_column("step", justify="right")
+    table.add_column("loss", justify="right")
+    table.add_column("grad norm", justify="right")
+    for m in matrices:
+        table.add_column(f"{m} top", justify="right")
+        if doc["settings"]["bottom"]:
+            table.add_column(f"{m} bottom", justify="right")
+        if doc["settings"]["trace"]:
+            table.add_column(f"{m} trace ± se", justify="right")
+    table.add_column("products", justify="right")
+    for r in rows:
+        cells = [
+            str(r["step"]) if r["step"] is not None else f"#{r['index']}",
+            f"{r['loss']:.5g}",
+            f"{r['grad_norm']:.3g}",
+        ]
+        for m in matrices:
+            ev = r["eigenvalues"][m]
+            conv = all(all(v) for v in r["converged"][m].values())
+            top = ev.get("top") or []
+            cells.append(f"{top[0]:.5g}" + ("" if conv else " [red](nc)[/]") if top else "-")
+            if doc["settings"]["bottom"]:
+                bot = ev.get("bottom") or []
+                cells.append(f"{bot[0]:.4g}" if bot else "-")
+            if doc["settings"]["trace"]:
+                t = r["trace"][m]
+                cells.append(f"{t['estimate']:.5g} ± {t['stderr']:.2g}")
+        cells.append(str(r["num_matvecs"]))
+        table.add_row(*cells)
+    console.print(table)
+    stab = res.get("stability")
+    if stab:
+        console.print(
+            f"Stability threshold 2(1+momentum)/lr = {stab['threshold']:.5g} "
+            f"(lr {stab['lr']:g}, momentum {stab['momentum']:g})."
+        )
+    ws = res["warm_start"]
+    if ws.get("matvecs_cold"):
+        console.print(
+            f"Warm start: {ws['matvecs']} Lanczos products against {ws['matvecs_cold']} from "
+            f"random starts ({100 * ws['saving']:.0f}% saved; eigenvalues agree to "
+            f"{ws['max_eigenvalue_difference']:.1e})."
+        )
+    for note in doc.get("notes") or []:
+        console.print(f"[dim]{escape(note)}[/]")
+    console.print(f"{doc['counts']['matvecs']} matrix-vector products in {seconds:.1f} s. "
+                  + escape(f"Result: {run.path}"))
+    if figures:
+        console.print(escape(f"Figures: {', '.join(str(p) for p in figures)}"))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``track`` to the app."""
+    app.command("track", no_args_is_help=True)(track_cli)
