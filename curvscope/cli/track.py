@@ -12,7 +12,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ._names import MATRIX_NAMES, matrix_help
 from ._common import (
     CommonArgs,
     common_options,
@@ -21,6 +20,7 @@ from ._common import (
     load_kwargs,
     progress_bar,
 )
+from ._names import MATRIX_NAMES, matrix_help
 
 __all__ = ["register", "track_cli"]
 
