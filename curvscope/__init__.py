@@ -33,6 +33,7 @@ _API: dict[str, tuple[str, str]] = {
     "UnsupportedModelError": ("._errors", "UnsupportedModelError"),
     # problems and loading
     "Problem": (".problem", "Problem"),
+    "Group": ("._distributed", "Group"),
     "load": ("._load", "load"),
     "load_like": ("._load", "load_like"),
     "get_loss": ("._losses", "get_loss"),

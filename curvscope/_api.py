@@ -30,47 +30,78 @@ __all__ = [
 ]
 
 
-def hessian(problem: Problem, *, hvp: str = "auto") -> HessianOperator:
-    """The Hessian of the problem's loss (see :class:`~curvscope.operators.HessianOperator`)."""
-    return HessianOperator(problem, mode=hvp)
+def _on(problem: Problem, group: Any) -> Problem:
+    """``problem``, split over ``group``'s ranks when one is given."""
+    return problem if group is None else problem.distributed(group)
 
 
-def ggn(problem: Problem) -> GGNOperator:
+def hessian(problem: Problem, *, hvp: str = "auto", group: Any = None) -> HessianOperator:
+    """The Hessian of the problem's loss (see :class:`~curvscope.operators.HessianOperator`).
+
+    Every matrix function takes ``group``: a :class:`~curvscope.Group` or an initialised
+    ``torch.distributed`` process group; the batches are then split over its ranks and
+    every product summed over them (data parallelism; the same matrix on every rank).
+    """
+    return HessianOperator(_on(problem, group), mode=hvp)
+
+
+def ggn(problem: Problem, *, group: Any = None) -> GGNOperator:
     """The generalised Gauss-Newton matrix (:class:`~curvscope.operators.GGNOperator`)."""
-    return GGNOperator(problem)
+    return GGNOperator(_on(problem, group))
 
 
 def fisher(
-    problem: Problem, *, kind: str = "exact", mc_samples: int = 1, seed: int = 0
+    problem: Problem,
+    *,
+    kind: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    group: Any = None,
 ) -> FisherOperator:
     """The Fisher, exact or Monte-Carlo (:class:`~curvscope.operators.FisherOperator`)."""
-    return FisherOperator(problem, kind=kind, mc_samples=mc_samples, seed=seed)
+    return FisherOperator(_on(problem, group), kind=kind, mc_samples=mc_samples, seed=seed)
 
 
-def empirical_fisher(problem: Problem) -> EmpiricalFisherOperator:
+def empirical_fisher(problem: Problem, *, group: Any = None) -> EmpiricalFisherOperator:
     """The empirical Fisher (:class:`~curvscope.operators.EmpiricalFisherOperator`)."""
-    return EmpiricalFisherOperator(problem)
+    return EmpiricalFisherOperator(_on(problem, group))
 
 
 def pch(
-    problem: Problem, *, mode: str = "abs", approximation: str = "expectation"
+    problem: Problem,
+    *,
+    mode: str = "abs",
+    approximation: str = "expectation",
+    group: Any = None,
 ) -> PCHOperator:
     """Chen et al.'s positive-curvature Hessian (:class:`~curvscope.operators.PCHOperator`)."""
-    return PCHOperator(problem, mode=mode, approximation=approximation)
+    return PCHOperator(_on(problem, group), mode=mode, approximation=approximation)
 
 
 def kfac(
-    problem: Problem, *, fisher_type: str = "exact", mc_samples: int = 1, seed: int = 0
+    problem: Problem,
+    *,
+    fisher_type: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    group: Any = None,
 ) -> KFACOperator:
     """KFAC (:class:`~curvscope.operators.KFACOperator`)."""
-    return KFACOperator(problem, fisher_type=fisher_type, mc_samples=mc_samples, seed=seed)
+    p = _on(problem, group)
+    return KFACOperator(p, fisher_type=fisher_type, mc_samples=mc_samples, seed=seed)
 
 
 def ekfac(
-    problem: Problem, *, fisher_type: str = "exact", mc_samples: int = 1, seed: int = 0
+    problem: Problem,
+    *,
+    fisher_type: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
+    group: Any = None,
 ) -> EKFACOperator:
     """EKFAC (:class:`~curvscope.operators.EKFACOperator`)."""
-    return EKFACOperator(problem, fisher_type=fisher_type, mc_samples=mc_samples, seed=seed)
+    p = _on(problem, group)
+    return EKFACOperator(p, fisher_type=fisher_type, mc_samples=mc_samples, seed=seed)
 
 
 def lanczos(A: Any, *, top: int = 5, bottom: int = 0, **kwargs: Any):

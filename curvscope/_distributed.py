@@ -52,12 +52,36 @@ class Group:
         """Whether batch ``batch_index`` is this rank's."""
         return batch_index % self.world_size == self.rank
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The sum over ranks (in place, returned); the identity for one process."""
-        if self.active:
-            import torch.distributed as dist
+    @property
+    def backend_needs_device(self) -> bool:
+        """Whether collectives need tensors on the CUDA device (NCCL) rather than the host."""
+        if not self.active:
+            return False
+        import torch.distributed as dist
 
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.handle)
+        return str(dist.get_backend(self.handle)).lower() == "nccl"
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """The sum (or maximum, ``op="max"``) over ranks, in place, returned.
+
+        The identity for one process. A tensor on a device the backend cannot reduce on
+        (a CUDA tensor under gloo, a host tensor under NCCL) travels there and back.
+        """
+        if not self.active:
+            return tensor
+        import torch.distributed as dist
+
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        on_cuda = tensor.device.type == "cuda"
+        if self.backend_needs_device != on_cuda:
+            if self.backend_needs_device:
+                moved = tensor.to(f"cuda:{torch.cuda.current_device()}")
+            else:
+                moved = tensor.cpu()
+            dist.all_reduce(moved, op=reduce_op, group=self.handle)
+            tensor.copy_(moved)
+            return tensor
+        dist.all_reduce(tensor, op=reduce_op, group=self.handle)
         return tensor
 
     def all_reduce_float(self, value: float, device: torch.device | str = "cpu") -> float:
@@ -67,12 +91,63 @@ class Group:
         t = torch.tensor([float(value)], dtype=torch.float64, device=device)
         return float(self.all_reduce(t)[0])
 
+    def reduce(self, value: Any, op: str = "sum", device: torch.device | str = "cpu") -> Any:
+        """``value`` reduced over ranks: a tensor (in place), a number, or nested lists of them.
+
+        Lists, tuples and dicts of numbers go in one collective for all the numbers. Every
+        rank must pass a value of the same structure (the same keys, lengths and tensor
+        shapes).
+        """
+        if not self.active:
+            return value
+        if isinstance(value, torch.Tensor):
+            return self.all_reduce(value, op)
+        leaves: list[Any] = []
+        _collect(value, leaves)
+        numbers = [v for v in leaves if not isinstance(v, torch.Tensor)]
+        if numbers:
+            t = torch.tensor([float(v) for v in numbers], dtype=torch.float64, device=device)
+            reduced = self.all_reduce(t, op).tolist()
+        else:
+            reduced = []
+        for v in leaves:
+            if isinstance(v, torch.Tensor):
+                self.all_reduce(v, op)
+        it = iter(reduced)
+        return _rebuild(value, it)
+
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.active:
             import torch.distributed as dist
 
             dist.barrier(group=self.handle)
+
+
+def _collect(value: Any, out: list[Any]) -> None:
+    if isinstance(value, dict):
+        for v in value.values():
+            _collect(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _collect(v, out)
+    else:
+        out.append(value)
+
+
+def _rebuild(value: Any, numbers: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _rebuild(v, numbers) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rebuild(v, numbers) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value
+    number = next(numbers)
+    if isinstance(value, bool):
+        return bool(number)
+    if isinstance(value, int):
+        return int(round(number))
+    return number
 
 
 def single() -> Group:

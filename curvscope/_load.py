@@ -315,6 +315,7 @@ def load(
     groups: Mapping[str, Sequence[str]] | None = None,
     ignore_index: int = -100,
     check_deterministic: bool | None = None,
+    group: Any = None,
     **data_options: Any,
 ) -> Problem:
     """Load a model and data into a :class:`~curvscope.problem.Problem`.
@@ -349,6 +350,8 @@ def load(
         ignore_index: target value that marks no loss term.
         check_deterministic: compare two passes over the first batches (default: for
             Python data sources and data given directly).
+        group: data parallelism: a :class:`~curvscope.Group` or an initialised
+            ``torch.distributed`` process group (see :class:`~curvscope.problem.Problem`).
         **data_options: file options (``x_key``, ``y_key``, ``label_column``, ``split``,
             ``input_shape``, ``scale``, ``normalize``, ``block_size``, ``token_dtype``).
 
@@ -442,6 +445,7 @@ def load(
         output=output,
         groups=groups,
         check_deterministic=bool(direct if check_deterministic is None else check_deterministic),
+        group=group,
     )
     if samples is not None and not applied:
         problem = problem.subsample(samples, seed)
@@ -542,6 +546,7 @@ def load_like(problem: Problem, data: Any, *, split: str | None = None) -> Probl
         train_mode=problem.train_mode,
         forward_kwargs=opts.get("forward_kwargs"),
         output=opts.get("output"),
+        group=problem.group,
     )
     out = _check_fit(new, src.source)
     new.check_data(source=src.source, classes=_classes(new, out),

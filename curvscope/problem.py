@@ -33,11 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._distributed import as_group
 from ._errors import DataError, DeterminismError, NonFiniteError, OptionError, arg
 from ._losses import IGNORE_INDEX, CausalLM, Loss, ModelLoss, get_loss
 from ._sampling import as_generator, subset_indices
 
-__all__ = ["Batch", "Inputs", "Problem", "map_tensors"]
+__all__ = ["Batch", "Inputs", "Problem", "batch_seed", "map_tensors"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -51,6 +52,15 @@ def map_tensors(obj: Any, fn) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
+
+
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch ``index``'s random draws for a matrix seeded with ``seed``.
+
+    Per-batch seeds make Monte-Carlo matrices the same whichever process evaluates which
+    batch (data parallelism) and whatever batches come before.
+    """
+    return (int(seed) * 1_000_003 + int(index)) % (2**63 - 1)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -95,6 +105,8 @@ class Batch:
         weight: ``terms / total terms`` (mean reduction) or 1 (sum).
         size: samples in the batch (the leading dimension).
         terms: loss terms in the batch.
+        index: the batch's position in a pass over the data (seeds per-batch random draws,
+            so they do not depend on which process evaluates the batch).
     """
 
     inputs: Inputs
@@ -102,6 +114,7 @@ class Batch:
     weight: float
     size: int
     terms: int = 0
+    index: int = 0
 
     @property
     def x(self) -> torch.Tensor:
@@ -143,6 +156,11 @@ class Problem:
             HuggingFace output (an index or a key; default: the tensor itself, or ``logits``).
         groups: named groups of parameters (name -> globs) usable as blocks.
         check_deterministic: compare two passes over the first batches at construction.
+        group: data parallelism over ``torch.distributed``: a
+            :class:`~curvscope._distributed.Group` or an initialised process group. Batch
+            ``i`` is then evaluated by rank ``i mod world_size`` only and every loss, gradient
+            and product is summed over the ranks (:meth:`reduce`), so each rank gets the
+            full-data numbers. ``None``: one process.
     """
 
     def __init__(
@@ -159,6 +177,7 @@ class Problem:
         output: int | str | None = None,
         groups: Mapping[str, Sequence[str]] | None = None,
         check_deterministic: bool = False,
+        group: Any = None,
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise OptionError(f"{arg('reduction')} {reduction!r} is not known; choose mean or sum.")
@@ -174,6 +193,7 @@ class Problem:
         self.forward_kwargs = dict(forward_kwargs or {})
         self.output = output
         self.scripted = _is_scripted(model)
+        self.group = as_group(group)
         if self.scripted and self.train_mode:
             raise OptionError(
                 f"{arg('train_mode')} is not available for TorchScript models: their BatchNorm "
@@ -262,6 +282,28 @@ class Problem:
         new = object.__new__(Problem)
         new.__dict__.update(self.__dict__)
         new.notes = list(self.notes)
+        return new
+
+    def distributed(self, group: Any) -> Problem:
+        """The same problem with its batches split over the ranks of ``group``.
+
+        ``group``: a :class:`~curvscope._distributed.Group` or an initialised process group.
+        One pass counts the batches' loss terms again, shared over the ranks.
+        """
+        new = self._copy()
+        new.group = as_group(group)
+        new._count()
+        return new
+
+    def alone(self) -> Problem:
+        """This problem in one process: every batch evaluated here, nothing summed over ranks.
+
+        The batch weights stay the global ones, so the loss is the full-data loss.
+        """
+        if not self.group.active:
+            return self
+        new = self._copy()
+        new.group = as_group(None)
         return new
 
     def select(self, params: None | str | list[str]) -> Problem:
@@ -457,7 +499,11 @@ class Problem:
     def _count(self) -> None:
         sizes, terms = [], []
         need_out = self.loss_fn.terms_need_output
-        for item in self._raw():
+        for i, item in enumerate(self._raw()):
+            if not self.group.owns(i):  # another rank counts it (summed below)
+                sizes.append(0)
+                terms.append(0)
+                continue
             inputs, target = self.split(item)
             sizes.append(self._size(inputs, target))
             if need_out:
@@ -466,6 +512,8 @@ class Problem:
                 terms.append(self.loss_fn.terms(out, self._move_target(target)))
             else:
                 terms.append(self.loss_fn.terms(None, target))
+        if self.group.active:
+            sizes, terms = self._share_counts(sizes, terms)
         if not sizes or sum(sizes) == 0:
             raise DataError("the data set is empty: it gave no batch with samples.")
         self.batch_sizes = sizes
@@ -476,6 +524,40 @@ class Problem:
             raise DataError(
                 f"the data hold no loss term: every target is the ignore index {IGNORE_INDEX}."
             )
+
+    def _share_counts(self, sizes: list[int], terms: list[int]) -> tuple[list[int], list[int]]:
+        """Every rank's batch sizes and loss terms, from the batches each rank counted."""
+        g = self.group
+        n = len(sizes)
+        # a cpu tensor for gloo, the device's for nccl
+        dev = self.device if g.backend_needs_device else "cpu"
+        lengths = torch.zeros(g.world_size, dtype=torch.int64, device=dev)
+        lengths[g.rank] = n
+        g.all_reduce(lengths)
+        if int(lengths.min()) != int(lengths.max()):
+            raise DeterminismError(
+                "the data source gives a different number of batches on different processes "
+                f"({', '.join(str(int(v)) for v in lengths)}): every rank must see the same "
+                "batches in the same order."
+            )
+        if n < g.world_size:
+            raise DataError(
+                f"the data give {n} batch(es), fewer than the {g.world_size} processes; lower "
+                f"{arg('batch_size')} so that every process has a batch."
+            )
+        both = torch.tensor([sizes, terms], dtype=torch.int64, device=dev)
+        g.all_reduce(both)
+        return both[0].tolist(), both[1].tolist()
+
+    def reduce(self, value: Any, op: str = "sum") -> Any:
+        """``value`` summed (or maximised, ``op="max"``) over the data-parallel ranks.
+
+        Tensors are reduced in place and returned; Python numbers, and lists, tuples and dicts
+        of them and of tensors, come back as new objects. The identity for one process.
+        """
+        if not self.group.active:
+            return value
+        return self.group.reduce(value, op=op, device=self.device)
 
     def _move(self, obj: Any) -> Any:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -496,6 +578,8 @@ class Problem:
         self.data_passes += 1
         self._work[0] += 1
         for i, item in enumerate(self._raw()):
+            if not self.group.owns(i):
+                continue
             inputs, target = self.split(item)
             size = self._size(inputs, target)
             if i < len(self.batch_terms) and size == self.batch_sizes[i]:
@@ -504,7 +588,12 @@ class Problem:
                 fn = self.loss_fn
                 terms = size if fn.terms_need_output else fn.terms(None, target)
             yield Batch(
-                self._move(inputs), self._move_target(target), self.batch_weight(terms), size, terms
+                self._move(inputs),
+                self._move_target(target),
+                self.batch_weight(terms),
+                size,
+                terms,
+                index=i,
             )
 
     # ----------------------------------------------------------------- evaluation
@@ -622,7 +711,7 @@ class Problem:
         with torch.no_grad(), self.mode():
             for b in self.batches():
                 total = total + self.batch_loss(params, b)
-            total = total + self.regulariser(params)
+            total = self.reduce(total) + self.regulariser(params)
         return total
 
     def loss_and_grad(
@@ -640,6 +729,9 @@ class Problem:
                     gs = torch.autograd.grad(value, values, allow_unused=True)
                     grad += self.flatten(zeros_for_none(gs, values))
                 total = total + value.detach()
+            if self.group.active:
+                both = self.reduce(torch.cat([total.reshape(1), grad]))
+                total, grad = both[0], both[1:].clone()
             total = total + self.regulariser(params).detach()
             grad += self.weight_decay * self.flatten([p.detach() for p in params.values()])
         return total, grad
@@ -665,6 +757,7 @@ class Problem:
             c, n = prediction_counts(self.loss_fn, out, b.target)
             correct += c
             total += n
+        correct, total = self.reduce([correct, total])
         return correct / total if total else None
 
     # ----------------------------------------------------------------- checks

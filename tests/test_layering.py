@@ -25,9 +25,10 @@ LAYERS: dict[str, set[str]] = {
     "models": {"_errors"},
     "linalg": BASE,
     "io": BASE | {"models"},
-    "problem": BASE,
-    "_load": BASE | {"io", "problem", "models"},
-    "_distributed": BASE | {"problem"},
+    # data parallelism sits under the problem, which splits its batches over the ranks
+    "_distributed": {"_errors"},
+    "problem": BASE | {"_distributed"},
+    "_load": BASE | {"io", "problem", "models", "_distributed"},
     "operators": BASE | {"linalg", "problem", "_distributed"},
     "diagnostics": BASE | {"linalg", "operators", "problem", "io", "_distributed"},
     "solvers": BASE | {"linalg", "operators", "problem", "_distributed"},

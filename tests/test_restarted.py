@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from curvscope import OptionError, Problem
-from curvscope.linalg import eigenpairs, eigsh
+from curvscope.linalg import eigsh
 from curvscope.linalg._restarted import ROUNDOFF
 from curvscope.operators import HessianOperator
 

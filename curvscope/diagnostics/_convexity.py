@@ -149,6 +149,10 @@ def convexity_certificate(
             counts["printed"][t] += int((torch.sign(zs[t].detach()) == torch.sign(dz[t])).sum())
             counts["total"][t] += ok.numel()
             holds_everywhere[t] = holds_everywhere[t] and bool(ok.all())
+    if problem.group.active:  # counts over every rank's batches
+        fails = [0 if h else 1 for h in holds_everywhere]
+        counts, fails = problem.reduce([counts, fails])
+        holds_everywhere = [f == 0 for f in fails]
     convex_loss = problem.loss_name in CONVEX_OUTPUT_LOSSES
     H = HessianOperator(problem)
     gen = as_generator(seed)

@@ -448,6 +448,52 @@ def _evaluate_loop(
     return loss, correct
 
 
+def _evaluate_grid(
+    problem: Problem,
+    W: torch.Tensor,
+    classify: bool,
+    chunk: int,
+    progress: Progress | None,
+    notes: list[str],
+) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """Loss (and correct predictions) at every grid point: vmap, or a loop where it fails.
+
+    Data-parallel runs split the grid, not the batches: each rank evaluates every
+    ``world_size``-th point on all the data, and the rows are summed over the ranks.
+    """
+    group = problem.group
+    local, rows = problem, None
+    if group.active:
+        local = problem.alone()
+        rows = torch.arange(W.shape[0], device=W.device) % group.world_size == group.rank
+        W = W[rows]
+    evaluation = "vmap"
+    if local.scripted:
+        evaluation = "loop"
+        notes.append("TorchScript model: grid points were evaluated one at a time.")
+        loss, correct = _evaluate_loop(local, W, classify, progress)
+    else:
+        try:
+            loss, correct = _evaluate_vmap(local, W, classify, chunk, progress)
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            evaluation = "loop"
+            notes.append(
+                "grid points were evaluated one at a time (torch.func.vmap could not batch "
+                f"this model: {str(exc).splitlines()[0][:120]})."
+            )
+            loss, correct = _evaluate_loop(local, W, classify, progress)
+    if rows is not None:
+        rows = rows.to(loss.device)
+        full = torch.zeros(rows.shape[0], dtype=loss.dtype, device=loss.device)
+        full[rows] = loss
+        loss = problem.reduce(full)
+        if correct is not None:
+            full = torch.zeros(rows.shape[0], dtype=correct.dtype, device=correct.device)
+            full[rows.to(correct.device)] = correct
+            correct = problem.reduce(full)
+    return loss, correct, evaluation
+
+
 def _grid_points(axes: list[torch.Tensor]) -> torch.Tensor:
     if len(axes) == 1:
         return axes[0].unsqueeze(1)
@@ -544,21 +590,7 @@ def surface(
     W = w.unsqueeze(0) + coords.to(device=w.device, dtype=w.dtype) @ D.T  # [G, P]
 
     classify = is_classification(problem.loss_name) or problem.loss_name == "bce_with_logits"
-    evaluation = "vmap"
-    if problem.scripted:
-        evaluation = "loop"
-        notes.append("TorchScript model: grid points were evaluated one at a time.")
-        loss, correct = _evaluate_loop(problem, W, classify, progress)
-    else:
-        try:
-            loss, correct = _evaluate_vmap(problem, W, classify, chunk_size, progress)
-        except (RuntimeError, NotImplementedError, ValueError) as exc:
-            evaluation = "loop"
-            notes.append(
-                "grid points were evaluated one at a time (torch.func.vmap could not batch "
-                f"this model: {str(exc).splitlines()[0][:120]})."
-            )
-            loss, correct = _evaluate_loop(problem, W, classify, progress)
+    loss, correct, evaluation = _evaluate_grid(problem, W, classify, chunk_size, progress, notes)
     loss = loss.cpu()
     if problem.weight_decay:
         loss = loss + 0.5 * problem.weight_decay * (W.to(torch.float64) ** 2).sum(dim=1).cpu()

@@ -80,7 +80,7 @@ class CurvatureOperator(LinearOperator):
         out = torch.zeros_like(V)
         for batch in self.problem.batches():
             out += self._batch_matmat(batch, V)
-        return out
+        return self.problem.reduce(out)
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         """This batch's weighted share of ``A @ V`` (``V``: ``[P, k]``)."""

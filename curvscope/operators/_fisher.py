@@ -8,7 +8,7 @@ from enum import Enum
 import torch
 
 from .._errors import OptionError, UnsupportedModelError, arg
-from ..problem import Batch, Inputs, Problem, map_tensors
+from ..problem import Batch, Inputs, Problem, batch_seed, map_tensors
 from ._base import CurvatureOperator
 from ._ggn import GGNOperator
 from ._outputs import LossView, low_rank_apply, refuse_train_mode
@@ -84,23 +84,19 @@ class FisherOperator(GGNOperator):
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
         self.view.require_likelihood()
-        self._gen: torch.Generator | None = None
         if kind is FisherKind.MC:
             self.notes.append(
                 f"Monte-Carlo Fisher with {self.mc_samples} label draw(s) per sample, seed "
                 f"{self.seed}, re-seeded on every product (one fixed matrix)."
             )
 
-    def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
-        if self.kind is FisherKind.MC:
-            # Re-seed per product: the same labels every time, so A is one fixed matrix.
-            self._gen = torch.Generator().manual_seed(self.seed)
-        return super()._data_matmat(V)
-
     def _output_apply(self, out: torch.Tensor, batch: Batch) -> ApplyFn:
         if self.kind is FisherKind.EXACT:
             return self.view.fisher_apply(out, batch.y)
-        Q = self.view.sample_columns(out, batch.y, self.mc_samples, self._gen)
+        # Re-seed per product and batch: the same labels every time, so A is one fixed
+        # matrix, and the same labels whichever process evaluates the batch.
+        gen = torch.Generator().manual_seed(batch_seed(self.seed, batch.index))
+        Q = self.view.sample_columns(out, batch.y, self.mc_samples, gen)
         n = out.shape[0]
 
         def apply(U: torch.Tensor) -> torch.Tensor:
@@ -182,7 +178,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         grads = self._cache if use_cache else (self._per_sample_grads(b) for b in p.batches())
         for G, w in grads:
             out += G.T @ (w.unsqueeze(1) * (G @ V))
-        return out
+        return p.reduce(out)
 
 
 def _row_dims(obj, size: int):

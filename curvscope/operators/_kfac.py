@@ -44,7 +44,7 @@ from torch import nn
 
 from .._errors import OptionError, UnsupportedModelError, arg
 from ..linalg import LinearOperator
-from ..problem import Problem
+from ..problem import Problem, batch_seed
 from ._base import CurvatureOperator
 from ._outputs import LossView, per_term_scale, refuse_train_mode
 
@@ -264,8 +264,8 @@ class KFACOperator(CurvatureOperator):
     def _passes(self, layers: list[_KLayer]):
         """Yield per batch ``(c, {layer: a [n,R,in+1]}, [ {layer: g [n,R,out]} per column ])``."""
         p = self.problem
-        gen = torch.Generator().manual_seed(self.seed)
         for batch in p.batches():
+            gen = torch.Generator().manual_seed(batch_seed(self.seed, batch.index))
             captured: dict[str, list] = {layer.name: [] for layer in layers}
             handles = [
                 layer.module.register_forward_hook(_recorder(captured[layer.name]))
@@ -324,9 +324,28 @@ class KFACOperator(CurvatureOperator):
                     g = col[layer.name]
                     G[layer.name] = G[layer.name] + c * torch.einsum("nro,nrp->op", g, g)
         N = self.problem.num_samples
+        if self.problem.group.active:
+            # every rank must hold a tensor per layer, also one that evaluated no batch
+            A, G, R = self._share_factors(layers, A, G, R)
         return {
             layer.name: (A[layer.name] / (N * R[layer.name]), G[layer.name]) for layer in layers
         }
+
+    def _share_factors(self, layers: list[_KLayer], A: dict, G: dict, R: dict):
+        """Factors summed over the data-parallel ranks (ranks without a batch add zeros)."""
+        p = self.problem
+        for layer in layers:
+            n = layer.name
+            if not isinstance(A[n], torch.Tensor):
+                m = layer.n_in + (1 if layer.has_bias else 0)
+                shape = (layer.n_in,) if layer.embedding else (m, m)
+                A[n] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            if not isinstance(G[n], torch.Tensor):
+                G[n] = torch.zeros(layer.n_out, layer.n_out, dtype=p.dtype, device=p.device)
+        A, G = p.reduce([A, G])
+        names = [layer.name for layer in layers]
+        rows = p.reduce([R.get(n, 0) for n in names], op="max")  # positions per sample
+        return A, G, dict(zip(names, rows, strict=True))
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per layer ``(A, G)`` restricted to the selected weight/bias columns of ``A``."""
@@ -487,6 +506,13 @@ class EKFACOperator(KFACOperator):
                     for col in cols:
                         gam = torch.einsum("nro,nrm->nom", col[layer.name] @ qg, a)
                         S[layer.name] = S[layer.name] + c * (gam * gam).sum(0)
+            if self.problem.group.active:
+                for layer in todo:  # a rank without a batch adds zeros
+                    if not isinstance(S[layer.name], torch.Tensor):
+                        S[layer.name] = torch.zeros(
+                            layer.n_out, len(layer.index()), dtype=self.dtype, device=self.device
+                        )
+                S = self.problem.reduce(S)
             for layer in todo:
                 self._shared["S"][key[layer.name]] = S[layer.name]
         for layer in self.layers:

@@ -330,6 +330,8 @@ class PCHOperator(CurvatureOperator):
                         g = s1 * g
                     sums["hh"][t] = sums["hh"][t] + h.T @ h
                     g = g @ weights[t][0]
+        if p.group.active:
+            sums = p.reduce(self._zero_sums(sums))
         N = p.num_samples
         # c N with c the weight of one term: N/T (mean; 1 when every sample is one term) or N
         scale = N / p.num_terms if p.reduction == "mean" else float(N)
@@ -342,6 +344,29 @@ class PCHOperator(CurvatureOperator):
             w = weights[t][0]
             M = w.T @ M @ w
         return result
+
+    def _zero_sums(self, sums: dict[str, list]) -> dict[str, list]:
+        """The expectation's sums with tensors of zeros where this rank saw no batch."""
+        p = self.problem
+        weights = self._weights()
+        like = {"ss": [], "d": [], "hh": []}
+        for w, _ in weights:
+            out_dim, in_dim = w.shape
+            like["ss"].append((out_dim, out_dim))
+            like["d"].append((out_dim,))
+            like["hh"].append((in_dim, in_dim))
+        k = weights[-1][0].shape[0]
+        shapes = {"H": [(k, k)], **like}
+
+        def fill(value, shape):
+            if isinstance(value, torch.Tensor):
+                return value
+            return torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+        return {
+            key: [fill(v, shape) for v, shape in zip(vals, shapes[key], strict=True)]
+            for key, vals in sums.items()
+        }
 
     # ------------------------------------------------------------------ products
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -371,7 +396,9 @@ class PCHOperator(CurvatureOperator):
                         u = torch.einsum("kbc,nc->nkb", t, h)
                         u = torch.einsum("nab,nkb->nka", M, u)
                         outs[n] += c * torch.einsum("nka,nd->kad", u, h)
-        return torch.cat([outs[n].reshape(k, -1) for n in p.names], dim=1).T
+        out = torch.cat([outs[n].reshape(k, -1) for n in p.names], dim=1).T
+        # the expectation form is computed from summed statistics, the same on every rank
+        return out if self._expect is not None else p.reduce(out)
 
     def _with_problem(self, problem: Problem) -> CurvatureOperator:
         new = type(self)(problem, **self._knobs)

@@ -249,6 +249,7 @@ def _sq_grad_diag(objective: Objective, w: torch.Tensor) -> torch.Tensor | None:
             grads = per_sample(params, batch.x, batch.y)
             flat = torch.cat([grads[n].reshape(batch.size, -1) for n in problem.names], dim=1)
             total += scale * (flat * flat).sum(0)
+    problem.reduce(total)
     objective.counts.gradients += 1
     return total
 

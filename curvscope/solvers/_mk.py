@@ -139,6 +139,11 @@ def mk_quantities(objective: Objective, w: torch.Tensor) -> list[dict[str, Any]]
                     b_sq += float((b * b).sum())
                     b_over = b_over + (b / fp).sum(0)
             n_total += batch.size
+    if problem.group.active:  # statistics over every rank's batches
+        maxima = problem.reduce([a.pop("fprime_inf") for a in acc], op="max")
+        acc, b_sq, b_over, n_total = problem.reduce([acc, b_sq, b_over, n_total])
+        for a, m in zip(acc, maxima, strict=True):
+            a["fprime_inf"] = m
     out = []
     for t, layer in enumerate(layers):
         prefix = f"{layer.name}." if layer.name else ""

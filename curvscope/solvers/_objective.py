@@ -144,6 +144,7 @@ class ProblemObjective(Objective):
                 params=list(p.names),
                 weight_decay=p.weight_decay,
                 train_mode=p.train_mode,
+                group=p.group,
             )
             self._work = work
         values = self._work.unflatten(w.detach())
