@@ -94,6 +94,7 @@ class CommonArgs:
     ignore_index: int = -100
     hvp: str = "auto"
     threads: int | None = None
+    world_size: int = 1  # processes under torchrun, set when the command joins them
 
     def settings(self) -> dict[str, Any]:
         """Every shared option with its value, for the result document."""
@@ -725,6 +726,36 @@ def prepare_torch(common: CommonArgs | None = None) -> None:
     common.threads = torch.get_num_threads()  # recorded in the document's settings
 
 
+RANK_STATE = {"main": True}
+"""Whether this process prints plans and progress: rank 0 of a ``torchrun`` job, or alone."""
+
+
+def join_ranks(common: CommonArgs):
+    """Join the process group ``torchrun`` started, once, and return it (one process: alone).
+
+    Under ``torchrun`` every rank runs the same command on its share of the batches; rank 0
+    prints and writes the documents and figures. The other ranks print nothing but errors
+    and write into a private folder that is removed when they exit. With ``--device cuda``
+    each rank takes its local GPU (``LOCAL_RANK``), and the backend is NCCL; gloo on CPUs.
+    """
+    from .._distributed import from_environment
+
+    group, device = from_environment(common.device)
+    common.device = device
+    if group.active and not group.is_main:
+        import atexit
+        import shutil
+        import tempfile
+
+        RANK_STATE["main"] = False
+        console.quiet = True
+        private = tempfile.mkdtemp(prefix=f"curvscope-rank{group.rank}-")
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        common.out = Path(private)
+    common.world_size = group.world_size
+    return group
+
+
 def load_kwargs(common: CommonArgs) -> dict[str, Any]:
     """What :func:`curvscope.load` takes besides the model and the data, from the shared flags.
 
@@ -794,45 +825,9 @@ def open_session(common: CommonArgs) -> Session:
     prepare_torch(common)
     from .._load import load
 
+    group = join_ranks(common)
     started = time.perf_counter()
-    options = {
-        k: v
-        for k, v in {
-            "x_key": common.x_key,
-            "y_key": common.y_key,
-            "label_column": common.label_column,
-            "split": common.split,
-            "input_shape": common.input_shape,
-            "scale": common.scale,
-            "normalize": common.normalize,
-            "block_size": common.block_size,
-        }.items()
-        if v is not None
-    }
-    problem = load(
-        common.model_path,
-        common.data,
-        loss=common.loss,
-        reduction=common.reduction,
-        params=common.params,
-        weight_decay=common.weight_decay,
-        batch_size=common.batch_size,
-        samples=common.samples,
-        seed=common.seed,
-        device=common.device,
-        dtype=common.dtype,
-        train_mode=common.train_mode,
-        builder=common.model,
-        trust_checkpoint=common.trust_checkpoint,
-        state_key=common.state_key,
-        strip_prefix=common.strip_prefix,
-        load_strict=common.load_strict,
-        forward_kwargs=parse_kwargs(common.forward_kwargs, "--forward-kwargs"),
-        output=common.output,
-        groups=parse_groups(common.group),
-        ignore_index=common.ignore_index,
-        **options,
-    )
+    problem = load(common.model_path, common.data, **load_kwargs(common), group=group)
     return Session(problem, common, started, problem.data_passes)
 
 
@@ -1012,9 +1007,10 @@ def announce(what: str, products: int, session: Session | None = None) -> int:
     Returns:
         ``products``, the total for :func:`progress_bar`.
     """
-    err_console.print(
-        f"[dim]{plan_line(what, products, session)}[/]", highlight=False, soft_wrap=True
-    )
+    if RANK_STATE["main"]:
+        err_console.print(
+            f"[dim]{plan_line(what, products, session)}[/]", highlight=False, soft_wrap=True
+        )
     return products
 
 
@@ -1035,7 +1031,7 @@ def progress_bar(
     (a pipe, a log file): one line to stderr at least every ``interval`` seconds with the
     same figures.
     """
-    if not enabled:
+    if not enabled or not RANK_STATE["main"]:
         yield lambda *_: None
         return
     state = {"done": 0, "total": planned or 0, "what": "starting"}

@@ -1,0 +1,126 @@
+"""Data parallelism over torch.distributed (gloo, 2 processes on the CPU).
+
+Every number a 2-process run gives (losses, gradients, each matrix's products, eigenvalues,
+traces, SLQ nodes, surfaces, accuracy) must agree with one process to 1e-10 relative in
+float64. The cases split unequal batches unevenly over the ranks (5 batches: ranks hold 3 and
+2), a BatchNorm CNN and a DataLoader. The command line is tested under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curvscope.io import build_arch, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "dist_worker.py"
+CASES = "mlp-ce-mean-5batches,mlp-mse-sum-unequal,cnn-bn-eval-ce-mean,mlp-sigmoid-dataloader"
+RTOL = 1e-10  # the issue's bar; seen: 2e-15 (the order of the sum over batches changes)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+def _run_ranks(tmp: Path, world: int, out: Path) -> None:
+    store = tmp / f"store-{world}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(r), str(world), str(store), str(out), CASES],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log}"
+
+
+def test_two_processes_give_the_one_process_numbers(tmp_path):
+    _run_ranks(tmp_path, 1, tmp_path / "one.pt")
+    _run_ranks(tmp_path, 2, tmp_path / "two.pt")
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    assert one.keys() == two.keys() and len(one) == 4
+    checked = 0
+    for case, values in one.items():
+        assert values.keys() == two[case].keys()
+        for key, want in values.items():
+            got = two[case][key]
+            assert want.dtype == torch.float64 and got.shape == want.shape, (case, key)
+            scale = float(want.abs().max())
+            assert scale > 0, (case, key)  # a zero result would make the check empty
+            err = float((got - want).abs().max()) / scale
+            assert err <= RTOL, f"{case} {key}: relative difference {err:.2e}"
+            checked += 1
+    assert checked >= 50
+
+
+ARCH = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    torch.manual_seed(0)
+    g = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "data.npz",
+        x=g.normal(size=(23, 4)).astype(np.float32),
+        y=g.integers(0, 3, size=23),
+    )
+    meta = {"data": "data.npz", "loss": "cross_entropy", "reduction": "mean"}
+    save_checkpoint(tmp_path / "model.pt", build_arch(ARCH), ARCH, meta)
+    return tmp_path
+
+
+def _cli(tiny: Path, world: int, *args: str) -> subprocess.CompletedProcess:
+    if world == 1:
+        cmd = [sys.executable, "-m", "curvscope"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world}", "-m", "curvscope"]
+    env = {**ENV, "TMPDIR": str(tiny)}  # where non-zero ranks keep their private folders
+    res = subprocess.run([*cmd, *args], cwd=tiny, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+@pytest.mark.parametrize(
+    "command, extra",
+    [
+        ("spectrum", ["--top", "3", "--bottom", "2", "--tol", "1e-10"]),
+        ("surface", ["--directions", "random", "--steps", "7"]),
+    ],
+)
+def test_torchrun_command_matches_one_process(tiny, command, extra):
+    common = ["model.pt", "--dtype", "float64", "--batch-size", "5", *extra]
+    _cli(tiny, 1, command, *common, "--out", "one")
+    res = _cli(tiny, 2, command, *common, "--out", "two")
+    one = json.loads((tiny / "one" / f"{command}.json").read_text())
+    two = json.loads((tiny / "two" / f"{command}.json").read_text())
+    assert two["settings"]["world_size"] == 2 and one["settings"]["world_size"] == 1
+    if command == "spectrum":
+        a = [v for s in one["results"]["spectra"] for v in s["eigenvalues"]]
+        b = [v for s in two["results"]["spectra"] for v in s["eigenvalues"]]
+    else:
+        a = np.ravel(one["results"]["surface"]["loss"]).tolist()
+        b = np.ravel(two["results"]["surface"]["loss"]).tolist()
+    assert len(a) == len(b) > 4
+    scale = max(abs(v) for v in a)
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= RTOL * scale
+    # rank 0 prints and writes; the other rank's private folder is gone
+    assert res.stdout.count("Result:") <= 1
+    assert not list(tiny.glob("curvscope-rank*"))
