@@ -8,6 +8,14 @@ diagnostics and solvers, drawing in :mod:`curvscope.report`.
 
 from ._diff import COVERAGE, DiffEntry, DiffResult, diff_documents
 from ._documents import describe, document, save_document
+from ._memory import (
+    MemoryEstimate,
+    available_memory,
+    estimate_memory,
+    format_bytes,
+    parse_memory,
+    refuse_if_too_large,
+)
 from ._report import PRESETS, ReportRun, run_report
 from ._track import (
     TRACE_ESTIMATORS,
@@ -24,17 +32,23 @@ __all__ = [
     "COVERAGE",
     "DiffEntry",
     "DiffResult",
+    "MemoryEstimate",
     "PRESETS",
     "TRACE_ESTIMATORS",
     "ReportRun",
     "TrackRun",
     "Tracker",
+    "available_memory",
     "describe",
     "diff_documents",
     "document",
+    "estimate_memory",
+    "format_bytes",
     "expand_checkpoints",
     "order_checkpoints",
+    "parse_memory",
     "preserved",
+    "refuse_if_too_large",
     "run_report",
     "save_document",
     "stability_threshold",

@@ -34,7 +34,9 @@ __all__ = [
     "check_inputs",
     "check_paths",
     "check_out_dir",
+    "peak_memory",
     "plan_line",
+    "plan_memory",
     "prepare_torch",
     "block_mode",
     "Session",
@@ -95,6 +97,8 @@ class CommonArgs:
     hvp: str = "auto"
     threads: int | None = None
     world_size: int = 1  # processes under torchrun, set when the command joins them
+    max_memory: str | None = None
+    basis_device: str | None = None
 
     def settings(self) -> dict[str, Any]:
         """Every shared option with its value, for the result document."""
@@ -430,6 +434,30 @@ _COMMON.update(
             ],
             "auto",
         ),
+        "max_memory": (
+            Annotated[
+                str | None,
+                _opt(
+                    "--max-memory",
+                    help="Refuse a run whose estimated peak memory is larger (e.g. 8GB; "
+                    "default: what the device has free).",
+                    rich_help_panel="Numerics",
+                ),
+            ],
+            None,
+        ),
+        "basis_device": (
+            Annotated[
+                str | None,
+                _opt(
+                    "--basis-device",
+                    help="Where the Lanczos basis lives: cpu keeps it in host memory when the "
+                    "device is short (default: the --device).",
+                    rich_help_panel="Numerics",
+                ),
+            ],
+            None,
+        ),
         "threads": (
             Annotated[
                 int | None,
@@ -509,8 +537,15 @@ def block_mode(per_layer: bool, per_param: bool, group: str | None = None) -> st
     Raises:
         OptionError: when more than one is asked for.
     """
-    asked = [m for m, on in (("per-layer", per_layer), ("per-param", per_param),
-                             ("per-group", bool(group))) if on]
+    asked = [
+        m
+        for m, on in (
+            ("per-layer", per_layer),
+            ("per-param", per_param),
+            ("per-group", bool(group)),
+        )
+        if on
+    ]
     if len(asked) > 1:
         raise OptionError(
             f"{', '.join('--' + a if a != 'per-group' else '--group' for a in asked)} exclude "
@@ -542,6 +577,7 @@ class Session:
     common: CommonArgs
     started: float = field(default_factory=time.perf_counter)
     passes_before: int = 0
+    memory: dict[str, Any] | None = None
 
     @property
     def input_info(self) -> dict[str, Any]:
@@ -857,6 +893,8 @@ def finish(
         timings=extra,
         counts={k: v for k, v in (counts or {}).items() if k != "matvecs"},
     )
+    if session.memory is not None:
+        doc["memory"] = {**session.memory, "peak_bytes": peak_memory(session.problem.device)}
     return save_document(doc, session.common.out)
 
 
@@ -912,8 +950,13 @@ LABEL_MIN_WIDTH = 5
 """Label columns are never narrowed below this (or their longest cell)."""
 
 
-def table(title: str, columns: list[str], *, numbers: tuple[str, ...] | list[str] = (),
-          center: tuple[str, ...] | list[str] = ()) -> Table:
+def table(
+    title: str,
+    columns: list[str],
+    *,
+    numbers: tuple[str, ...] | list[str] = (),
+    center: tuple[str, ...] | list[str] = (),
+) -> Table:
     """A rich table whose ``numbers`` columns are never cut.
 
     Label columns wrap (and are narrowed first when the table is too wide); number columns
@@ -999,6 +1042,71 @@ def plan_line(what: str, products: int, session: Session | None = None) -> str:
         p = session.problem
         text += f" of {_count(p.num_params)} parameters on {_count(p.num_samples)} samples"
     return text
+
+
+def plan_memory(
+    session: Session,
+    *,
+    matrices: list[str],
+    vectors: int = 0,
+    basis: int = 0,
+    slq_steps: int = 0,
+) -> None:
+    """Estimate the run's peak memory, print it, and refuse it over ``--max-memory``.
+
+    The default limit is what the device has free (plus what the process holds). The
+    estimate goes into the document's ``memory`` section beside the measured peak.
+
+    Raises:
+        OptionError: when the estimate is larger than the limit (naming what to lower).
+    """
+    from torch import nn
+
+    from ..app import (
+        available_memory,
+        estimate_memory,
+        parse_memory,
+        refuse_if_too_large,
+    )
+
+    common = session.common
+    p = session.problem
+    layers = []
+    if any(m.startswith(("kfac", "ekfac")) for m in matrices):
+        for m in p.model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                layers.append((m.weight[0].numel() + 1, m.weight.shape[0]))
+    estimate = estimate_memory(
+        p,
+        matrices=matrices,
+        vectors=vectors,
+        basis=basis,
+        basis_device=common.basis_device,
+        slq_steps=slq_steps,
+        kfac_layers=layers,
+    )
+    limit = parse_memory(common.max_memory)
+    if limit is None:
+        limit = available_memory(p.device)
+    if RANK_STATE["main"]:
+        err_console.print(f"[dim]memory: {estimate.describe()}[/]", highlight=False, soft_wrap=True)
+    refuse_if_too_large(estimate, limit)
+    session.memory = {**estimate.to_dict(), "limit_bytes": None if limit is None else int(limit)}
+    if p.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(p.device)
+
+
+def peak_memory(device) -> int:
+    """The process's peak so far: max resident set (CPU) or max allocated (CUDA), bytes."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def announce(what: str, products: int, session: Session | None = None) -> int:

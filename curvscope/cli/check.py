@@ -16,6 +16,7 @@ from ._common import (
     finish,
     guarded,
     open_session,
+    plan_memory,
     print_table,
     progress_bar,
     table,
@@ -53,6 +54,14 @@ def check_cli(
 
         n = session.problem.num_params
         dirs = directions + eigen_directions
+        from .spectrum import lanczos_basis
+
+        plan_memory(
+            session,
+            matrices=["hessian"],
+            vectors=2 * max(eigen_directions, 1),
+            basis=lanczos_basis(session, "all", max(eigen_directions, 1), None),
+        )
         # eigenvectors; per direction 2 x len(STEPS) losses (gradient test), len(STEPS) losses
         # and one product (Taylor, float64 and the float32 floor); the certificate's eigsh
         planned = announce(

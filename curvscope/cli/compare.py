@@ -16,6 +16,7 @@ from ._common import (
     finish,
     guarded,
     open_session,
+    plan_memory,
     print_table,
     progress_bar,
     table,
@@ -63,11 +64,19 @@ def compare_cli(
         from .spectrum import block_sizes, lanczos_products
 
         sizes = block_sizes(session.problem, "per-layer")
+        from .spectrum import lanczos_basis
+
+        plan_memory(
+            session,
+            matrices=["hessian", *candidates],
+            vectors=2 * (top_k + 1),
+            basis=lanczos_basis(session, "per-layer", top_k + 1, None),
+        )
         # per block: the reference (dense up to --exact-max-dim, else probes) and each
         # candidate alike, plus top-k Lanczos runs for eigenvalues and overlaps
         per = [
-            (1 + len(candidates)) * ((n if n <= exact_max_dim else probes)
-                                     + lanczos_products(top_k, n))
+            (1 + len(candidates))
+            * ((n if n <= exact_max_dim else probes) + lanczos_products(top_k, n))
             for n in sizes
         ]
         planned = announce(

@@ -18,6 +18,7 @@ from ._common import (
     guarded,
     open_session,
     parse_list,
+    plan_memory,
     print_table,
     progress_bar,
     table,
@@ -96,6 +97,7 @@ def density_cli(
             for n in sizes
         ]
         where = "" if blocks == "all" else f" in each of {len(sizes)} blocks"
+        plan_memory(session, matrices=matrices, vectors=2, slq_steps=min(lanczos_steps, max(sizes)))
         planned = announce(
             f"{', '.join(matrices)} density by SLQ ({probes} probes x {lanczos_steps} steps) "
             f"and traces{where}",

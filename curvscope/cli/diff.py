@@ -56,9 +56,12 @@ def diff_cli(
         _print(result, a, b, show_all, COVERAGE)
         if out is not None:
             doc = document(
-                None, "diff",
+                None,
+                "diff",
                 settings={"a": str(a), "b": str(b), "fail_on_change": fail_on_change},
-                results=result.to_results(), started=t0, notes=result.notes,
+                results=result.to_results(),
+                started=t0,
+                notes=result.notes,
             )
             console.print(f"Result: {save_document(doc, out)}")
     if fail_on_change and result.changed:
@@ -88,19 +91,27 @@ def _print(result, a: Path, b: Path, show_all: bool, coverage: float) -> None:
     entries = result.entries if show_all else result.changed
     entries = sorted(entries, key=lambda e: e.verdict == "same")
     table = Table(title=escape(f"{result.command}: {a} (A) vs {b} (B)"), title_style="bold")
-    for col, kw in (("number", {"no_wrap": True}), ("A", {"justify": "right"}),
-                    ("B", {"justify": "right"}), ("B - A", {"justify": "right"}),
-                    (f"{coverage:g} x uncertainty", {"justify": "right"}),
-                    ("from", {}), ("verdict", {})):
+    for col, kw in (
+        ("number", {"no_wrap": True}),
+        ("A", {"justify": "right"}),
+        ("B", {"justify": "right"}),
+        ("B - A", {"justify": "right"}),
+        (f"{coverage:g} x uncertainty", {"justify": "right"}),
+        ("from", {}),
+        ("verdict", {}),
+    ):
         table.add_column(col, **kw)
     limit = len(entries) if show_all else SHOWN
     for e in entries[:limit]:
         colour = "green" if e.verdict == "same" else "red"
         table.add_row(
-            escape(e.key), escape(_fmt(e.a)), escape(_fmt(e.b)),
+            escape(e.key),
+            escape(_fmt(e.a)),
+            escape(_fmt(e.b)),
             "-" if e.difference is None else f"{e.difference:.3g}",
             "-" if e.uncertainty is None else f"{coverage * e.uncertainty:.2g}",
-            escape(e.basis), f"[{colour}]{e.verdict}[/]",
+            escape(e.basis),
+            f"[{colour}]{e.verdict}[/]",
         )
     if entries:
         console.print(table)

@@ -25,6 +25,7 @@ from ._common import (
     console,
     guarded,
     open_session,
+    plan_memory,
     print_table,
     progress_bar,
     table,
@@ -116,6 +117,14 @@ def report_cli(
             from ..app import run_report
 
             _ensure_plotly(Path(common.out), plotly_js)
+            from .spectrum import lanczos_basis
+
+            plan_memory(
+                session,
+                matrices=["hessian", "ggn", "kfac"],
+                vectors=14,
+                basis=lanczos_basis(session, "all", 7, None),
+            )
             planned = announce(
                 f"report ({preset}): spectrum, density, check, compare and surface"
                 + (", solvers" if preset == "full" else ""),

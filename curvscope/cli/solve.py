@@ -19,6 +19,7 @@ from ._common import (
     guarded,
     open_session,
     parse_list,
+    plan_memory,
     print_table,
     progress_bar,
     table,
@@ -152,6 +153,7 @@ def solve_cli(
         test_problem = _test_problem(session, test_data) if test_data else None
         max_iter = common.max_iter or DEFAULT_MAX_ITER
         n = session.problem.num_params
+        plan_memory(session, matrices=["hessian"], vectors=12)
         per_run = [
             max_iter * PRODUCTS_PER_ITERATION.get(name, 3)
             + (max_iter // curvature_every + 1) * 2 * lanczos_products(1, n)

@@ -17,6 +17,7 @@ from ._common import (
     finish,
     guarded,
     open_session,
+    plan_memory,
     print_table,
     progress_bar,
     table,
@@ -118,6 +119,14 @@ def spectrum_cli(
         from ..operators import build_operators
 
         ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
+        plan_memory(
+            session,
+            matrices=matrices,
+            vectors=2 * (top + bottom),
+            basis=lanczos_basis(session, blocks, top + bottom, basis_size)
+            if method != "power"
+            else 0,
+        )
         planned = announce(
             *spectrum_plan(session, matrices, blocks, top, bottom, method, repeats), session
         )
@@ -135,6 +144,7 @@ def spectrum_cli(
                 samples=repeat_samples,
                 rtol=rtol,
                 basis_size=basis_size,
+                basis_device=common.basis_device,
                 progress=update,
             )
         notes = list(result.notes)
@@ -192,6 +202,15 @@ def lanczos_products(k: int, n: int) -> int:
     Measured on the examples: top-5 + bottom-2 of a 1.8k-parameter MLP took about 60.
     """
     return min(n + k, 4 * k + 32)
+
+
+def lanczos_basis(session, blocks: str, k: int, basis_size: int | None) -> int:
+    """Basis vectors thick-restart Lanczos will hold for ``k`` pairs of the largest block."""
+    from ..linalg import default_basis_size
+
+    n = max(block_sizes(session.problem, blocks))
+    item = 8 if session.problem.dtype.itemsize == 8 else 4
+    return min(n, basis_size) if basis_size else default_basis_size(k, n, itemsize=item)
 
 
 def block_sizes(problem, blocks: str) -> list[int]:

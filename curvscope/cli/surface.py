@@ -21,6 +21,7 @@ from ._common import (
     open_session,
     parse_floats,
     parse_list,
+    plan_memory,
     print_table,
     progress_bar,
     table,
@@ -92,10 +93,17 @@ def surface_cli(
         from .spectrum import lanczos_products
 
         points = steps**dims
+        from .spectrum import lanczos_basis
+
+        plan_memory(
+            session,
+            matrices=["hessian"],
+            vectors=2 * dims + 2,
+            basis=lanczos_basis(session, "all", dims, None) if directions == "eigen" else 0,
+        )
         eigen = lanczos_products(dims, session.problem.num_params) if directions == "eigen" else 0
         planned = announce(
-            f"loss surface on {'x'.join([str(steps)] * dims)} points along {directions} "
-            "directions",
+            f"loss surface on {'x'.join([str(steps)] * dims)} points along {directions} directions",
             points + eigen,
             session,
         )

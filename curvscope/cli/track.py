@@ -111,8 +111,7 @@ def track_cli(
         str,
         typer.Option(
             "--figures",
-            help="Figure formats written to OUT/figures (png, pdf, svg; comma-separated), or "
-            "none.",
+            help="Figure formats written to OUT/figures (png, pdf, svg; comma-separated), or none.",
         ),
     ] = "png",
 ) -> None:
@@ -128,8 +127,10 @@ def track_cli(
                 f"--trace-estimator {trace_estimator!r} is not known; choose "
                 f"{', '.join(TRACE_ESTIMATORS)}."
             )
-        formats = [] if figures.strip().lower() == "none" else parse_list(
-            figures, "--figures", ["png", "pdf", "svg"]
+        formats = (
+            []
+            if figures.strip().lower() == "none"
+            else parse_list(figures, "--figures", ["png", "pdf", "svg"])
         )
         t0 = time.perf_counter()
         checkpoints = [str(c) for c in common.model_path]
@@ -175,8 +176,11 @@ def _print(run, figures, seconds) -> None:
     res = doc["results"]
     rows = res["track"]
     matrices = doc["settings"]["matrix"]
-    table = Table(title=f"{len(rows)} checkpoints, {doc['input']['data']['num_samples']} "
-                  f"samples, {doc['input']['dtype']}", title_style="bold")
+    table = Table(
+        title=f"{len(rows)} checkpoints, {doc['input']['data']['num_samples']} "
+        f"samples, {doc['input']['dtype']}",
+        title_style="bold",
+    )
     table.add_column("step", justify="right")
     table.add_column("loss", justify="right")
     table.add_column("grad norm", justify="right")
@@ -222,8 +226,10 @@ def _print(run, figures, seconds) -> None:
         )
     for note in doc.get("notes") or []:
         console.print(f"[dim]{escape(note)}[/]")
-    console.print(f"{doc['counts']['matvecs']} matrix-vector products in {seconds:.1f} s. "
-                  + escape(f"Result: {run.path}"))
+    console.print(
+        f"{doc['counts']['matvecs']} matrix-vector products in {seconds:.1f} s. "
+        + escape(f"Result: {run.path}")
+    )
     if figures:
         console.print(escape(f"Figures: {', '.join(str(p) for p in figures)}"))
 

@@ -98,6 +98,7 @@ def _solve(
     progress: Progress | None,
     rtol: float | None = None,
     basis_size: int | None = None,
+    basis_device: str | None = None,
 ) -> list[EigenResult]:
     n = op.shape[0]
     if top + bottom > n:
@@ -113,6 +114,7 @@ def _solve(
             tol=tol,
             rtol=rtol,
             basis_size=basis_size,
+            basis_device=basis_device,
             max_matvecs=max_iter,
             seed=seed,
             progress=progress,
@@ -150,6 +152,7 @@ def spectrum(
     samples: int | None = None,
     rtol: float | None = None,
     basis_size: int | None = None,
+    basis_device: str | None = None,
     progress: Progress | None = None,
 ) -> SpectrumResult:
     r"""Extreme eigenpairs of each operator and block, each with its measured residual.
@@ -178,6 +181,8 @@ def spectrum(
             over ``|lambda|``) instead of ``tol``.
         basis_size: Lanczos basis vectors at most (default from the pairs asked for and a
             1 GiB budget, :func:`curvscope.linalg.default_basis_size`).
+        basis_device: where the Lanczos basis lives (``cpu`` keeps it in host memory when the
+            device is short; default the operator's device).
         progress: ``progress(completed, total, description)``.
 
     Raises:
@@ -218,6 +223,7 @@ def spectrum(
                 "max_iter": max_iter,
                 "rtol": rtol,
                 "basis_size": basis_size,
+                "basis_device": basis_device,
             }
             results = _solve(
                 op,

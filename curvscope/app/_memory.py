@@ -1,0 +1,279 @@
+r"""How much memory a command will take, estimated before its first product.
+
+The estimate adds what the process already holds (the resident set on the CPU, the
+allocated tensors on a CUDA device: torch, the model, the data loaded so far) to what the
+work will add:
+
+- **activations**: the tensors one forward pass saves for the backward pass on the largest
+  batch, measured by running that forward once under ``saved_tensors_hooks`` (no product),
+  times the passes a product keeps alive at once: 3 for a Hessian product (the forward, the
+  first backward graph kept for the second, and the second backward), 2 for the other
+  curvature matrices (a jvp and a vjp through the same forward), 1.5 for gradients;
+- **vectors**: the Lanczos basis (``basis_size`` vectors of ``P`` parameters), the Ritz
+  vectors and the products with them (``2 k``), and a few work vectors; SLQ's basis of
+  ``lanczos_steps`` vectors per probe; Hutch++'s sketch;
+- **Kronecker factors** for KFAC/EKFAC (``in^2 + out^2`` per layer and their eigenbases);
+- **parameter copies**: a float64 copy of the model for a float64 run is already counted
+  in the process; a curvature product holds two gradients' worth of parameter-sized tensors.
+
+Measured against peak RSS (benchmarks/memory.py): top-5 of a ResNet-18-shaped network
+(11M parameters, 256 CIFAR-shaped samples) is in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .._errors import OptionError, arg
+from ..problem import Problem
+
+__all__ = [
+    "MemoryEstimate",
+    "refuse_if_too_large",
+    "activation_bytes",
+    "available_memory",
+    "estimate_memory",
+    "format_bytes",
+    "in_use",
+    "parse_memory",
+]
+
+ACTIVATION_FACTOR = {"hessian": 3.0, "gradient": 1.5}
+"""Forward activations a product keeps alive at once, per matrix kind (module docstring)."""
+OTHER_FACTOR = 2.0
+WORK_VECTORS = 6
+"""Parameter-sized tensors a product and the iteration hold besides the basis (gradient,
+product, residual, next Lanczos vector, reorthogonalisation scratch)."""
+
+
+def format_bytes(n: float) -> str:
+    """``1.2 GB``, ``340 MB``, ``12 kB``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_memory(value: str | float | int | None) -> float | None:
+    """``"8GB"``, ``"512MiB"``, ``"2e9"`` -> bytes; ``None`` stays ``None``.
+
+    Raises:
+        OptionError: for text that is not an amount of memory.
+    """
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    text = str(value).strip().replace(" ", "")
+    units = {
+        "": 1,
+        "b": 1,
+        "k": 1e3,
+        "kb": 1e3,
+        "kib": 2**10,
+        "m": 1e6,
+        "mb": 1e6,
+        "mib": 2**20,
+        "g": 1e9,
+        "gb": 1e9,
+        "gib": 2**30,
+        "t": 1e12,
+        "tb": 1e12,
+        "tib": 2**40,
+    }
+    number = text.rstrip("kKmMgGtTiIbB")
+    unit = text[len(number) :].lower()
+    try:
+        amount = float(number) * units[unit]
+    except (KeyError, ValueError):
+        amount = math.nan
+    if not amount > 0:
+        raise OptionError(
+            f"{arg('max_memory')} {value!r} is not an amount of memory (e.g. 8GB, 512MiB)."
+        )
+    return amount
+
+
+def in_use(device: torch.device | str) -> int:
+    """Bytes the process holds now: resident set (CPU) or allocated tensors (CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: the peak so far
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """What the device can give this process: free plus what it holds (``None``: unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: line.split()[1] for line in fh}
+        return int(info["MemAvailable"]) * 1024 + in_use(device)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def activation_bytes(problem: Problem) -> int:
+    """Bytes one forward pass saves for backward on the largest batch (measured once).
+
+    Counts each saved tensor's storage once; parameters are not counted (they are held
+    anyway). TorchScript models cannot be hooked: their output size times the layers stands
+    in (a rough floor).
+    """
+    largest = max(range(len(problem.batch_sizes)), key=problem.batch_sizes.__getitem__)
+    local = problem.alone()
+    params = {n: t.detach().requires_grad_(True) for n, t in problem.params.items()}
+    own = {t.untyped_storage().data_ptr() for t in params.values()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            s = t.untyped_storage()
+            if s.data_ptr() not in own:
+                seen[s.data_ptr()] = s.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage
+            pass
+        return t
+
+    for i, batch in enumerate(local.batches()):
+        if i != largest:
+            continue
+        with local.mode(), torch.enable_grad():
+            if problem.scripted:
+                out = local.forward(problem.params, batch.inputs)
+                return int(out.numel() * out.element_size() * 4)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                value = local.batch_loss(params, batch)
+            del value
+        break
+    local.data_passes -= 1  # the measurement is not one of the command's passes
+    local.add_work(-1)
+    return int(sum(seen.values()))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory a command is expected to take on its device, by part (bytes)."""
+
+    device: str
+    parts: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        """All parts together."""
+        return float(sum(self.parts.values()))
+
+    @property
+    def largest(self) -> str:
+        """The largest part other than what the process already holds."""
+        work = {k: v for k, v in self.parts.items() if k != "in use"}
+        return max(work, key=work.__getitem__) if work else "in use"
+
+    def describe(self) -> str:
+        """``about 1.2 GB on cpu (in use 400 MB, activations 500 MB (batch 128), ...)``."""
+        parts = ", ".join(
+            f"{k} {format_bytes(v)}" + (f" ({self.notes[k]})" if k in self.notes else "")
+            for k, v in self.parts.items()
+            if v > 0
+        )
+        return f"about {format_bytes(self.total)} on {self.device} ({parts})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """For the result document's ``memory`` section."""
+        return {
+            "device": self.device,
+            "total_bytes": int(self.total),
+            "parts_bytes": {k: int(v) for k, v in self.parts.items()},
+        }
+
+
+_LOWER = {
+    "activations": arg("batch_size"),
+    "Lanczos basis": f"{arg('basis_size')} or {arg('basis_device')} cpu",
+    "SLQ basis": arg("num_steps"),
+    "Kronecker factors": f"{arg('matrices')} (leave out kfac/ekfac) or {arg('params')}",
+    "vectors": f"{arg('top')}/{arg('bottom')}",
+    "in use": f"{arg('samples')} or {arg('params')}",
+}
+
+
+def estimate_memory(
+    problem: Problem,
+    *,
+    matrices: Sequence[str] = ("hessian",),
+    vectors: int = 0,
+    basis: int = 0,
+    basis_device: str | torch.device | None = None,
+    slq_steps: int = 0,
+    kfac_layers: Sequence[tuple[int, int]] = (),
+) -> MemoryEstimate:
+    """The expected peak of a command on ``problem``'s device (see the module docstring).
+
+    Args:
+        problem: the loaded problem (its first batch is run forward once to measure).
+        matrices: the curvature matrices the command multiplies with.
+        vectors: parameter-sized vectors held besides the basis (Ritz vectors, products).
+        basis: Lanczos basis vectors.
+        basis_device: where the basis lives (default the parameters' device).
+        slq_steps: SLQ Lanczos steps per probe (its basis).
+        kfac_layers: ``(in, out)`` of each layer with Kronecker factors.
+    """
+    dev = problem.device
+    item = torch.empty((), dtype=problem.dtype).element_size()
+    P = problem.num_params
+    acts = activation_bytes(problem)
+    factors = [ACTIVATION_FACTOR.get(m, OTHER_FACTOR) for m in matrices]
+    factor = max(factors, default=ACTIVATION_FACTOR["gradient"])
+    parts = {"in use": float(in_use(dev)), "activations": factor * acts}
+    notes = {"activations": f"batch {max(problem.batch_sizes)}: {factor:g} x {format_bytes(acts)}"}
+    basis_bytes = float(basis * P * item)
+    bdev = torch.device(basis_device) if basis_device is not None else dev
+    if basis:
+        if bdev == dev:
+            parts["Lanczos basis"] = basis_bytes
+            notes["Lanczos basis"] = f"{basis} x {P} {str(problem.dtype).replace('torch.', '')}"
+        else:
+            notes["Lanczos basis"] = f"{format_bytes(basis_bytes)} kept on {bdev}"
+    if slq_steps:
+        parts["SLQ basis"] = float(slq_steps * P * item)
+    parts["vectors"] = float((vectors + WORK_VECTORS) * P * item)
+    if kfac_layers:
+        parts["Kronecker factors"] = float(sum(2 * (i * i + o * o) for i, o in kfac_layers) * item)
+    return MemoryEstimate(str(dev), parts, notes)
+
+
+def refuse_if_too_large(estimate: MemoryEstimate, limit: float | None) -> None:
+    """Refuse a run whose estimate exceeds ``limit`` bytes, naming what to lower.
+
+    Raises:
+        OptionError: when the estimate is larger than the limit.
+    """
+    if limit is None or estimate.total <= limit:
+        return
+    held = estimate.parts.get("in use", 0.0)
+    if held > limit:
+        raise OptionError(
+            f"the process already holds {format_bytes(held)} (torch, the model and the data), "
+            f"more than {arg('max_memory')} {format_bytes(limit)}; raise {arg('max_memory')}."
+        )
+    part = estimate.largest
+    raise OptionError(
+        f"the run needs {estimate.describe()}, more than {arg('max_memory')} "
+        f"{format_bytes(limit)}; lower {_LOWER.get(part, arg('batch_size'))} (the largest "
+        f"part: {part}) or raise {arg('max_memory')}."
+    )

@@ -1,0 +1,101 @@
+"""The memory policy: an estimate before any product, a refusal over --max-memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from curvscope import OptionError, Problem
+from curvscope.app import estimate_memory, parse_memory, refuse_if_too_large
+from curvscope.app._memory import activation_bytes
+from curvscope.cli import app
+
+from .test_cli_spectrum import tiny  # noqa: F401  (fixture)
+
+
+def _problem(batch: int, width: int = 32) -> Problem:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * batch, 10, generator=g)
+    y = torch.randint(0, 3, (4 * batch,), generator=g)
+    model = nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 3))
+    data = [(x[i : i + batch], y[i : i + batch]) for i in range(0, 4 * batch, batch)]
+    return Problem(model, "cross_entropy", data)
+
+
+def test_activations_are_measured_and_grow_with_the_batch():
+    small, large = activation_bytes(_problem(64)), activation_bytes(_problem(256))
+    # what the forward saves: the input of the first layer and the tanh output at least
+    assert small >= 64 * (10 + 32) * 4
+    assert 3.5 <= large / small <= 4.5
+
+
+def test_measuring_is_not_counted_as_a_pass():
+    p = _problem(16)
+    before = (p.data_passes, p.work_done)
+    activation_bytes(p)
+    assert (p.data_passes, p.work_done) == before
+
+
+def test_estimate_parts_and_basis_off_the_device():
+    p = _problem(16)
+    est = estimate_memory(p, matrices=["hessian"], vectors=4, basis=30)
+    P = p.num_params
+    assert est.parts["Lanczos basis"] == 30 * P * 4
+    assert est.parts["vectors"] == (4 + 6) * P * 4
+    assert est.parts["activations"] == 3 * activation_bytes(p)
+    assert est.parts["in use"] > 0 and est.total == pytest.approx(sum(est.parts.values()))
+    off = estimate_memory(p, matrices=["ggn"], basis=30, basis_device="meta")
+    assert "Lanczos basis" not in off.parts and "kept on meta" in off.notes["Lanczos basis"]
+    assert off.parts["activations"] == 2 * activation_bytes(p)
+
+
+def test_refusal_names_the_largest_part():
+    p = _problem(16)
+    est = estimate_memory(p, basis=10**6)  # a basis far beyond anything else
+    held = est.parts["in use"]
+    with pytest.raises(OptionError, match="basis_size or basis_device cpu"):
+        refuse_if_too_large(est, held + 1)
+    with pytest.raises(OptionError, match="already holds"):
+        refuse_if_too_large(est, held / 2)
+    refuse_if_too_large(est, est.total + 1)  # fits: no error
+    refuse_if_too_large(est, None)
+
+
+@pytest.mark.parametrize(
+    "text, value", [("8GB", 8e9), ("512MiB", 512 * 2**20), ("2e9", 2e9), ("1.5 g", 1.5e9)]
+)
+def test_parse_memory(text, value):
+    assert parse_memory(text) == value
+
+
+@pytest.mark.parametrize("text", ["lots", "-1GB", "0", "5 parsecs"])
+def test_parse_memory_refuses_text(text):
+    with pytest.raises(OptionError, match="not an amount of memory"):
+        parse_memory(text)
+
+
+def test_cli_prints_the_estimate_records_it_and_refuses_before_any_product(tiny):  # noqa: F811
+    runner = CliRunner()
+    res = runner.invoke(app, ["spectrum", str(tiny / "model.pt"), "--out", str(tiny / "o")])
+    assert res.exit_code == 0, res.output
+    assert "memory: about" in res.output
+    doc = json.loads((tiny / "o" / "spectrum.json").read_text())
+    mem = doc["memory"]
+    assert mem["total_bytes"] == sum(mem["parts_bytes"].values())
+    assert mem["peak_bytes"] > 0 and mem["limit_bytes"] > mem["total_bytes"]
+    res = runner.invoke(
+        app, ["spectrum", str(tiny / "model.pt"), "--out", str(tiny / "r"), "--max-memory",
+              "1MB"]
+    )
+    assert res.exit_code == 1
+    assert "--max-memory" in res.output and "Traceback" not in res.output
+    assert not (tiny / "r" / "spectrum.json").exists()
+    res = runner.invoke(
+        app, ["spectrum", str(tiny / "model.pt"), "--out", str(tiny / "r"), "--max-memory",
+              "lots"]
+    )
+    assert res.exit_code == 1 and "--max-memory 'lots' is not an amount" in res.output
