@@ -28,6 +28,7 @@ _API: dict[str, tuple[str, str]] = {
     "CheckpointError": ("._errors", "CheckpointError"),
     "DataError": ("._errors", "DataError"),
     "DeterminismError": ("._errors", "DeterminismError"),
+    "Interrupted": ("._errors", "Interrupted"),
     "NonFiniteError": ("._errors", "NonFiniteError"),
     "OptionError": ("._errors", "OptionError"),
     "UnsupportedModelError": ("._errors", "UnsupportedModelError"),

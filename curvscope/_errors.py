@@ -22,6 +22,7 @@ __all__ = [
     "CurvscopeError",
     "DataError",
     "DeterminismError",
+    "Interrupted",
     "NonFiniteError",
     "OptionError",
     "UnsupportedModelError",
@@ -90,6 +91,19 @@ class CurvscopeError(Exception):
 
 def _rebuild(cls, message, data):
     return cls(message, **data)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a computation, with what had finished.
+
+    A ``KeyboardInterrupt``, so code that handles Ctrl-C handles it; callers that can keep
+    partial work read :attr:`partial`: the command's result object with every finished
+    part (eigenpairs of finished blocks, finished densities, evaluated grid points).
+    """
+
+    def __init__(self, partial: Any = None) -> None:
+        super().__init__()
+        self.partial = partial
 
 
 class CheckpointError(CurvscopeError):

@@ -3,6 +3,7 @@ import math
 import os
 import stat
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,7 +98,9 @@ def test_a_run_killed_while_writing_leaves_the_previous_document_or_none(tmp_pat
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run(
         [sys.executable, "-c", KILL_MID_WRITE, str(tmp_path), "first" if previous else "none"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     assert res.returncode == -signal.SIGKILL, res.stderr
@@ -108,3 +111,108 @@ def test_a_run_killed_while_writing_leaves_the_previous_document_or_none(tmp_pat
         assert not path.exists()
     # only the hidden temporary file holds the half-written text
     assert all(p.name.startswith(".spectrum.json.") for p in tmp_path.iterdir() if p != path)
+
+
+# ---------------------------------------------------------------- Ctrl-C keeps what finished
+def _interrupt_when(predicate):
+    def progress(done, total, description):
+        if predicate(done, description):
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def _mlp_problem():
+    from curvscope import Problem
+    from tests import cases
+
+    model, loss, data, reduction = cases.build(cases.CASES[0])
+    return Problem(model, loss, data, reduction=reduction)
+
+
+def test_interrupted_spectrum_keeps_the_finished_blocks():
+    from curvscope import Interrupted
+    from curvscope.diagnostics import spectrum
+
+    from .cases import operators
+
+    prob = _mlp_problem()
+    ops = operators(prob)
+    blocks = prob.block_names()[:2]
+    with pytest.raises(Interrupted) as stop:
+        spectrum(
+            ops,
+            blocks=blocks,
+            top=2,
+            bottom=1,
+            tol=1e-10,
+            progress=_interrupt_when(lambda done, what: blocks[1] in what),
+        )
+    part = stop.value.partial
+    assert {e.block for e in part.spectra} == {blocks[0]}
+    assert len(part.spectra) == 2 and all(e.converged for e in part.spectra)
+    assert "interrupted" in part.notes[-1]
+    full = spectrum(ops, blocks=blocks[:1], top=2, bottom=1, tol=1e-10)
+    assert [e.eigenvalues for e in part.spectra] == [e.eigenvalues for e in full.spectra]
+
+
+def test_interrupted_surface_keeps_the_evaluated_points():
+    import math
+
+    from curvscope import Interrupted
+    from curvscope.diagnostics import surface
+
+    prob = _mlp_problem()
+    full = surface(prob, dims=1, directions="random", steps=10, seed=0, chunk_size=4)
+    with pytest.raises(Interrupted) as stop:  # 2 batches: chunk 2 starts at progress 3
+        surface(
+            prob,
+            dims=1,
+            directions="random",
+            steps=10,
+            seed=0,
+            chunk_size=4,
+            progress=_interrupt_when(lambda done, what: what == "surface" and done == 3),
+        )
+    part = stop.value.partial
+    assert part.loss[:4] == full.loss[:4]
+    assert all(math.isnan(v) for v in part.loss[4:])
+    assert part.quadratic_model is None and part.num_non_finite == 0
+    assert "after 4 of 10 grid points" in part.notes[-1]
+
+
+def test_ctrl_c_writes_a_partial_document_and_exits_130(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import curvscope.diagnostics._spectrum as spectrum_module
+    from curvscope.cli import app
+    from curvscope.io import build_arch, save_checkpoint
+
+    arch = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
+    torch.manual_seed(0)
+    g = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "data.npz",
+        x=g.normal(size=(20, 4)).astype(np.float32),
+        y=g.integers(0, 3, size=20),
+    )
+    save_checkpoint(
+        tmp_path / "model.pt", build_arch(arch), arch, {"data": "data.npz", "loss": "cross_entropy"}
+    )
+    real, calls = spectrum_module.eigsh, []
+
+    def eigsh(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spectrum_module, "eigsh", eigsh)
+    res = CliRunner().invoke(
+        app, ["spectrum", str(tmp_path / "model.pt"), "--per-layer", "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 130, res.output
+    doc = json.loads((tmp_path / "o" / "spectrum.json").read_text())
+    assert doc["complete"] is False
+    blocks = {s["block"] for s in doc["results"]["spectra"]}
+    assert len(blocks) == 1 and doc["counts"]["matvecs"] > 0

@@ -45,6 +45,7 @@ __all__ = [
     "err_console",
     "finish",
     "guarded",
+    "keep_partial",
     "load_kwargs",
     "open_session",
     "parse_floats",
@@ -876,6 +877,7 @@ def finish(
     timings: dict[str, float] | None = None,
     counts: dict[str, int] | None = None,
     notes: list[str] | None = None,
+    complete: bool = True,
 ) -> Path:
     """Write ``out/<command>.json`` (atomically) and return its path."""
     from ..app import document, save_document
@@ -892,10 +894,43 @@ def finish(
         notes=notes,
         timings=extra,
         counts={k: v for k, v in (counts or {}).items() if k != "matvecs"},
+        complete=complete,
     )
     if session.memory is not None:
         doc["memory"] = {**session.memory, "peak_bytes": peak_memory(session.problem.device)}
     return save_document(doc, session.common.out)
+
+
+@contextlib.contextmanager
+def keep_partial(
+    session: Session,
+    command: str,
+    settings: dict[str, Any],
+    results_of: Callable[[Any], dict[str, Any]] = lambda r: r.to_results(),
+) -> Iterator[None]:
+    """On Ctrl-C, write what finished as ``out/<command>.json`` with ``"complete": false``.
+
+    The library raises :class:`~curvscope._errors.Interrupted` with its partial result
+    (finished blocks, densities or grid points); the document is written atomically, then
+    the interrupt goes on (exit 130).
+    """
+    from .._errors import Interrupted
+
+    try:
+        yield
+    except Interrupted as stop:
+        if stop.partial is not None:
+            path = finish(
+                session,
+                command,
+                settings=settings,
+                results=results_of(stop.partial),
+                counts={"matvecs": int(getattr(stop.partial, "num_matvecs", 0))},
+                notes=list(getattr(stop.partial, "notes", [])),
+                complete=False,
+            )
+            err_console.print(f"[yellow]partial result (complete: false) written: {path}[/]")
+        raise
 
 
 FLAG_NAMES = {

@@ -16,6 +16,7 @@ from ._common import (
     console,
     finish,
     guarded,
+    keep_partial,
     open_session,
     parse_list,
     plan_memory,
@@ -104,7 +105,21 @@ def density_cli(
             len(matrices) * sum(per),
             session,
         )
-        with progress_bar(session=session, planned=planned) as update:
+        settings = {
+            "matrix": matrices,
+            "blocks": blocks,
+            "probes": probes,
+            "lanczos_steps": lanczos_steps,
+            "trace_probes": trace_probes,
+            "exact_trace_max": exact_trace_max,
+            "sigma": sigma,
+            "grid_points": grid_points,
+            "distribution": distribution,
+        }
+        with (
+            keep_partial(session, "density", settings),
+            progress_bar(session=session, planned=planned) as update,
+        ):
             result = density(
                 ops,
                 blocks=blocks,
@@ -118,17 +133,6 @@ def density_cli(
                 seed=common.seed,
                 progress=update,
             )
-        settings = {
-            "matrix": matrices,
-            "blocks": blocks,
-            "probes": probes,
-            "lanczos_steps": lanczos_steps,
-            "trace_probes": trace_probes,
-            "exact_trace_max": exact_trace_max,
-            "sigma": sigma,
-            "grid_points": grid_points,
-            "distribution": distribution,
-        }
         doc_path = finish(
             session,
             "density",

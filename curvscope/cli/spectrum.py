@@ -16,6 +16,7 @@ from ._common import (
     console,
     finish,
     guarded,
+    keep_partial,
     open_session,
     plan_memory,
     print_table,
@@ -130,7 +131,24 @@ def spectrum_cli(
         planned = announce(
             *spectrum_plan(session, matrices, blocks, top, bottom, method, repeats), session
         )
-        with progress_bar(session=session, planned=planned) as update:
+        settings = {
+            "matrix": matrices,
+            "top": top,
+            "bottom": bottom,
+            "method": method,
+            "blocks": blocks,
+            "repeats": repeats,
+            "repeat_samples": repeat_samples,
+            "max_matvecs": max_matvecs,
+            "basis_size": basis_size,
+            "rtol": rtol,
+            "save_eigenvectors": save_eigenvectors_,
+            "strict": strict,
+        }
+        with (
+            keep_partial(session, "spectrum", settings),
+            progress_bar(session=session, planned=planned) as update,
+        ):
             result = spectrum(
                 ops,
                 blocks=blocks,
@@ -148,20 +166,6 @@ def spectrum_cli(
                 progress=update,
             )
         notes = list(result.notes)
-        settings = {
-            "matrix": matrices,
-            "top": top,
-            "bottom": bottom,
-            "method": method,
-            "blocks": blocks,
-            "repeats": repeats,
-            "repeat_samples": repeat_samples,
-            "max_matvecs": max_matvecs,
-            "basis_size": basis_size,
-            "rtol": rtol,
-            "save_eigenvectors": save_eigenvectors_,
-            "strict": strict,
-        }
         if save_eigenvectors_:
             from ..io import save_eigenvectors
 

@@ -18,6 +18,7 @@ from ._common import (
     console,
     finish,
     guarded,
+    keep_partial,
     open_session,
     parse_floats,
     parse_list,
@@ -107,7 +108,18 @@ def surface_cli(
             points + eigen,
             session,
         )
-        with progress_bar(session=session, planned=planned) as update:
+        settings = {
+            "dims": dims,
+            "directions": directions,
+            "range": list(lo_hi),
+            "steps": steps,
+            "plots": formats,
+            "plotly_js": plotly_js,
+        }
+        with (
+            keep_partial(session, "surface", settings, lambda r: {"surface": r}),
+            progress_bar(session=session, planned=planned) as update,
+        ):
             result = surface(
                 session.problem,
                 dims=dims,
@@ -120,14 +132,6 @@ def surface_cli(
                 max_iter=common.max_iter,
                 progress=update,
             )
-        settings = {
-            "dims": dims,
-            "directions": directions,
-            "range": list(lo_hi),
-            "steps": steps,
-            "plots": formats,
-            "plotly_js": plotly_js,
-        }
         doc_path = finish(
             session,
             "surface",

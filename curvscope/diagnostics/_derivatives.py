@@ -275,9 +275,7 @@ def _verdict(
     kink_text = ""
     if crossed.any():
         h = float(steps[np.nonzero(crossed)[0][-1]])
-        kink_text = (
-            f"ReLU signs or max-pool winners change along every step down to h = {h:.0e}"
-        )
+        kink_text = f"ReLU signs or max-pool winners change along every step down to h = {h:.0e}"
     slopes = {k: fits[k].slope for k in keys}
     conclusive = {k: s for k, s in slopes.items() if s is not None}
     if not conclusive:

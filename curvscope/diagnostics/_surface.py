@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .._errors import CurvscopeError, OptionError, arg
+from .._errors import CurvscopeError, Interrupted, OptionError, arg
 from .._losses import is_classification
 from .._sampling import as_generator
 from ..io import canonical_sign, load_eigenvectors
@@ -399,6 +399,14 @@ def _accuracy_counts(problem: Problem, out: torch.Tensor, y: torch.Tensor) -> to
     return (out.argmax(dim=-1) == y).sum()
 
 
+class _GridInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the grid: the first ``finished`` points are evaluated."""
+
+    def __init__(self, loss: torch.Tensor, correct: torch.Tensor | None, finished: int):
+        super().__init__()
+        self.loss, self.correct, self.finished = loss, correct, finished
+
+
 def _evaluate_vmap(
     problem: Problem, W: torch.Tensor, classify: bool, chunk: int, progress: Progress | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -417,16 +425,23 @@ def _evaluate_vmap(
         return value, value
 
     batched = torch.func.vmap(one, in_dims=(0, None, None, None))
-    with torch.no_grad(), problem.mode():
-        for b in problem.batches():
+    # chunks of points outside, batches inside: after each chunk its points are final, so
+    # Ctrl-C keeps them (one pass over the data per chunk)
+    finished = 0
+    try:
+        with torch.no_grad(), problem.mode():
             for s in starts:
-                values, counts = batched(W[s : s + chunk], b.x, b.y, b.weight)
-                loss[s : s + chunk] += values.to(torch.float64)
-                if classify:
-                    correct[s : s + chunk] += counts.to(torch.float64)
-                done += 1
-                if progress is not None:
-                    progress(done, total, "surface")
+                for b in problem.batches():
+                    values, counts = batched(W[s : s + chunk], b.x, b.y, b.weight)
+                    loss[s : s + chunk] += values.to(torch.float64)
+                    if classify:
+                        correct[s : s + chunk] += counts.to(torch.float64)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, "surface")
+                finished = min(G, s + chunk)
+    except KeyboardInterrupt:
+        raise _GridInterrupted(loss, correct, finished) from None
     return loss, correct
 
 
@@ -436,15 +451,19 @@ def _evaluate_loop(
     G = W.shape[0]
     loss = torch.zeros(G, dtype=torch.float64)
     correct = torch.zeros(G, dtype=torch.float64) if classify else None
-    for g in range(G):
-        params = problem.unflatten(W[g])
-        # Problem.loss adds weight decay; the caller adds it for every point instead.
-        loss[g] = float(problem.loss(params) - problem.regulariser(params))
-        if classify:
-            acc = problem.accuracy(params)
-            correct[g] = acc * problem.num_samples if acc is not None else math.nan
-        if progress is not None:
-            progress(g + 1, G, "surface")
+    g = 0
+    try:
+        for g in range(G):
+            params = problem.unflatten(W[g])
+            # Problem.loss adds weight decay; the caller adds it for every point instead.
+            loss[g] = float(problem.loss(params) - problem.regulariser(params))
+            if classify:
+                acc = problem.accuracy(params)
+                correct[g] = acc * problem.num_samples if acc is not None else math.nan
+            if progress is not None:
+                progress(g + 1, G, "surface")
+    except KeyboardInterrupt:
+        raise _GridInterrupted(loss, correct, g) from None
     return loss, correct
 
 
@@ -590,14 +609,53 @@ def surface(
     W = w.unsqueeze(0) + coords.to(device=w.device, dtype=w.dtype) @ D.T  # [G, P]
 
     classify = is_classification(problem.loss_name) or problem.loss_name == "bce_with_logits"
-    loss, correct, evaluation = _evaluate_grid(problem, W, classify, chunk_size, progress, notes)
+    finished = None
+    try:
+        loss, correct, evaluation = _evaluate_grid(
+            problem, W, classify, chunk_size, progress, notes
+        )
+    except _GridInterrupted as stop:
+        if problem.group.active:  # ranks hold different points: nothing whole to keep
+            raise KeyboardInterrupt from None
+        loss, correct, evaluation, finished = stop.loss, stop.correct, "interrupted", stop.finished
+        loss[finished:] = math.nan
+        if correct is not None:
+            correct[finished:] = math.nan
     loss = loss.cpu()
     if problem.weight_decay:
         loss = loss + 0.5 * problem.weight_decay * (W.to(torch.float64) ** 2).sum(dim=1).cpu()
     acc = None if correct is None else (correct.cpu() / problem.num_samples)
 
     bad = ~torch.isfinite(loss)
+    if finished is not None:  # Ctrl-C: keep the evaluated points, compute nothing more
+        bad[finished:] = False
     num_bad = int(bad.sum())
+    if finished is not None:
+        notes.append(
+            f"interrupted (Ctrl-C) after {finished} of {loss.numel()} grid points (in grid "
+            "order, the last axis fastest); the others are null, and no quadratic model was "
+            "computed."
+        )
+        shape = tuple(steps_t)
+        raise Interrupted(
+            SurfaceResult(
+                directions=sd,
+                dims=dims,
+                axes=[a.tolist() for a in axes],
+                loss=_nested(loss, shape),
+                accuracy=None if acc is None else _nested(acc, shape),
+                quadratic_model=None,
+                eigenvalues=sd.eigenvalues,
+                center_loss=math.nan,
+                gradient_projections=[],
+                curvatures=[],
+                num_points=int(loss.numel()),
+                num_non_finite=num_bad,
+                evaluation=evaluation,
+                num_matvecs=matvecs,
+                notes=notes,
+            )
+        )
     if num_bad:
         loss[bad] = math.nan
         if acc is not None:
