@@ -16,7 +16,7 @@ from ._memory import (
     parse_memory,
     refuse_if_too_large,
 )
-from ._report import PRESETS, ReportRun, run_report
+from ._report import PRESETS, QUICK_BUDGET_S, ReportRun, report_plan, run_report
 from ._track import (
     TRACE_ESTIMATORS,
     Tracker,
@@ -34,6 +34,7 @@ __all__ = [
     "DiffResult",
     "MemoryEstimate",
     "PRESETS",
+    "QUICK_BUDGET_S",
     "TRACE_ESTIMATORS",
     "ReportRun",
     "TrackRun",
@@ -49,6 +50,7 @@ __all__ = [
     "parse_memory",
     "preserved",
     "refuse_if_too_large",
+    "report_plan",
     "run_report",
     "save_document",
     "stability_threshold",

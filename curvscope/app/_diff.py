@@ -164,21 +164,34 @@ def _spectrum(doc: dict) -> Iterator[Item]:
     for s in (doc.get("results") or {}).get("spectra") or []:
         head = f"{s.get('matrix')} [{s.get('block')}] {s.get('which')}"
         for i, v in enumerate(s.get("eigenvalues") or []):
-            yield ("spectra", f"{head} #{i + 1}", v,
-                   _eigen_uncertainty(s.get("error_bounds"), s.get("residual_norms"),
-                                      s.get("spread"), i))
+            yield (
+                "spectra",
+                f"{head} #{i + 1}",
+                v,
+                _eigen_uncertainty(
+                    s.get("error_bounds"), s.get("residual_norms"), s.get("spread"), i
+                ),
+            )
 
 
 def _density(doc: dict) -> Iterator[Item]:
     res = doc.get("results") or {}
     for t in res.get("traces") or []:
         u = _num(t.get("stderr"))
-        yield ("traces", f"{t.get('matrix')} [{t.get('block')}] trace, {t.get('estimator')}",
-               t.get("estimate"), [("stderr", u)] if u else [])
+        yield (
+            "traces",
+            f"{t.get('matrix')} [{t.get('block')}] trace, {t.get('estimator')}",
+            t.get("estimate"),
+            [("stderr", u)] if u else [],
+        )
     for d in res.get("densities") or []:
         u = _num(d.get("slq_trace_stderr"))
-        yield ("densities", f"{d.get('matrix')} [{d.get('block')}] SLQ trace",
-               d.get("slq_trace"), [("stderr", u)] if u else [])
+        yield (
+            "densities",
+            f"{d.get('matrix')} [{d.get('block')}] SLQ trace",
+            d.get("slq_trace"),
+            [("stderr", u)] if u else [],
+        )
 
 
 def _tol_of(doc: dict) -> float:
@@ -197,21 +210,34 @@ def _compare(doc: dict) -> Iterator[Item]:
     for r in (doc.get("results") or {}).get("comparisons") or []:
         head = f"{r.get('matrix')} vs hessian [{r.get('block')}]"
         u = _num(r.get("rel_frobenius_stderr"))
-        yield ("comparisons", f"{head} rel. Frobenius error", r.get("rel_frobenius"),
-               [("stderr", u)] if u else [])
+        yield (
+            "comparisons",
+            f"{head} rel. Frobenius error",
+            r.get("rel_frobenius"),
+            [("stderr", u)] if u else [],
+        )
         if r.get("chen_metric") is not None:
             yield ("comparisons", f"{head} Chen metric", r.get("chen_metric"), [])
         # Lanczos converges to a residual of tol x ||A||, ||A|| the largest |eigenvalue|
         own = tol * max(_norm(r.get("top_eigenvalues")), abs(_num(r.get("min_eigenvalue")) or 0))
-        for name, bound in (("top_eigenvalues", own),
-                            ("hessian_top_eigenvalues",
-                             tol * _norm(r.get("hessian_top_eigenvalues")))):
+        for name, bound in (
+            ("top_eigenvalues", own),
+            ("hessian_top_eigenvalues", tol * _norm(r.get("hessian_top_eigenvalues"))),
+        ):
             for i, v in enumerate(r.get(name) or []):
-                yield ("comparisons", f"{head} {name.replace('_', ' ')} #{i + 1}", v,
-                       [("tol x ||A||", bound)])
+                yield (
+                    "comparisons",
+                    f"{head} {name.replace('_', ' ')} #{i + 1}",
+                    v,
+                    [("tol x ||A||", bound)],
+                )
         if r.get("min_eigenvalue") is not None:
-            yield ("comparisons", f"{head} smallest eigenvalue", r.get("min_eigenvalue"),
-                   [("tol x ||A||", own)])
+            yield (
+                "comparisons",
+                f"{head} smallest eigenvalue",
+                r.get("min_eigenvalue"),
+                [("tol x ||A||", own)],
+            )
 
 
 def _surface(doc: dict) -> Iterator[Item]:
@@ -228,8 +254,9 @@ def _surface(doc: dict) -> Iterator[Item]:
     projections = surf.get("gradient_projections") or []
     for i, v in enumerate(projections):
         yield ("surface", f"g . d{i + 1}", v, [(SCALE, _norm(projections))])
-    curv = [c for row in surf.get("curvatures") or []
-            for c in (row if isinstance(row, list) else [row])]
+    curv = [
+        c for row in surf.get("curvatures") or [] for c in (row if isinstance(row, list) else [row])
+    ]
     for i, row in enumerate(surf.get("curvatures") or []):
         for j, v in enumerate(row if isinstance(row, list) else [row]):
             yield ("surface", f"d{i + 1} . H d{j + 1}", v, [(SCALE, _norm(curv))])
@@ -254,8 +281,12 @@ def _check(doc: dict) -> Iterator[Item]:
             yield ("checks", f"{head} fraction satisfied", layer.get("fraction_satisfied"), [])
             yield ("checks", f"{head} certified", layer.get("certified"), [])
             r = _num(layer.get("min_eigenvalue_residual"))
-            yield ("checks", f"{head} smallest eigenvalue", layer.get("min_eigenvalue"),
-                   [("residual", r)] if r is not None else [])
+            yield (
+                "checks",
+                f"{head} smallest eigenvalue",
+                layer.get("min_eigenvalue"),
+                [("residual", r)] if r is not None else [],
+            )
 
 
 def _solve(doc: dict) -> Iterator[Item]:
@@ -277,18 +308,34 @@ def _track(doc: dict) -> Iterator[Item]:
         for matrix, ends in (r.get("eigenvalues") or {}).items():
             for which, values in ends.items():
                 for i, v in enumerate(values or []):
-                    yield ("track", f"{head} {matrix} {which} #{i + 1}", v,
-                           _eigen_uncertainty((bounds.get(matrix) or {}).get(which),
-                                              (resid.get(matrix) or {}).get(which), None, i))
+                    yield (
+                        "track",
+                        f"{head} {matrix} {which} #{i + 1}",
+                        v,
+                        _eigen_uncertainty(
+                            (bounds.get(matrix) or {}).get(which),
+                            (resid.get(matrix) or {}).get(which),
+                            None,
+                            i,
+                        ),
+                    )
         for matrix, t in (r.get("trace") or {}).items():
             u = _num(t.get("stderr"))
-            yield ("track", f"{head} {matrix} trace ({t.get('estimator')})", t.get("estimate"),
-                   [("stderr", u)] if u else [])
+            yield (
+                "track",
+                f"{head} {matrix} trace ({t.get('estimator')})",
+                t.get("estimate"),
+                [("stderr", u)] if u else [],
+            )
         for matrix, layers in (r.get("per_layer_top") or {}).items():
             for block, e in layers.items():
                 b = _num(e.get("error_bound"))
-                yield ("track", f"{head} {matrix} [{block}] top", e.get("eigenvalue"),
-                       [("error bound", b)] if b is not None else [])
+                yield (
+                    "track",
+                    f"{head} {matrix} [{block}] top",
+                    e.get("eigenvalue"),
+                    [("error bound", b)] if b is not None else [],
+                )
 
 
 _COLLECT = {
@@ -308,12 +355,12 @@ def _roundoff(doc_a: dict, doc_b: dict) -> float:
     return max(ROUNDOFF_REL.get(t, ROUNDOFF_REL["float32"]) for t in dtypes)
 
 
-def _compare_pair(section: str, key: str, a: Any, ua: list, b: Any, ub: list,
-                  roundoff: float) -> DiffEntry:
+def _compare_pair(
+    section: str, key: str, a: Any, ua: list, b: Any, ub: list, roundoff: float
+) -> DiffEntry:
     if isinstance(a, bool) or isinstance(b, bool) or (a is None) != (b is None):
         same = a == b
-        return DiffEntry(section, key, a, b, None, None, "exact",
-                         "same" if same else "different")
+        return DiffEntry(section, key, a, b, None, None, "exact", "same" if same else "different")
     xa, xb = _num(a), _num(b)
     if xa is None or xb is None:
         same = a == b
@@ -368,8 +415,12 @@ def _input_differences(a: dict, b: dict) -> list[dict[str, Any]]:
     return out
 
 
-def diff_documents(a: dict[str, Any], b: dict[str, Any], *, names: tuple[str, str] = ("a", "b"),
-                   ) -> DiffResult:
+def diff_documents(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    *,
+    names: tuple[str, str] = ("a", "b"),
+) -> DiffResult:
     """Compare two result documents of the same command, number by number.
 
     Args:
@@ -404,17 +455,25 @@ def diff_documents(a: dict[str, Any], b: dict[str, Any], *, names: tuple[str, st
     for sk in dict.fromkeys([*items_a, *items_b]):
         section, key = sk
         if sk not in items_b:
-            entries.append(DiffEntry(section, key, items_a[sk][0], None, None, None, "",
-                                     "only in a"))
+            entries.append(
+                DiffEntry(section, key, items_a[sk][0], None, None, None, "", "only in a")
+            )
         elif sk not in items_a:
-            entries.append(DiffEntry(section, key, None, items_b[sk][0], None, None, "",
-                                     "only in b"))
+            entries.append(
+                DiffEntry(section, key, None, items_b[sk][0], None, None, "", "only in b")
+            )
         else:
             (va, ua), (vb, ub) = items_a[sk], items_b[sk]
             entries.append(_compare_pair(section, key, va, ua, vb, ub, roundoff))
     notes = []
-    kinds = {((d.get("results") or {}).get("surface") or {}).get("directions", {}).get("kind")
-             for d in (a, b)} if ca == "surface" else set()
+    kinds = (
+        {
+            ((d.get("results") or {}).get("surface") or {}).get("directions", {}).get("kind")
+            for d in (a, b)
+        }
+        if ca == "surface"
+        else set()
+    )
     if "eigen" in kinds:
         notes.append(
             "surface values carry no uncertainty of their directions: eigenvectors found from "

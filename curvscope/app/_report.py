@@ -27,7 +27,16 @@ from ..problem import Problem
 from ..report import PARTS, SKIPPED_FILE, Rendered, render_documents
 from ._documents import document
 
-__all__ = ["PARTS", "PRESETS", "SKIPPED_FILE", "ReportRun", "run_report"]
+__all__ = [
+    "PARTS",
+    "PRESETS",
+    "QUICK_BUDGET_S",
+    "SKIPPED_FILE",
+    "ReportRun",
+    "lanczos_products",
+    "report_plan",
+    "run_report",
+]
 
 Progress = Callable[[int, int, str], None]
 
@@ -36,8 +45,113 @@ SOLVE_FULL = ("gd", "lbfgs", "nlcg", "newton-cg", "hf", "eacg", "mk")
 SOLVE_MAX_ITER = 30
 
 
+QUICK_BUDGET_S = 300.0
+"""Seconds the quick preset plans for by default: about 5 minutes on 2 CPU cores."""
+
+DENSITY_MIN = (5, 10)  # probes, Lanczos steps: below this a density says little
+SURFACE_MIN_STEPS = 7
+
+
+def lanczos_products(k: int, n: int) -> int:
+    """About how many products thick-restart Lanczos takes for ``k`` pairs of an n x n matrix.
+
+    Measured on the examples: top-5 + bottom-2 of a 1.8k-parameter MLP took about 60.
+    """
+    return min(n + k, 4 * k + 32)
+
+
+def _block_sizes(problem: Problem) -> list[int]:
+    slices = problem.param_slices()
+    return [
+        sum(slices[p].stop - slices[p].start for p in problem.block_param_names(b))
+        for b in problem.module_blocks()
+    ]
+
+
+def _compare_cost(m: int, candidates: int) -> int:
+    return (1 + candidates) * (m if m <= 2048 else 64) + lanczos_products(5, m)
+
+
+def _derivative_steps() -> int:
+    from ..diagnostics import DERIVATIVE_STEPS
+
+    return len(DERIVATIVE_STEPS)
+
+
+def report_plan(problem: Problem, preset: str) -> dict[str, int]:
+    """About how many products each part of the report takes at the preset's settings.
+
+    Surface points count as products (a point is one forward pass per batch, about what a
+    product costs per column when vmap batches the points).
+    """
+    from ..solvers import PRODUCTS_PER_ITERATION
+
+    full = preset == "full"
+    n = problem.num_params
+    layers = _block_sizes(problem)
+    matrices = 4 if full else 1
+    candidates = 8 if full else 2
+    plan = {
+        "spectrum": matrices * lanczos_products(7, n) * (1 + (len(layers) if full else 0)),
+        "density": 20 * min(80 if full else 30, n)
+        + 2 * (100 if full else 30)
+        + (n if full and n <= 2000 else 0),
+        "check": 2 * lanczos_products(1, n) + 3 * (4 * _derivative_steps() + 6),
+        "compare": sum(_compare_cost(m, candidates) for m in layers),
+        "surface": (41 if full else 21) ** 2,
+        "solve": sum(SOLVE_MAX_ITER * v for v in PRODUCTS_PER_ITERATION.values()) if full else 0,
+    }
+    return plan
+
+
+@dataclass
+class _Budget:
+    """Seconds the report may take, and the measured cost of one product."""
+
+    total_s: float | None
+    started: float
+    s_per_product: float = 0.0
+    problem: Problem | None = None
+    work_at_start: int = 0
+    reductions: list[str] = field(default_factory=list)
+
+    def spent(self) -> float:
+        """Seconds spent: the wall time, or the products done at the measured price if more."""
+        wall = time.perf_counter() - self.started
+        done = 0 if self.problem is None else self.problem.work_done - self.work_at_start
+        return max(wall, done * self.s_per_product)
+
+    def left(self) -> float | None:
+        if self.total_s is None:
+            return None
+        return self.total_s - self.spent()
+
+    def products_left(self) -> float | None:
+        left = self.left()
+        if left is None:
+            return None
+        return max(0.0, left) / max(self.s_per_product, 1e-9)
+
+
+def _measure_product(problem: Problem) -> float:
+    """Seconds of one Hessian product on all the data (one real product, timed)."""
+    from ..operators import HessianOperator
+
+    v = torch.randn(
+        problem.num_params, 1, generator=torch.Generator().manual_seed(0), dtype=problem.dtype
+    ).to(problem.device)
+    H = HessianOperator(problem)
+    t0 = time.perf_counter()
+    H @ v
+    return time.perf_counter() - t0
+
+
 ReportRun = Rendered
 """What :func:`run_report` wrote: the page, the documents, figures, skips and timings."""
+
+
+class _OverBudget(CurvscopeError):
+    """A part that does not fit the time left (recorded as skipped with the reason)."""
 
 
 @dataclass
@@ -53,6 +167,39 @@ class _Context:
     progress: Progress | None
     skipped: list[dict[str, str]] = field(default_factory=list)
     eigen: EigenResult | None = None
+    budget: _Budget | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+    def fit(self, part: str, cost: Callable[[dict], float], shrink: Callable[[dict], bool]):
+        """Shrink the part's settings (``knobs``) until its cost fits the budget left.
+
+        ``cost(knobs)`` is the part's products; ``shrink(knobs)`` makes the part smaller and
+        returns ``False`` when it cannot. Raises :class:`_OverBudget` when even the smallest
+        does not fit; records every reduction.
+        """
+        if self.budget is None or self.budget.total_s is None:
+            return
+        before = dict(self.knobs)
+        left = self.budget.products_left() or 0.0
+        if self.problem.group.active:  # every rank takes the same decision: the least time
+            left = -self.problem.reduce(-left, op="max")
+        while cost(self.knobs) > left:
+            if not shrink(self.knobs):
+                self.knobs.update(before)
+                raise _OverBudget(
+                    f"left out to stay within the budget of {self.budget.total_s:.0f} s: it "
+                    f"needs about {cost(self.knobs):.0f} products "
+                    f"({cost(self.knobs) * self.budget.s_per_product:.0f} s at the measured "
+                    f"{self.budget.s_per_product:.2g} s a product) and "
+                    f"{max(0.0, self.budget.left() or 0.0):.0f} s were left."
+                )
+        changed = {k: (before[k], v) for k, v in self.knobs.items() if before.get(k) != v}
+        if changed:
+            self.budget.reductions.append(
+                f"{part}: "
+                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                + f" to stay within the budget of {self.budget.total_s:.0f} s"
+            )
 
     @property
     def full(self) -> bool:
@@ -60,9 +207,7 @@ class _Context:
 
     def operators(self, names: list[str], part: str) -> dict:
         """The part's operators; unsupported ones are recorded as skipped (from the error)."""
-        ops, skipped = build_operators(
-            self.problem, names, seed=self.seed, skip_unsupported=True
-        )
+        ops, skipped = build_operators(self.problem, names, seed=self.seed, skip_unsupported=True)
         for s in skipped:
             self.skipped.append({"part": f"{part}: {s['matrix']}", "reason": s["reason"]})
         if not ops:
@@ -73,12 +218,23 @@ class _Context:
             )
         return ops
 
-    def document(self, part: str, settings: dict, results: dict, t0: float, passes: int,
-                 matvecs: int, notes: list[str]) -> dict:
+    def document(
+        self,
+        part: str,
+        settings: dict,
+        results: dict,
+        t0: float,
+        passes: int,
+        matvecs: int,
+        notes: list[str],
+    ) -> dict:
+        budget = {} if self.budget is None else {"budget_s": self.budget.total_s}
+        if self.budget is not None:
+            notes = [*notes, *(r for r in self.budget.reductions if r.startswith(part + ":"))]
         return document(
             self.problem,
             part,
-            settings={**self.base_settings, "preset": self.preset, **settings},
+            settings={**self.base_settings, "preset": self.preset, **budget, **settings},
             results=results,
             started=t0,
             passes_before=passes,
@@ -98,48 +254,98 @@ def _spectrum(ctx: _Context) -> dict:
     ops = ctx.operators(names, "spectrum")
     per_layer = ctx.full and len(p.module_blocks()) > 1
     blocks = ["all", *p.module_blocks()] if per_layer else ["all"]
+    n = p.num_params
+    ctx.fit("spectrum", lambda k: len(ops) * len(blocks) * lanczos_products(7, n), _fixed)
     t0, passes = time.perf_counter(), p.data_passes
-    res = spectrum(ops, blocks=blocks, top=5, bottom=2, tol=ctx.tol, max_iter=ctx.max_iter,
-                   seed=ctx.seed, progress=ctx.progress)
+    res = spectrum(
+        ops,
+        blocks=blocks,
+        top=5,
+        bottom=2,
+        tol=ctx.tol,
+        max_iter=ctx.max_iter,
+        seed=ctx.seed,
+        progress=ctx.progress,
+    )
     ctx.eigen = _top_hessian(res)
-    settings = {"matrix": list(ops), "blocks": blocks, "top": 5, "bottom": 2,
-                "method": "lanczos", "tol": ctx.tol, "max_iter": ctx.max_iter}
-    return ctx.document("spectrum", settings, res.to_results(), t0, passes, res.num_matvecs,
-                        res.notes)
+    settings = {
+        "matrix": list(ops),
+        "blocks": blocks,
+        "top": 5,
+        "bottom": 2,
+        "method": "lanczos",
+        "tol": ctx.tol,
+        "max_iter": ctx.max_iter,
+    }
+    return ctx.document(
+        "spectrum", settings, res.to_results(), t0, passes, res.num_matvecs, res.notes
+    )
 
 
 def _density(ctx: _Context) -> dict:
     from ..diagnostics import density
 
     p = ctx.problem
-    names = ["hessian"] + ([n for n in report_matrices("full") if n in ("ggn", "pch-abs")]
-                           if ctx.full else [])
+    names = ["hessian"] + (
+        [n for n in report_matrices("full") if n in ("ggn", "pch-abs")] if ctx.full else []
+    )
     ops = ctx.operators(names, "density")
+    n = p.num_params
+    ctx.knobs.update(
+        probes=20, lanczos_steps=80 if ctx.full else 30, trace_probes=100 if ctx.full else 30
+    )
+    exact = 2000 if ctx.full else 0
+
+    def cost(k: dict) -> float:
+        per = k["probes"] * min(k["lanczos_steps"], n) + 2 * k["trace_probes"]
+        return len(ops) * (per + (n if exact and n <= exact else 0))
+
+    def shrink(k: dict) -> bool:
+        if (k["probes"], k["lanczos_steps"]) <= DENSITY_MIN:
+            return False
+        k["probes"] = max(DENSITY_MIN[0], int(k["probes"] * 0.8))
+        k["lanczos_steps"] = max(DENSITY_MIN[1], int(k["lanczos_steps"] * 0.8))
+        k["trace_probes"] = max(10, int(k["trace_probes"] * 0.8))
+        return True
+
+    ctx.fit("density", cost, shrink)
     settings = {
         "matrix": list(ops),
         "blocks": ["all"],
-        "probes": 20,
-        "lanczos_steps": 80 if ctx.full else 30,
-        "trace_probes": 100 if ctx.full else 30,
-        "exact_trace_max": 2000 if ctx.full else 0,
+        "probes": ctx.knobs["probes"],
+        "lanczos_steps": ctx.knobs["lanczos_steps"],
+        "trace_probes": ctx.knobs["trace_probes"],
+        "exact_trace_max": exact,
     }
     t0, passes = time.perf_counter(), p.data_passes
-    res = density(ops, blocks=["all"], num_probes=20, num_steps=settings["lanczos_steps"],
-                  trace_probes=settings["trace_probes"],
-                  exact_trace_max=settings["exact_trace_max"], seed=ctx.seed,
-                  progress=ctx.progress)
-    return ctx.document("density", settings, res.to_results(), t0, passes, res.num_matvecs,
-                        res.notes)
+    res = density(
+        ops,
+        blocks=["all"],
+        num_probes=settings["probes"],
+        num_steps=settings["lanczos_steps"],
+        trace_probes=settings["trace_probes"],
+        exact_trace_max=settings["exact_trace_max"],
+        seed=ctx.seed,
+        progress=ctx.progress,
+    )
+    return ctx.document(
+        "density", settings, res.to_results(), t0, passes, res.num_matvecs, res.notes
+    )
 
 
 def _check(ctx: _Context) -> dict:
     from ..diagnostics import check
 
     p = ctx.problem
+    n = p.num_params
+    ctx.fit(
+        "check", lambda k: 2 * lanczos_products(1, n) + 3 * (4 * _derivative_steps() + 6), _fixed
+    )
     t0, passes = time.perf_counter(), p.data_passes
     res = check(p, seed=ctx.seed, progress=ctx.progress)
-    return ctx.document("check", {}, res.to_results(), t0, passes, res.num_matvecs,
-                        list(getattr(res, "notes", [])))
+    return ctx.document(
+        "check", {}, res.to_results(), t0, passes, res.num_matvecs, list(getattr(res, "notes", []))
+    )
 
 
 def _compare(ctx: _Context) -> dict:
@@ -157,25 +363,72 @@ def _compare(ctx: _Context) -> dict:
     if not candidates:
         raise UnsupportedModelError(
             "no approximation applies to this model ("
-            + "; ".join(f"{s['matrix']}: {s['reason']}" for s in skipped) + ")."
+            + "; ".join(f"{s['matrix']}: {s['reason']}" for s in skipped)
+            + ")."
         )
     (H,) = build_operators(p, ["hessian"], seed=ctx.seed)[0].values()
+    sizes = dict(zip(p.module_blocks(), _block_sizes(p), strict=True))
+    ctx.knobs["blocks"] = list(sizes) or ["all"]
+    if not sizes:
+        sizes = {"all": p.num_params}
+
+    def cost(k: dict) -> float:
+        return sum(_compare_cost(sizes[b], len(candidates)) for b in k["blocks"])
+
+    def shrink(k: dict) -> bool:  # the costliest block goes first
+        if len(k["blocks"]) <= 1:
+            return False
+        costliest = max(k["blocks"], key=lambda b: _compare_cost(sizes[b], 1))
+        k["blocks"] = [b for b in k["blocks"] if b != costliest]
+        return True
+
+    ctx.fit("compare", cost, shrink)
+    left_out = [b for b in sizes if b not in ctx.knobs["blocks"]]
+    for b in left_out:
+        ctx.skipped.append(
+            {
+                "part": f"compare [{b}]",
+                "reason": f"left out to stay within the budget of {ctx.budget.total_s:.0f} s.",
+            }
+        )
     t0, passes = time.perf_counter(), p.data_passes
-    res = compare(H, candidates, tol=ctx.tol, seed=ctx.seed, skipped=skipped,
-                  progress=ctx.progress)
+    res = compare(
+        H,
+        candidates,
+        blocks=ctx.knobs["blocks"],
+        tol=ctx.tol,
+        seed=ctx.seed,
+        skipped=skipped,
+        progress=ctx.progress,
+    )
     for entry in res.skipped:
         if "block" in entry:
-            ctx.skipped.append({"part": f"compare: {entry['matrix']} [{entry['block']}]",
-                                "reason": entry["reason"]})
-    return ctx.document("compare", {"matrix": list(candidates)}, res.to_results(), t0, passes,
-                        res.num_matvecs, [])
+            ctx.skipped.append(
+                {
+                    "part": f"compare: {entry['matrix']} [{entry['block']}]",
+                    "reason": entry["reason"],
+                }
+            )
+    return ctx.document(
+        "compare", {"matrix": list(candidates)}, res.to_results(), t0, passes, res.num_matvecs, []
+    )
 
 
 def _surface(ctx: _Context) -> dict:
     from ..diagnostics import surface
 
     p = ctx.problem
-    steps = 41 if ctx.full else 21
+    ctx.knobs["steps"] = 41 if ctx.full else 21
+    eigen = 0 if ctx.eigen is not None else lanczos_products(2, p.num_params)
+
+    def shrink(k: dict) -> bool:
+        if k["steps"] <= SURFACE_MIN_STEPS:
+            return False
+        k["steps"] = max(SURFACE_MIN_STEPS, k["steps"] - 4)
+        return True
+
+    ctx.fit("surface", lambda k: k["steps"] ** 2 + eigen + 2, shrink)
+    steps = ctx.knobs["steps"]
     t0, passes = time.perf_counter(), p.data_passes
     res = surface(
         p,
@@ -197,27 +450,33 @@ def _surface(ctx: _Context) -> dict:
         "steps": steps,
         "eigenvectors": "from the spectrum part" if ctx.eigen is not None else "computed",
     }
-    return ctx.document("surface", settings, {"surface": res}, t0, passes, res.num_matvecs,
-                        list(res.notes))
+    return ctx.document(
+        "surface", settings, {"surface": res}, t0, passes, res.num_matvecs, list(res.notes)
+    )
 
 
 def _solve(ctx: _Context) -> dict | None:
     if not ctx.full:
-        ctx.skipped.append(
-            {"part": "solve", "reason": "solver runs are in the full preset only."}
-        )
+        ctx.skipped.append({"part": "solve", "reason": "solver runs are in the full preset only."})
         return None
     from ..solvers import SOLVERS, compare_runs, run_solver
 
     p = ctx.problem
     names = [n for n in SOLVE_FULL if n in SOLVERS]
+    ctx.fit("solve", lambda k: report_plan(p, "full")["solve"], _fixed)
     t0, passes = time.perf_counter(), p.data_passes
     runs, notes = [], []
     for name in names:
         try:
             runs.append(
-                run_solver(p, name, max_iter=SOLVE_MAX_ITER, seed=ctx.seed,
-                           progress=ctx.progress, eig_tol=ctx.tol)
+                run_solver(
+                    p,
+                    name,
+                    max_iter=SOLVE_MAX_ITER,
+                    seed=ctx.seed,
+                    progress=ctx.progress,
+                    eig_tol=ctx.tol,
+                )
             )
         except UnsupportedModelError as exc:
             ctx.skipped.append({"part": f"solve: {name}", "reason": str(exc)})
@@ -228,8 +487,20 @@ def _solve(ctx: _Context) -> dict | None:
     for row in rows:
         row.pop("loss_curve", None)
     results = {"solves": [r.to_result() for r in runs], "comparison": rows}
-    return ctx.document("solve", {"solver": names, "max_iter": SOLVE_MAX_ITER}, results, t0,
-                        passes, sum(r.num_matvecs for r in runs), notes)
+    return ctx.document(
+        "solve",
+        {"solver": names, "max_iter": SOLVE_MAX_ITER},
+        results,
+        t0,
+        passes,
+        sum(r.num_matvecs for r in runs),
+        notes,
+    )
+
+
+def _fixed(_: dict) -> bool:
+    """A part whose settings cannot shrink: it runs whole or is left out."""
+    return False
 
 
 _RUNNERS: dict[str, Callable[[_Context], dict | None]] = {
@@ -282,6 +553,7 @@ def run_report(
     plotly_js: str = "inline",
     figure_formats: tuple[str, ...] = ("png",),
     parts: tuple[str, ...] = PARTS,
+    budget_s: float | None = None,
     progress: Progress | None = None,
 ) -> ReportRun:
     """Run spectrum, density, checks, comparison, surface (and solvers in ``full``); render.
@@ -304,6 +576,12 @@ def run_report(
         plotly_js: ``inline`` or a relative path to ``plotly.min.js``.
         figure_formats: matplotlib figure formats written to ``figures/``.
         parts: which parts to attempt (default all).
+        budget_s: seconds the report plans for (default: :data:`QUICK_BUDGET_S` for
+            ``quick``, none for ``full``). One timed Hessian product prices each part's
+            products; before each part the time left decides: density probes and steps,
+            surface steps and compare's blocks shrink to fit, and a part that does not fit
+            even at its smallest is left out and recorded in ``skipped`` with the reason.
+            Reductions are notes of the part's document.
         progress: ``progress(completed, total, description)``.
 
     Returns:
@@ -317,8 +595,16 @@ def run_report(
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise OptionError(f"report parts {unknown} are not known; choose from {', '.join(PARTS)}.")
+    if budget_s is not None and not budget_s > 0:
+        raise OptionError(f"{arg('budget_s')} must be positive, got {budget_s}.")
     out = Path(out_dir)
     ctx = _Context(problem, preset, seed, tol, max_iter, dict(base_settings or {}), progress)
+    if budget_s is None and preset == "quick":
+        budget_s = QUICK_BUDGET_S
+    if budget_s is not None:
+        # one real product, timed, prices every part's plan in seconds
+        started, work = time.perf_counter(), problem.work_done
+        ctx.budget = _Budget(budget_s, started, _measure_product(problem), problem, work)
     documents: dict[str, dict] = {}
     paths: dict[str, Path] = {}
     timings: dict[str, float] = {}

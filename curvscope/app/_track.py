@@ -182,8 +182,10 @@ def _signature(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _first_difference(
-    ref: dict[str, tuple[int, ...]], other: dict[str, tuple[int, ...]],
-    ref_arch: Any, other_arch: Any,
+    ref: dict[str, tuple[int, ...]],
+    other: dict[str, tuple[int, ...]],
+    ref_arch: Any,
+    other_arch: Any,
 ) -> str | None:
     """What first differs between two architectures, in words, or ``None``."""
     if ref_arch and other_arch and ref_arch != other_arch:
@@ -255,14 +257,21 @@ class _Measurer:
         # random start's or the probes'
         return torch.Generator().manual_seed(self.seed)
 
-    def _solve(self, op, key: tuple[str, str], top: int, bottom: int,
-               progress: Progress | None) -> tuple[list, int, int | None, float | None]:
+    def _solve(
+        self, op, key: tuple[str, str], top: int, bottom: int, progress: Progress | None
+    ) -> tuple[list, int, int | None, float | None]:
         """Eigenpairs from a warm start; ``(results, products, cold products, max |diff|)``."""
         v0 = self.vectors.get(key) if self.warm_start else None
         if v0 is not None and v0.shape[0] != op.shape[0]:
             v0 = None
-        kw = {"top": top, "bottom": bottom, "tol": self.tol, "rtol": self.rtol,
-              "basis_size": self.basis_size, "max_matvecs": self.max_matvecs}
+        kw = {
+            "top": top,
+            "bottom": bottom,
+            "tol": self.tol,
+            "rtol": self.rtol,
+            "basis_size": self.basis_size,
+            "max_matvecs": self.max_matvecs,
+        }
         results = eigsh(op, v0=v0, seed=self._generator(), progress=progress, **kw)
         used = results[0].num_matvecs
         cold, diff = None, None
@@ -296,17 +305,22 @@ class _Measurer:
         max_diff = 0.0
         for name, op in ops.items():
             tick = _labelled(progress, name)
-            results, used, cold, diff = self._solve(op, (name, "all"), self.top, self.bottom,
-                                                    tick)
+            results, used, cold, diff = self._solve(op, (name, "all"), self.top, self.bottom, tick)
             eigen += used
             if cold_total is not None:
                 cold_total += int(cold)
                 max_diff = max(max_diff, float(diff))
-            for key, attr in (("eigenvalues", "eigenvalues"), ("residuals", "residual_norms"),
-                              ("error_bounds", "error_bounds"), ("converged", "converged")):
+            for key, attr in (
+                ("eigenvalues", "eigenvalues"),
+                ("residuals", "residual_norms"),
+                ("error_bounds", "error_bounds"),
+                ("converged", "converged"),
+            ):
                 row[key][name] = {
-                    r.which: [bool(v) if key == "converged" else float(v)
-                              for v in getattr(r, attr).tolist()]
+                    r.which: [
+                        bool(v) if key == "converged" else float(v)
+                        for v in getattr(r, attr).tolist()
+                    ]
                     for r in results
                 }
             if self.trace:
@@ -392,8 +406,9 @@ def _stability(lr: float | None, momentum: float | None) -> dict[str, Any] | Non
     }
 
 
-def _validate(matrices, top: int, bottom: int, trace: bool | str, trace_probes: int,
-              tol: float) -> tuple[list[str], str | None]:
+def _validate(
+    matrices, top: int, bottom: int, trace: bool | str, trace_probes: int, tol: float
+) -> tuple[list[str], str | None]:
     names = resolve_matrices(matrices)
     if top < 0 or bottom < 0 or top + bottom == 0:
         raise OptionError(
@@ -439,10 +454,15 @@ def _settings(measurer: _Measurer, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _results(rows: list[dict], measurer: _Measurer, stability: dict | None,
-             **extra: Any) -> dict[str, Any]:
-    return {"track": rows, "warm_start": _warm_summary(rows, measurer),
-            "stability": stability, **extra}
+def _results(
+    rows: list[dict], measurer: _Measurer, stability: dict | None, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "track": rows,
+        "warm_start": _warm_summary(rows, measurer),
+        "stability": stability,
+        **extra,
+    }
 
 
 # ---------------------------------------------------------------------------- the command
@@ -544,16 +564,32 @@ def track(
     _check_architectures(ordered, ckpt_options)
     problem = load(ordered[0].path, data, seed=seed, **load_options)
     passes_before = problem.data_passes
-    measurer = _Measurer(names, top, bottom, estimator, trace_probes, per_layer, tol, rtol,
-                         max_matvecs, basis_size, seed, warm_start, compare_cold, hvp)
+    measurer = _Measurer(
+        names,
+        top,
+        bottom,
+        estimator,
+        trace_probes,
+        per_layer,
+        tol,
+        rtol,
+        max_matvecs,
+        basis_size,
+        seed,
+        warm_start,
+        compare_cold,
+        hvp,
+    )
     all_settings = {
         **dict(settings or {}),  # the caller's own (the command line's flags) first
         **_settings(
             measurer,
             lr=lr,
             momentum=momentum,
-            checkpoints=[str(c) for c in ([checkpoints] if isinstance(checkpoints, (str, Path))
-                                          else checkpoints)],
+            checkpoints=[
+                str(c)
+                for c in ([checkpoints] if isinstance(checkpoints, (str, Path)) else checkpoints)
+            ],
             order=order_by,
         ),
     }
@@ -563,10 +599,15 @@ def track(
     def write(complete: bool) -> dict[str, Any]:
         nonlocal out_path
         doc = document(
-            problem, "track", settings=all_settings,
+            problem,
+            "track",
+            settings=all_settings,
             results=_results(rows, measurer, stability, order=order_by),
-            started=started, passes_before=passes_before,
-            matvecs=sum(int(r["num_matvecs"]) for r in rows), notes=notes, complete=complete,
+            started=started,
+            passes_before=passes_before,
+            matvecs=sum(int(r["num_matvecs"]) for r in rows),
+            notes=notes,
+            complete=complete,
         )
         if out is not None:
             out_path = write_document(doc, out)
@@ -630,8 +671,10 @@ def preserved(model: nn.Module) -> Iterator[None]:
     """
     flags = [(m, m.training) for m in model.modules()]
     params = list(model.parameters())
-    grads = [(p, p.requires_grad, p.grad,
-              None if p.grad is None else p.grad.detach().clone()) for p in params]
+    grads = [
+        (p, p.requires_grad, p.grad, None if p.grad is None else p.grad.detach().clone())
+        for p in params
+    ]
     rng = _rng_state()
     grad_mode = torch.is_grad_enabled()
     try:
@@ -743,9 +786,21 @@ class Tracker:
         self.model = model
         self.every = every
         self.out = None if out is None else Path(out)
-        self._measurer = _Measurer(names, top, bottom, estimator, trace_probes, per_layer, tol,
-                                   rtol, max_matvecs, basis_size, seed_int, warm_start,
-                                   compare_cold)
+        self._measurer = _Measurer(
+            names,
+            top,
+            bottom,
+            estimator,
+            trace_probes,
+            per_layer,
+            tol,
+            rtol,
+            max_matvecs,
+            basis_size,
+            seed_int,
+            warm_start,
+            compare_cold,
+        )
         self._loss = loss
         self._data = data
         self._dtype = dtype
@@ -758,8 +813,13 @@ class Tracker:
         self.rows: list[dict[str, Any]] = []
         self.document: dict[str, Any] | None = None
         self.path: Path | None = None
-        self.settings = _settings(self._measurer, lr=lr, momentum=momentum, every=every,
-                                  dtype=None if dtype is None else str(dtype))
+        self.settings = _settings(
+            self._measurer,
+            lr=lr,
+            momentum=momentum,
+            every=every,
+            dtype=None if dtype is None else str(dtype),
+        )
 
     def _target(self) -> nn.Module:
         """The module analysed: the model itself, or its copy in ``dtype``."""
@@ -784,8 +844,15 @@ class Tracker:
         if self._problem is None or ptrs != self._ptrs:
             # built once; rebuilt only if the parameters were replaced (not updated in place)
             first = next(target.parameters())
-            self._problem = load(target, self._data, loss=self._loss, dtype=first.dtype,
-                                 device=first.device, seed=self._seed, **self._load_options)
+            self._problem = load(
+                target,
+                self._data,
+                loss=self._loss,
+                dtype=first.dtype,
+                device=first.device,
+                seed=self._seed,
+                **self._load_options,
+            )
             self._ptrs = ptrs
         return self._problem
 
@@ -821,7 +888,9 @@ class Tracker:
     def _write(self) -> None:
         problem = self._problem
         doc = document(
-            problem, "track", settings=self.settings,
+            problem,
+            "track",
+            settings=self.settings,
             results=_results(self.rows, self._measurer, self.stability, order="step"),
             started=self._started,
             matvecs=sum(int(r["num_matvecs"]) for r in self.rows),
@@ -831,7 +900,8 @@ class Tracker:
         self.document = doc
         if self.out is not None:
             if self.out.suffix == ".json":
-                self.path = write_atomic(self.out, json.dumps(doc, indent=1, allow_nan=False)
-                                         + "\n")
+                self.path = write_atomic(
+                    self.out, json.dumps(doc, indent=1, allow_nan=False) + "\n"
+                )
             else:
                 self.path = write_document(doc, self.out)

@@ -89,6 +89,14 @@ def report_cli(
     figures: Annotated[
         str, typer.Option("--figures", help="Figure formats written to DIR/figures: png,pdf.")
     ] = "png",
+    budget_s: Annotated[
+        float | None,
+        typer.Option(
+            "--budget-s",
+            help="Seconds to plan for (default: 300 for quick, none for full): parts shrink "
+            "or are left out, as recorded, to finish within it.",
+        ),
+    ] = None,
 ) -> None:
     """Run the analyses and write DIR/report.html (or render existing documents with --from)."""
     with guarded():
@@ -142,34 +150,17 @@ def report_cli(
                     max_iter=common.max_iter,
                     plotly_js=plotly_js,
                     figure_formats=formats,
+                    budget_s=budget_s,
                     progress=update,
                 )
         _print(run, time.perf_counter() - t0)
 
 
 def report_plan(session, preset: str) -> int:
-    """About how many products the report's parts take (app/_report.py's settings)."""
-    from ..diagnostics import DERIVATIVE_STEPS as STEPS
-    from .solve import PRODUCTS_PER_ITERATION
-    from .spectrum import block_sizes, lanczos_products
+    """About how many products the report's parts take (the app's plan, summed)."""
+    from ..app import report_plan as plan
 
-    full = preset == "full"
-    p = session.problem
-    n = p.num_params
-    layers = block_sizes(p, "per-layer")
-    matrices = 4 if full else 1
-    spectrum = matrices * lanczos_products(7, n) * (1 + (len(layers) if full else 0))
-    density = 20 * min(80 if full else 30, n) + 2 * (100 if full else 30)
-    density += n if full and n <= 2000 else 0
-    check = lanczos_products(1, n) + 3 * (4 * len(STEPS) + 6) + lanczos_products(1, n)
-    candidates = 8 if full else 2
-    compare = sum(
-        (1 + candidates) * (min(m, 2048) if m <= 2048 else 64) + lanczos_products(5, m)
-        for m in layers
-    )
-    surface = (41 if full else 21) ** 2
-    solve = sum(30 * v for v in PRODUCTS_PER_ITERATION.values()) if full else 0
-    return spectrum + density + check + compare + surface + solve
+    return sum(plan(session.problem, preset).values())
 
 
 def _ensure_plotly(out_dir: Path, plotly_js: str) -> None:

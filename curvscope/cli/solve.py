@@ -34,19 +34,6 @@ __all__ = ["register", "solve_cli", "solve_results"]
 
 DEFAULT_SOLVERS = "gd,lbfgs,nlcg,newton-cg,hf,eacg,mk"
 DEFAULT_MAX_ITER = 50
-PRODUCTS_PER_ITERATION = {
-    "gd": 2,
-    "gd-armijo": 3,
-    "lbfgs": 2,
-    "nlcg": 3,
-    "newton-cg": 12,
-    "hf": 15,
-    "eacg": 12,
-    "eacg-clip": 12,
-    "mk": 3,
-    "mk-closed-form": 6,
-}
-"""Rough products and gradients per iteration, for the plan line only."""
 
 
 def solve_results(runs: list[SolveRun]) -> dict[str, Any]:
@@ -152,6 +139,8 @@ def solve_cli(
 
         test_problem = _test_problem(session, test_data) if test_data else None
         max_iter = common.max_iter or DEFAULT_MAX_ITER
+        from ..solvers import PRODUCTS_PER_ITERATION
+
         n = session.problem.num_params
         plan_memory(session, matrices=["hessian"], vectors=12)
         per_run = [

@@ -26,7 +26,21 @@ from ..problem import Problem
 from ._objective import Objective, ProblemObjective
 from ._state import SOLVERS, SolverState
 
-__all__ = ["SolveRun", "run_solver"]
+__all__ = ["PRODUCTS_PER_ITERATION", "SolveRun", "run_solver"]
+
+PRODUCTS_PER_ITERATION = {
+    "gd": 2,
+    "gd-armijo": 3,
+    "lbfgs": 2,
+    "nlcg": 3,
+    "newton-cg": 12,
+    "hf": 15,
+    "eacg": 12,
+    "eacg-clip": 12,
+    "mk": 3,
+    "mk-closed-form": 6,
+}
+"""Rough products and gradients per iteration, for the plan lines and the report's budget."""
 
 Progress = Callable[[int, int, str], None]
 
