@@ -128,7 +128,7 @@ def run_model(name, model, batches):
     gen = torch.Generator().manual_seed(0)
     for top, bottom in ((5, 0), (0, 2)):
         out, n, wall = counted(
-            lambda t=top, b=bottom: eigenpairs(H, top=t, bottom=b, generator=gen)
+            lambda t=top, b=bottom: eigenpairs(H, top=t, bottom=b, seed=gen)
         )
         for res in out:
             add(
@@ -214,7 +214,7 @@ def old_vs_new_both_ends(H):
     print("|---|---:|---:|---|---:|---:|---:|---|")
     gen = torch.Generator().manual_seed(0)
     for label, fn in (
-        ("eigenpairs (one-shot)", lambda: eigenpairs(H, top=1, bottom=1, generator=gen)),
+        ("eigenpairs (one-shot)", lambda: eigenpairs(H, top=1, bottom=1, seed=gen)),
         ("eigsh (thick restart)", lambda: eigsh(H, top=1, bottom=1)),
     ):
         for res in fn():

@@ -144,7 +144,10 @@ def report_cli(
                     session.problem,
                     out_dir=common.out,
                     preset=preset,
-                    base_settings=common.settings(),
+                    base_settings={
+                        **common.settings(),
+                        "memory_estimate_bytes": (session.memory or {}).get("total_bytes"),
+                    },
                     seed=common.seed,
                     tol=common.tol,
                     max_iter=common.max_iter,

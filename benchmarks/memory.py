@@ -1,0 +1,184 @@
+"""Peak memory against the estimate the command line prints (issue 12 item 2).
+
+Runs the command line in fresh processes and compares the peak resident set (the
+document's ``memory.peak_bytes``: ``ru_maxrss`` of the process) with the estimate it printed
+before its first product (``memory.total_bytes``):
+
+  (a) ``spectrum --top 5`` on a ResNet-18-shaped CNN for CIFAR (11.2M parameters, BatchNorm
+      in eval mode, benchmarks/gpu.py's ``ResNet18``), 256 synthetic 3x32x32 samples in batches
+      of 128, float32. The run is capped at ``--max-matvecs`` products with a 20-vector basis:
+      the peak comes once the basis is full and the first restart has formed its Ritz
+      vectors, so the cap measures the peak of a whole run at a fraction of its time (a
+      whole top-5 run is about 80 products of 30 s each on this 2-core machine);
+  (b) ``report --preset quick --budget-s 120`` on a 389k-parameter CNN (three conv layers,
+      two linear), 32 synthetic samples: every part of the report in one process.
+
+Usage:  OMP_NUM_THREADS=1 python benchmarks/memory.py [--cases resnet18,cnn389k]
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+
+
+class CNN389k(nn.Module):
+    """Three 3x3 conv layers (32, 64, 128 channels), two poolings, two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(128 * 8 * 8, 36), nn.Tanh(), nn.Linear(36, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def cnn389k() -> nn.Module:
+    torch.manual_seed(0)
+    return CNN389k()
+
+
+def resnet18() -> nn.Module:
+    sys.path.insert(0, str(HERE))
+    from gpu import ResNet18
+
+    torch.manual_seed(0)
+    return ResNet18()
+
+
+def _write(folder: Path, name: str, n: int) -> tuple[Path, Path, int]:
+    model = {"resnet18": resnet18, "cnn389k": cnn389k}[name]()
+    ckpt = folder / f"{name}.pt"
+    torch.save(model.state_dict(), ckpt)
+    g = np.random.default_rng(0)
+    data = folder / f"{name}-data.npz"
+    np.savez(data, x=g.normal(size=(n, 3, 32, 32)).astype(np.float32), y=g.integers(0, 10, size=n))
+    return ckpt, data, sum(p.numel() for p in model.parameters())
+
+
+def run(name: str, folder: Path) -> dict:
+    if name == "resnet18":
+        ckpt, data, P = _write(folder, name, 256)
+        args = [
+            "spectrum",
+            str(ckpt),
+            "--top",
+            "5",
+            "--bottom",
+            "0",
+            "--batch-size",
+            "128",
+            "--basis-size",
+            "20",
+            "--max-matvecs",
+            "24",
+        ]
+        command = "spectrum"
+    else:
+        ckpt, data, P = _write(folder, name, 32)
+        args = ["report", str(ckpt), "--preset", "quick", "--budget-s", "120", "--batch-size", "32"]
+        command = "spectrum"  # every report document carries the one estimate
+    out = folder / f"out-{name}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "curvscope",
+        *args,
+        "--model",
+        f"{Path(__file__).resolve()}:{name}",
+        "--data",
+        str(data),
+        "--loss",
+        "cross_entropy",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
+    # a wrapper process reports its one child's peak RSS (RUSAGE_CHILDREN of a fresh process)
+    wrapper = (
+        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+        "sys.exit(rc)"
+    )
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        return {"case": name, "failed": res.stderr[-2000:]}
+    docs = sorted(out.glob("*.json"))
+    doc = json.loads((out / f"{command}.json").read_text())
+    peak = int(res.stdout.rsplit("PEAK", 1)[1].split()[0])
+    memory = doc.get("memory") or {"total_bytes": doc["settings"]["memory_estimate_bytes"]}
+    memory["peak_bytes"] = peak
+    return {
+        "case": name,
+        "params": P,
+        "wall_s": wall,
+        "memory": memory,
+        "documents": [d.name for d in docs],
+        "estimate_line": next(
+            (ln for ln in res.stderr.splitlines() if ln.startswith("memory:")), ""
+        ),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="resnet18,cnn389k")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.cases.split(","):
+            row = run(name, Path(tmp))
+            rows.append(row)
+            print(json.dumps(row, indent=1, default=str), flush=True)
+    print("\n| case | parameters | estimate | peak RSS | peak / estimate | wall |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "failed" in r:
+            print(f"| {r['case']} | failed | | | | |")
+            continue
+        m = r["memory"]
+        est = m.get("total_bytes")
+        peak = m["peak_bytes"]
+        ratio = f"{peak / est:.2f}" if est else ""
+        est_s = f"{est / 1e9:.2f} GB"
+        print(
+            f"| {r['case']} | {r['params']} | {est_s} | {peak / 1e9:.2f} GB | {ratio} | "
+            f"{r['wall_s']:.0f} s |"
+        )
+
+
+if __name__ == "__main__":
+    main()
