@@ -32,5 +32,5 @@ print(f"smallest: {float(bottom.eigenvalues[0]):.3e}  ({top.num_matvecs} product
 G0 = GGNOperator(problem).block("0")
 (g_top,) = eigenpairs(G0, top=1)
 print(f"largest GGN eigenvalue of layer 0: {float(g_top.eigenvalues[0]):.6f}")
-tr = hutchpp_trace(H, num_matvecs=60, generator=torch.Generator().manual_seed(0))
+tr = hutchpp_trace(H, num_matvecs=60, seed=0)
 print(f"trace(H) ~ {tr.estimate:.4f} +- {tr.stderr:.4f} (Hutch++)")
