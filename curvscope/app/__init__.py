@@ -6,53 +6,50 @@ behind ``curvscope track`` (and :class:`Tracker` its form inside a training loop
 diagnostics and solvers, drawing in :mod:`curvscope.report`.
 """
 
-from ._diff import COVERAGE, DiffEntry, DiffResult, diff_documents
-from ._documents import describe, document, save_document
-from ._memory import (
-    MemoryEstimate,
-    available_memory,
-    estimate_memory,
-    format_bytes,
-    parse_memory,
-    refuse_if_too_large,
-)
-from ._report import PRESETS, QUICK_BUDGET_S, ReportRun, report_plan, run_report
-from ._track import (
-    TRACE_ESTIMATORS,
-    Tracker,
-    TrackRun,
-    expand_checkpoints,
-    order_checkpoints,
-    preserved,
-    stability_threshold,
-    track,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "COVERAGE",
-    "DiffEntry",
-    "DiffResult",
-    "MemoryEstimate",
-    "PRESETS",
-    "QUICK_BUDGET_S",
-    "TRACE_ESTIMATORS",
-    "ReportRun",
-    "TrackRun",
-    "Tracker",
-    "available_memory",
-    "describe",
-    "diff_documents",
-    "document",
-    "estimate_memory",
-    "format_bytes",
-    "expand_checkpoints",
-    "order_checkpoints",
-    "parse_memory",
-    "preserved",
-    "refuse_if_too_large",
-    "report_plan",
-    "run_report",
-    "save_document",
-    "stability_threshold",
-    "track",
-]
+# Loaded on first use: the report pipeline imports matplotlib, which the other commands do
+# not need before their first product (the start-up limit of the command line).
+_NAMES = {
+    "COVERAGE": "_diff",
+    "DiffEntry": "_diff",
+    "DiffResult": "_diff",
+    "MemoryEstimate": "_memory",
+    "PRESETS": "_report",
+    "QUICK_BUDGET_S": "_report",
+    "ReportRun": "_report",
+    "TRACE_ESTIMATORS": "_track",
+    "TrackRun": "_track",
+    "Tracker": "_track",
+    "available_memory": "_memory",
+    "describe": "_documents",
+    "diff_documents": "_diff",
+    "document": "_documents",
+    "estimate_memory": "_memory",
+    "expand_checkpoints": "_track",
+    "format_bytes": "_memory",
+    "order_checkpoints": "_track",
+    "parse_memory": "_memory",
+    "preserved": "_track",
+    "refuse_if_too_large": "_memory",
+    "report_plan": "_report",
+    "run_report": "_report",
+    "save_document": "_documents",
+    "stability_threshold": "_track",
+    "track": "_track",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(__all__)
