@@ -66,6 +66,9 @@ def test_help_names_equal_the_registries():
     assert _names.matrix_help() == matrix_help()
     assert _names.COMPARE_MATRICES == tuple(COMPARE_MATRICES)
     assert sorted(_names.SOLVER_NAMES) == sorted(SOLVERS)
+    from curvscope._examples import EXAMPLES
+
+    assert list(_names.EXAMPLE_NAMES) == list(EXAMPLES)
 
 
 # ------------------------------------------------------------------ checked before the work

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 __all__ = [
     "COMPARE_MATRICES",
+    "EXAMPLE_NAMES",
     "MATRIX_HELP",
     "MATRIX_NAMES",
     "SOLVER_NAMES",
     "matrix_help",
     "matrix_names",
 ]
+
+EXAMPLE_NAMES: tuple[str, ...] = (
+    "digits-mlp",
+    "digits-sigmoid",
+    "digits-cnn",
+    "sinus-mlp",
+    "tiny-gpt",
+    "lstm",
+)
+"""The example models (:data:`curvscope._examples.EXAMPLES`)."""
 
 MATRIX_HELP: tuple[tuple[str, str], ...] = (
     ("hessian", "the exact Hessian of the loss"),

@@ -9,6 +9,7 @@ import typer
 
 from .._errors import OptionError
 from ._common import console, guarded
+from ._names import EXAMPLE_NAMES
 
 __all__ = ["example_cli", "register"]
 
@@ -17,7 +18,8 @@ def example_cli(
     name: Annotated[
         str,
         typer.Argument(
-            help="digits-mlp, digits-sigmoid, digits-cnn or sinus-mlp.", show_default=False
+            help=", ".join(EXAMPLE_NAMES[:-1]) + " or " + EXAMPLE_NAMES[-1] + ".",
+            show_default=False,
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for model.pt and data.npz.")] = Path(
@@ -25,7 +27,7 @@ def example_cli(
     ),
     seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 0,
 ) -> None:
-    """Train an example model in seconds and write OUT/model.pt and OUT/data.npz."""
+    """Train an example model (seconds; tiny-gpt and lstm about two minutes) into OUT."""
     with guarded():
         from .._examples import EXAMPLES, make_example
         from ._common import check_out_dir, prepare_torch
