@@ -1,0 +1,102 @@
+"""Cost of curvature products on a transformer (issue 11 item 11).
+
+(a) tiny-gpt's architecture (2 layers, 4 heads, width 64, vocabulary 65, windows of 64;
+    112k parameters), random weights and tokens, 256 windows in batches of 64: one full-data
+    Hessian product and one GGN product over one full-data gradient (medians of 5, after a
+    warm-up). Targets: Hessian <= 2.6 gradients, GGN <= 2.5.
+(b) the cross-entropy output-Hessian product at a 50k vocabulary: a 1-layer model of that
+    vocabulary (width 64), 8 windows of 64 tokens (logits of 102 MB in float32). Peak memory
+    of one GGN product against one forward-backward, each in a fresh process (peak RSS minus
+    the RSS after the model and data are built). Target: within 1.5x.
+
+Usage:  OMP_NUM_THREADS=1 python benchmarks/sequence_cost.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from curvscope import Problem
+from curvscope.models import TinyGPT
+from curvscope.operators import GGNOperator, HessianOperator
+
+torch.set_flush_denormal(True)
+
+
+def _problem(vocab: int, n: int, layers: int, bs: int) -> Problem:
+    torch.manual_seed(0)
+    model = TinyGPT(vocab, 64, layers, 4 if layers > 1 else 2, 64)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, 65), generator=g)
+    data = [(ids[i : i + bs, :-1], ids[i : i + bs, 1:]) for i in range(0, n, bs)]
+    return Problem(model, "cross_entropy", data)
+
+
+def _median(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ratios() -> dict:
+    p = _problem(65, 256, 2, 64)
+    v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
+    H, G = HessianOperator(p), GGNOperator(p)
+    t_g = _median(lambda: p.loss_and_grad())
+    t_h = _median(lambda: H @ v)
+    t_ggn = _median(lambda: G @ v)
+    return {"params": p.num_params, "gradient_s": t_g, "hvp_over_grad": t_h / t_g,
+            "ggn_over_grad": t_ggn / t_g}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def one_memory(mode: str) -> dict:
+    p = _problem(50_000, 8, 1, 8)
+    v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
+    G = GGNOperator(p)
+    p.loss()  # warm-up allocations of a forward
+    base = _rss()
+    if mode == "gradient":
+        p.loss_and_grad()
+    else:
+        G @ v
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"mode": mode, "params": p.num_params, "increment_bytes": peak - base}
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--one":
+        print(json.dumps(one_memory(sys.argv[2])))
+        return
+    r = ratios()
+    print(f"(a) tiny-gpt shape, P = {r['params']}: gradient {r['gradient_s'] * 1e3:.0f} ms, "
+          f"Hessian product {r['hvp_over_grad']:.2f} gradients, GGN product "
+          f"{r['ggn_over_grad']:.2f} gradients")
+    mem = {}
+    for mode in ("gradient", "ggn"):
+        out = subprocess.run([sys.executable, __file__, "--one", mode], capture_output=True,
+                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    a, b = mem["gradient"]["increment_bytes"], mem["ggn"]["increment_bytes"]
+    print(f"(b) vocabulary 50k, P = {mem['ggn']['params']}: forward-backward +{a / 1e6:.0f} MB, "
+          f"GGN product +{b / 1e6:.0f} MB, ratio {b / a:.2f}")
+
+
+if __name__ == "__main__":
+    main()
