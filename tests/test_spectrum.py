@@ -102,3 +102,16 @@ def test_bad_requests_name_the_argument_and_the_cli_its_flag():
     with pytest.raises(OptionError, match="repeats needs samples N") as err:
         spectrum(operators(problem), repeats=2)
     assert "--repeats needs --samples N" in err.value.render(flag_name)
+
+
+@pytest.mark.parametrize("method", ["power", "lanczos"])
+def test_products_with_repeats_are_counted_as_done(method):
+    # every product, on the full data and on the subsets, is counted once (issue 10 item 7:
+    # power iteration with repeats counted them wrongly)
+    _, _, _, _, problem = _problem(CASES[0])
+    ops = operators(problem)
+    before = problem.work_done
+    res = spectrum(ops, top=1, bottom=1, method=method,
+                   repeats=2, samples=5, tol=1e-6, max_iter=400)
+    done = problem.work_done - before
+    assert res.num_matvecs == done > 0
