@@ -281,6 +281,23 @@ def _check_fit(problem: Problem, source: str, vocab_hint: int | None = None) -> 
         ) from None
     if not isinstance(out, torch.Tensor):
         raise DataError(f"the model's output for {source} is not a tensor.")
+    try:
+        with torch.no_grad():
+            problem.batch_value(out, batch)
+    except Exception as exc:  # noqa: BLE001 - the targets do not fit the output or the loss
+        # targets out of range or not finite have a clearer sentence: say that one if it holds
+        problem.check_data(source=source, classes=_classes(problem, out),
+                           vocabulary=_embedding_size(problem.model))
+        if isinstance(exc, CurvscopeError):  # the loss's own sentence, with its data
+            raise DataError(f"the data of {source}: {exc.message}", option="data") from None
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        target = batch.target
+        shape = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise DataError(
+            f"the targets of {source} (first batch {shape}) do not fit the model's output "
+            f"{tuple(out.shape)} under the {problem.loss_name} loss ({first}).",
+            option="data",
+        ) from None
     return out
 
 
@@ -444,12 +461,15 @@ def load(
         forward_kwargs=forward_kwargs,
         output=output,
         groups=groups,
-        check_deterministic=bool(direct if check_deterministic is None else check_deterministic),
         group=group,
     )
+    # the batches must fit the model (one sentence naming the data) before two passes over
+    # the source compare them
+    out = _check_fit(problem, src.source, src.vocab_size)
+    if direct if check_deterministic is None else check_deterministic:
+        problem.check_deterministic()
     if samples is not None and not applied:
         problem = problem.subsample(samples, seed)
-    out = _check_fit(problem, src.source, src.vocab_size)
     problem.check_data(source=src.source, classes=_classes(problem, out),
                        vocabulary=_embedding_size(net))
     notes = list(loaded.notes) + list(problem.notes)

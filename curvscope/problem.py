@@ -63,6 +63,25 @@ def batch_seed(seed: int, index: int) -> int:
     return (int(seed) * 1_000_003 + int(index)) % (2**63 - 1)
 
 
+def _checked(inputs: Inputs, target: Any, raw: Any) -> tuple[Inputs, Any]:
+    """A batch whose inputs hold a tensor and whose target is tensors (or none).
+
+    Raises:
+        DataError: naming what the data gave instead.
+    """
+    if not _tensors(inputs.args) and not _tensors(inputs.kwargs):
+        raise DataError(
+            f"a batch's inputs hold no tensor: the data gave {type(raw).__name__} inputs "
+            "(convert them to torch tensors in the data source)."
+        )
+    if target is not None and not _tensors(target):
+        raise DataError(
+            f"a batch's targets are a {type(target).__name__}, not tensors (convert them to "
+            "torch tensors in the data source)."
+        )
+    return inputs, target
+
+
 def _tensors(obj: Any) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     map_tensors(obj, lambda t: out.append(t) or t)
@@ -449,7 +468,7 @@ class Problem:
                     f"a dict batch needs a 'labels' entry for the {self.loss_name} loss; it has "
                     f"{', '.join(map(str, item))}."
                 )
-            return Inputs((), {**kwargs, **extra}), target
+            return _checked(Inputs((), {**kwargs, **extra}), target, item)
         if isinstance(item, torch.Tensor):
             if isinstance(self.loss_fn, CausalLM):
                 return Inputs((item,), dict(extra)), _lm_target(item, None)
@@ -473,7 +492,7 @@ class Problem:
                 inputs = Inputs((x,), dict(extra))
             if isinstance(self.loss_fn, CausalLM) and y is None:
                 y = _lm_target(x if isinstance(x, torch.Tensor) else None, None)
-            return inputs, y
+            return _checked(inputs, y, x)
         raise DataError(
             f"a batch must be (inputs, targets) or a dict of tensors; the data gave a "
             f"{type(item).__name__}."

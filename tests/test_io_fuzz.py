@@ -403,3 +403,97 @@ def test_checkpoint_loads_or_says_why(workdir, checkpoints, kind, poison, how, s
             check_fits(loaded.model, dataset, "cross_entropy")
         except CurvscopeError as exc:  # a damaged TorchScript body can load and then fail
             assert_one_sentence(exc, ["probe.npz"])
+
+
+# ------------------------------------------------------------------ token files, Python sources
+def tiny_lm():
+    from curvscope.models import TinyGPT
+
+    torch.manual_seed(0)
+    return TinyGPT(12, 16, 1, 2, 8)
+
+
+def load_or_says_why(model, data, names, **options):
+    """``curvscope.load`` (loading, the determinism check and the checks against the model):
+    a problem, or one sentence."""
+    import curvscope as cs
+
+    try:
+        problem = cs.load(model, data, **options)
+    except CurvscopeError as exc:
+        assert_one_sentence(exc, names)
+        return None
+    assert problem.num_samples >= 1
+    event("loaded")
+    return problem
+
+
+TOKEN_DTYPES = ["uint16", "int32", "int64", "uint8", "float32"]
+
+
+@FUZZ
+@given(
+    ids=st.lists(st.integers(-3, 20), min_size=0, max_size=80),
+    dtype=st.sampled_from(TOKEN_DTYPES),
+    suffix=st.sampled_from([".bin", ".npy"]),
+    declared=st.sampled_from([None, "uint16", "int32"]),
+    block=st.integers(-1, 40),
+    how=damage,
+)
+def test_token_file_loads_or_says_why(workdir, ids, dtype, suffix, declared, block, how):
+    with Scratch(workdir) as d:
+        path = d / f"tokens{suffix}"
+        arr = np.asarray(ids).astype(dtype)
+        if suffix == ".npy":
+            np.save(path, arr)
+        else:
+            path.write_bytes(arr.tobytes())
+        apply_damage(path, how)
+        options = {"block_size": block, "loss": "cross_entropy"}
+        if declared is not None and suffix == ".bin":
+            options["token_dtype"] = declared
+        load_or_says_why(tiny_lm(), str(path), [path.name, "block_size", "token_dtype",
+                                                "vocabulary"], **options)
+
+
+SOURCES = {
+    "none": "return None",
+    "number": "return 5",
+    "text": "return 'batches'",
+    "empty": "return []",
+    "single": "return [(x,)]",
+    "pairs": "return [(x[:n], y[:n]), (x[n:], y[n:])]",
+    "mismatched": "return [(x, y[:1])]",
+    "dict": "return [{'x': x, 'labels': y}]",
+    "generator": "return ((x[i:i + 2], y[i:i + 2]) for i in range(0, len(x), 2))",
+    "raises": "raise ValueError('no data today')",
+    "nan": "return [(x * float('nan'), y)]",
+    "strings": "return [('a', 'b')]",
+    "dataset": "return torch.utils.data.TensorDataset(x, y)",
+    "loader": "return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), "
+    "batch_size=3, shuffle=True)",
+    "wrong_width": "return [(x[:, :2], y)]",
+    "float_targets": "return [(x, y.float())]",
+}
+
+
+@FUZZ
+@given(
+    kind=st.sampled_from(sorted(SOURCES)),
+    rows=st.integers(0, 9),
+    cut=st.integers(0, 9),
+    loss=LOSSES,
+)
+def test_python_data_source_loads_or_says_why(workdir, kind, rows, cut, loss):
+    with Scratch(workdir) as d:
+        path = d / "source.py"
+        path.write_text(
+            "import torch\n"
+            "def make():\n"
+            "    g = torch.Generator().manual_seed(0)\n"
+            f"    x = torch.randn({rows}, 4, generator=g)\n"
+            f"    y = torch.randint(0, 3, ({rows},), generator=g)\n"
+            f"    n = {cut}\n"
+            f"    {SOURCES[kind]}\n"
+        )
+        load_or_says_why(tiny_model(), f"{path}:make", [path.name, "make", "data"], loss=loss)

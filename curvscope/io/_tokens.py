@@ -142,8 +142,8 @@ def _open(path: Path, dtype: str | np.dtype | None) -> tuple[str, int, int]:
         want = np.dtype(dtype if dtype is not None else "uint16").name
         if want not in BIN_DTYPES:
             raise OptionError(
-                f"{arg('dtype')} {want!r} cannot be read from {path}; a .bin token file holds "
-                f"one of {', '.join(BIN_DTYPES)}."
+                f"{arg('token_dtype')} {want!r} cannot be read from {path}; a .bin token file "
+                f"holds one of {', '.join(BIN_DTYPES)}."
             )
         size = path.stat().st_size
         if size == 0:
@@ -152,13 +152,16 @@ def _open(path: Path, dtype: str | np.dtype | None) -> tuple[str, int, int]:
         if size % itemsize:
             raise DataError(
                 f"token file {path} has {size} bytes, not a whole number of {want} values; "
-                f"name the dtype it was written with ({arg('dtype')}) or check it is a token file."
+                f"name the dtype it was written with ({arg('token_dtype')}) or check it is a "
+                "token file."
             )
         return want, 0, size // itemsize
     if name.endswith(".npy"):
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
+        # a damaged header raises what numpy's parser raises: OSError, ValueError, EOFError
+        # (empty), SyntaxError or tokenize's TokenError (its header is a Python literal)
+        except Exception as exc:  # noqa: BLE001
             raise DataError(f"token file {path} is not a readable .npy array ({exc}).") from None
         if not isinstance(arr, np.memmap) or not np.issubdtype(arr.dtype, np.integer):
             raise DataError(
@@ -172,7 +175,7 @@ def _open(path: Path, dtype: str | np.dtype | None) -> tuple[str, int, int]:
             )
         if dtype is not None and np.dtype(dtype) != arr.dtype:
             raise DataError(
-                f"{path} holds {arr.dtype} values but {arg('dtype')} {np.dtype(dtype).name} "
+                f"{path} holds {arr.dtype} values but {arg('token_dtype')} {np.dtype(dtype).name} "
                 "was asked for; leave it out for .npy files."
             )
         if arr.size == 0:
@@ -251,7 +254,7 @@ def load_tokens(
     if lo < 0:
         raise DataError(
             f"token file {path} holds negative ids (smallest {lo}); token ids start at 0 "
-            f"(was it written with another {arg('dtype')}?)."
+            f"(was it written with another {arg('token_dtype')}?)."
         )
     m = n_tokens - t  # window starts 0 .. n_tokens - t - 1
     if samples is None:
