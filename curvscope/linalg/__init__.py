@@ -24,11 +24,12 @@ from ._operator import (
     require_square,
 )
 from ._power import power_iteration
-from ._restarted import default_basis_size, eigsh
+from ._restarted import KEEP_FRACTION, default_basis_size, eigsh
 from ._slq import Density, SLQResult, slq, spectral_density
 from ._trace import TraceEstimate, exact_trace, hutchinson_trace, hutchpp_trace, random_probes
 
 __all__ = [
+    "KEEP_FRACTION",
     "DENSE_LIMIT",
     "AdjointOperator",
     "CallableOperator",
