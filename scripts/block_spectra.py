@@ -24,7 +24,10 @@ Heterogeneity numbers (per model, over its blocks, with and without the normalis
   a common log10|lambda| axis (floor: 1e-6 times the model's largest eigenvalue, Gaussian
   broadening 0.1 decade), with a leave-one-probe-out jackknife standard error;
 * ``js_linear_mean``: the same on a common linear lambda axis (broadening 1% of the model's
-  range), closer to how Zhang et al. plot densities, dominated by the bulk near 0.
+  range), closer to how Zhang et al. plot densities, dominated by the bulk near 0;
+* ``js_self_mean``, ``js_linear_self_mean``: the mean JS distance between the densities of the
+  two halves of one block's probes, the estimator's noise floor (what "identical spectra"
+  reads as with this many probes).
 
 Usage:  python scripts/block_spectra.py [--dir reports/block-spectra]
 """
@@ -194,6 +197,30 @@ def jackknife_js(blocks: list[dict], axis: str) -> tuple[float, float]:
     return full, se
 
 
+def js_self(blocks: list[dict], axis: str = "log") -> float:
+    """Mean JS distance between the two halves of each block's probes: the noise floor."""
+    p = min(len(b["nodes"]) for b in blocks)
+    if p < 2:
+        return float("nan")
+    halves = (list(range(p // 2)), list(range(p // 2, p)))
+    out = []
+    for b in blocks:
+        pair = [b, b]
+        if axis == "log":
+            grid, floor = log_axis(blocks)
+            d = [log_density(b, grid, floor, h) for h in halves]
+        else:
+            lo = min(float(x["nodes"].min()) for x in blocks)
+            hi = max(float(x["nodes"].max()) for x in blocks)
+            grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 4 * GRID)
+            d = [
+                broadened(x["nodes"][h], x["weights"][h] / len(h), grid, 0.01 * (hi - lo))
+                for x, h in zip(pair, halves, strict=True)
+            ]
+        out.append(js_distance(d[0], d[1], grid))
+    return float(np.mean(out))
+
+
 def heterogeneity(blocks: list[dict]) -> dict:
     tops = np.array([b["top"]["eigenvalues"][0] for b in blocks])
     out = {
@@ -204,6 +231,8 @@ def heterogeneity(blocks: list[dict]) -> dict:
     if all("nodes" in b for b in blocks) and len(blocks) > 1:
         out["js_mean"], out["js_mean_se"] = jackknife_js(blocks, "log")
         out["js_linear_mean"], out["js_linear_mean_se"] = jackknife_js(blocks, "linear")
+        out["js_self_mean"] = js_self(blocks, "log")
+        out["js_linear_self_mean"] = js_self(blocks, "linear")
     return out
 
 
@@ -258,19 +287,22 @@ def plot(models: dict[str, list[dict]], out: Path) -> None:
             continue
         g, floor = log_axis(blocks)
         seen: dict[str, int] = {}
+        peak = 0.0
         for b in blocks:
             k = seen[b["type"]] = seen.get(b["type"], 0) + 1
             ls = ["-", "--", ":", "-."][(k - 1) % 4]
+            d = log_density(b, g, floor)
+            peak = max(peak, float(d.max()))
             ax.plot(
                 g,
-                log_density(b, g, floor),
+                d,
                 color=COLOURS.get(b["type"], "black"),
                 ls=ls,
                 lw=1.2,
                 label=label(model, b["block"]),
             )
         ax.set_yscale("log")
-        ax.set_ylim(1e-4, None)
+        ax.set_ylim(1e-4, 3 * peak)
         ax.set_xlabel(f"log10 |lambda|  (|lambda| below {floor:.1e} put at the floor)")
         ax.set_ylabel("SLQ density (per decade)")
         probes = blocks[0]["probes"]
@@ -365,9 +397,14 @@ def main() -> None:
             ("without norms", "heterogeneity_without_norms"),
         ):
             h = summary[model][key]
-            js = f"{h['js_mean']:.3f} +- {h['js_mean_se']:.3f}" if "js_mean" in h else "-"
+            js = (
+                f"{h['js_mean']:.3f} +- {h['js_mean_se']:.3f} (noise {h['js_self_mean']:.3f})"
+                if "js_mean" in h
+                else "-"
+            )
             jl = (
-                f"{h['js_linear_mean']:.3f} +- {h['js_linear_mean_se']:.3f}"
+                f"{h['js_linear_mean']:.3f} +- {h['js_linear_mean_se']:.3f} "
+                f"(noise {h['js_linear_self_mean']:.3f})"
                 if "js_linear_mean" in h
                 else "-"
             )
