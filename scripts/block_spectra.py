@@ -311,7 +311,7 @@ def plot(models: dict[str, list[dict]], out: Path) -> None:
             f"({'cd'[col]}) {model}: per-block spectral densities "
             f"({probes} probes x {steps} Lanczos steps)"
         )
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        ax.legend(fontsize=7, ncol=2, loc="upper right")
         ax.grid(alpha=0.3)
     fig.suptitle(
         "Per-block Hessian spectra: tiny-gpt (transformer) vs digits-cnn (CNN), "
