@@ -184,11 +184,14 @@ class CrossEntropy(Loss):
     def hessian_apply(self, out: torch.Tensor, target: Any) -> Callable:
         o, t = self._pair(out, target)
         keep = (t != self.ignore_index).to(o.dtype).unsqueeze(-1)
-        p = torch.softmax(o, dim=-1) * keep
+        p = torch.softmax(o, dim=-1).mul_(keep)
 
         def apply(U: torch.Tensor) -> torch.Tensor:
+            # one logits-sized tensor besides p and U: at a 50k vocabulary the logits are
+            # the largest tensors of the model
             u = U.reshape(U.shape[0], *o.shape)
-            r = p * u - p * (p * u).sum(-1, keepdim=True)
+            r = p * u
+            r.addcmul_(p, r.sum(-1, keepdim=True), value=-1.0)
             return r.reshape(U.shape)
 
         return apply

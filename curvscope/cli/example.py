@@ -22,9 +22,10 @@ def example_cli(
             show_default=False,
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Folder for model.pt and data.npz.")] = Path(
-        "curvscope-example"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for model.pt and its data (data.npz, or tokens.bin)."),
+    ] = Path("curvscope-example"),
     seed: Annotated[int, typer.Option("--seed", help="Training seed.")] = 0,
 ) -> None:
     """Train an example model (seconds; tiny-gpt and lstm about two minutes) into OUT."""

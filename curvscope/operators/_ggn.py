@@ -130,7 +130,9 @@ class GGNOperator(CurvatureOperator):
         # outside the dual level: autograd output Hessians use forward mode themselves
         with torch.enable_grad():
             apply = self._output_apply(primal.detach(), batch)
-            HJV = c * apply(JV.unsqueeze(0))[0]
+            HJV = apply(JV.unsqueeze(0))[0]
+            del JV
+            HJV = HJV.mul_(c) if c != 1 else HJV
             if not primal.requires_grad:
                 return torch.zeros_like(V)
             grads = torch.autograd.grad(primal, list(leaves.values()), HJV, allow_unused=True)
