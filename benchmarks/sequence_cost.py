@@ -3,7 +3,9 @@
 (a) tiny-gpt's architecture (2 layers, 4 heads, width 64, vocabulary 65, windows of 64;
     112k parameters), random weights and tokens, 256 windows in batches of 64: one full-data
     Hessian product and one GGN product over one full-data gradient (medians of 5, after a
-    warm-up). Targets: Hessian <= 2.6 gradients, GGN <= 2.5.
+    warm-up). Targets: Hessian <= 2.6 gradients, GGN <= 2.5. Beside the times, the
+    matrix-multiply FLOPs of each (torch.utils.flop_counter): the floor any exact product
+    of this kind can reach.
 (b) the cross-entropy output-Hessian product at a 50k vocabulary: a 1-layer model of that
     vocabulary (width 64), 8 windows of 64 tokens (logits of 102 MB in float32). Peak memory
     of one GGN product against one forward-backward, each in a fresh process (peak RSS minus
@@ -57,8 +59,19 @@ def ratios() -> dict:
     t_g = _median(lambda: p.loss_and_grad())
     t_h = _median(lambda: H @ v)
     t_ggn = _median(lambda: G @ v)
+    flops = {name: _flops(fn) for name, fn in
+             (("grad", p.loss_and_grad), ("hvp", lambda: H @ v), ("ggn", lambda: G @ v))}
     return {"params": p.num_params, "gradient_s": t_g, "hvp_over_grad": t_h / t_g,
-            "ggn_over_grad": t_ggn / t_g}
+            "ggn_over_grad": t_ggn / t_g, "hvp_flops_over_grad": flops["hvp"] / flops["grad"],
+            "ggn_flops_over_grad": flops["ggn"] / flops["grad"]}
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def _rss() -> int:
@@ -87,7 +100,8 @@ def main() -> None:
     r = ratios()
     print(f"(a) tiny-gpt shape, P = {r['params']}: gradient {r['gradient_s'] * 1e3:.0f} ms, "
           f"Hessian product {r['hvp_over_grad']:.2f} gradients, GGN product "
-          f"{r['ggn_over_grad']:.2f} gradients")
+          f"{r['ggn_over_grad']:.2f} gradients; matmul FLOPs over the gradient's: Hessian "
+          f"{r['hvp_flops_over_grad']:.2f}, GGN {r['ggn_flops_over_grad']:.2f}")
     mem = {}
     for mode in ("gradient", "ggn"):
         out = subprocess.run([sys.executable, __file__, "--one", mode], capture_output=True,

@@ -127,6 +127,10 @@ class Loss:
         return None
 
 
+_BLOCK_ELEMENTS = 1 << 22
+"""Entries of a block of softmax rows in the cross-entropy output-Hessian product."""
+
+
 def _flat_classes(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits ``[..., C]`` and class ids ``[...]`` as ``[R, C]`` and ``[R]``."""
     c = out.shape[-1]
@@ -184,16 +188,24 @@ class CrossEntropy(Loss):
     def hessian_apply(self, out: torch.Tensor, target: Any) -> Callable:
         o, t = self._pair(out, target)
         keep = (t != self.ignore_index).to(o.dtype).unsqueeze(-1)
-        p = torch.softmax(o, dim=-1).mul_(keep)
+
+        def apply_in_place(U: torch.Tensor) -> torch.Tensor:
+            # softmax by blocks of rows, the product written over U: at a 50k vocabulary
+            # the logits are the largest tensors of the model, and this holds none beside
+            # the logits and U (the result may share U's storage; use the returned tensor)
+            u = U.reshape(U.shape[0], *o.shape)
+            rows = max(1, _BLOCK_ELEMENTS // (o.shape[-1] * u.shape[0]))
+            for s in range(0, o.shape[0], rows):
+                p = torch.softmax(o[s : s + rows], dim=-1).mul_(keep[s : s + rows])
+                r = u[:, s : s + rows]
+                r.mul_(p)
+                r.addcmul_(p, r.sum(-1, keepdim=True), value=-1.0)
+            return u.reshape(U.shape)
 
         def apply(U: torch.Tensor) -> torch.Tensor:
-            # one logits-sized tensor besides p and U: at a 50k vocabulary the logits are
-            # the largest tensors of the model
-            u = U.reshape(U.shape[0], *o.shape)
-            r = p * u
-            r.addcmul_(p, r.sum(-1, keepdim=True), value=-1.0)
-            return r.reshape(U.shape)
+            return apply_in_place(U.clone())
 
+        apply.in_place = apply_in_place
         return apply
 
 

@@ -27,7 +27,7 @@ import contextlib
 import copy
 import fnmatch
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -144,6 +144,23 @@ class Batch:
     def y(self) -> Any:
         """The target."""
         return self.target
+
+    def narrow(self, start: int, stop: int) -> Batch:
+        """Samples ``start:stop``: every tensor whose leading dimension is the batch's, cut.
+
+        The weight and terms stay the whole batch's (an operator that sums the parts of a
+        batch scales them as the batch); call only where samples do not interact.
+        """
+
+        def cut(t: torch.Tensor) -> torch.Tensor:
+            return t[start:stop] if t.dim() and t.shape[0] == self.size else t
+
+        return replace(
+            self,
+            inputs=self.inputs.map(cut),
+            target=map_tensors(self.target, cut),
+            size=min(stop, self.size) - start,
+        )
 
 
 def _is_scripted(model: nn.Module) -> bool:

@@ -288,3 +288,61 @@ def test_lstm_hessian_and_ggn_against_dense_truth():
     ggn = GGNOperator(problem)
     assert_close(ggn @ V, G @ V, what="LSTM GGN @ V")
     assert_close(problem.loss(), loss(w), what="LSTM loss")
+
+
+def test_large_outputs_are_taken_in_slices_of_samples(gpt, monkeypatch):
+    """Above ``max_output_entries`` a batch's GGN and Fisher products are summed over slices of
+    samples (the memory of a 50k-vocabulary product): the same matrix, to round-off."""
+    problem, _, _, _, _, _, G = gpt
+    V = torch.randn(
+        problem.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    seen = []
+    real = GGNOperator._product
+
+    def spy(self, batch, V, c):
+        seen.append(batch.size)
+        return real(self, batch, V, c)
+
+    monkeypatch.setattr(GGNOperator, "_product", spy)
+    # one sample's logits (6 positions x 5 classes) times 2 columns: slices of one sample
+    monkeypatch.setattr(GGNOperator, "max_output_entries", 60)
+    assert_close(GGNOperator(problem) @ V, G @ V, what="sliced GGN @ V")
+    assert seen == [1] * 5  # batches of 2 and 3 sequences, cut into single samples
+    seen.clear()
+    assert_close(FisherOperator(problem) @ V[:, 0], G @ V[:, 0], what="sliced Fisher @ v")
+    assert seen == [2, 2, 1]  # one column: two samples per slice
+    model, x, y, batches = _lstm_case()
+    lstm = Problem(model, "cross_entropy", batches, reduction="mean")
+    W = torch.randn(lstm.num_params, 2, dtype=torch.float64)
+    whole = GGNOperator(lstm)
+    whole.slice_outputs = False
+    seen.clear()
+    assert_close(GGNOperator(lstm) @ W, whole @ W, what="sliced LSTM GGN @ V")
+    assert seen[:4] == [1, 1, 1, 1] and len(seen) > 2
+
+
+class _Centred(torch.nn.Module):
+    """Outputs minus their batch mean: samples interact along dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4).double()
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out - out.mean(0, keepdim=True)
+
+
+def test_samples_that_interact_are_never_sliced(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,))
+    problem = Problem(_Centred(), "cross_entropy", [(x, y)])
+    monkeypatch.setattr(GGNOperator, "max_output_entries", 1)
+    sliced = GGNOperator(problem)
+    whole = GGNOperator(problem)
+    whole.slice_outputs = False
+    V = torch.randn(problem.num_params, 2, dtype=torch.float64)
+    assert_close(sliced @ V, whole @ V, what="GGN of a batch-coupled model")
+    assert sliced._entries_per_sample == 0

@@ -81,6 +81,8 @@ class FisherOperator(GGNOperator):
         self.name = "fisher-mc" if kind is FisherKind.MC else "fisher"
         super().__init__(problem, kind=kind, mc_samples=int(mc_samples), seed=int(seed))
         self.kind = kind
+        # drawn labels are seeded per batch: slices would see the same draws
+        self.slice_outputs = kind is FisherKind.EXACT
         self.mc_samples = int(mc_samples)
         self.seed = int(seed)
         self.view.require_likelihood()

@@ -61,11 +61,15 @@ class GGNOperator(CurvatureOperator):
     """
 
     name = "ggn"
+    max_output_entries = 1 << 23
+    """Output entries (times columns) of one slice of a batch; see :meth:`_slice_samples`."""
+    slice_outputs = True
 
     def __init__(self, problem: Problem, **knobs) -> None:
         super().__init__(problem, **knobs)
         self.view = LossView(problem, self.name)
         self._reverse = problem.scripted
+        self._entries_per_sample: int | None = None
         if problem.scripted:
             self.notes.append(
                 f"TorchScript model: the {self.name} products take J v by two reverse passes "
@@ -78,6 +82,55 @@ class GGNOperator(CurvatureOperator):
 
     def _batch_matmat(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         c = per_term_scale(self.problem, batch)
+        step = self._slice_samples(batch, V.shape[1])
+        if step >= batch.size:
+            return self._product(batch, V, c)
+        out = None
+        for s in range(0, batch.size, step):
+            part = self._product(batch.narrow(s, s + step), V, c)
+            out = part if out is None else out.add_(part)
+        return out
+
+    def _slice_samples(self, batch: Batch, k: int) -> int:
+        """Samples per slice, so that ``k`` columns of outputs stay under ``max_output_entries``.
+
+        A large output (the logits of a 50k vocabulary) and the tangents and products the size
+        of it set the memory of a product: above ``max_output_entries`` entries a batch is
+        taken in slices of samples and the parts summed (exact: in eval mode the samples do not
+        interact). Slicing is used only when the first batch shows that they do not: sample 1
+        gives the same output alone as after sample 0 (an RNN or attention over the leading
+        dimension fails this and is never sliced).
+        """
+        if not self.slice_outputs or batch.size < 2:
+            return batch.size
+        if self._entries_per_sample is None:
+            self._entries_per_sample = self._independent_entries(batch)
+        entries = self._entries_per_sample
+        if not entries or entries * batch.size * k <= self.max_output_entries:
+            return batch.size
+        return max(1, self.max_output_entries // (entries * k))
+
+    def _independent_entries(self, batch: Batch) -> int:
+        """Output entries per sample when samples are independent along dim 0, else 0."""
+        p = self.problem
+        try:
+            with torch.no_grad(), p.mode():
+                both = self.view.forward(p.params, batch.narrow(0, 2).inputs)
+                alone = self.view.forward(p.params, batch.narrow(1, 2).inputs)
+        except Exception:  # noqa: BLE001 - a model that cannot run on a slice is never sliced
+            return 0
+        if not (
+            isinstance(both, torch.Tensor)
+            and isinstance(alone, torch.Tensor)
+            and both.dim()
+            and both.shape[0] == 2
+            and alone.shape[0] == 1
+            and torch.allclose(both[1:], alone, rtol=1e-4, atol=1e-6 * float(both.abs().max()))
+        ):
+            return 0
+        return alone.numel()
+
+    def _product(self, batch: Batch, V: torch.Tensor, c: float) -> torch.Tensor:
         if not self._reverse:
             try:
                 return self._forward_mode(batch, V, c)
@@ -130,7 +183,8 @@ class GGNOperator(CurvatureOperator):
         # outside the dual level: autograd output Hessians use forward mode themselves
         with torch.enable_grad():
             apply = self._output_apply(primal.detach(), batch)
-            HJV = apply(JV.unsqueeze(0))[0]
+            # an analytic product may write over J v (no third logits-sized tensor)
+            HJV = getattr(apply, "in_place", apply)(JV.unsqueeze(0))[0]
             del JV
             HJV = HJV.mul_(c) if c != 1 else HJV
             if not primal.requires_grad:
