@@ -121,11 +121,11 @@ def tiny_gpt(quick: bool):
                                for i in range(0, n, bs)]
 
 
-def resnet18(quick: bool):
+def resnet18(quick: bool, samples: int = 256):
     torch.manual_seed(0)
     model = ResNet18()
     g = torch.Generator().manual_seed(0)
-    n = 16 if quick else 256
+    n = 16 if quick else samples
     x = torch.randn(n, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
     bs = 8 if quick else 128
@@ -266,11 +266,14 @@ def main() -> None:
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--models", default="digits-mlp,tiny-gpt,resnet18")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resnet-samples", type=int, default=256,
+                    help="samples of the ResNet-18-shaped network (fewer for a CPU run)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
-    makers = {"digits-mlp": digits_mlp, "tiny-gpt": tiny_gpt, "resnet18": resnet18}
+    makers = {"digits-mlp": digits_mlp, "tiny-gpt": tiny_gpt,
+              "resnet18": lambda quick: resnet18(quick, args.resnet_samples)}
     rows = []
     for name in args.models.split(","):
         rows.append(run(makers[name](args.quick), device, not args.no_peers))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -216,3 +217,90 @@ def test_ctrl_c_writes_a_partial_document_and_exits_130(tmp_path, monkeypatch):
     assert doc["complete"] is False
     blocks = {s["block"] for s in doc["results"]["spectra"]}
     assert len(blocks) == 1 and doc["counts"]["matvecs"] > 0
+
+
+def _tiny_checkpoint(tmp_path):
+    from curvscope.io import build_arch, save_checkpoint
+
+    arch = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
+    torch.manual_seed(0)
+    g = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "data.npz",
+        x=g.normal(size=(20, 4)).astype(np.float32),
+        y=g.integers(0, 3, size=20),
+    )
+    save_checkpoint(
+        tmp_path / "model.pt", build_arch(arch), arch, {"data": "data.npz", "loss": "cross_entropy"}
+    )
+    return tmp_path / "model.pt"
+
+
+def _interrupt_nth(monkeypatch, module, name, n):
+    """Make the n-th call of ``module.name`` raise KeyboardInterrupt (Ctrl-C mid-run)."""
+    real, calls = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_ctrl_c_in_compare_check_and_solve_keeps_what_finished(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import curvscope.diagnostics._check as check_module
+    import curvscope.diagnostics._compare as compare_module
+    import curvscope.solvers._driver as driver_module
+    from curvscope.cli import app
+
+    model = str(_tiny_checkpoint(tmp_path))
+    runner = CliRunner()
+    # compare: stopped in the second layer's reference; the first layer's rows are kept
+    _interrupt_nth(monkeypatch, compare_module, "_reference", 2)
+    res = runner.invoke(
+        app, ["compare", model, "--matrix", "ggn,kfac", "--out", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 130, res.output
+    doc = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert doc["complete"] is False
+    rows = doc["results"]["comparisons"]
+    assert {r["block"] for r in rows} == {"0"} and {r["matrix"] for r in rows} == {"ggn", "kfac"}
+    assert "interrupted" in doc["notes"][-1]
+    # check: stopped in the convexity certificate; gradient and Taylor tests are kept
+    _interrupt_nth(monkeypatch, check_module, "convexity_certificate", 1)
+    res = runner.invoke(app, ["check", model, "--out", str(tmp_path / "k")])
+    assert res.exit_code == 130, res.output
+    doc = json.loads((tmp_path / "k" / "check.json").read_text())
+    assert doc["complete"] is False
+    assert [c["name"] for c in doc["results"]["checks"]] == ["gradient", "taylor"]
+    # solve: Ctrl-C in the first solver's 4th step; its first iterations are kept, the
+    # second solver does not start
+    steps = []
+    real_run = driver_module._run
+
+    def run(spec, *args, **kwargs):
+        step = spec.step
+
+        def counted(*a, **k):
+            steps.append(1)
+            if len(steps) == 4:
+                raise KeyboardInterrupt
+            return step(*a, **k)
+
+        return real_run(dataclasses.replace(spec, step=counted), *args, **kwargs)
+
+    monkeypatch.setattr(driver_module, "_run", run)
+    res = runner.invoke(
+        app,
+        ["solve", model, "--solver", "gd,lbfgs", "--max-iter", "10", "--out", str(tmp_path / "s")],
+    )
+    assert res.exit_code == 130, res.output
+    doc = json.loads((tmp_path / "s" / "solve.json").read_text())
+    assert doc["complete"] is False
+    (run_doc,) = doc["results"]["solves"]
+    assert run_doc["stop_reason"] == "interrupted" and len(run_doc["trace"]["iteration"]) >= 3
+    assert "not run: lbfgs" in doc["notes"][-1]

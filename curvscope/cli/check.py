@@ -15,6 +15,7 @@ from ._common import (
     console,
     finish,
     guarded,
+    keep_partial,
     open_session,
     plan_memory,
     print_table,
@@ -72,7 +73,11 @@ def check_cli(
             + lanczos_products(1, n),
             session,
         )
-        with progress_bar(session=session, planned=planned) as update:
+        settings = {"directions": directions, "eigen_directions": eigen_directions}
+        with (
+            keep_partial(session, "check", settings),
+            progress_bar(session=session, planned=planned) as update,
+        ):
             result = check(
                 session.problem,
                 directions=directions,
@@ -83,7 +88,7 @@ def check_cli(
         path = finish(
             session,
             "check",
-            settings={"directions": directions, "eigen_directions": eigen_directions},
+            settings=settings,
             results=result.to_results(),
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},

@@ -15,6 +15,7 @@ from ._common import (
     console,
     finish,
     guarded,
+    keep_partial,
     open_session,
     plan_memory,
     print_table,
@@ -84,7 +85,16 @@ def compare_cli(
             sum(per),
             session,
         )
-        with progress_bar(session=session, planned=planned) as update:
+        settings = {
+            "matrix": matrices,
+            "top_k": top_k,
+            "exact_max_dim": exact_max_dim,
+            "probes": probes,
+        }
+        with (
+            keep_partial(session, "compare", settings),
+            progress_bar(session=session, planned=planned) as update,
+        ):
             result = compare(
                 hessian,
                 candidates,
@@ -99,12 +109,7 @@ def compare_cli(
         path = finish(
             session,
             "compare",
-            settings={
-                "matrix": matrices,
-                "top_k": top_k,
-                "exact_max_dim": exact_max_dim,
-                "probes": probes,
-            },
+            settings=settings,
             results=result.to_results(),
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},

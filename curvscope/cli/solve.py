@@ -15,6 +15,7 @@ from ._common import (
     check_paths,
     common_options,
     console,
+    err_console,
     finish,
     guarded,
     open_session,
@@ -176,7 +177,17 @@ def solve_cli(
                         eig_tol=common.tol,
                     )
                 )
+                if runs[-1].stop_reason == "interrupted":  # Ctrl-C: keep what finished
+                    break
+        interrupted = runs[-1].stop_reason == "interrupted"
         notes = []
+        if interrupted:
+            left = names[len(runs) :]
+            notes.append(
+                f"interrupted (Ctrl-C) during {runs[-1].solver}: its iterations up to then are "
+                "kept"
+                + (f"; not run: {', '.join(left)}." if left else ".")
+            )
         if save_weights:
             common.out.mkdir(parents=True, exist_ok=True)
             for run in runs:
@@ -207,7 +218,11 @@ def solve_cli(
                 "gradients": sum(r.num_gradients for r in runs),
             },
             notes=notes,
+            complete=not interrupted,
         )
+        if interrupted:
+            err_console.print(f"[yellow]partial result (complete: false) written: {doc_path}[/]")
+            raise KeyboardInterrupt
         _print(runs, doc_path)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -11,6 +11,7 @@ from .._sampling import as_generator
 from ..linalg import eigsh
 from ..operators import HessianOperator
 from ..problem import Problem
+from ._common import keep_finished
 from ._convexity import convexity_certificate
 from ._derivatives import (
     FLOOR_FACTOR,
@@ -34,6 +35,7 @@ class CheckResult:
 
     checks: list[dict]
     num_matvecs: int
+    notes: list[str] = field(default_factory=list)
 
     def to_results(self) -> dict:
         """The ``results`` part of the result document."""
@@ -79,49 +81,52 @@ def check(
         (top,) = eigsh(HessianOperator(evaluated), top=eigen_directions, tol=tol, seed=gen)
         eigvecs = top.eigenvectors
         matvecs += top.num_matvecs
-    step(0, "gradient test")
-    grad = gradient_test(evaluated, directions=directions, eigenvectors=eigvecs, seed=gen)
-    passed, reason = combine(grad)
-    checks = [
-        {
-            "name": "gradient",
-            "passed": passed,
-            "reason": reason,
-            "thresholds": {
-                "expected_slope": GRADIENT_SLOPE,
-                "slope_tolerance": SLOPE_TOLERANCE,
-                "floor_factor": FLOOR_FACTOR,
-            },
-            "evaluated_in": in_dtype,
-            "notes": notes,
-            "directions": [asdict(r) for r in grad],
-        }
-    ]
-    step(1, "Taylor test")
-    taylor = taylor_test(evaluated, directions=directions, eigenvectors=eigvecs, seed=gen)
-    matvecs += 2 * len(taylor)
-    passed, reason = combine(taylor)
-    checks.append(
-        {
-            "name": "taylor",
-            "passed": passed,
-            "reason": reason,
-            "thresholds": {
-                "expected_slopes": {"e1": TAYLOR_SLOPES[0], "e2": TAYLOR_SLOPES[1]},
-                "slope_tolerance": SLOPE_TOLERANCE,
-                "floor_factor": FLOOR_FACTOR,
-            },
-            "evaluated_in": in_dtype,
-            "notes": notes,
-            "float32_floor": taylor[0].float32_floor if taylor else {},
-            "directions": [asdict(r) for r in taylor],
-        }
-    )
-    step(2, "convexity certificate")
-    cert = convexity_certificate(problem, seed=gen)
-    matvecs += cert.num_matvecs
-    entry = asdict(cert)
-    entry.pop("num_matvecs")
-    checks.append(entry)
+    checks: list[dict] = []
+    stopped: list[str] = []
+    with keep_finished(stopped, "the checks listed", lambda: CheckResult(checks, matvecs, stopped)):
+        step(0, "gradient test")
+        grad = gradient_test(evaluated, directions=directions, eigenvectors=eigvecs, seed=gen)
+        passed, reason = combine(grad)
+        checks.append(
+            {
+                "name": "gradient",
+                "passed": passed,
+                "reason": reason,
+                "thresholds": {
+                    "expected_slope": GRADIENT_SLOPE,
+                    "slope_tolerance": SLOPE_TOLERANCE,
+                    "floor_factor": FLOOR_FACTOR,
+                },
+                "evaluated_in": in_dtype,
+                "notes": notes,
+                "directions": [asdict(r) for r in grad],
+            }
+        )
+        step(1, "Taylor test")
+        taylor = taylor_test(evaluated, directions=directions, eigenvectors=eigvecs, seed=gen)
+        matvecs += 2 * len(taylor)
+        passed, reason = combine(taylor)
+        checks.append(
+            {
+                "name": "taylor",
+                "passed": passed,
+                "reason": reason,
+                "thresholds": {
+                    "expected_slopes": {"e1": TAYLOR_SLOPES[0], "e2": TAYLOR_SLOPES[1]},
+                    "slope_tolerance": SLOPE_TOLERANCE,
+                    "floor_factor": FLOOR_FACTOR,
+                },
+                "evaluated_in": in_dtype,
+                "notes": notes,
+                "float32_floor": taylor[0].float32_floor if taylor else {},
+                "directions": [asdict(r) for r in taylor],
+            }
+        )
+        step(2, "convexity certificate")
+        cert = convexity_certificate(problem, seed=gen)
+        matvecs += cert.num_matvecs
+        entry = asdict(cert)
+        entry.pop("num_matvecs")
+        checks.append(entry)
     step(3, "done")
     return CheckResult(checks, matvecs)

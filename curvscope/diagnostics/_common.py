@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .._errors import OptionError, arg
+from .._errors import Interrupted, OptionError, arg
 from ..linalg import LinearOperator, as_operator
 
-__all__ = ["BLOCK_MODES", "Progress", "labelled", "named_operators", "resolve_blocks"]
+__all__ = [
+    "BLOCK_MODES",
+    "Progress",
+    "keep_finished",
+    "labelled",
+    "named_operators",
+    "resolve_blocks",
+]
 
 Progress = Callable[[int, int, str], None]
 
@@ -60,3 +68,19 @@ def labelled(progress: Progress | None, label: str) -> Progress | None:
     if progress is None:
         return None
     return lambda done, total, what: progress(done, total, f"{what} {label}".strip())
+
+
+@contextlib.contextmanager
+def keep_finished(notes: list[str], what: str, partial: Callable[[], Any]) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into :class:`Interrupted` carrying ``partial()``.
+
+    ``what`` names the finished parts for the note ("the densities and traces listed").
+    An :class:`Interrupted` from a nested diagnostic passes through unchanged.
+    """
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        notes.append(f"interrupted (Ctrl-C): {what} finished; the others were not computed.")
+        raise Interrupted(partial()) from None

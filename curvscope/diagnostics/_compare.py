@@ -27,7 +27,7 @@ import torch
 from .._errors import CurvscopeError, OptionError, UnsupportedModelError
 from ..linalg import LinearOperator, as_operator, eigsh
 from ..operators import compare_defaults
-from ._common import Progress, named_operators, resolve_blocks
+from ._common import Progress, keep_finished, named_operators, resolve_blocks
 
 __all__ = ["COMPARE_MATRICES", "CompareResult", "Comparison", "compare"]
 
@@ -59,6 +59,7 @@ class CompareResult:
     comparisons: list[Comparison]
     skipped: list[dict] = field(default_factory=list)
     num_matvecs: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def to_results(self) -> dict:
         """The ``results`` part of the result document."""
@@ -162,29 +163,35 @@ def compare(
     total = len(block_names) * (1 + len(ops))
     done = 0
     matvecs = 0
-    for block in block_names:
-        gen = torch.Generator().manual_seed(int(seed))
-        hb = H.block(block)
-        n = hb.shape[0]
-        k = min(top_k, n - 1) if n > 1 else 1
-        ref = _reference(H, hb, block, n, k, exact_max_dim, hutchinson_probes, tol, gen)
-        matvecs += ref.num_matvecs
-        done += 1
-        if progress is not None:
-            progress(done, total, f"compare [{block}] reference")
-        for name, op in list(ops.items()):
-            try:
-                row = _row(op, block, name, ref, k, tol, gen)
-                matvecs += row.num_matvecs
-            except UnsupportedModelError as exc:
-                skipped.append({"matrix": name, "block": block, "reason": str(exc)})
-                continue
-            except CurvscopeError:
-                raise
-            rows.append(row)
+    notes: list[str] = []
+    with keep_finished(
+        notes,
+        "the blocks and matrices listed",
+        lambda: CompareResult(rows, skipped, matvecs, notes),
+    ):
+        for block in block_names:
+            gen = torch.Generator().manual_seed(int(seed))
+            hb = H.block(block)
+            n = hb.shape[0]
+            k = min(top_k, n - 1) if n > 1 else 1
+            ref = _reference(H, hb, block, n, k, exact_max_dim, hutchinson_probes, tol, gen)
+            matvecs += ref.num_matvecs
             done += 1
             if progress is not None:
-                progress(done, total, f"compare [{block}] {name}")
+                progress(done, total, f"compare [{block}] reference")
+            for name, op in list(ops.items()):
+                try:
+                    row = _row(op, block, name, ref, k, tol, gen)
+                    matvecs += row.num_matvecs
+                except UnsupportedModelError as exc:
+                    skipped.append({"matrix": name, "block": block, "reason": str(exc)})
+                    continue
+                except CurvscopeError:
+                    raise
+                rows.append(row)
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"compare [{block}] {name}")
     return CompareResult(rows, skipped, matvecs)
 
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._errors import Interrupted, OptionError, arg
+from .._errors import OptionError, arg
 from .._sampling import as_generator
 from ..linalg import exact_trace, hutchinson_trace, hutchpp_trace, slq, spectral_density
-from ._common import Progress, labelled, named_operators, resolve_blocks
+from ._common import Progress, keep_finished, labelled, named_operators, resolve_blocks
 
 __all__ = ["DensityEntry", "DensityResult", "TraceEntry", "density"]
 
@@ -160,7 +160,11 @@ def density(
     traces: list[TraceEntry] = []
     notes: list[str] = []
     total = 0
-    try:
+    with keep_finished(
+        notes,
+        "the densities and traces listed",
+        lambda: DensityResult(densities, traces, notes, total),
+    ):
         for matrix, full in operators.items():
             for block in resolve_blocks(full, blocks):
                 op = full.block(block)
@@ -242,14 +246,6 @@ def density(
                     )
                     if line not in notes:
                         notes.append(line)
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        notes.append(
-            "interrupted (Ctrl-C): the densities and traces listed finished; the others were "
-            "not computed."
-        )
-        raise Interrupted(DensityResult(densities, traces, notes, total)) from None
     notes.append(
         f"SLQ: {num_probes} normalised {distribution} probes, up to {num_steps} Lanczos steps "
         "with full reorthogonalisation, float64 tridiagonal eigh; density broadened by a "

@@ -8,11 +8,11 @@ from enum import Enum
 
 import torch
 
-from .._errors import Interrupted, OptionError, arg
+from .._errors import OptionError, arg
 from .._sampling import as_generator
 from ..io import canonical_sign
 from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, eigsh, power_iteration
-from ._common import Progress, labelled, named_operators, resolve_blocks
+from ._common import Progress, keep_finished, labelled, named_operators, resolve_blocks
 
 __all__ = [
     "BlockMode",
@@ -211,7 +211,11 @@ def spectrum(
     vectors: list[torch.Tensor] = []
     notes: list[str] = []
     total = 0
-    try:
+    with keep_finished(
+        notes,
+        "the matrices and blocks listed",
+        lambda: SpectrumResult(entries, vectors, notes, total),
+    ):
         for name, full in operators.items():
             notes.extend(n for n in full.notes if n not in notes)
             for block in resolve_blocks(full, blocks):
@@ -267,14 +271,6 @@ def spectrum(
                     )
                     if line not in notes:
                         notes.append(line)
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        notes.append(
-            "interrupted (Ctrl-C): the matrices and blocks listed finished; the others were "
-            "not computed."
-        )
-        raise Interrupted(SpectrumResult(entries, vectors, notes, total)) from None
     return SpectrumResult(entries, vectors, notes, total)
 
 
