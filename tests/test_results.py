@@ -187,28 +187,9 @@ def test_ctrl_c_writes_a_partial_document_and_exits_130(tmp_path, monkeypatch):
 
     import curvscope.diagnostics._spectrum as spectrum_module
     from curvscope.cli import app
-    from curvscope.io import build_arch, save_checkpoint
 
-    arch = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
-    torch.manual_seed(0)
-    g = np.random.default_rng(0)
-    np.savez(
-        tmp_path / "data.npz",
-        x=g.normal(size=(20, 4)).astype(np.float32),
-        y=g.integers(0, 3, size=20),
-    )
-    save_checkpoint(
-        tmp_path / "model.pt", build_arch(arch), arch, {"data": "data.npz", "loss": "cross_entropy"}
-    )
-    real, calls = spectrum_module.eigsh, []
-
-    def eigsh(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(spectrum_module, "eigsh", eigsh)
+    _tiny_checkpoint(tmp_path)
+    _interrupt_nth(monkeypatch, spectrum_module, "eigsh", 2)
     res = CliRunner().invoke(
         app, ["spectrum", str(tmp_path / "model.pt"), "--per-layer", "--out", str(tmp_path / "o")]
     )
