@@ -45,6 +45,7 @@ __all__ = [
     "err_console",
     "finish",
     "guarded",
+    "computing",
     "keep_partial",
     "load_kwargs",
     "open_session",
@@ -931,6 +932,26 @@ def keep_partial(
             )
             err_console.print(f"[yellow]partial result (complete: false) written: {path}[/]")
         raise
+
+
+@contextlib.contextmanager
+def computing(
+    session: Session,
+    command: str,
+    settings: dict[str, Any],
+    planned: int,
+    results_of: Callable[[Any], dict[str, Any]] = lambda r: r.to_results(),
+) -> Iterator[Callable[[int, int, str], None]]:
+    """A command's computation: its progress bar, and on Ctrl-C its partial document.
+
+    Yields the ``progress`` callback for the library (see :func:`progress_bar`); see
+    :func:`keep_partial` for what an interrupt writes.
+    """
+    with (
+        keep_partial(session, command, settings, results_of),
+        progress_bar(session=session, planned=planned) as update,
+    ):
+        yield update
 
 
 FLAG_NAMES = {

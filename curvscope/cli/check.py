@@ -12,14 +12,13 @@ from ._common import (
     CommonArgs,
     announce,
     common_options,
+    computing,
     console,
     finish,
     guarded,
-    keep_partial,
     open_session,
     plan_memory,
     print_table,
-    progress_bar,
     table,
 )
 
@@ -74,10 +73,7 @@ def check_cli(
             session,
         )
         settings = {"directions": directions, "eigen_directions": eigen_directions}
-        with (
-            keep_partial(session, "check", settings),
-            progress_bar(session=session, planned=planned) as update,
-        ):
+        with computing(session, "check", settings, planned) as update:
             result = check(
                 session.problem,
                 directions=directions,

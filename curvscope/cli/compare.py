@@ -12,14 +12,13 @@ from ._common import (
     CommonArgs,
     announce,
     common_options,
+    computing,
     console,
     finish,
     guarded,
-    keep_partial,
     open_session,
     plan_memory,
     print_table,
-    progress_bar,
     table,
 )
 from ._names import COMPARE_MATRICES, matrix_names
@@ -91,10 +90,7 @@ def compare_cli(
             "exact_max_dim": exact_max_dim,
             "probes": probes,
         }
-        with (
-            keep_partial(session, "compare", settings),
-            progress_bar(session=session, planned=planned) as update,
-        ):
+        with computing(session, "compare", settings, planned) as update:
             result = compare(
                 hessian,
                 candidates,

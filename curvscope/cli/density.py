@@ -13,15 +13,14 @@ from ._common import (
     announce,
     block_mode,
     common_options,
+    computing,
     console,
     finish,
     guarded,
-    keep_partial,
     open_session,
     parse_list,
     plan_memory,
     print_table,
-    progress_bar,
     table,
 )
 from ._names import MATRIX_NAMES, matrix_names
@@ -116,10 +115,7 @@ def density_cli(
             "grid_points": grid_points,
             "distribution": distribution,
         }
-        with (
-            keep_partial(session, "density", settings),
-            progress_bar(session=session, planned=planned) as update,
-        ):
+        with computing(session, "density", settings, planned) as update:
             result = density(
                 ops,
                 blocks=blocks,

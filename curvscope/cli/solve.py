@@ -185,8 +185,7 @@ def solve_cli(
             left = names[len(runs) :]
             notes.append(
                 f"interrupted (Ctrl-C) during {runs[-1].solver}: its iterations up to then are "
-                "kept"
-                + (f"; not run: {', '.join(left)}." if left else ".")
+                "kept" + (f"; not run: {', '.join(left)}." if left else ".")
             )
         if save_weights:
             common.out.mkdir(parents=True, exist_ok=True)

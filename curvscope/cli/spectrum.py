@@ -13,14 +13,13 @@ from ._common import (
     announce,
     block_mode,
     common_options,
+    computing,
     console,
     finish,
     guarded,
-    keep_partial,
     open_session,
     plan_memory,
     print_table,
-    progress_bar,
     table,
 )
 from ._names import MATRIX_NAMES, matrix_help, matrix_names
@@ -145,10 +144,7 @@ def spectrum_cli(
             "save_eigenvectors": save_eigenvectors_,
             "strict": strict,
         }
-        with (
-            keep_partial(session, "spectrum", settings),
-            progress_bar(session=session, planned=planned) as update,
-        ):
+        with computing(session, "spectrum", settings, planned) as update:
             result = spectrum(
                 ops,
                 blocks=blocks,

@@ -15,16 +15,15 @@ from ._common import (
     announce,
     check_paths,
     common_options,
+    computing,
     console,
     finish,
     guarded,
-    keep_partial,
     open_session,
     parse_floats,
     parse_list,
     plan_memory,
     print_table,
-    progress_bar,
     table,
 )
 
@@ -116,10 +115,7 @@ def surface_cli(
             "plots": formats,
             "plotly_js": plotly_js,
         }
-        with (
-            keep_partial(session, "surface", settings, lambda r: {"surface": r}),
-            progress_bar(session=session, planned=planned) as update,
-        ):
+        with computing(session, "surface", settings, planned, lambda r: {"surface": r}) as update:
             result = surface(
                 session.problem,
                 dims=dims,
