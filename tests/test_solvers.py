@@ -501,6 +501,12 @@ def test_attribution_names_divergence_and_growth():
     assert g is not None and "rose in each of the last 3 iterations" in g.text
     rules = [f.rule for f in attribute({**FIRE["diverged"], "stop_reason": "max_iter"})]
     assert "diverged" in rules and "iteration_limit" in rules
+    # flat to round-off (gradient descent near a minimum, float32): neither diverged nor
+    # diverging, though each of the last losses is a little higher
+    flat = [0.0024339, 0.00243320, 0.00243321, 0.00243322, 0.00243323]
+    assert _rule_fn("diverged")(_run(_it(5, loss=flat, grad_norm=[1] * 5))) is None
+    above = [0.0024332, 0.0024331, 0.00243321, 0.00243322, 0.00243323]
+    assert _rule_fn("diverged")(_run(_it(5, loss=above, grad_norm=[1] * 5))) is None
     nf = _rule_fn("non_finite")(FIRE["non_finite"])
     assert "from iteration 1" in nf.text
 

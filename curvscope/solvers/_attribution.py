@@ -35,6 +35,10 @@ NEWTON_RESIDUAL_BAD = 0.1
 """Median relative Newton residual above which eq. 35 'does not solve the Newton system'."""
 GROWTH_WINDOW = 3
 """A loss that rose in each of the last GROWTH_WINDOW iterations counts as diverging."""
+RISE_REL = 1e-4
+"""A rise counts only above this fraction of the loss: below it, a loss flat to round-off
+(seen: gradient descent near a minimum, 0.0024332 'rising' in its 7th digit) is not
+divergence."""
 
 
 @dataclass(frozen=True)
@@ -386,25 +390,32 @@ def diverged(run) -> Finding | None:
     """Rule ``diverged``.
 
     Fires when the last finite loss is above the starting loss, or when the loss rose in
-    each of the last GROWTH_WINDOW iterations: the solver made things worse.
+    each of the last GROWTH_WINDOW iterations: the solver made things worse. A rise counts
+    above RISE_REL of the loss only (round-off is not divergence).
     """
     loss = [v for v in _col(run, "loss") if _finite(v)]
     if len(loss) < 2:
         return None
     start, end = loss[0], loss[-1]
     tail = loss[-GROWTH_WINDOW - 1 :]
-    growing = len(tail) == GROWTH_WINDOW + 1 and all(
-        b > a for a, b in zip(tail, tail[1:], strict=False)
+
+    def rose(a: float, b: float) -> bool:
+        return b - a > RISE_REL * max(abs(a), abs(b))
+
+    growing = (
+        len(tail) == GROWTH_WINDOW + 1
+        and all(b > a for a, b in zip(tail, tail[1:], strict=False))
+        and rose(tail[0], end)
     )
-    if end > start:
+    if rose(start, end):
         text = (
-            f"diverged: the loss went from {start:.4g} to {end:.4g} ({end / start:.3g}x its "
-            "start)" if start > 0 else f"diverged: the loss went from {start:.4g} to {end:.4g}"
+            f"diverged: the loss went from {start:.6g} to {end:.6g} ({end / start:.3g}x its "
+            "start)" if start > 0 else f"diverged: the loss went from {start:.6g} to {end:.6g}"
         )
     elif growing:
         text = (
             f"diverging: the loss rose in each of the last {GROWTH_WINDOW} iterations, from "
-            f"{tail[0]:.4g} to {end:.4g}"
+            f"{tail[0]:.6g} to {end:.6g}"
         )
     else:
         return None
