@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
+from ._lanczos import DGKS
 from ._operator import as_operator
 from ._trace import random_probes
 
@@ -48,9 +49,6 @@ SIGMA_FRACTION = 0.01
 
 GRID_MARGIN = 8.0
 """The default grid extends this many ``sigma`` beyond the extreme nodes (tail mass < 1e-15)."""
-
-DGKS = 0.7071067811865476
-"""Reorthogonalise a second time where a pass shrank the vector below 1/sqrt(2) of its norm."""
 
 DEFAULT_POINTS = 1000
 """Default grid points: spacing ~0.12% of the range, well below the default ``sigma``."""
