@@ -576,13 +576,15 @@ def _finish(
     t_idx, b_idx = _pick(vals, top, bottom)
     sel = torch.cat([t_idx, b_idx])
     off = x_vals.shape[0]
-    cols = []
-    for i in sel.tolist():
+    picked = sel.tolist()
+    Y = torch.empty(n, len(picked), dtype=V.dtype, device=V.device)
+    ritz = [c for c, i in enumerate(picked) if i >= off]
+    if ritz:  # the Ritz vectors in one pass over the basis
+        coef = S[:, [picked[c] - off for c in ritz]].to(device=V.device, dtype=V.dtype)
+        Y[:, ritz] = V @ coef
+    for c, i in enumerate(picked):
         if i < off:
-            cols.append(X[:, i])
-        else:
-            cols.append(V @ S[:, i - off].to(device=V.device, dtype=V.dtype))
-    Y = torch.stack(cols, dim=1)
+            Y[:, c] = X[:, i]
     Y = Y / torch.linalg.vector_norm(Y, dim=0, keepdim=True)
     AY = matvec(Y, "final residual check")
     if progress is not None:
