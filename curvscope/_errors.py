@@ -29,7 +29,8 @@ __all__ = [
     "arg",
 ]
 
-_ARG = re.compile(r"\{@([A-Za-z_][A-Za-z0-9_]*)\}")
+# a name, or a name with its value (``load_strict=False``: a boolean flag turned off)
+_ARG = re.compile(r"\{@([A-Za-z_][A-Za-z0-9_]*(?:=[A-Za-z0-9_.]+)?)\}")
 
 
 def arg(name: str) -> str:
@@ -57,7 +58,7 @@ class CurvscopeError(Exception):
             setattr(self, key, value)
         if "option" not in data:
             found = _ARG.findall(message)
-            self.option = found[0] if found else None
+            self.option = found[0].split("=")[0] if found else None
 
     @property
     def options(self) -> list[str]:

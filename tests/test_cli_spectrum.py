@@ -79,6 +79,23 @@ def test_spectrum_end_to_end_against_dense_float64(tiny):
     vecs = load_eigenvectors(out / "eigenvectors.pt")
     assert vecs["entries"][0]["vectors"].shape == (len(ev), 3)
     assert "residual" in result.output and "spectrum.json" in result.output
+    # at 1e-10 the residuals are below a float64 product's round-off too; float64 is in use
+    assert "round-off of one product" in " ".join(result.output.split())
+    assert "--dtype float64 lowers" not in " ".join(result.output.split())
+
+
+def test_the_footer_says_when_round_off_sets_the_bounds(tiny):
+    """In float32 at a tolerance below a product's round-off, the bounds are the floor, not
+    min(r, r^2/gap): the footer says so (seen on a 1.4M-parameter LSTM: residual 3e-6, bound
+    1.1e-3)."""
+    out = tiny / "f32"
+    result = run("spectrum", tiny / "model.pt", "--tol", "1e-7", "--top", "2", "--bottom", "0",
+                 "--out", out)
+    assert result.exit_code in (0, 3), result.output
+    (top,) = json.loads((out / "spectrum.json").read_text())["results"]["spectra"]
+    assert any(b > r for b, r in zip(top["error_bounds"], top["residual_norms"], strict=True))
+    assert "round-off of one product" in " ".join(result.output.split())
+    assert "--dtype float64 lowers it" in " ".join(result.output.split())
 
 
 def test_example_then_spectrum_with_no_other_flag(tmp_path):

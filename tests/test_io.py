@@ -136,8 +136,12 @@ def test_load_strict_false_ignores_extra_entries_but_not_missing_ones(tmp_path):
     doc = torch.load(tmp_path / "m.pt", weights_only=True)
     doc["state_dict"]["aux.weight"] = torch.ones(2)
     torch.save(doc, tmp_path / "m2.pt")
-    with pytest.raises(CheckpointError, match="aux.weight.*load_strict"):
+    with pytest.raises(CheckpointError, match="aux.weight.*load_strict=False") as refused:
         load_checkpoint(tmp_path / "m2.pt")
+    from curvscope.cli._common import flag_name
+
+    # the command line names its flag, a boolean that is turned off
+    assert refused.value.render(flag_name).endswith("pass --no-load-strict.")
     assert "aux.weight" in load_checkpoint(tmp_path / "m2.pt", load_strict=False).notes[0]
     torch.save({"model": state, "epoch": 1}, tmp_path / "w.pt")
     loaded = load_checkpoint(tmp_path / "w.pt", model="tests.test_io:builder", load_strict=False)

@@ -969,6 +969,7 @@ FLAG_NAMES = {
     "token_dtype": "--token-dtype",
     "max_matvecs": "--max-matvecs (or --max-iter)",
     "checkpoints": "CKPT",
+    "load_strict=False": "--no-load-strict",
 }
 """Library argument names whose command-line flag is not ``--`` plus the dashed name."""
 

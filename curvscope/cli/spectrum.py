@@ -290,9 +290,23 @@ def _print(result, session, doc_path, saved) -> None:
             f"[yellow]{unconverged} pair(s) did not reach residual <= tol x ||A||; raise "
             "--max-matvecs or --basis-size, or loosen --tol.[/]"
         )
+    in_float32 = str(session.problem.dtype) != "torch.float64"
+    floored = any(
+        b is not None and b > r
+        for e in result.spectra
+        for b, r in zip(e.error_bounds or [], e.residual_norms, strict=False)
+    )
     console.print(
         f"{result.num_matvecs} matrix-vector products. The error bound is min(r, r^2/gap) "
-        f"(r: residual). Result: {doc_path}"
+        "(r: residual)"
+        + (
+            ", and at least the round-off of one product in its dtype (4 eps sqrt(P) ||A||),"
+            " which sets the bounds larger than r here"
+            + (" (--dtype float64 lowers it)" if in_float32 else "")
+            if floored
+            else ""
+        )
+        + f". Result: {doc_path}"
     )
     if saved:
         console.print(f"Eigenvectors: {doc_path.parent / 'eigenvectors.pt'}")

@@ -338,7 +338,7 @@ def _fit(net: nn.Module, state: dict, path: Path, strict: bool) -> tuple[dict, l
         elif missing and prefix:
             hint = f" Keys share the prefix {prefix!r}: try {arg('strip_prefix')} {prefix}."
         elif unexpected and not missing and not shapes:
-            hint = f" To ignore entries the model lacks, set {arg('load_strict')} to False."
+            hint = f" To ignore entries the model lacks, pass {arg('load_strict=False')}."
         detail = []
         if missing:
             detail.append(f"missing keys {missing[:6]}")
