@@ -210,6 +210,29 @@ def test_exhausted_budget_gives_unconverged_flags_not_an_exception():
     assert ((bottom.eigenvalues - want_bottom).abs() <= bottom.error_bounds).all()
 
 
+def test_a_failed_final_check_sends_the_iteration_on_but_not_to_the_budget():
+    """Products that do not quite fit the Lanczos relation (here a small antisymmetric part;
+    in practice float32 round-off on millions of parameters) make the estimated residuals
+    pass while the measured ones fail. The iteration then goes on, measuring again within a
+    basis cycle, as long as each check halves the worst residual; the products add up."""
+    n = 400
+    d = torch.linspace(0, 1, n, dtype=torch.float64)
+    R = torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    S = (R - R.T) / torch.linalg.matrix_norm(R - R.T, 2)
+    exact = Dense(torch.diag(d))
+    (clean,) = eigsh(exact, top=3, tol=1e-4, max_matvecs=400)
+    assert clean.all_converged and clean.num_matvecs == exact.products
+    # well above the tolerance: never met, and one more cycle (not the budget) shows it
+    A = Dense(torch.diag(d) + 3e-3 * S)
+    phases = []
+    (noisy,) = eigsh(A, top=3, tol=1e-4, max_matvecs=400, progress=lambda *a: phases.append(a))
+    assert not noisy.all_converged and noisy.num_matvecs == A.products
+    checks = [p for p in phases if p[2] == "residual check"]
+    assert len(checks) == 2 and checks[-1][0] == noisy.num_matvecs
+    assert clean.num_matvecs < noisy.num_matvecs <= clean.num_matvecs + 60
+    assert (noisy.residual_norms > 1e-4).all()  # measured, not the optimistic estimates
+
+
 def test_seed_generator_and_basis_device():
     M = with_spectrum(spectrum("indefinite", 60), seed=12)
     a = eigsh(Dense(M), top=2, seed=torch.Generator().manual_seed(4), basis_device="cpu")[0]

@@ -22,7 +22,11 @@ end of an MLP Hessian.
 For every Ritz pair the relation gives the residual
 :math:`\lVert A y_i - \theta_i y_i \rVert = \beta_m |e_m^T s_i|` without a product; full
 reorthogonalisation keeps it exact to round-off. At the end one product ``A @ Y`` with all
-requested vectors measures the residuals and the Rayleigh quotients that are reported.
+requested vectors measures the residuals and the Rayleigh quotients that are reported. When
+that check fails a pair whose estimate passed (products that do not quite fit the relation:
+float32 round-off on millions of parameters, an operator not exactly symmetric), the estimates
+are trusted that much less and the iteration goes on, measuring again within one basis cycle,
+for as long as each check at least halves the worst measured residual.
 
 Breakdown (:math:`\beta` at round-off) means the basis spans an invariant subspace, whose
 Ritz pairs are exact. A single Krylov sequence sees one vector of each eigenspace, so the
@@ -301,6 +305,10 @@ def eigsh(
 
     steps = 0
     restarts = 0
+    est_scale = 1.0  # raised when a final check finds the estimated residuals too small
+    checks = 0  # products of final checks that sent the iteration on
+    next_check = None  # after a failed check: the step of the next one at the latest
+    last_failing = None  # after a failed check: its worst residual over tol ||A||
 
     def matvec(V: torch.Tensor, what: str) -> torch.Tensor:
         out = A @ V.to(device=A.device)
@@ -333,6 +341,7 @@ def eigsh(
     def passes(vals: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
         """Per value: whether its estimate passes the stopping test."""
         norm = max(float(vals.abs().max()), 1e-300)
+        res = res * est_scale
         small = res <= tol * norm
         if rtol is None:
             return small
@@ -367,113 +376,138 @@ def eigsh(
         return True
 
     while True:
-        w = matvec(V[:, j : j + 1], "Lanczos step")[:, 0]
-        steps += 1
-        if progress is not None:
-            progress(steps, total, "Lanczos")
-        wnorm = float(torch.linalg.vector_norm(w))
-        scale = max(scale, wnorm)
-        w, coef = orthogonalise(w, [X, V[:, : j + 1]])
-        beta = float(torch.linalg.vector_norm(w))
-        if beta < 1e-2 * wnorm:
-            # Most of A v was in the basis: one more pass, as twice is enough only when
-            # the result is not tiny (Giraud et al. 2005).
-            w, more = orthogonalise(w, [X, V[:, : j + 1]])
-            coef = coef + more
+        on_estimates = False  # whether the loop below stopped because the estimates passed
+        while True:
+            if j == m:
+                # Thick restart: keep the best Ritz vectors of both ends (_keep_counts).
+                vals, res = union()
+                ok = passes(vals, res)
+                t_u, b_u = _pick(vals, top, bottom)
+                kt, kb = _keep_counts(
+                    theta,
+                    top,
+                    bottom,
+                    top > 0 and not bool(ok[t_u].all()),
+                    bottom > 0 and not bool(ok[b_u].all()),
+                )
+                t_idx, b_idx = _pick(theta, kt, kb)
+                keep = torch.sort(torch.cat([t_idx, b_idx])).values
+                p = keep.shape[0]
+                Sk = S[:, keep]
+                V[:, :p] = V[:, :m] @ Sk.to(device=bdev, dtype=dtype)
+                V[:, p] = V[:, m]
+                coupling = beta * Sk[m - 1, :]
+                T.zero_()
+                T[:p, :p] = torch.diag(theta[keep])
+                T[p, :p] = coupling
+                T[:p, p] = coupling
+                j = p
+                restarts += 1
+            w = matvec(V[:, j : j + 1], "Lanczos step")[:, 0]
+            steps += 1
+            if progress is not None:
+                progress(steps, total, "Lanczos")
+            wnorm = float(torch.linalg.vector_norm(w))
+            scale = max(scale, wnorm)
+            w, coef = orthogonalise(w, [X, V[:, : j + 1]])
             beta = float(torch.linalg.vector_norm(w))
-        T[j, j] = float(coef[j])
-        j += 1
-        theta, S = torch.linalg.eigh(T[:j, :j])
-        est = beta * S[j - 1, :].abs()
-        limit = max(BREAKDOWN * eps * math.sqrt(n), min(breakdown_rel, eps**0.5))
-        if beta <= limit * scale or X.shape[1] + j >= n:
-            # Invariant subspace: its Ritz pairs are exact to the estimates est.
-            if X.shape[1] + j >= n or steps >= budget:
+            if beta < 1e-2 * wnorm:
+                # Most of A v was in the basis: one more pass, as twice is enough only when
+                # the result is not tiny (Giraud et al. 2005).
+                w, more = orthogonalise(w, [X, V[:, : j + 1]])
+                coef = coef + more
+                beta = float(torch.linalg.vector_norm(w))
+            T[j, j] = float(coef[j])
+            j += 1
+            theta, S = torch.linalg.eigh(T[:j, :j])
+            est = beta * S[j - 1, :].abs()
+            limit = max(BREAKDOWN * eps * math.sqrt(n), min(breakdown_rel, eps**0.5))
+            if beta <= limit * scale or X.shape[1] + j >= n:
+                # Invariant subspace: its Ritz pairs are exact to the estimates est.
+                if X.shape[1] + j >= n or steps >= budget:
+                    break
+                vals, res = union()
+                t_idx, b_idx = _pick(vals, top, bottom)
+                improved = not had_breakdown or _improves(
+                    x_vals, vals, top, bottom, resolution_tol, eps, n
+                )
+                if not improved:
+                    break
+                # Lock the best pairs of both ends that pass the test (a breakdown declared on a
+                # beta above round-off leaves some inexact), then search the complement afresh.
+                fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(bdev, dtype)
+                fresh, _ = orthogonalise(fresh, [X, V[:, :j]])
+                fnorm = float(torch.linalg.vector_norm(fresh))
+                if fnorm <= math.sqrt(eps):
+                    break  # nothing is left outside the subspaces found
+                keep = torch.cat([t_idx, b_idx])
+                keep = keep[passes(vals, res)[keep]]
+                off = x_vals.shape[0]
+                cols = []
+                for i in keep.tolist():
+                    if i < off:
+                        cols.append(X[:, i])
+                    else:
+                        cols.append(V[:, :j] @ S[:, i - off].to(device=bdev, dtype=dtype))
+                X = torch.stack(cols).T if cols else X[:, :0]  # column-major, as V
+                x_vals, x_est = vals[keep], res[keep]
+                V[:, 0] = fresh / torch.linalg.vector_norm(fresh)
+                T.zero_()
+                j = 0
+                theta = torch.zeros(0, dtype=torch.float64)
+                est = theta.clone()
+                had_breakdown = True
+                restarts += 1
+                continue
+            V[:, j] = w / beta
+            if j < m:
+                T[j - 1, j] = T[j, j - 1] = beta
+            if steps >= budget:
                 break
-            vals, res = union()
-            t_idx, b_idx = _pick(vals, top, bottom)
-            improved = not had_breakdown or _improves(
-                x_vals, vals, top, bottom, resolution_tol, eps, n
-            )
-            if not improved:
+            if converged_now() or (next_check is not None and steps >= next_check):
+                on_estimates = True
                 break
-            # Lock the best pairs of both ends that pass the test (a breakdown declared on a
-            # beta above round-off leaves some inexact), then search the complement afresh.
-            fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(bdev, dtype)
-            fresh, _ = orthogonalise(fresh, [X, V[:, :j]])
-            fnorm = float(torch.linalg.vector_norm(fresh))
-            if fnorm <= math.sqrt(eps):
-                break  # nothing is left outside the subspaces found
-            keep = torch.cat([t_idx, b_idx])
-            keep = keep[passes(vals, res)[keep]]
-            off = x_vals.shape[0]
-            cols = []
-            for i in keep.tolist():
-                if i < off:
-                    cols.append(X[:, i])
-                else:
-                    cols.append(V[:, :j] @ S[:, i - off].to(device=bdev, dtype=dtype))
-            X = torch.stack(cols).T if cols else X[:, :0]  # column-major, as V
-            x_vals, x_est = vals[keep], res[keep]
-            V[:, 0] = fresh / torch.linalg.vector_norm(fresh)
-            T.zero_()
-            j = 0
-            theta = torch.zeros(0, dtype=torch.float64)
-            est = theta.clone()
-            had_breakdown = True
-            restarts += 1
-            continue
-        V[:, j] = w / beta
-        if j < m:
-            T[j - 1, j] = T[j, j - 1] = beta
-        if converged_now() or steps >= budget:
-            break
-        if j == m:
-            # Thick restart: keep the best Ritz vectors of both ends (_keep_counts).
-            vals, res = union()
-            ok = passes(vals, res)
-            t_u, b_u = _pick(vals, top, bottom)
-            kt, kb = _keep_counts(
-                theta,
-                top,
-                bottom,
-                top > 0 and not bool(ok[t_u].all()),
-                bottom > 0 and not bool(ok[b_u].all()),
-            )
-            t_idx, b_idx = _pick(theta, kt, kb)
-            keep = torch.sort(torch.cat([t_idx, b_idx])).values
-            p = keep.shape[0]
-            Sk = S[:, keep]
-            V[:, :p] = V[:, :m] @ Sk.to(device=bdev, dtype=dtype)
-            V[:, p] = V[:, m]
-            coupling = beta * Sk[m - 1, :]
-            T.zero_()
-            T[:p, :p] = torch.diag(theta[keep])
-            T[p, :p] = coupling
-            T[:p, p] = coupling
-            j = p
-            restarts += 1
 
-    return _finish(
-        A,
-        matvec,
-        progress,
-        top=top,
-        bottom=bottom,
-        tol=tol,
-        rtol=rtol,
-        X=X,
-        x_vals=x_vals,
-        x_est=x_est,
-        V=V[:, :j],
-        theta=theta,
-        S=S,
-        est=est,
-        complete=X.shape[1] + j >= n,
-        steps=steps,
-        total=total,
-        restarts=restarts,
-    )
+        results, worst = _finish(
+            A,
+            matvec,
+            progress,
+            top=top,
+            bottom=bottom,
+            tol=tol,
+            rtol=rtol,
+            X=X,
+            x_vals=x_vals,
+            x_est=x_est,
+            V=V[:, :j],
+            theta=theta,
+            S=S,
+            est=est,
+            complete=X.shape[1] + j >= n,
+            steps=steps,
+            total=total,
+            restarts=restarts,
+            checks=checks,
+            est_scale=est_scale,
+        )
+        if worst is None or not on_estimates or steps >= budget:
+            return results
+        # The measured residuals of the final check contradict the Lanczos relation's
+        # estimates (seen on a float32 ResNet-18: 7e-4 ||A|| measured where the estimates
+        # passed 1e-4; on an operator that is not quite symmetric they never meet). Trust the
+        # estimates that much less and go on, measuring again after at most one basis cycle,
+        # for as long as each check at least halves the worst measured residual: what round-off
+        # or asymmetry puts out of reach costs one cycle, not the budget.
+        failing = max(float(r.residual_norms.max() / (r.tol * r.norm_estimate)) for r in results)
+        if last_failing is not None and failing > 0.5 * last_failing:
+            return results
+        last_failing = failing
+        est_scale *= 2.0 * worst
+        checks += k
+        budget -= k
+        next_check = steps + m
+        if steps >= budget:
+            return results
 
 
 KEEP_FRACTION = 0.65
@@ -567,12 +601,19 @@ def _finish(
     steps: int,
     total: int,
     restarts: int,
-) -> list[EigenResult]:
-    """One product with all requested Ritz vectors; Rayleigh quotients, residuals, bounds."""
+    checks: int = 0,
+    est_scale: float = 1.0,
+) -> tuple[list[EigenResult], float | None]:
+    """One product with all requested Ritz vectors; Rayleigh quotients, residuals, bounds.
+
+    Also returns, when a pair fails its test, how far the measured residuals exceed the
+    estimates the iteration stopped on (at least 1), else ``None``. ``checks``: products of
+    earlier final checks, counted in ``num_matvecs``.
+    """
     n = int(A.shape[0])
     k = top + bottom
     vals = torch.cat([x_vals, theta])
-    res_est = torch.cat([x_est, est])
+    res_est = torch.cat([x_est, est]) * est_scale
     t_idx, b_idx = _pick(vals, top, bottom)
     sel = torch.cat([t_idx, b_idx])
     off = x_vals.shape[0]
@@ -588,7 +629,7 @@ def _finish(
     Y = Y / torch.linalg.vector_norm(Y, dim=0, keepdim=True)
     AY = matvec(Y, "final residual check")
     if progress is not None:
-        progress(steps + k, total, "residual check")
+        progress(steps + checks + k, total, "residual check")
     Y64 = Y.to(torch.float64)
     AY64 = AY.to(torch.float64)
     sq = (Y64 * Y64).sum(dim=0)
@@ -615,7 +656,11 @@ def _finish(
         converged = resid <= tol * norm
     else:
         converged = bounds <= rtol * lam.abs()
-    num = steps + k
+    num = steps + checks + k
+    worst = None
+    if not bool(converged.all()):
+        floor_est = torch.clamp(res_est[sel], min=torch.finfo(torch.float64).tiny)
+        worst = max(1.0, float((resid / floor_est)[~converged].max()))
     out = []
     for which, part, descending in (
         ("top", slice(0, t_idx.shape[0]), True),
@@ -641,4 +686,4 @@ def _finish(
                 restarts=restarts,
             )
         )
-    return out
+    return out, worst
