@@ -156,21 +156,28 @@ def log_density(b: dict, grid, floor, probes=None) -> np.ndarray:
     return broadened(x, weights / len(weights), grid, SIGMA_LOG)
 
 
-def js_matrix(blocks: list[dict], axis: str, probes=None) -> np.ndarray:
+def densities(parts: list[tuple[dict, list | None]], blocks: list[dict], axis: str):
+    """The grid shared by ``blocks`` and the density of each ``(block, probes)`` part on it.
+
+    ``probes`` selects a block's probes (``None``: all of them).
+    """
     if axis == "log":
         grid, floor = log_axis(blocks)
-        dens = [log_density(b, grid, floor, probes) for b in blocks]
-    else:
-        lo = min(float(b["nodes"].min()) for b in blocks)
-        hi = max(float(b["nodes"].max()) for b in blocks)
-        grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 4 * GRID)
-        sigma = 0.01 * (hi - lo)
-        dens = []
-        for b in blocks:
-            nodes, weights = b["nodes"], b["weights"]
-            if probes is not None:
-                nodes, weights = nodes[probes], weights[probes]
-            dens.append(broadened(nodes, weights / len(weights), grid, sigma))
+        return grid, [log_density(b, grid, floor, probes) for b, probes in parts]
+    lo = min(float(b["nodes"].min()) for b in blocks)
+    hi = max(float(b["nodes"].max()) for b in blocks)
+    grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 4 * GRID)
+    dens = []
+    for b, probes in parts:
+        nodes, weights = b["nodes"], b["weights"]
+        if probes is not None:
+            nodes, weights = nodes[probes], weights[probes]
+        dens.append(broadened(nodes, weights / len(weights), grid, 0.01 * (hi - lo)))
+    return grid, dens
+
+
+def js_matrix(blocks: list[dict], axis: str, probes=None) -> np.ndarray:
+    grid, dens = densities([(b, probes) for b in blocks], blocks, axis)
     n = len(blocks)
     out = np.zeros((n, n))
     for i, j in itertools.combinations(range(n), 2):
@@ -205,18 +212,7 @@ def js_self(blocks: list[dict], axis: str = "log") -> float:
     halves = (list(range(p // 2)), list(range(p // 2, p)))
     out = []
     for b in blocks:
-        pair = [b, b]
-        if axis == "log":
-            grid, floor = log_axis(blocks)
-            d = [log_density(b, grid, floor, h) for h in halves]
-        else:
-            lo = min(float(x["nodes"].min()) for x in blocks)
-            hi = max(float(x["nodes"].max()) for x in blocks)
-            grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 4 * GRID)
-            d = [
-                broadened(x["nodes"][h], x["weights"][h] / len(h), grid, 0.01 * (hi - lo))
-                for x, h in zip(pair, halves, strict=True)
-            ]
+        grid, d = densities([(b, h) for h in halves], blocks, axis)
         out.append(js_distance(d[0], d[1], grid))
     return float(np.mean(out))
 
