@@ -3,9 +3,12 @@
 (a) tiny-gpt's architecture (2 layers, 4 heads, width 64, vocabulary 65, windows of 64;
     112k parameters), random weights and tokens, 256 windows in batches of 64: one full-data
     Hessian product and one GGN product over one full-data gradient (medians of 5, after a
-    warm-up). Targets: Hessian <= 2.6 gradients, GGN <= 2.5. Beside the times, the
-    matrix-multiply FLOPs of each (torch.utils.flop_counter): the floor any exact product
-    of this kind can reach.
+    warm-up). Targets: Hessian <= 2.6 gradients, GGN <= 2.5. The Hessian three ways: the
+    first product of an operator (it builds and keeps each batch's first-order graph), the
+    products after it (the second backward over the kept graphs: what every Lanczos step
+    but the first costs), and streamed products (``graph_cache=0``: forward, first and
+    second backward at every product). Beside the times, the matrix-multiply FLOPs of each
+    (torch.utils.flop_counter).
 (b) the cross-entropy output-Hessian product at a 50k vocabulary: a 1-layer model of that
     vocabulary (width 64), 8 windows of 64 tokens (logits of 102 MB in float32). Peak memory
     of one GGN product against one forward-backward, each in a fresh process (peak RSS minus
@@ -52,17 +55,29 @@ def _median(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def _first_product(p: Problem, v: torch.Tensor) -> None:
+    HessianOperator(p) @ v  # a fresh operator: builds and keeps the graphs, then frees them
+
+
 def ratios() -> dict:
     p = _problem(65, 256, 2, 64)
+    streamed = _problem(65, 256, 2, 64)
+    streamed.graph_cache = 0
     v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
-    H, G = HessianOperator(p), GGNOperator(p)
+    H, G, S = HessianOperator(p), GGNOperator(p), HessianOperator(streamed)
     t_g = _median(lambda: p.loss_and_grad())
-    t_h = _median(lambda: H @ v)
+    t_first = _median(lambda: _first_product(p, v))
+    t_h = _median(lambda: H @ v)  # the warm-up keeps the graphs
+    t_s = _median(lambda: S @ v)
     t_ggn = _median(lambda: G @ v)
     flops = {name: _flops(fn) for name, fn in
-             (("grad", p.loss_and_grad), ("hvp", lambda: H @ v), ("ggn", lambda: G @ v))}
+             (("grad", p.loss_and_grad), ("hvp", lambda: H @ v), ("streamed", lambda: S @ v),
+              ("ggn", lambda: G @ v))}
     return {"params": p.num_params, "gradient_s": t_g, "hvp_over_grad": t_h / t_g,
+            "first_over_grad": t_first / t_g, "streamed_over_grad": t_s / t_g,
+            "kept_mb": H.info["kept_graphs"]["bytes"] / 1e6,
             "ggn_over_grad": t_ggn / t_g, "hvp_flops_over_grad": flops["hvp"] / flops["grad"],
+            "streamed_flops_over_grad": flops["streamed"] / flops["grad"],
             "ggn_flops_over_grad": flops["ggn"] / flops["grad"]}
 
 
@@ -98,10 +113,12 @@ def main() -> None:
         print(json.dumps(one_memory(sys.argv[2])))
         return
     r = ratios()
-    print(f"(a) tiny-gpt shape, P = {r['params']}: gradient {r['gradient_s'] * 1e3:.0f} ms, "
-          f"Hessian product {r['hvp_over_grad']:.2f} gradients, GGN product "
-          f"{r['ggn_over_grad']:.2f} gradients; matmul FLOPs over the gradient's: Hessian "
-          f"{r['hvp_flops_over_grad']:.2f}, GGN {r['ggn_flops_over_grad']:.2f}")
+    print(f"(a) tiny-gpt shape, P = {r['params']}: gradient {r['gradient_s'] * 1e3:.0f} ms; "
+          f"Hessian product over kept graphs {r['hvp_over_grad']:.2f} gradients (first "
+          f"product {r['first_over_grad']:.2f}, streamed {r['streamed_over_grad']:.2f}; kept "
+          f"{r['kept_mb']:.0f} MB), GGN product {r['ggn_over_grad']:.2f} gradients; matmul "
+          f"FLOPs over the gradient's: Hessian {r['hvp_flops_over_grad']:.2f} (streamed "
+          f"{r['streamed_flops_over_grad']:.2f}), GGN {r['ggn_flops_over_grad']:.2f}")
     mem = {}
     for mode in ("gradient", "ggn"):
         out = subprocess.run([sys.executable, __file__, "--one", mode], capture_output=True,

@@ -333,6 +333,7 @@ def load(
     ignore_index: int = -100,
     check_deterministic: bool | None = None,
     group: Any = None,
+    graph_cache: float | None = None,
     **data_options: Any,
 ) -> Problem:
     """Load a model and data into a :class:`~curvscope.problem.Problem`.
@@ -369,6 +370,8 @@ def load(
             Python data sources and data given directly).
         group: data parallelism: a :class:`~curvscope.Group` or an initialised
             ``torch.distributed`` process group (see :class:`~curvscope.problem.Problem`).
+        graph_cache: bytes Hessian products may keep of first-order graphs (``None``: half
+            the device's free memory; ``0``: none; see :class:`~curvscope.problem.Problem`).
         **data_options: file options (``x_key``, ``y_key``, ``label_column``, ``split``,
             ``input_shape``, ``scale``, ``normalize``, ``block_size``, ``token_dtype``).
 
@@ -462,6 +465,7 @@ def load(
         output=output,
         groups=groups,
         group=group,
+        graph_cache=graph_cache,
     )
     # the batches must fit the model (one sentence naming the data) before two passes over
     # the source compare them
@@ -567,6 +571,7 @@ def load_like(problem: Problem, data: Any, *, split: str | None = None) -> Probl
         forward_kwargs=opts.get("forward_kwargs"),
         output=opts.get("output"),
         group=problem.group,
+        graph_cache=problem.graph_cache,
     )
     out = _check_fit(new, src.source)
     new.check_data(source=src.source, classes=_classes(new, out),

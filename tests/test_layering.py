@@ -15,13 +15,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "curvscope"
 
-BASE = {"_errors", "_sampling", "_losses"}
-"""Modules every layer may use: errors, the one subset routine, losses."""
+BASE = {"_errors", "_sampling", "_losses", "_device"}
+"""Modules every layer may use: errors, the one subset routine, losses, device memory."""
 
 LAYERS: dict[str, set[str]] = {
     "_errors": set(),
     "_sampling": {"_errors"},
     "_losses": {"_errors"},
+    "_device": set(),
     "models": {"_errors"},
     "linalg": BASE,
     "io": BASE | {"models"},

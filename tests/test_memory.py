@@ -101,3 +101,61 @@ def test_cli_prints_the_estimate_records_it_and_refuses_before_any_product(tiny)
               "lots"]
     )
     assert res.exit_code == 1 and "--max-memory 'lots' is not an amount" in res.output
+
+
+def test_kept_graphs_are_estimated_and_bounded_by_the_budget():
+    from curvscope.app._memory import kept_graph_bytes
+    from curvscope.operators import HessianOperator
+
+    p = _problem(16)
+    wanted = kept_graph_bytes(p)
+    H = HessianOperator(p)
+    H @ torch.randn(p.num_params, 1)
+    # every batch has the same shape here: the estimate is the measurement
+    assert H.info["kept_graphs"]["bytes"] == pytest.approx(wanted, rel=0.02)
+    est = estimate_memory(p, matrices=["hessian"], limit=1e12)
+    assert est.parts["kept graphs"] == wanted and est.graph_budget >= wanted
+    # auto: half of what the limit leaves beside the rest of the run
+    rest = sum(v for k, v in est.parts.items() if k != "kept graphs")
+    tight = estimate_memory(p, matrices=["hessian"], limit=rest + wanted)
+    assert tight.graph_budget == pytest.approx(wanted / 2)
+    assert tight.parts["kept graphs"] == pytest.approx(wanted / 2)
+    assert "streamed" in tight.notes["kept graphs"]
+    assert "kept graphs" not in estimate_memory(p, matrices=["ggn"]).parts
+    p.graph_cache = 0
+    assert "kept graphs" not in estimate_memory(p, matrices=["hessian"]).parts
+    p.graph_cache = 100.0
+    est = estimate_memory(p, basis=10**2, matrices=["hessian"])
+    assert est.parts["kept graphs"] == 100.0 and est.graph_budget == 100.0
+
+
+def test_cli_hvp_cache_sizes_the_kept_graphs_and_records_them(tiny):  # noqa: F811
+    runner = CliRunner()
+    model = str(tiny / "model.pt")
+    res = runner.invoke(app, ["spectrum", model, "--top", "2", "--out", str(tiny / "a")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tiny / "a" / "spectrum.json").read_text())
+    assert doc["hvp"]["hvp"] == "auto"
+    kept = doc["hvp"]["kept_graphs"]
+    assert kept["batches"] == kept["of_batches"] >= 1 and kept["bytes"] > 0
+    assert doc["memory"]["parts_bytes"]["kept graphs"] > 0
+    res = runner.invoke(
+        app, ["spectrum", model, "--top", "2", "--hvp-cache", "off", "--out", str(tiny / "b")]
+    )
+    assert res.exit_code == 0, res.output
+    off = json.loads((tiny / "b" / "spectrum.json").read_text())
+    assert "kept_graphs" not in off["hvp"] and "kept graphs" not in off["memory"]["parts_bytes"]
+    assert off["counts"]["data_passes"] > doc["counts"]["data_passes"]
+    res = runner.invoke(
+        app, ["spectrum", model, "--hvp-cache", "plenty", "--out", str(tiny / "c")]
+    )
+    assert res.exit_code == 1 and "--hvp-cache 'plenty' is not auto, off" in res.output
+    assert "Traceback" not in res.output and not (tiny / "c" / "spectrum.json").exists()
+    res = runner.invoke(
+        app, ["spectrum", model, "--top", "1", "--hvp", "finite-difference", "--dtype",
+              "float64", "--out", str(tiny / "d")]
+    )
+    assert res.exit_code == 0, res.output
+    fd = json.loads((tiny / "d" / "spectrum.json").read_text())["hvp"]
+    assert fd["hvp"] == "finite-difference" and fd["step"] > 0
+    assert 0 <= fd["truncation_estimate"] < 1e-3 and 0 <= fd["roundoff_estimate"] < 1e-3

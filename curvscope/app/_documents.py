@@ -89,6 +89,9 @@ def document(
         },
         notes=list(dict.fromkeys(all_notes)),
     )
+    record = getattr(problem, "hvp_record", None)
+    if record:  # how Hessian products were taken: backend, fallback, FD errors, kept graphs
+        doc["hvp"] = dict(record)
     if not complete:
         doc["complete"] = False
     return doc

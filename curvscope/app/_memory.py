@@ -13,6 +13,9 @@ work will add:
   vectors and the products with them (``2 k``), and a few work vectors; SLQ's basis of
   ``lanczos_steps`` vectors per probe; Hutch++'s sketch;
 - **Kronecker factors** for KFAC/EKFAC (``in^2 + out^2`` per layer and their eigenbases);
+- **kept graphs**: with Hessian products, each batch's forward and first-backward graph kept
+  between products (measured on the largest batch, scaled by samples), at most the budget:
+  ``--hvp-cache`` or, by default, half of what the limit leaves beside the other parts;
 - **parameter copies**: a float64 copy of the model for a float64 run is already counted
   in the process; a curvature product holds two gradients' worth of parameter-sized tensors.
 
@@ -23,16 +26,17 @@ Measured against peak RSS (benchmarks/memory.py): top-5 of a ResNet-18-shaped ne
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .._device import available_memory, in_use
 from .._errors import OptionError, arg
 from ..linalg import KEEP_FRACTION
-from ..problem import Problem
+from ..operators import GRAPH_CACHE_SHARE
+from ..problem import Batch, Problem
 
 __all__ = [
     "MemoryEstimate",
@@ -99,33 +103,18 @@ def parse_memory(value: str | float | int | None) -> float | None:
     return amount
 
 
-def in_use(device: torch.device | str) -> int:
-    """Bytes the process holds now: resident set (CPU) or allocated tensors (CUDA)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
+def _on_largest_batch(problem: Problem, measure: Callable[[Problem, Batch], int]) -> int:
+    """``measure(problem, batch)`` on the largest batch, in this process, not counted as a pass."""
+    largest = max(range(len(problem.batch_sizes)), key=problem.batch_sizes.__getitem__)
+    local = problem.alone()
     try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: the peak so far
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def available_memory(device: torch.device | str) -> int | None:
-    """What the device can give this process: free plus what it holds (``None``: unknown)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free) + int(torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/meminfo") as fh:
-            info = {line.split(":")[0]: line.split()[1] for line in fh}
-        return int(info["MemAvailable"]) * 1024 + in_use(device)
-    except (OSError, KeyError, ValueError, IndexError):
-        return None
+        for i, batch in enumerate(local.batches()):
+            if i == largest:
+                return int(measure(local, batch))
+        return 0
+    finally:  # the measurement is not one of the command's passes
+        local.data_passes -= 1
+        local.add_work(-1)
 
 
 def activation_bytes(problem: Problem) -> int:
@@ -135,8 +124,6 @@ def activation_bytes(problem: Problem) -> int:
     anyway). TorchScript models cannot be hooked: their output size times the layers stands
     in (a rough floor).
     """
-    largest = max(range(len(problem.batch_sizes)), key=problem.batch_sizes.__getitem__)
-    local = problem.alone()
     params = {n: t.detach().requires_grad_(True) for n, t in problem.params.items()}
     own = {t.untyped_storage().data_ptr() for t in params.values()}
     seen: dict[int, int] = {}
@@ -148,11 +135,11 @@ def activation_bytes(problem: Problem) -> int:
                 seen[s.data_ptr()] = s.nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without a storage
             pass
-        return t
+        # detached: a saved output packed as itself would hold its own graph node, a cycle
+        # through C++ that Python's collector cannot break (one batch's outputs leaked)
+        return t.detach()
 
-    for i, batch in enumerate(local.batches()):
-        if i != largest:
-            continue
+    def measure(local: Problem, batch: Batch) -> int:
         with local.mode(), torch.enable_grad():
             if problem.scripted:
                 out = local.forward(problem.params, batch.inputs)
@@ -160,10 +147,27 @@ def activation_bytes(problem: Problem) -> int:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 value = local.batch_loss(params, batch)
             del value
-        break
-    local.data_passes -= 1  # the measurement is not one of the command's passes
-    local.add_work(-1)
-    return int(sum(seen.values()))
+        return int(sum(seen.values()))
+
+    return _on_largest_batch(problem, measure)
+
+
+def kept_graph_bytes(problem: Problem) -> int:
+    """Bytes Hessian products would keep of first-order graphs for this process's batches.
+
+    The largest batch's graph is built once and measured (tensors saved for backward and
+    its gradients); the other batches are scaled by their samples. 0 for TorchScript models
+    (their graphs are not kept).
+    """
+    if problem.scripted:
+        return 0
+    from ..operators import HessianOperator
+
+    one = _on_largest_batch(
+        problem, lambda local, b: HessianOperator(local, mode="double-backward").graph_bytes(b)
+    )
+    share = problem.num_samples / problem.group.world_size
+    return int(one * share / max(problem.batch_sizes))
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,8 @@ class MemoryEstimate:
     device: str
     parts: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    graph_budget: float | None = None
+    """Bytes Hessian products may keep of first-order graphs (``None``: no Hessian)."""
 
     @property
     def total(self) -> float:
@@ -210,6 +216,7 @@ _LOWER = {
     "Kronecker factors": f"{arg('matrices')} (leave out kfac/ekfac) or {arg('params')}",
     "vectors": f"{arg('top')}/{arg('bottom')}",
     "in use": f"{arg('samples')} or {arg('params')}",
+    "kept graphs": f"{arg('hvp_cache')} (off, or a smaller size)",
 }
 
 
@@ -222,8 +229,15 @@ def estimate_memory(
     basis_device: str | torch.device | None = None,
     slq_steps: int = 0,
     kfac_layers: Sequence[tuple[int, int]] = (),
+    limit: float | None = None,
 ) -> MemoryEstimate:
     """The expected peak of a command on ``problem``'s device (see the module docstring).
+
+    With Hessian products, the first-order graphs they keep (``kept graphs``): what all
+    batches' graphs take, at most the problem's ``graph_cache`` budget. Without a budget
+    (``None``), the budget is :data:`~curvscope.operators.GRAPH_CACHE_SHARE` of what
+    ``limit`` leaves beside the rest of the run, returned as ``graph_budget`` for the
+    caller to set.
 
     Args:
         problem: the loaded problem (its first batch is run forward once to measure).
@@ -233,6 +247,7 @@ def estimate_memory(
         basis_device: where the basis lives (default the parameters' device).
         slq_steps: SLQ Lanczos steps per probe (its basis).
         kfac_layers: ``(in, out)`` of each layer with Kronecker factors.
+        limit: the memory the run may take (bytes), for the kept graphs' budget.
     """
     dev = problem.device
     item = torch.empty((), dtype=problem.dtype).element_size()
@@ -263,7 +278,20 @@ def estimate_memory(
     parts["vectors"] = float((vectors + WORK_VECTORS) * P * item)
     if kfac_layers:
         parts["Kronecker factors"] = float(sum(2 * (i * i + o * o) for i, o in kfac_layers) * item)
-    return MemoryEstimate(str(dev), parts, notes)
+    budget = None
+    if "hessian" in matrices and problem.graph_cache != 0 and not problem.scripted:
+        wanted = float(kept_graph_bytes(problem))
+        budget = problem.graph_cache
+        if budget is None:
+            rest = sum(parts.values())
+            budget = wanted if limit is None else GRAPH_CACHE_SHARE * max(0.0, limit - rest)
+        parts["kept graphs"] = min(wanted, budget)
+        notes["kept graphs"] = (
+            "every batch's first-order graph"
+            if wanted <= budget
+            else f"{format_bytes(budget)} of {format_bytes(wanted)}; the other batches streamed"
+        )
+    return MemoryEstimate(str(dev), parts, notes, budget)
 
 
 def refuse_if_too_large(estimate: MemoryEstimate, limit: float | None) -> None:

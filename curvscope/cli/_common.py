@@ -97,6 +97,7 @@ class CommonArgs:
     group: str | None = None
     ignore_index: int = -100
     hvp: str = "auto"
+    hvp_cache: str = "auto"
     threads: int | None = None
     world_size: int = 1  # processes under torchrun, set when the command joins them
     max_memory: str | None = None
@@ -431,6 +432,19 @@ _COMMON.update(
                     help="Hessian products: auto (double backward, finite differences where "
                     "an operation has no second derivative), double-backward, "
                     "forward-over-reverse or finite-difference (use float64).",
+                    rich_help_panel="Numerics",
+                ),
+            ],
+            "auto",
+        ),
+        "hvp_cache": (
+            Annotated[
+                str,
+                _opt(
+                    "--hvp-cache",
+                    help="Memory Hessian products may keep of each batch's first-order graph, "
+                    "so that later products run only the second backward (about 40% faster): "
+                    "auto (half of what --max-memory leaves), off, or a size (e.g. 4GB).",
                     rich_help_panel="Numerics",
                 ),
             ],
@@ -837,6 +851,8 @@ def load_kwargs(common: CommonArgs) -> dict[str, Any]:
         "output": common.output,
         "groups": parse_groups(common.group),
         "ignore_index": common.ignore_index,
+        # auto (None) is sized by plan_memory in the commands that plan their memory
+        "graph_cache": graph_cache_option(common.hvp_cache),
         **options,
     }
 
@@ -1133,6 +1149,10 @@ def plan_memory(
         for m in p.model.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 layers.append((m.weight[0].numel() + 1, m.weight.shape[0]))
+    limit = parse_memory(common.max_memory)
+    if limit is None:
+        limit = available_memory(p.device)
+    p.graph_cache = graph_cache_option(common.hvp_cache)
     estimate = estimate_memory(
         p,
         matrices=matrices,
@@ -1141,10 +1161,10 @@ def plan_memory(
         basis_device=common.basis_device,
         slq_steps=slq_steps,
         kfac_layers=layers,
+        limit=limit,
     )
-    limit = parse_memory(common.max_memory)
-    if limit is None:
-        limit = available_memory(p.device)
+    if estimate.graph_budget is not None:
+        p.graph_cache = estimate.graph_budget
     if RANK_STATE["main"]:
         err_console.print(f"[dim]memory: {estimate.describe()}[/]", highlight=False, soft_wrap=True)
     refuse_if_too_large(estimate, limit)
@@ -1153,6 +1173,28 @@ def plan_memory(
         import torch
 
         torch.cuda.reset_peak_memory_stats(p.device)
+
+
+def graph_cache_option(value: str) -> float | None:
+    """``--hvp-cache``: ``auto`` -> ``None`` (sized by the memory plan), ``off`` -> 0, a size.
+
+    Raises:
+        OptionError: for text that is neither auto, off nor an amount of memory.
+    """
+    from ..app import parse_memory
+
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    if text in ("off", "0", "none"):
+        return 0.0
+    try:
+        return parse_memory(text)
+    except OptionError:
+        raise OptionError(
+            f"--hvp-cache {value!r} is not auto, off or an amount of memory (e.g. 4GB).",
+            option="hvp_cache",
+        ) from None
 
 
 def peak_memory(device) -> int:

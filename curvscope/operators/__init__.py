@@ -9,7 +9,7 @@ from ..linalg import DenseOperator, IdentityOperator, LinearOperator, ScaledOper
 from ._base import CurvatureOperator
 from ._fisher import EmpiricalFisherOperator, FisherKind, FisherOperator
 from ._ggn import GGNOperator
-from ._hessian import HessianOperator, HVPMode
+from ._hessian import GRAPH_CACHE_SHARE, HessianOperator, HVPMode
 from ._kfac import EKFACOperator, KFACFisherType, KFACOperator
 from ._pch import (
     ELEMENTWISE_ACTIVATIONS,
@@ -43,6 +43,7 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HVPMode",
+    "GRAPH_CACHE_SHARE",
     "HessianOperator",
     "IdentityOperator",
     "KFACFisherType",

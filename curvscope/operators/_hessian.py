@@ -2,15 +2,17 @@ r"""The Hessian of the loss as an operator: double backward, jvp of grad, or dif
 
 from __future__ import annotations
 
+import weakref
 from enum import Enum
 
 import torch
 
+from .._device import free_memory
 from .._errors import OptionError, arg
 from ..problem import Batch, Problem, zeros_for_none
 from ._base import CurvatureOperator
 
-__all__ = ["HVPMode", "HessianOperator", "missing_double_backward"]
+__all__ = ["GRAPH_CACHE_SHARE", "HVPMode", "HessianOperator", "missing_double_backward"]
 
 
 class HVPMode(str, Enum):
@@ -24,6 +26,9 @@ class HVPMode(str, Enum):
 
 MAX_VMAP_COLUMNS = 32
 """Columns vmapped together; more are processed in chunks of this size to bound memory."""
+
+GRAPH_CACHE_SHARE = 0.5
+"""Share of the device's free memory that kept graphs may take when no budget is set."""
 
 
 def missing_double_backward(exc: BaseException) -> bool:
@@ -59,6 +64,16 @@ class HessianOperator(CurvatureOperator):
       first backward pass (graph retained). Measured on the 2-core CPU (digits-mlp, 1797
       samples): one product costs 2.5 gradients, 8 columns 9.6 gradients against 13.3 for
       vmap of jvp-of-grad and 18.5 for 8 separate products.
+
+      **Kept graphs.** The forward pass and the first backward (with its graph) are the same
+      at every product, since the weights are fixed; only the second backward depends on
+      ``V``. The first product therefore keeps each batch's first-order graph while they fit
+      in the problem's ``graph_cache`` budget (shared with its blocks and subsets), and later
+      products run only the second backward over the kept batches, without reading them
+      again: on tiny-gpt 2.0 gradients a product instead of 3.4 (benchmarks/RESULTS.md). The
+      batches that do not fit are streamed as before. Kept graphs are dropped when a
+      parameter tensor changes in place (its version counter), when the operator is freed,
+      or by :meth:`release`.
     - ``forward-over-reverse``: ``torch.func.jvp`` of ``torch.func.grad``, vmapped over
       columns; agrees with double backward to round-off.
     - ``finite-difference``: the central difference of two full-data gradients,
@@ -92,6 +107,7 @@ class HessianOperator(CurvatureOperator):
         super().__init__(problem, mode=mode)
         self.mode = mode
         self.info: dict = {"hvp": mode.value}
+        self._graphs: _KeptGraphs | None = None
         if problem.scripted:
             self.notes.append(
                 "TorchScript model: torch.func cannot transform it, so Hessian products use "
@@ -113,13 +129,22 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ dispatch
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        out = self._products(V)
+        # the document's ``hvp`` section: how this command's Hessian products were taken
+        self.problem.hvp_record.update(self.info)
+        return out
+
+    def _products(self, V: torch.Tensor) -> torch.Tensor:
         if self.mode is HVPMode.FINITE_DIFFERENCE:
             return self._finite_difference(V)
         try:
+            if self._keeps_graphs():
+                return self._kept_matmat(V)
             return super()._data_matmat(V)
         except (RuntimeError, NotImplementedError) as exc:
             if self.mode is not HVPMode.AUTO or not missing_double_backward(exc):
                 raise
+            self.release()
             self.mode = HVPMode.FINITE_DIFFERENCE
             self.info["hvp"] = "finite-difference"
             self.info["fallback_reason"] = str(exc).splitlines()[0][:200]
@@ -146,27 +171,100 @@ class HessianOperator(CurvatureOperator):
     # ------------------------------------------------------------------ exact products
     def _double_backward(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         p = self.problem
-        k = V.shape[1]
         with p.mode(), torch.enable_grad(), p.leaves() as leaves:
-            values = list(leaves.values())
-            loss = p.batch_loss(leaves, batch)
-            if not loss.requires_grad:  # no selected parameter affects this batch
-                return torch.zeros_like(V)
-            grads = torch.autograd.grad(loss, values, create_graph=True, allow_unused=True)
-            # parameters that do not affect the loss (unused heads) have no gradient:
-            # their rows and columns of H are zero
-            live = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            out = []
-            # TorchScript modules rebuild the graph per column (their own tensors)
+            graph = self._first_order(leaves, batch)
+            return self._second_backward(graph, V, keep=False)
+
+    def _first_order(self, leaves: dict[str, torch.Tensor], batch: Batch) -> _Graph:
+        """The batch's gradient with its graph (the part of a product that ``V`` leaves alone)."""
+        values = list(leaves.values())
+        loss = self.problem.batch_loss(leaves, batch)
+        if not loss.requires_grad:  # no selected parameter affects this batch
+            return _Graph(values, [])
+        grads = torch.autograd.grad(loss, values, create_graph=True, allow_unused=True)
+        # parameters that do not affect the loss (unused heads) have no gradient: their rows
+        # and columns of H are zero
+        return _Graph(
+            values, [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        )
+
+    def _second_backward(self, graph: _Graph, V: torch.Tensor, *, keep: bool) -> torch.Tensor:
+        """``H_b V`` from a batch's first-order graph; ``keep``: leave the graph usable."""
+        p = self.problem
+        k = V.shape[1]
+        if not graph.live:
+            return torch.zeros_like(V)
+        out = []
+        with torch.enable_grad():
             for j in range(k):
-                if not live:
-                    out.append(torch.zeros_like(V[:, j]))
-                    continue
                 vs = p.unflatten(V[:, j])
-                gv = sum((g * vs[p.names[i]]).sum() for i, g in live)
-                hv = torch.autograd.grad(gv, values, retain_graph=j + 1 < k, allow_unused=True)
-                out.append(p.flatten(zeros_for_none(hv, values)))
+                gv = sum((g * vs[p.names[i]]).sum() for i, g in graph.live)
+                hv = torch.autograd.grad(
+                    gv, graph.values, retain_graph=keep or j + 1 < k, allow_unused=True
+                )
+                out.append(p.flatten(zeros_for_none(hv, graph.values)))
         return torch.stack(out, dim=1).detach()
+
+    # ------------------------------------------------------------------ kept graphs
+    def _keeps_graphs(self) -> bool:
+        p = self.problem
+        return (
+            self.mode in (HVPMode.DOUBLE_BACKWARD, HVPMode.AUTO)
+            and not p.scripted
+            and p.graph_cache != 0
+        )
+
+    def _budget(self) -> float:
+        """Bytes this operator may keep now: the problem's budget less what views keep."""
+        p = self.problem
+        if p.graph_cache is not None:
+            return max(0.0, p.graph_cache - p._kept_bytes[0])
+        free = free_memory(p.device)
+        return 0.0 if free is None else GRAPH_CACHE_SHARE * free
+
+    def _kept_matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """The data term over kept graphs; the other batches are streamed (and kept, first)."""
+        p = self.problem
+        graphs = self._graphs
+        if graphs is not None and not graphs.valid(p):
+            self.release()
+            graphs = None
+        out = torch.zeros_like(V)
+        if graphs is not None and graphs.complete:
+            for graph in graphs.entries.values():
+                out += self._second_backward(graph, V, keep=True)
+            return p.reduce(out)
+        building = graphs is None
+        if building:
+            graphs = _KeptGraphs(p, self._budget())
+        with p.mode(), torch.enable_grad():
+            for batch in p.batches():
+                graph = graphs.entries.get(batch.index)
+                if graph is None:
+                    with p.leaves() as leaves:
+                        graph, nbytes = _measured(self._first_order, leaves, batch)
+                    keep = building and graphs.add(batch.index, graph, nbytes)
+                    out += self._second_backward(graph, V, keep=keep)
+                else:
+                    out += self._second_backward(graph, V, keep=True)
+        if building:
+            graphs.close()
+            if graphs.entries:
+                self._graphs = graphs
+                self.info["kept_graphs"] = graphs.describe()
+        return p.reduce(out)
+
+    def graph_bytes(self, batch: Batch) -> int:
+        """Bytes ``batch``'s first-order graph would take if kept (built once to measure)."""
+        p = self.problem
+        with p.mode(), torch.enable_grad(), p.leaves() as leaves:
+            return _measured(self._first_order, leaves, batch)[1]
+
+    def release(self) -> None:
+        """Drop the kept graphs (their memory returns to the device)."""
+        if self._graphs is not None:
+            self._graphs.release()
+            self._graphs = None
 
     def _forward_over_reverse(self, batch: Batch, V: torch.Tensor) -> torch.Tensor:
         p = self.problem
@@ -235,3 +333,100 @@ class HessianOperator(CurvatureOperator):
             relative_to="||H v|| of the first column",
             extra_gradients=3,
         )
+
+
+# ---------------------------------------------------------------------- kept graphs
+class _Graph:
+    """A batch's parameter leaves and its gradients with their graph (``(index, grad)``)."""
+
+    __slots__ = ("values", "live")
+
+    def __init__(self, values: list[torch.Tensor], live: list[tuple[int, torch.Tensor]]):
+        self.values = values
+        self.live = live
+
+
+def _measured(build, *args) -> tuple[_Graph, int]:
+    """``build(*args)`` and the bytes its graph holds: tensors saved for backward, gradients."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without a storage
+            pass
+        # detached: a saved output packed as itself would hold its own graph node, a
+        # reference cycle through C++ that would never be freed
+        return t.detach()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        graph = build(*args)
+    own = {t.untyped_storage().data_ptr() for t in graph.values}
+    nbytes = sum(n for ptr, n in seen.items() if ptr not in own)
+    nbytes += sum(g.numel() * g.element_size() for _, g in graph.live)
+    return graph, int(nbytes)
+
+
+class _KeptGraphs:
+    """First-order graphs of a prefix of the batches, kept between products.
+
+    Their bytes count against the problem's shared ``graph_cache`` account until released
+    (explicitly or when the operator holding them is freed).
+    """
+
+    def __init__(self, problem: Problem, budget: float) -> None:
+        self.params = [(t, t._version) for t in problem.params.values()]
+        self.budget = budget
+        self.entries: dict[int, _Graph] = {}
+        self.nbytes = 0
+        self.batches = 0
+        self.full = False  # a batch did not fit: later ones are not kept either
+        self.complete = False
+        self._held = [0]  # bytes counted against the problem's account until freed
+        self._account = problem._kept_bytes
+        self._finalizer = weakref.finalize(self, _give_back, self._account, self._held)
+
+    def valid(self, problem: Problem) -> bool:
+        """Whether the weights are those the graphs were built at."""
+        now = list(problem.params.values())
+        return len(now) == len(self.params) and all(
+            t is old and t._version == version
+            for t, (old, version) in zip(now, self.params, strict=True)
+        )
+
+    def add(self, index: int, graph: _Graph, nbytes: int) -> bool:
+        """Keep ``graph`` if it fits in what is left of the budget (in batch order)."""
+        self.batches += 1
+        if self.full or self.nbytes + nbytes > self.budget:
+            self.full = True
+            return False
+        self.entries[index] = graph
+        self.nbytes += nbytes
+        self._held[0] += nbytes
+        self._account[0] += nbytes
+        return True
+
+    def close(self) -> None:
+        """The first pass is over: the graphs are complete when every batch was kept."""
+        self.complete = not self.full and len(self.entries) == self.batches
+
+    def describe(self) -> dict:
+        """For the result document's ``hvp`` section."""
+        return {
+            "batches": len(self.entries),
+            "of_batches": self.batches,
+            "bytes": int(self.nbytes),
+            "budget_bytes": int(self.budget) if self.budget != float("inf") else None,
+        }
+
+    def release(self) -> None:
+        """Free the graphs and give their bytes back to the account."""
+        self.entries.clear()
+        self.complete = False
+        self._finalizer()
+
+
+def _give_back(account: list[int], held: list[int]) -> None:
+    account[0] -= held[0]
+    held[0] = 0

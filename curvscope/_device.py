@@ -1,0 +1,48 @@
+"""What a device holds for this process and what it has free (CPU: /proc, CUDA: the allocator).
+
+Below the numerics so that operators can size what they keep (the Hessian's kept graphs) and
+the command line can estimate a run's memory (:mod:`curvscope.app`) from the same figures.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["available_memory", "free_memory", "in_use"]
+
+
+def in_use(device: torch.device | str) -> int:
+    """Bytes the process holds now: resident set (CPU) or allocated tensors (CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: the peak so far
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """What the device can give this process: free plus what it holds (``None``: unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: line.split()[1] for line in fh}
+        return int(info["MemAvailable"]) * 1024 + in_use(device)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """What the device could still give this process (``None``: unknown)."""
+    total = available_memory(device)
+    return None if total is None else max(0, total - in_use(device))
