@@ -2,26 +2,29 @@
 
 (a) tiny-gpt's architecture (2 layers, 4 heads, width 64, vocabulary 65, windows of 64;
     112k parameters), random weights and tokens, 256 windows in batches of 64: one full-data
-    Hessian product and one GGN product over one full-data gradient (medians of 5, after a
-    warm-up). Targets: Hessian <= 2.6 gradients, GGN <= 2.5. The Hessian three ways: the
-    first product of an operator (it builds and keeps each batch's first-order graph), the
-    products after it (the second backward over the kept graphs: what every Lanczos step
-    but the first costs), and streamed products (``graph_cache=0``: forward, first and
-    second backward at every product). Beside the times, the matrix-multiply FLOPs of each
+    Hessian product and one GGN product over one full-data gradient (medians over 7
+    interleaved rounds of each one's time over the gradient's, after a warm-up). Targets:
+    Hessian <= 2.6 gradients, GGN <= 2.5. The Hessian three ways: the first product of an
+    operator (it builds and keeps each batch's first-order graph), the products after it
+    (the second backward over the kept graphs: what every Lanczos step but the first
+    costs), and streamed products (``graph_cache=0``: forward, first and second backward
+    at every product). Beside the times, the matrix-multiply FLOPs of each
     (torch.utils.flop_counter).
 (b) the cross-entropy output-Hessian product at a 50k vocabulary: a 1-layer model of that
     vocabulary (width 64), 8 windows of 64 tokens (logits of 102 MB in float32). Peak memory
     of one GGN product against one forward-backward, each in a fresh process (peak RSS minus
     the RSS after the model and data are built). Target: within 1.5x.
 
-Usage:  OMP_NUM_THREADS=1 python benchmarks/sequence_cost.py
+(c) what the kept graphs buy end to end: top-5 Hessian eigenvalues of (a)'s problem to
+    residual 1e-4, with kept graphs and streamed, in this process: products and wall time.
+
+Usage:  OMP_NUM_THREADS=1 python benchmarks/sequence_cost.py [--no-top5]
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +33,7 @@ import time
 import torch
 
 from curvscope import Problem
+from curvscope._device import peak_in_use
 from curvscope.models import TinyGPT
 from curvscope.operators import GGNOperator, HessianOperator
 
@@ -45,14 +49,22 @@ def _problem(vocab: int, n: int, layers: int, bs: int) -> Problem:
     return Problem(model, "cross_entropy", data)
 
 
-def _median(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _rounds(fns: dict, rounds: int = 7) -> dict:
+    """Median over rounds of each function's time over the first's (``grad``), measured
+    interleaved: every round times each once, so drifts of a shared machine's speed cancel
+    in the ratios instead of landing on whichever was timed during a slow spell."""
+    for fn in fns.values():
+        fn()  # warm-up (and the kept graphs of the operators timed after it)
+    ratios: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        times = {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t0
+        for name in fns:
+            ratios[name].append(times[name] / times["grad"] if name != "grad" else times[name])
+    return {name: statistics.median(r) for name, r in ratios.items()}
 
 
 def _first_product(p: Problem, v: torch.Tensor) -> None:
@@ -65,18 +77,15 @@ def ratios() -> dict:
     streamed.graph_cache = 0
     v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
     H, G, S = HessianOperator(p), GGNOperator(p), HessianOperator(streamed)
-    t_g = _median(lambda: p.loss_and_grad())
-    t_first = _median(lambda: _first_product(p, v))
-    t_h = _median(lambda: H @ v)  # the warm-up keeps the graphs
-    t_s = _median(lambda: S @ v)
-    t_ggn = _median(lambda: G @ v)
+    r = _rounds({"grad": lambda: p.loss_and_grad(), "first": lambda: _first_product(p, v),
+                 "kept": lambda: H @ v, "streamed": lambda: S @ v, "ggn": lambda: G @ v})
     flops = {name: _flops(fn) for name, fn in
              (("grad", p.loss_and_grad), ("hvp", lambda: H @ v), ("streamed", lambda: S @ v),
               ("ggn", lambda: G @ v))}
-    return {"params": p.num_params, "gradient_s": t_g, "hvp_over_grad": t_h / t_g,
-            "first_over_grad": t_first / t_g, "streamed_over_grad": t_s / t_g,
+    return {"params": p.num_params, "gradient_s": r["grad"], "hvp_over_grad": r["kept"],
+            "first_over_grad": r["first"], "streamed_over_grad": r["streamed"],
             "kept_mb": H.info["kept_graphs"]["bytes"] / 1e6,
-            "ggn_over_grad": t_ggn / t_g, "hvp_flops_over_grad": flops["hvp"] / flops["grad"],
+            "ggn_over_grad": r["ggn"], "hvp_flops_over_grad": flops["hvp"] / flops["grad"],
             "streamed_flops_over_grad": flops["streamed"] / flops["grad"],
             "ggn_flops_over_grad": flops["ggn"] / flops["grad"]}
 
@@ -104,14 +113,40 @@ def one_memory(mode: str) -> dict:
         p.loss_and_grad()
     else:
         G @ v
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_in_use("cpu")  # VmHWM: ru_maxrss would carry the parent's peak over exec
     return {"mode": mode, "params": p.num_params, "increment_bytes": peak - base}
+
+
+def top5() -> dict:
+    """Top-5 with kept graphs and streamed, twice each in the order kept, streamed, streamed,
+    kept, so that a drift of the machine's speed falls on both alike."""
+    from curvscope.linalg import eigsh
+
+    out: dict = {"kept": [], "streamed": []}
+    for name in ("kept", "streamed", "streamed", "kept"):
+        p = _problem(65, 256, 2, 64)
+        p.graph_cache = None if name == "kept" else 0
+        t0 = time.perf_counter()
+        (res,) = eigsh(HessianOperator(p), top=5, tol=1e-4, seed=0)
+        out[name].append({"products": int(res.num_matvecs), "seconds": time.perf_counter() - t0,
+                          "eigenvalues": res.eigenvalues.tolist()})
+    return out
 
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--one":
         print(json.dumps(one_memory(sys.argv[2])))
         return
+    if "--no-top5" not in sys.argv:
+        t = top5()
+        k, s = t["kept"], t["streamed"]
+        pairs = zip(k[0]["eigenvalues"], s[0]["eigenvalues"], strict=True)
+        diff = max(abs(a - b) / abs(b) for a, b in pairs)
+        tk, ts = sum(r["seconds"] for r in k), sum(r["seconds"] for r in s)
+        print(f"(c) top-5 to 1e-4: kept graphs {k[0]['products']} products in "
+              f"{k[0]['seconds']:.1f} s and {k[1]['seconds']:.1f} s, streamed "
+              f"{s[0]['products']} in {s[0]['seconds']:.1f} s and {s[1]['seconds']:.1f} s "
+              f"(time ratio {tk / ts:.2f}; eigenvalues agree to {diff:.1e})")
     r = ratios()
     print(f"(a) tiny-gpt shape, P = {r['params']}: gradient {r['gradient_s'] * 1e3:.0f} ms; "
           f"Hessian product over kept graphs {r['hvp_over_grad']:.2f} gradients (first "

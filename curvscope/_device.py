@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["available_memory", "free_memory", "in_use"]
+__all__ = ["available_memory", "free_memory", "in_use", "peak_in_use"]
 
 
 def in_use(device: torch.device | str) -> int:
@@ -26,6 +26,28 @@ def in_use(device: torch.device | str) -> int:
         import resource
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_in_use(device: torch.device | str) -> int:
+    """The process's peak so far: resident set (CPU) or allocated tensors (CUDA), bytes.
+
+    On Linux the resident set's high-water mark of this program (``VmHWM``), not
+    ``ru_maxrss``, which Linux carries over ``exec``: a command started from a larger
+    process (a test runner, a notebook) would report that process's peak.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def available_memory(device: torch.device | str) -> int | None:

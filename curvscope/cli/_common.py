@@ -1199,13 +1199,9 @@ def graph_cache_option(value: str) -> float | None:
 
 def peak_memory(device) -> int:
     """The process's peak so far: max resident set (CPU) or max allocated (CUDA), bytes."""
-    import torch
+    from .._device import peak_in_use
 
-    if torch.device(device).type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_in_use(device)
 
 
 def announce(what: str, products: int, session: Session | None = None) -> int:

@@ -346,24 +346,46 @@ class _Graph:
         self.live = live
 
 
+_SAVED: dict[type, list[str]] = {}
+"""Per autograd node type, the attributes that hold its saved tensors."""
+
+
 def _measured(build, *args) -> tuple[_Graph, int]:
-    """``build(*args)`` and the bytes its graph holds: tensors saved for backward, gradients."""
-    seen: dict[int, int] = {}
+    """``build(*args)`` and the bytes its graph holds: tensors saved for backward, gradients.
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            s = t.untyped_storage()
-            seen[s.data_ptr()] = s.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without a storage
-            pass
-        # detached: a saved output packed as itself would hold its own graph node, a
-        # reference cycle through C++ that would never be freed
-        return t.detach()
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        graph = build(*args)
+    The graph is walked from the gradients (the first backward's nodes, then the forward's),
+    each node's saved tensors read back and each storage counted once; the parameters are
+    not counted. About 1 ms a batch on tiny-gpt; ``saved_tensors_hooks`` measured the same
+    bytes but made the first product 0.5 gradients slower.
+    """
+    graph = build(*args)
     own = {t.untyped_storage().data_ptr() for t in graph.values}
-    nbytes = sum(n for ptr, n in seen.items() if ptr not in own)
+    storages: dict[int, int] = {}
+    stack = [g.grad_fn for _, g in graph.live if g.grad_fn is not None]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        names = _SAVED.get(type(node))
+        if names is None:
+            names = [n for n in dir(node) if n.startswith("_saved_") or n == "saved_tensors"]
+            _SAVED[type(node)] = names
+        for name in names:
+            try:
+                value = getattr(node, name)
+            except (RuntimeError, AttributeError):  # freed, or not saved by this node
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor):
+                    try:
+                        store = t.untyped_storage()
+                    except (RuntimeError, NotImplementedError):  # no storage (sparse...)
+                        continue
+                    storages[store.data_ptr()] = store.nbytes()
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    nbytes = sum(n for ptr, n in storages.items() if ptr not in own)
     nbytes += sum(g.numel() * g.element_size() for _, g in graph.live)
     return graph, int(nbytes)
 
