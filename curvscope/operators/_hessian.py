@@ -242,7 +242,10 @@ class HessianOperator(CurvatureOperator):
                 graph = graphs.entries.get(batch.index)
                 if graph is None:
                     with p.leaves() as leaves:
-                        graph, nbytes = _measured(self._first_order, leaves, batch)
+                        if building:
+                            graph, nbytes = _measured(self._first_order, leaves, batch)
+                        else:  # a batch that did not fit when the graphs were kept
+                            graph, nbytes = self._first_order(leaves, batch), 0
                     keep = building and graphs.add(batch.index, graph, nbytes)
                     out += self._second_backward(graph, V, keep=keep)
                 else:
@@ -252,6 +255,8 @@ class HessianOperator(CurvatureOperator):
             if graphs.entries:
                 self._graphs = graphs
                 self.info["kept_graphs"] = graphs.describe()
+            else:  # nothing fitted: no stale description of graphs kept before
+                self.info.pop("kept_graphs", None)
         return p.reduce(out)
 
     def graph_bytes(self, batch: Batch) -> int:
