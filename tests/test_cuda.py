@@ -70,3 +70,16 @@ def test_cli_on_cuda_matches_cpu_and_records_device_memory(tiny):  # noqa: F811
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-10 * scale
     mem = docs["cuda"]["memory"]
     assert mem["device"].startswith("cuda") and 0 < mem["peak_bytes"]
+
+
+def test_hessian_products_over_kept_graphs_on_cuda():
+    cpu, gpu = _problem("cpu"), _problem("cuda")
+    V = torch.randn(cpu.num_params, 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(3))
+    want = cases.operators(cpu, "hessian")["hessian"] @ V
+    H = cases.operators(gpu, "hessian")["hessian"]
+    first, second = H @ V.cuda(), H @ V.cuda()  # the second runs over the kept graphs
+    assert H.info["kept_graphs"]["bytes"] > 0 and gpu._kept_bytes[0] > 0
+    scale = float(want.abs().max())
+    for got in (first, second):
+        assert float((got.cpu() - want).abs().max()) <= 1e-10 * scale
