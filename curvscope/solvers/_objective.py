@@ -145,6 +145,7 @@ class ProblemObjective(Objective):
                 weight_decay=p.weight_decay,
                 train_mode=p.train_mode,
                 group=p.group,
+                graph_cache=p.graph_cache,  # the budget the memory plan chose
             )
             self._work = work
         values = self._work.unflatten(w.detach())
