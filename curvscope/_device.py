@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["available_memory", "free_memory", "in_use", "peak_in_use"]
+__all__ = ["available_memory", "cgroup_free", "free_memory", "in_use", "peak_in_use"]
 
 
 def in_use(device: torch.device | str) -> int:
@@ -51,7 +51,12 @@ def peak_in_use(device: torch.device | str) -> int:
 
 
 def available_memory(device: torch.device | str) -> int | None:
-    """What the device can give this process: free plus what it holds (``None``: unknown)."""
+    """What the device can give this process: free plus what it holds (``None``: unknown).
+
+    On the CPU, the free memory is the smaller of the machine's (``MemAvailable``) and what
+    the process's memory cgroup still allows (containers and batch schedulers, where
+    ``/proc/meminfo`` shows the whole host).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -59,9 +64,48 @@ def available_memory(device: torch.device | str) -> int | None:
     try:
         with open("/proc/meminfo") as fh:
             info = {line.split(":")[0]: line.split()[1] for line in fh}
-        return int(info["MemAvailable"]) * 1024 + in_use(device)
+        free = int(info["MemAvailable"]) * 1024
     except (OSError, KeyError, ValueError, IndexError):
         return None
+    limited = cgroup_free()
+    return min(free, limited if limited is not None else free) + in_use(device)
+
+
+_UNLIMITED = 2**60
+
+
+def cgroup_free(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes the process's memory cgroup (v2 or v1) allows beyond its usage (``None``: no limit).
+
+    v1 counts reclaimable page cache as usage, so this errs low, the safe side.
+    """
+    try:
+        with open(proc) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: one unified hierarchy
+            base, files = f"{root}{path}", ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = f"{root}/memory{path}", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            with open(f"{base.rstrip('/')}/{files[0]}") as fh:
+                limit = fh.read().strip()
+            with open(f"{base.rstrip('/')}/{files[1]}") as fh:
+                usage = int(fh.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= _UNLIMITED:
+            continue
+        return max(0, int(limit) - usage)
+    return None
 
 
 def free_memory(device: torch.device | str) -> int | None:

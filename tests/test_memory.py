@@ -159,3 +159,26 @@ def test_cli_hvp_cache_sizes_the_kept_graphs_and_records_them(tiny):  # noqa: F8
     fd = json.loads((tiny / "d" / "spectrum.json").read_text())["hvp"]
     assert fd["hvp"] == "finite-difference" and fd["step"] > 0
     assert 0 <= fd["truncation_estimate"] < 1e-3 and 0 <= fd["roundoff_estimate"] < 1e-3
+
+
+def test_cgroup_limits_are_read_from_v2_and_v1_trees(tmp_path):
+    from curvscope._device import cgroup_free
+
+    proc = tmp_path / "cgroup"
+    v2 = tmp_path / "fs" / "job"
+    v2.mkdir(parents=True)
+    (v2 / "memory.max").write_text("8000000000\n")
+    (v2 / "memory.current").write_text("3000000000\n")
+    proc.write_text("0::/job\n")
+    assert cgroup_free(str(proc), str(tmp_path / "fs")) == 5_000_000_000
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_free(str(proc), str(tmp_path / "fs")) is None  # no limit
+    v1 = tmp_path / "fs" / "memory" / "slurm" / "job_7"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("4000000000")
+    (v1 / "memory.usage_in_bytes").write_text("4500000000")
+    proc.write_text("9:cpu:/\n4:memory:/slurm/job_7\n")
+    assert cgroup_free(str(proc), str(tmp_path / "fs")) == 0  # over its limit: nothing free
+    (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
+    assert cgroup_free(str(proc), str(tmp_path / "fs")) is None
+    assert cgroup_free(str(tmp_path / "missing")) is None
