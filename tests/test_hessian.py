@@ -109,3 +109,72 @@ def test_cuda_products_match_cpu():
     model = model.cuda()
     gpu = HessianOperator(Problem(model, loss, data, reduction=reduction))
     assert_close((gpu @ v.cuda()).cpu(), expected, rtol=1e-10)
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh whose backward is marked differentiable once, as custom kernels often are."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+class _OnceNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(_OnceTanh.apply(self.a(x)))
+
+
+def test_once_differentiable_function_falls_back_instead_of_a_wrong_product():
+    # torch does not raise in the second backward here: the product silently lacked the
+    # terms through the function (43% off) until the first graph was searched for them
+    from curvscope import UnsupportedModelError
+
+    torch.manual_seed(0)
+    model = _OnceNet().double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 2, (10,), generator=g)
+    data = [(x[:6], y[:6]), (x[6:], y[6:])]
+    problem = Problem(model, "cross_entropy", data)
+    truth = dense_hessian(_TanhNet.like(model), "cross_entropy", data, "mean")
+    H = HessianOperator(problem)
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=g)
+    got = H @ v
+    assert H.info["hvp"] == "finite-difference" and "once_differentiable" in H.info[
+        "fallback_reason"
+    ]
+    assert any("fell back to finite differences" in n for n in H.notes)
+    assert problem._kept_bytes[0] == 0 and "kept_graphs" not in H.info
+    err = float(torch.linalg.vector_norm(got - truth @ v) / torch.linalg.vector_norm(truth @ v))
+    assert err < 1e-6
+    for mode in ("double-backward", "forward-over-reverse"):
+        with pytest.raises(UnsupportedModelError, match=f"hvp {mode}: an operation"):
+            HessianOperator(Problem(model, "cross_entropy", data), mode=mode) @ v
+
+
+class _TanhNet(torch.nn.Module):
+    """The same network with torch's tanh: the dense truth for :class:`_OnceNet`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+    @classmethod
+    def like(cls, other):
+        net = cls().double()
+        net.load_state_dict(other.state_dict())
+        return net
