@@ -346,3 +346,14 @@ def test_samples_that_interact_are_never_sliced(monkeypatch):
     V = torch.randn(problem.num_params, 2, dtype=torch.float64)
     assert_close(sliced @ V, whole @ V, what="GGN of a batch-coupled model")
     assert sliced._entries_per_sample == 0
+
+
+def test_empirical_fisher_by_a_per_sample_loop_matches_vmap_on_dict_batches(gpt):
+    # the loop is the fallback when torch.func cannot transform the model
+    problem = gpt[0]
+    V = torch.randn(problem.num_params, 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5))
+    looped = EmpiricalFisherOperator(problem)
+    looped._one_by_one = True
+    assert_close(looped @ V, EmpiricalFisherOperator(problem) @ V, rtol=1e-12,
+                 what="looped empirical Fisher @ V")

@@ -145,6 +145,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
         self.view = LossView(problem, self.name)
         self.cache_limit = int(cache_limit)
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._one_by_one = False  # per-sample gradients by a loop (torch.func refused)
 
     def _per_sample_grads(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients of each sample's summed loss ``[n, P]`` and each sample's weight ``[n]``."""
@@ -159,17 +160,54 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
         args, kwargs = batch.inputs.args, batch.inputs.kwargs
         dims = (None, _row_dims(args, batch.size), _row_dims(kwargs, batch.size), 0)
-        with p.mode():
-            grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=dims)(
-                params, args, kwargs, batch.y
-            )
-        G = torch.cat([grads[n].reshape(batch.size, -1) for n in p.names], dim=1).detach()
+        G = None
+        if not self._one_by_one:
+            try:
+                with p.mode():
+                    grads = torch.func.vmap(torch.func.grad(loss_one), in_dims=dims)(
+                        params, args, kwargs, batch.y
+                    )
+                G = torch.cat([grads[n].reshape(batch.size, -1) for n in p.names], dim=1)
+            except (RuntimeError, NotImplementedError) as exc:
+                # torch.func cannot transform an operation of the model (a custom autograd
+                # Function without setup_context, a fused kernel): plain autograd, per sample
+                self._one_by_one = True
+                self.notes.append(
+                    f"torch.func cannot transform an operation of the model "
+                    f"({str(exc).splitlines()[0][:120]}); the {self.name} takes per-sample "
+                    "gradients one sample at a time instead."
+                )
+        if G is None:
+            with p.mode():
+                G = self._looped_grads(loss_one, params, (args, kwargs), dims[1:3], batch)
+        G = G.detach()
         terms = view.loss.sample_terms(batch.y).to(G.dtype).to(G.device)
         if p.reduction == "sum":
             weights = torch.ones_like(terms)
         else:  # w_i |grad of the sample's mean|^2 = (T_i/T) |g_sum / T_i|^2
             weights = torch.where(terms > 0, 1.0 / (p.num_terms * terms.clamp(min=1)), 0.0)
         return G, weights
+
+    def _looped_grads(self, loss_one, params, inputs, dims, batch: Batch) -> torch.Tensor:
+        """``[n, P]`` per-sample gradients by ordinary autograd, one sample at a time."""
+        p = self.problem
+        rows = []
+        with torch.enable_grad():
+            leaves = {n: t.requires_grad_(True) for n, t in params.items()}
+            values = list(leaves.values())
+            for i in range(batch.size):
+                args, kwargs = _take_row(inputs, dims, i)
+                value = loss_one(leaves, args, kwargs, batch.y[i])
+                gs = torch.autograd.grad(value, values, allow_unused=True) if (
+                    value.requires_grad
+                ) else [None] * len(values)
+                rows.append(
+                    torch.cat([
+                        (torch.zeros_like(t) if g is None else g).reshape(-1)
+                        for g, t in zip(gs, values, strict=True)
+                    ])
+                )
+        return torch.stack(rows) if rows else torch.zeros(0, p.num_params, dtype=p.dtype)
 
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         p = self.problem
@@ -181,6 +219,17 @@ class EmpiricalFisherOperator(CurvatureOperator):
         for G, w in grads:
             out += G.T @ (w.unsqueeze(1) * (G @ V))
         return p.reduce(out)
+
+
+def _take_row(obj, dims, i: int):
+    """Sample ``i`` of a nested structure, without its row dimension (where ``dims`` has 0)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[i] if dims == 0 else obj
+    if isinstance(obj, dict):
+        return {k: _take_row(v, dims[k], i) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take_row(v, d, i) for v, d in zip(obj, dims, strict=True))
+    return obj
 
 
 def _row_dims(obj, size: int):

@@ -9,7 +9,7 @@ import torch.autograd.forward_ad as fwAD
 
 from .._errors import UnsupportedModelError
 from ..problem import Batch, Problem
-from ._base import CurvatureOperator
+from ._base import CurvatureOperator, once_differentiable_functions
 from ._outputs import LossView, param_columns, per_term_scale
 
 __all__ = ["GGNOperator", "missing_forward_ad"]
@@ -208,6 +208,15 @@ class GGNOperator(CurvatureOperator):
             u = torch.zeros_like(out, requires_grad=True)
             g = torch.autograd.grad(out, values, u, create_graph=True, allow_unused=True)
             live = [(i, gi) for i, gi in enumerate(g) if gi is not None and gi.requires_grad]
+            once = once_differentiable_functions([gi for _, gi in live])
+            if once:  # torch would give a J v without those functions' terms, silently
+                raise UnsupportedModelError(
+                    f"the {self.name} matrix needs J v, and this model supports neither "
+                    f"forward mode nor double backward (the custom autograd Function "
+                    f"{', '.join(once)} is differentiable only once); analyse the Hessian with "
+                    "finite-difference products instead.",
+                    matrix=self.name,
+                )
             cols = []
             for j in range(k):
                 vs = p.unflatten(V[:, j])

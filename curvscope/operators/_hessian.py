@@ -10,7 +10,7 @@ import torch
 from .._device import free_memory
 from .._errors import OptionError, UnsupportedModelError, arg
 from ..problem import Batch, Problem, zeros_for_none
-from ._base import CurvatureOperator
+from ._base import CurvatureOperator, autograd_nodes, once_differentiable_functions
 
 __all__ = ["GRAPH_CACHE_SHARE", "HVPMode", "HessianOperator", "missing_double_backward"]
 
@@ -367,36 +367,20 @@ class _Graph:
         self.live = live
 
 
-def _nodes(graph: _Graph):
-    """Every autograd node of a first-order graph, once, from the gradients down."""
-    stack = [g.grad_fn for _, g in graph.live if g.grad_fn is not None]
-    seen: set = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        yield node
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-
-
 def _refuse_once_differentiable(graph: _Graph) -> None:
     """Raise when the gradients pass through a function differentiable only once.
 
-    A custom ``torch.autograd.Function`` whose backward is marked ``@once_differentiable``
-    leaves an ``Error`` node in the first backward's graph, which torch (2.13) does not
-    always reach in the second backward: the product then silently lacks the second-order
-    terms through that function (43% off on a two-layer test model) instead of failing.
+    :func:`~._base.once_differentiable_functions`: the product would silently lack its terms.
 
     Raises:
-        NotImplementedError: naming the node, so ``auto`` falls back to finite differences.
+        NotImplementedError: naming the function, so ``auto`` falls back to finite differences.
     """
-    for node in _nodes(graph):
-        if type(node).__name__ in ("Error", "DelayedError"):
-            raise NotImplementedError(
-                "a custom autograd Function of the model is differentiable only once "
-                "(@once_differentiable), so it has no double backward"
-            )
+    once = once_differentiable_functions([g for _, g in graph.live])
+    if once:
+        raise NotImplementedError(
+            f"the custom autograd Function {', '.join(once)} is differentiable only once "
+            "(@once_differentiable), so it has no double backward"
+        )
 
 
 _SAVED: dict[type, list[str]] = {}
@@ -414,7 +398,7 @@ def _measured(build, *args) -> tuple[_Graph, int]:
     graph = build(*args)
     own = {t.untyped_storage().data_ptr() for t in graph.values}
     storages: dict[int, int] = {}
-    for node in _nodes(graph):
+    for node in autograd_nodes([g for _, g in graph.live]):
         names = _SAVED.get(type(node))
         if names is None:
             names = [n for n in dir(node) if n.startswith("_saved_") or n == "saved_tensors"]
