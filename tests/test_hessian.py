@@ -167,6 +167,10 @@ def test_once_differentiable_function_falls_back_instead_of_a_wrong_product():
     err = float(torch.linalg.vector_norm(got - truth @ v) / torch.linalg.vector_norm(truth @ v))
     assert err < 1e-6
     assert "_OnceTanh" in H.info["fallback_reason"]
+    from curvscope.app import estimate_memory
+
+    # the memory plan measures a graph that cannot be kept: nothing planned, no traceback
+    assert "kept graphs" not in estimate_memory(problem, matrices=["hessian"]).parts
     for mode in ("double-backward", "forward-over-reverse"):
         with pytest.raises(UnsupportedModelError, match=f"hvp {mode}: an operation"):
             HessianOperator(Problem(model, "cross_entropy", data), mode=mode) @ v

@@ -35,7 +35,7 @@ import torch
 from .._device import available_memory, in_use
 from .._errors import OptionError, arg
 from ..linalg import KEEP_FRACTION
-from ..operators import GRAPH_CACHE_SHARE
+from ..operators import GRAPH_CACHE_SHARE, HessianOperator
 from ..problem import Batch, Problem
 
 __all__ = [
@@ -161,11 +161,12 @@ def kept_graph_bytes(problem: Problem) -> int:
     """
     if problem.scripted:
         return 0
-    from ..operators import HessianOperator
-
-    one = _on_largest_batch(
-        problem, lambda local, b: HessianOperator(local, mode="double-backward").graph_bytes(b)
-    )
+    try:
+        one = _on_largest_batch(
+            problem, lambda local, b: HessianOperator(local, mode="double-backward").graph_bytes(b)
+        )
+    except (RuntimeError, NotImplementedError):  # no double backward: nothing will be kept
+        return 0
     share = problem.num_samples / problem.group.world_size
     return int(one * share / max(problem.batch_sizes))
 
@@ -279,8 +280,10 @@ def estimate_memory(
     if kfac_layers:
         parts["Kronecker factors"] = float(sum(2 * (i * i + o * o) for i, o in kfac_layers) * item)
     budget = None
+    wanted = 0.0
     if "hessian" in matrices and problem.graph_cache != 0 and not problem.scripted:
         wanted = float(kept_graph_bytes(problem))
+    if wanted > 0:
         budget = problem.graph_cache
         if budget is None:
             rest = sum(parts.values())
