@@ -280,3 +280,72 @@ def test_token_id_past_the_vocabulary(tmp_path):
     )
     assert res.exit_code == 1, res.output
     assert "past the model's vocabulary of 5" in res.output or "0..4" in res.output
+
+
+ONCE_NET = '''
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class OnceTanh(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (1 - torch.tanh(x) ** 2)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(OnceTanh.apply(self.a(x)))
+
+
+def build():
+    return Net()
+'''
+
+
+def test_cli_on_a_once_differentiable_function_falls_back_skips_and_says_so(tmp_path):
+    import numpy as np
+
+    (tmp_path / "net.py").write_text(ONCE_NET)
+    torch.manual_seed(0)
+    layers = {"a": nn.Linear(4, 6), "b": nn.Linear(6, 3)}
+    torch.save({f"{k}.{n}": t for k, m in layers.items() for n, t in m.state_dict().items()},
+               tmp_path / "w.pt")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=g.normal(size=(30, 4)).astype("float32"),
+             y=g.integers(0, 3, size=30))
+    base = [tmp_path / "w.pt", "--model", tmp_path / "net.py:build", "--data",
+            tmp_path / "d.npz", "--loss", "cross_entropy", "--dtype", "float64", "--top", "1",
+            "--bottom", "0"]
+    res = run("spectrum", *base, "--matrix", "hessian,ggn", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert "fell back to finite differences" in res.output
+    assert "skipped ggn" in res.output and "OnceTanh" in res.output
+    doc = json.loads((tmp_path / "o" / "spectrum.json").read_text())
+    assert doc["hvp"]["hvp"] == "finite-difference" and "OnceTanh" in doc["hvp"]["fallback_reason"]
+    assert [s["matrix"] for s in doc["results"]["spectra"]] == ["hessian"]
+    assert any(n.startswith("skipped ggn:") for n in doc["notes"])
+    # the truth: the same network with torch's tanh, in float64
+    ref = nn.Sequential(layers["a"], nn.Tanh(), layers["b"]).double()
+    x = torch.from_numpy(np.load(tmp_path / "d.npz")["x"]).double()
+    y = torch.from_numpy(np.load(tmp_path / "d.npz")["y"])
+    top = float(torch.linalg.eigvalsh(dense_hessian(ref, "cross_entropy", [(x, y)], "mean"))[-1])
+    got = doc["results"]["spectra"][0]["eigenvalues"][0]
+    assert abs(got - top) <= 1e-6 * abs(top)
+    for extra, text in ((["--matrix", "ggn"], "the ggn matrix needs J v"),
+                        (["--hvp", "double-backward"], "--hvp double-backward: an operation")):
+        res = run("spectrum", *base, *extra, "--out", tmp_path / "x")
+        assert res.exit_code == 1 and text in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "x" / "spectrum.json").exists()

@@ -51,6 +51,7 @@ __all__ = [
     "open_session",
     "parse_floats",
     "parse_list",
+    "print_findings",
     "print_table",
     "progress_bar",
     "table",
@@ -1062,6 +1063,15 @@ def _cell_width(cell: Any) -> int:
     if isinstance(cell, Text):
         return cell.cell_len
     return 0
+
+
+def print_findings(notes: list[str]) -> None:
+    """Print the notes a reader must not miss: a matrix skipped, products that fell back."""
+    from rich.markup import escape
+
+    for note in notes:
+        if note.startswith("skipped ") or "fell back" in note:
+            console.print(f"[yellow]{escape(note)}[/]", highlight=False)
 
 
 def print_table(t: Table, target: Console | None = None) -> None:

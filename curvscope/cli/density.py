@@ -20,6 +20,7 @@ from ._common import (
     open_session,
     parse_list,
     plan_memory,
+    print_findings,
     print_table,
     table,
 )
@@ -208,6 +209,7 @@ def _print(result, session, doc_path) -> None:
             f"{d.sigma:.3g}",
         )
     print_table(dens)
+    print_findings(result.notes)
     console.print(
         "[dim]slq: the quadrature's own trace estimate; hutchpp stderr covers its Hutchinson "
         "part only.[/]"

@@ -6,11 +6,13 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from .._errors import Interrupted, OptionError, arg
+from .._errors import Interrupted, OptionError, UnsupportedModelError, arg
 from ..linalg import LinearOperator, as_operator
 
 __all__ = [
     "BLOCK_MODES",
+    "MatrixSkips",
+    "add_notes",
     "Progress",
     "keep_finished",
     "labelled",
@@ -63,6 +65,18 @@ def resolve_blocks(op: LinearOperator, blocks: str | Sequence[str]) -> list[str]
     return names
 
 
+def add_notes(notes: list[str], *ops: Any) -> None:
+    """Append the operators' notes not yet in ``notes``.
+
+    Call it after an operator's products too: some notes come with them (a Hessian whose
+    products fell back to finite differences, a matrix taking J v by two reverse passes).
+    """
+    for op in ops:
+        for note in getattr(op, "notes", []):
+            if note not in notes:
+                notes.append(note)
+
+
 def labelled(progress: Progress | None, label: str) -> Progress | None:
     """A progress callback whose descriptions carry ``label``."""
     if progress is None:
@@ -84,3 +98,38 @@ def keep_finished(notes: list[str], what: str, partial: Callable[[], Any]) -> It
     except KeyboardInterrupt:
         notes.append(f"interrupted (Ctrl-C): {what} finished; the others were not computed.")
         raise Interrupted(partial()) from None
+
+
+class MatrixSkips:
+    """Matrices that turn out unsupported only at their products, skipped while others remain.
+
+    Some refusals come with the first product, not when the operator is built (a GGN whose
+    ``J v`` meets a function differentiable only once). With several matrices asked for, such
+    a matrix is skipped with a note naming why and the others are computed; when every one
+    fails, or only one was asked for, the refusal stands.
+
+    Args:
+        names: the matrices of the run.
+        notes: the result's notes, where each skip is recorded.
+    """
+
+    def __init__(self, names: Sequence[str], notes: list[str]) -> None:
+        self.total = len(names)
+        self.notes = notes
+        self.errors: list[UnsupportedModelError] = []
+
+    @contextlib.contextmanager
+    def guard(self, name: str) -> Iterator[None]:
+        """Run ``name``'s part; an :class:`UnsupportedModelError` skips it (see the class)."""
+        try:
+            yield
+        except UnsupportedModelError as exc:
+            if self.total == 1:
+                raise
+            self.errors.append(exc)
+            self.notes.append(f"skipped {name}: {exc}")
+
+    def check(self) -> None:
+        """Raise the first refusal when every matrix was skipped."""
+        if self.errors and len(self.errors) == self.total:
+            raise self.errors[0]

@@ -18,7 +18,15 @@ import torch
 from .._errors import OptionError, arg
 from .._sampling import as_generator
 from ..linalg import exact_trace, hutchinson_trace, hutchpp_trace, slq, spectral_density
-from ._common import Progress, keep_finished, labelled, named_operators, resolve_blocks
+from ._common import (
+    MatrixSkips,
+    Progress,
+    add_notes,
+    keep_finished,
+    labelled,
+    named_operators,
+    resolve_blocks,
+)
 
 __all__ = ["DensityEntry", "DensityResult", "TraceEntry", "density"]
 
@@ -160,100 +168,102 @@ def density(
     traces: list[TraceEntry] = []
     notes: list[str] = []
     total = 0
+    skips = MatrixSkips(list(operators), notes)
     with keep_finished(
         notes,
         "the densities and traces listed",
         lambda: DensityResult(densities, traces, notes, total),
     ):
         for matrix, full in operators.items():
-            for block in resolve_blocks(full, blocks):
-                op = full.block(block)
-                for note in getattr(op, "notes", []):
-                    if note not in notes:
-                        notes.append(note)
-                gen = (
-                    as_generator(seed)
-                    if isinstance(seed, torch.Generator)
-                    else (torch.Generator().manual_seed(int(seed)))
-                )
-                label = f"{matrix} [{block}]"
-                n = op.shape[0]
-                t0 = time.perf_counter()
-                q = slq(
-                    op,
-                    num_probes=num_probes,
-                    num_steps=num_steps,
-                    distribution=distribution,
-                    seed=gen,
-                    progress=labelled(progress, label),
-                )
-                d = spectral_density(q, num_points=num_points, sigma=sigma)
-                m1, se1 = q.moment(1)
-                densities.append(
-                    DensityEntry(
-                        matrix=matrix,
-                        block=block,
-                        grid=d.grid.tolist(),
-                        density=d.density.tolist(),
-                        sigma=d.sigma,
-                        nodes=q.nodes.tolist(),
-                        weights=q.weights.tolist(),
-                        num_probes=q.num_probes,
-                        num_matvecs=q.num_matvecs,
-                        dim=n,
-                        lanczos_steps=min(num_steps, n),
-                        slq_trace=n * m1,
-                        slq_trace_stderr=n * se1,
-                        wall_time_s=time.perf_counter() - t0,
+            with skips.guard(matrix):
+                for block in resolve_blocks(full, blocks):
+                    op = full.block(block)
+                    add_notes(notes, op)
+                    gen = (
+                        as_generator(seed)
+                        if isinstance(seed, torch.Generator)
+                        else (torch.Generator().manual_seed(int(seed)))
                     )
-                )
-                total += q.num_matvecs
-                jobs = []
-                if trace_probes:
-                    jobs.append(
-                        lambda op=op, gen=gen: hutchinson_trace(
-                            op, num_matvecs=trace_probes, distribution=distribution, seed=gen
-                        )
-                    )
-                    jobs.append(
-                        lambda op=op, gen=gen: hutchpp_trace(
-                            op, num_matvecs=trace_probes, distribution=distribution, seed=gen
-                        )
-                    )
-                if exact_trace_max and n <= exact_trace_max:
-                    jobs.append(lambda op=op: exact_trace(op, max_dim=exact_trace_max))
-                for i, job in enumerate(jobs):
+                    label = f"{matrix} [{block}]"
+                    n = op.shape[0]
                     t0 = time.perf_counter()
-                    est = job()
-                    traces.append(
-                        TraceEntry(
+                    q = slq(
+                        op,
+                        num_probes=num_probes,
+                        num_steps=num_steps,
+                        distribution=distribution,
+                        seed=gen,
+                        progress=labelled(progress, label),
+                    )
+                    d = spectral_density(q, num_points=num_points, sigma=sigma)
+                    m1, se1 = q.moment(1)
+                    densities.append(
+                        DensityEntry(
                             matrix=matrix,
                             block=block,
-                            estimator=est.estimator,
-                            estimate=est.estimate,
-                            stderr=est.stderr,
-                            num_matvecs=est.num_matvecs,
+                            grid=d.grid.tolist(),
+                            density=d.density.tolist(),
+                            sigma=d.sigma,
+                            nodes=q.nodes.tolist(),
+                            weights=q.weights.tolist(),
+                            num_probes=q.num_probes,
+                            num_matvecs=q.num_matvecs,
+                            dim=n,
+                            lanczos_steps=min(num_steps, n),
+                            slq_trace=n * m1,
+                            slq_trace_stderr=n * se1,
                             wall_time_s=time.perf_counter() - t0,
                         )
                     )
-                    total += est.num_matvecs
-                    if progress is not None:
-                        progress(i + 1, len(jobs), f"trace {label}")
-                if exact_trace_max and n > exact_trace_max:
-                    line = (
-                        f"exact traces skipped for blocks with more than {exact_trace_max} rows "
-                        "(exact_trace_max)."
-                    )
-                    if line not in notes:
-                        notes.append(line)
-    notes.append(
-        f"SLQ: {num_probes} normalised {distribution} probes, up to {num_steps} Lanczos steps "
-        "with full reorthogonalisation, float64 tridiagonal eigh; density broadened by a "
-        "Gaussian of width sigma (recorded per entry)."
-    )
-    if trace_probes:
+                    total += q.num_matvecs
+                    jobs = []
+                    if trace_probes:
+                        jobs.append(
+                            lambda op=op, gen=gen: hutchinson_trace(
+                                op, num_matvecs=trace_probes, distribution=distribution, seed=gen
+                            )
+                        )
+                        jobs.append(
+                            lambda op=op, gen=gen: hutchpp_trace(
+                                op, num_matvecs=trace_probes, distribution=distribution, seed=gen
+                            )
+                        )
+                    if exact_trace_max and n <= exact_trace_max:
+                        jobs.append(lambda op=op: exact_trace(op, max_dim=exact_trace_max))
+                    for i, job in enumerate(jobs):
+                        t0 = time.perf_counter()
+                        est = job()
+                        traces.append(
+                            TraceEntry(
+                                matrix=matrix,
+                                block=block,
+                                estimator=est.estimator,
+                                estimate=est.estimate,
+                                stderr=est.stderr,
+                                num_matvecs=est.num_matvecs,
+                                wall_time_s=time.perf_counter() - t0,
+                            )
+                        )
+                        total += est.num_matvecs
+                        if progress is not None:
+                            progress(i + 1, len(jobs), f"trace {label}")
+                    add_notes(notes, op)  # notes that came with the products
+                    if exact_trace_max and n > exact_trace_max:
+                        line = (
+                            "exact traces skipped for blocks with more than "
+                            f"{exact_trace_max} rows (exact_trace_max)."
+                        )
+                        if line not in notes:
+                            notes.append(line)
         notes.append(
-            "hutchpp stderr covers its Hutchinson part only (the sketched low-rank part is exact "
-            "for the sampled sketch)."
+            f"SLQ: {num_probes} normalised {distribution} probes, up to {num_steps} Lanczos steps "
+            "with full reorthogonalisation, float64 tridiagonal eigh; density broadened by a "
+            "Gaussian of width sigma (recorded per entry)."
         )
+        if trace_probes:
+            notes.append(
+                "hutchpp stderr covers its Hutchinson part only (the sketched low-rank part is "
+                "exact for the sampled sketch)."
+            )
+    skips.check()
     return DensityResult(densities, traces, notes, total)

@@ -12,7 +12,15 @@ from .._errors import OptionError, arg
 from .._sampling import as_generator
 from ..io import canonical_sign
 from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, eigsh, power_iteration
-from ._common import Progress, keep_finished, labelled, named_operators, resolve_blocks
+from ._common import (
+    MatrixSkips,
+    Progress,
+    add_notes,
+    keep_finished,
+    labelled,
+    named_operators,
+    resolve_blocks,
+)
 
 __all__ = [
     "BlockMode",
@@ -211,66 +219,72 @@ def spectrum(
     vectors: list[torch.Tensor] = []
     notes: list[str] = []
     total = 0
+    skips = MatrixSkips(list(operators), notes)
     with keep_finished(
         notes,
         "the matrices and blocks listed",
         lambda: SpectrumResult(entries, vectors, notes, total),
     ):
         for name, full in operators.items():
-            notes.extend(n for n in full.notes if n not in notes)
-            for block in resolve_blocks(full, blocks):
-                op = full.block(block)
-                solve_kw = {
-                    "top": top,
-                    "bottom": bottom,
-                    "method": method,
-                    "tol": tol,
-                    "max_iter": max_iter,
-                    "rtol": rtol,
-                    "basis_size": basis_size,
-                    "basis_device": basis_device,
-                }
-                results = _solve(
-                    op,
-                    seed=torch.Generator().manual_seed(base_seed),
-                    progress=labelled(progress, f"{name} [{block}]"),
-                    **solve_kw,
-                )
-                total += _counted(results, method)
-                spreads = {}
-                if repeats:
-                    spreads, used = _repeats(full, block, repeats, samples, base_seed, **solve_kw)
-                    total += used
-                for res in results:
-                    entries.append(
-                        SpectrumEntry(
-                            matrix=name,
-                            block=block,
-                            which=res.which,
-                            method=res.method,
-                            eigenvalues=res.eigenvalues.tolist(),
-                            residual_norms=res.residual_norms.tolist(),
-                            converged=[bool(c) for c in res.converged],
-                            num_matvecs=res.num_matvecs,
-                            norm_estimate=res.norm_estimate,
-                            tol=res.tol,
-                            num_iters=res.num_iters,
-                            shift=res.shift,
-                            spread=spreads.get(res.which),
-                            error_bounds=(
-                                None if res.error_bounds is None else res.error_bounds.tolist()
-                            ),
-                            restarts=int(getattr(res, "restarts", 0)),
+            with skips.guard(name):
+                add_notes(notes, full)
+                for block in resolve_blocks(full, blocks):
+                    op = full.block(block)
+                    solve_kw = {
+                        "top": top,
+                        "bottom": bottom,
+                        "method": method,
+                        "tol": tol,
+                        "max_iter": max_iter,
+                        "rtol": rtol,
+                        "basis_size": basis_size,
+                        "basis_device": basis_device,
+                    }
+                    results = _solve(
+                        op,
+                        seed=torch.Generator().manual_seed(base_seed),
+                        progress=labelled(progress, f"{name} [{block}]"),
+                        **solve_kw,
+                    )
+                    total += _counted(results, method)
+                    add_notes(notes, full, op)  # notes that came with the products
+                    spreads = {}
+                    if repeats:
+                        spreads, used = _repeats(
+                            full, block, repeats, samples, base_seed, **solve_kw
                         )
-                    )
-                    vectors.append(canonical_sign(res.eigenvectors.detach()))
-                if len(results) > 1 and method == Method.LANCZOS:
-                    line = (
-                        "top and bottom pairs of a block come from one Lanczos run; their "
-                        "num_matvecs is that run's count, not a sum."
-                    )
-                    if line not in notes:
-                        notes.append(line)
+                        total += used
+                    for res in results:
+                        entries.append(
+                            SpectrumEntry(
+                                matrix=name,
+                                block=block,
+                                which=res.which,
+                                method=res.method,
+                                eigenvalues=res.eigenvalues.tolist(),
+                                residual_norms=res.residual_norms.tolist(),
+                                converged=[bool(c) for c in res.converged],
+                                num_matvecs=res.num_matvecs,
+                                norm_estimate=res.norm_estimate,
+                                tol=res.tol,
+                                num_iters=res.num_iters,
+                                shift=res.shift,
+                                spread=spreads.get(res.which),
+                                error_bounds=(
+                                    None if res.error_bounds is None else res.error_bounds.tolist()
+                                ),
+                                restarts=int(getattr(res, "restarts", 0)),
+                            )
+                        )
+                        vectors.append(canonical_sign(res.eigenvectors.detach()))
+                    if len(results) > 1 and method == Method.LANCZOS:
+                        line = (
+                            "top and bottom pairs of a block come from one Lanczos run; their "
+                            "num_matvecs is that run's count, not a sum."
+                        )
+                        if line not in notes:
+                            notes.append(line)
+    skips.check()
     return SpectrumResult(entries, vectors, notes, total)
 
 
