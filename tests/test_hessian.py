@@ -111,45 +111,15 @@ def test_cuda_products_match_cpu():
     assert_close((gpu @ v.cuda()).cpu(), expected, rtol=1e-10)
 
 
-class _OnceTanh(torch.autograd.Function):
-    """tanh whose backward is marked differentiable once, as custom kernels often are."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.tanh(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (1 - torch.tanh(x) ** 2)
-
-
-class _Net(torch.nn.Module):
-    """Linear, tanh, linear; ``once``: the tanh is :class:`_OnceTanh` (its twin is the truth)."""
-
-    def __init__(self, once: bool):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
-        self.act = _OnceTanh.apply if once else torch.tanh
-
-    def forward(self, x):
-        return self.b(self.act(self.a(x)))
-
-    def twin(self):
-        net = _Net(once=False).double()
-        net.load_state_dict(self.state_dict())
-        return net
-
-
 def test_once_differentiable_function_falls_back_instead_of_a_wrong_product():
     # torch does not raise in the second backward here: the product silently lacked the
     # terms through the function (43% off) until the first graph was searched for them
     from curvscope import UnsupportedModelError
 
+    from .once_net import Net
+
     torch.manual_seed(0)
-    model = _Net(once=True).double()
+    model = Net(once=True).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(10, 3, dtype=torch.float64, generator=g)
     y = torch.randint(0, 2, (10,), generator=g)
@@ -166,7 +136,7 @@ def test_once_differentiable_function_falls_back_instead_of_a_wrong_product():
     assert problem._kept_bytes[0] == 0 and "kept_graphs" not in H.info
     err = float(torch.linalg.vector_norm(got - truth @ v) / torch.linalg.vector_norm(truth @ v))
     assert err < 1e-6
-    assert "_OnceTanh" in H.info["fallback_reason"]
+    assert "OnceTanh" in H.info["fallback_reason"]
     from curvscope.app import estimate_memory
 
     # the memory plan measures a graph that cannot be kept: nothing planned, no traceback
@@ -178,7 +148,7 @@ def test_once_differentiable_function_falls_back_instead_of_a_wrong_product():
     from curvscope.operators import EmpiricalFisherOperator, GGNOperator
 
     V = torch.randn(H.shape[0], 2, dtype=torch.float64, generator=g)
-    with pytest.raises(UnsupportedModelError, match="Function _OnceTanh is differentiable"):
+    with pytest.raises(UnsupportedModelError, match="Function OnceTanh is differentiable"):
         GGNOperator(Problem(model, "cross_entropy", data)) @ V
     # per-sample gradients need no second derivative: one sample at a time, exact
     ef = EmpiricalFisherOperator(Problem(model, "cross_entropy", data))

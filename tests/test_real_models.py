@@ -4,6 +4,7 @@ own losses and data sources, through the command line; every mistake one sentenc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,51 +283,20 @@ def test_token_id_past_the_vocabulary(tmp_path):
     assert "past the model's vocabulary of 5" in res.output or "0..4" in res.output
 
 
-ONCE_NET = '''
-import torch
-from torch import nn
-from torch.autograd.function import once_differentiable
-
-
-class OnceTanh(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return torch.tanh(x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * (1 - torch.tanh(x) ** 2)
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.b(OnceTanh.apply(self.a(x)))
-
-
-def build():
-    return Net()
-'''
-
-
 def test_cli_on_a_once_differentiable_function_falls_back_skips_and_says_so(tmp_path):
     import numpy as np
 
-    (tmp_path / "net.py").write_text(ONCE_NET)
+    from .once_net import build
+
+    model_file = f"{Path(__file__).parent / 'once_net.py'}:build"
+
     torch.manual_seed(0)
-    layers = {"a": nn.Linear(4, 6), "b": nn.Linear(6, 3)}
-    torch.save({f"{k}.{n}": t for k, m in layers.items() for n, t in m.state_dict().items()},
-               tmp_path / "w.pt")
+    net = build()
+    torch.save(net.state_dict(), tmp_path / "w.pt")
     g = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=g.normal(size=(30, 4)).astype("float32"),
              y=g.integers(0, 3, size=30))
-    base = [tmp_path / "w.pt", "--model", tmp_path / "net.py:build", "--data",
+    base = [tmp_path / "w.pt", "--model", model_file, "--data",
             tmp_path / "d.npz", "--loss", "cross_entropy", "--dtype", "float64", "--top", "1",
             "--bottom", "0"]
     res = run("spectrum", *base, "--matrix", "hessian,ggn", "--out", tmp_path / "o")
@@ -338,7 +308,7 @@ def test_cli_on_a_once_differentiable_function_falls_back_skips_and_says_so(tmp_
     assert [s["matrix"] for s in doc["results"]["spectra"]] == ["hessian"]
     assert any(n.startswith("skipped ggn:") for n in doc["notes"])
     # the truth: the same network with torch's tanh, in float64
-    ref = nn.Sequential(layers["a"], nn.Tanh(), layers["b"]).double()
+    ref = net.twin().double()
     x = torch.from_numpy(np.load(tmp_path / "d.npz")["x"]).double()
     y = torch.from_numpy(np.load(tmp_path / "d.npz")["y"])
     top = float(torch.linalg.eigvalsh(dense_hessian(ref, "cross_entropy", [(x, y)], "mean"))[-1])
