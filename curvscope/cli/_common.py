@@ -444,7 +444,7 @@ _COMMON.update(
                 _opt(
                     "--hvp-cache",
                     help="Memory Hessian products may keep of each batch's first-order graph, "
-                    "so that later products run only the second backward (about 40% faster): "
+                    "so that later products run only the second backward (a third less time): "
                     "auto (half of what --max-memory leaves), off, or a size (e.g. 4GB).",
                     rich_help_panel="Numerics",
                 ),
