@@ -199,7 +199,7 @@ class HessianOperator(CurvatureOperator):
         graph = _Graph(
             values, [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
         )
-        if not self._twice_checked:
+        if not self._twice_checked and graph.live:
             _refuse_once_differentiable(graph)
             self._twice_checked = True
         return graph
