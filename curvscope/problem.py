@@ -287,6 +287,15 @@ class Problem:
         """Count ``amount`` more units of :attr:`work_done`."""
         self._work[0] += int(amount)
 
+    @property
+    def kept_graph_bytes(self) -> int:
+        """Bytes Hessian operators keep of first-order graphs, on this problem and its views."""
+        return self._kept_bytes[0]
+
+    def hold_graph_bytes(self, amount: int) -> None:
+        """Count ``amount`` more bytes of kept graphs (negative: given back)."""
+        self._kept_bytes[0] += int(amount)
+
     # ----------------------------------------------------------------- parameters
     @staticmethod
     def _select(params, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ def test_products_over_kept_graphs_match_dense_truth(case):
     assert_close(H @ v, truth @ v, what="first product (keeps the graphs)")
     kept = H.info["kept_graphs"]
     assert kept["batches"] == kept["of_batches"] == len(problem.batch_sizes)
-    assert kept["bytes"] > 0 and problem._kept_bytes[0] == kept["bytes"]
+    assert kept["bytes"] > 0 and problem.kept_graph_bytes == kept["bytes"]
     passes = problem.data_passes
     assert_close(H @ V, truth @ V, what="products over kept graphs")
     assert_close(H @ v, truth @ v, what="a third product")
@@ -104,18 +104,18 @@ def test_kept_bytes_are_shared_by_views_and_given_back():
     problem = Problem(model, loss, data, reduction=reduction)
     H = HessianOperator(problem)
     H @ _columns(H.shape[0], 1, 1)
-    held = problem._kept_bytes[0]
+    held = problem.kept_graph_bytes
     assert held == H.info["kept_graphs"]["bytes"] > 0
     name = problem.names[0]
     block = H.block(name)
     block @ _columns(block.shape[0], 1, 2)
     part = block.info["kept_graphs"]["bytes"]
-    assert problem._kept_bytes[0] == held + part  # the block's graphs count on one account
+    assert problem.kept_graph_bytes == held + part  # the block's graphs count on one account
     H.release()
-    assert problem._kept_bytes[0] == part
+    assert problem.kept_graph_bytes == part
     del block
     gc.collect()
-    assert problem._kept_bytes[0] == 0
+    assert problem.kept_graph_bytes == 0
 
     # a budget already spent by one view leaves nothing for the next
     problem = Problem(model, loss, data, reduction=reduction, graph_cache=held)
@@ -136,4 +136,4 @@ def test_graph_cache_zero_streams_every_product():
     assert_close(H @ V, truth @ V, what="streamed")
     assert_close(H @ V, truth @ V, what="streamed again")
     assert problem.data_passes == passes + 2
-    assert "kept_graphs" not in H.info and problem._kept_bytes[0] == 0
+    assert "kept_graphs" not in H.info and problem.kept_graph_bytes == 0

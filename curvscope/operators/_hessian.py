@@ -234,7 +234,7 @@ class HessianOperator(CurvatureOperator):
         """Bytes this operator may keep now: the problem's budget less what views keep."""
         p = self.problem
         if p.graph_cache is not None:
-            return max(0.0, p.graph_cache - p._kept_bytes[0])
+            return max(0.0, p.graph_cache - p.kept_graph_bytes)
         free = free_memory(p.device)
         return 0.0 if free is None else GRAPH_CACHE_SHARE * free
 
@@ -436,8 +436,8 @@ class _KeptGraphs:
         self.full = False  # a batch did not fit: later ones are not kept either
         self.complete = False
         self._held = [0]  # bytes counted against the problem's account until freed
-        self._account = problem._kept_bytes
-        self._finalizer = weakref.finalize(self, _give_back, self._account, self._held)
+        self._hold = problem.hold_graph_bytes
+        self._finalizer = weakref.finalize(self, _give_back, self._hold, self._held)
 
     def valid(self, problem: Problem) -> bool:
         """Whether the weights are those the graphs were built at."""
@@ -456,7 +456,7 @@ class _KeptGraphs:
         self.entries[index] = graph
         self.nbytes += nbytes
         self._held[0] += nbytes
-        self._account[0] += nbytes
+        self._hold(nbytes)
         return True
 
     def close(self) -> None:
@@ -479,6 +479,6 @@ class _KeptGraphs:
         self._finalizer()
 
 
-def _give_back(account: list[int], held: list[int]) -> None:
-    account[0] -= held[0]
+def _give_back(hold, held: list[int]) -> None:
+    hold(-held[0])
     held[0] = 0
