@@ -20,7 +20,7 @@ from torch import nn
 
 from ._errors import CurvscopeError, DataError, OptionError, arg
 from ._losses import Loss, ModelLoss, get_loss
-from .problem import Problem
+from .problem import Problem, check_output_finite
 
 __all__ = ["DTYPES", "load", "load_like", "parse_device", "parse_dtype"]
 
@@ -281,9 +281,13 @@ def _check_fit(problem: Problem, source: str, vocab_hint: int | None = None) -> 
         ) from None
     if not isinstance(out, torch.Tensor):
         raise DataError(f"the model's output for {source} is not a tensor.")
+    if not bool(torch.isfinite(out).all()):
+        problem.check_data(source=source)  # NaN in weights or data: the clearer cause
+        check_output_finite(out, batch.index, "loss" if isinstance(problem.loss_fn, ModelLoss)
+                            else "output")
     try:
         with torch.no_grad():
-            problem.batch_value(out, batch)
+            value = problem.batch_value(out, batch)
     except Exception as exc:  # noqa: BLE001 - the targets do not fit the output or the loss
         # targets out of range or not finite have a clearer sentence: say that one if it holds
         problem.check_data(source=source, classes=_classes(problem, out),
@@ -298,6 +302,7 @@ def _check_fit(problem: Problem, source: str, vocab_hint: int | None = None) -> 
             f"{tuple(out.shape)} under the {problem.loss_name} loss ({first}).",
             option="data",
         ) from None
+    check_output_finite(value.reshape(1, 1), batch.index, "loss")
     return out
 
 
@@ -438,18 +443,21 @@ def load(
         )
     red = reduction or meta.get("reduction") or "mean"
     loss_obj = _make_loss(loss_spec, red, ignore_index)
-    if isinstance(loss_obj, ModelLoss) and type(loaded.model).__name__.endswith(
-        ("ForCausalLM", "LMHeadModel")
-    ):
-        loss_obj = ModelLoss(shifted=True)  # HuggingFace shifts the labels inside
+    causal = _is_causal_lm(loaded.model)
+    if isinstance(loss_obj, ModelLoss) and causal:
+        # HuggingFace shifts the labels inside
+        loss_obj = ModelLoss(shifted=True, ignore_index=ignore_index)
+    targets_how = None
+    if isinstance(src.obj, io.TokenWindows):
+        loss_obj, targets_how = _token_targets(loss_obj, loaded, src)
     own_loss_note = None
     if isinstance(loss_obj, ModelLoss) and dtype_t == torch.float64 and loaded.format == (
         "huggingface"
     ):
+        better = "causal_lm" if causal else "cross_entropy"
         own_loss_note = (
-            "the model's own loss: HuggingFace computes it in float32 (logits.float()) even in "
-            "a float64 run, which limits second derivatives to about 1e-7; the causal_lm loss "
-            "computes the same loss in float64."
+            "the model's own loss: HuggingFace may compute it in float32 (logits.float()) even "
+            f"in a float64 run; {arg('loss')} {better} computes the same loss in float64."
         )
     net = loaded.model.to(device=device_t, dtype=dtype_t)
     direct = not isinstance(data_spec, (str, Path, Mapping)) or ".py:" in str(data_spec)
@@ -470,6 +478,7 @@ def load(
     # the batches must fit the model (one sentence naming the data) before two passes over
     # the source compare them
     out = _check_fit(problem, src.source, src.vocab_size)
+    _check_targets(problem, src.source, causal)
     if direct if check_deterministic is None else check_deterministic:
         problem.check_deterministic()
     if samples is not None and not applied:
@@ -477,7 +486,10 @@ def load(
     problem.check_data(source=src.source, classes=_classes(problem, out),
                        vocabulary=_embedding_size(net))
     notes = list(loaded.notes) + list(problem.notes)
-    if own_loss_note:
+    precision = problem.precision
+    if precision.note():
+        notes.append(precision.note())
+    elif own_loss_note:
         notes.append(own_loss_note)
     if train_mode:
         notes.append(
@@ -507,6 +519,7 @@ def load(
             "num_terms": problem.num_terms,
             "batch_size": batch_size,
             "subset_seed": seed if samples is not None else None,
+            "targets": targets_how or _targets_description(problem),
         },
         "loss": problem.loss_name,
         "reduction": red,
@@ -515,6 +528,7 @@ def load(
         "device": str(device_t),
         "seed": seed,
         "train_mode": train_mode,
+        "precision": precision.to_dict(),
         "files": files,
         "versions": io.versions(),
     }
@@ -524,6 +538,163 @@ def load(
         "output": output, "groups": dict(groups or {}),
     }
     return problem
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a HuggingFace causal language model (it shifts labels inside)."""
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+class _OwnLabels:
+    """Token-file batches as dicts for a model's own loss: ``labels`` are the inputs.
+
+    A HuggingFace causal LM shifts its labels by one inside, so handing it the window's
+    inputs as labels shifts the targets exactly once (``T - 1`` terms a window).
+    """
+
+    def __init__(self, batches: Iterable) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for x, _ in self.batches:
+            yield {"input_ids": x, "labels": x}
+
+
+def _token_targets(loss: Loss, loaded: Any, src: _Source) -> tuple[Loss, str]:
+    """The loss for a token file's windows, shifted once, and how the targets were formed.
+
+    The windows already pair inputs ``t[i:i+T]`` with next-token targets ``t[i+1:i+T+1]``:
+    ``causal_lm`` takes them without its own shift, a model's own loss gets the inputs as
+    labels and shifts them itself, every other loss gets the next-token targets.
+
+    Raises:
+        OptionError: for a HuggingFace model that is not a causal language model, whose
+            training targets a token file cannot give.
+    """
+    from ._losses import CausalLM
+
+    name = type(loaded.model).__name__
+    if loaded.format == "huggingface" and not _is_causal_lm(loaded.model):
+        raise OptionError(
+            f"a token file gives next-token targets, but {name} is not a causal language "
+            f"model; pass its batches (input_ids, labels...) with {arg('data')} FILE.py:FN.",
+            option="data",
+        )
+    if isinstance(loss, CausalLM):
+        return (
+            CausalLM(loss.ignore_index, shift=False),
+            "next tokens t[i+1:i+T+1] of the token file's windows, taken as they are "
+            "(causal_lm does not shift them again)",
+        )
+    if isinstance(loss, ModelLoss):
+        if not _is_causal_lm(loaded.model):
+            raise OptionError(
+                f"{arg('loss')} model on a token file needs a causal language model that "
+                f"shifts its labels inside; {name} is not one: name the loss with "
+                f"{arg('loss')} (cross_entropy, FILE.py:FN).",
+                option="loss",
+            )
+        src.batches = _OwnLabels(src.batches)
+        return loss, (
+            "labels = the window's inputs t[i:i+T], shifted once inside the model "
+            "(T - 1 terms a window)"
+        )
+    return loss, f"next tokens t[i+1:i+T+1] of the token file's windows, given to {loss.name}"
+
+
+def _targets_description(problem: Problem) -> str:
+    """How the loss's targets come from the batches, for the result document."""
+    from ._losses import CausalLM
+
+    fn = problem.loss_fn
+    if isinstance(fn, CausalLM):
+        return "labels (or input_ids) shifted by one inside the causal_lm loss"
+    if isinstance(fn, ModelLoss):
+        return "labels passed to the model, which computes its own loss" + (
+            " (shifted by one inside)" if fn.shifted else ""
+        )
+    return "the batches' targets (or labels), as given"
+
+
+def _check_targets(problem: Problem, source: str, causal: bool) -> None:
+    """Refuse targets that cannot be the ones the model was trained on, in one sentence.
+
+    * next-token targets given to ``causal_lm``, which shifts them again (each position
+      would be scored against the token two ahead);
+    * a causal LM's dict batches whose labels are its input ids, under a loss that does not
+      shift them (each position would be scored against its own input token);
+    * a loss function returning ``(scalar, n)`` whose scalar grows with ``n`` (a sum where
+      the contract asks for the mean).
+    """
+    from ._losses import CallableLoss, CausalLM, CrossEntropy
+
+    fn = problem.loss_fn
+    batch = next(problem.batches())
+    ids = batch.inputs.kwargs.get("input_ids")
+    if ids is None and len(batch.inputs.args) == 1:
+        ids = batch.inputs.args[0]
+    target = batch.target
+    same_shape = (
+        isinstance(ids, torch.Tensor) and isinstance(target, torch.Tensor)
+        and ids.dim() == 2 and target.shape == ids.shape and ids.shape[1] > 1
+        and not ids.is_floating_point() and not target.is_floating_point()
+    )
+    if same_shape:
+        live = target != fn.ignore_index
+        if isinstance(fn, CausalLM) and fn.shift:
+            ahead = (target[:, :-1] == ids[:, 1:]) | ~live[:, :-1]
+            if bool(ahead.all()) and not bool(((target == ids) | ~live).all()):
+                raise DataError(
+                    f"the targets of {source} are already the next tokens (targets[:, t] == "
+                    f"inputs[:, t+1]), and causal_lm shifts them once more; use "
+                    f"{arg('loss')} cross_entropy for pre-shifted targets.",
+                    option="loss",
+                )
+        elif causal and type(fn) is CrossEntropy and bool(((target == ids) | ~live).all()):
+            raise DataError(
+                f"the labels of {source} are the input ids, and {problem.loss_name} scores each "
+                "position against its own input token; a causal LM predicts the next one: use "
+                f"{arg('loss')} causal_lm (or model), which shifts them once.",
+                option="loss",
+            )
+    if isinstance(fn, CallableLoss) and problem.reduction == "mean":
+        _check_callable_mean(problem, batch)
+
+
+def _check_callable_mean(problem: Problem, batch: Any) -> None:
+    """A ``(scalar, n)`` loss function's scalar must be the mean over its n terms.
+
+    The function is evaluated on the first batch and on its first half: a mean changes
+    little, a sum shrinks with the term count.
+    """
+    fn = problem.loss_fn
+    target = batch.target
+    if batch.size < 2 or not isinstance(target, torch.Tensor) or target.dim() == 0:
+        return
+    with torch.no_grad(), problem.mode():
+        out = problem.forward(problem.params, batch.inputs)
+        if not isinstance(out, torch.Tensor) or out.shape[:1] != target.shape[:1]:
+            return
+        v_all, n_all = fn._call(out, target)
+        if n_all is None:
+            return
+        h = batch.size // 2
+        v_half, n_half = fn._call(out[:h], target[:h])
+    a, b = abs(float(v_all)), abs(float(v_half))
+    if not n_half or not a or not b or n_all < 1.5 * n_half:
+        return
+    ratio, terms = a / b, n_all / n_half
+    if ratio > terms ** 0.75 and ratio < terms ** 1.25:  # grows as the term count does
+        raise OptionError(
+            f"the loss function {fn.name} returned ({a:.6g}, {n_all}) on a batch and "
+            f"({b:.6g}, {n_half}) on its first half: the value grows with the term count, so "
+            "it looks like a sum; return (mean over the terms, number of terms), or the sum "
+            f"with {arg('reduction')} sum.",
+            option="loss",
+        )
 
 
 def _classes(problem: Problem, out: torch.Tensor) -> int | None:

@@ -214,10 +214,16 @@ class CausalLM(CrossEntropy):
 
     Position ``t`` predicts token ``t + 1`` (as language models train): the loss is
     cross-entropy of ``logits[:, :-1]`` against ``targets[:, 1:]``, terms the predicted
-    tokens that are not ``ignore_index``.
+    tokens that are not ``ignore_index``. With ``shift=False`` the targets are already the
+    next tokens (a token file's windows ``y = t[i+1:i+T+1]``) and are taken as they are, so
+    the targets are shifted exactly once whatever the data source.
     """
 
     name = "causal_lm"
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, *, shift: bool = True) -> None:
+        super().__init__(ignore_index)
+        self.shift = bool(shift)
 
     def _pair(self, out: torch.Tensor, target: torch.Tensor):
         if out.dim() != 3 or target.dim() != 2 or out.shape[:2] != target.shape:
@@ -225,14 +231,17 @@ class CausalLM(CrossEntropy):
                 f"the causal_lm loss needs logits [B, T, V] and token ids [B, T]; got outputs "
                 f"{tuple(out.shape)} and targets {tuple(target.shape)}."
             )
-        o = out[:, :-1]
-        return _flat_classes(o, target[:, 1:])
+        if not self.shift:
+            return _flat_classes(out, target)
+        return _flat_classes(out[:, :-1], target[:, 1:])
 
     def _target(self, target: Any) -> torch.Tensor:
-        return target[:, 1:]
+        return target[:, 1:] if self.shift else target
 
     def hessian_apply(self, out: torch.Tensor, target: Any) -> Callable:
-        inner = super().hessian_apply(out, target)  # over positions 0..T-2
+        inner = super().hessian_apply(out, target)  # over positions 0..T-2 when shifting
+        if not self.shift:
+            return inner
 
         def apply(U: torch.Tensor) -> torch.Tensor:
             body = inner(U[:, :, :-1].contiguous())
@@ -436,17 +445,20 @@ class CallableLoss(Loss):
 class ModelLoss(Loss):
     """The model's own loss (HuggingFace ``output.loss``), with ``labels`` inside the inputs.
 
-    Terms: for a HuggingFace ``...ForCausalLM`` the predicted label tokens that are not
-    ``ignore_index`` (labels shifted by one, as the model does), for other models the
-    samples; say so in the notes. Only the Hessian and the empirical Fisher apply: the
-    GGN and Fisher need the loss as a function of the outputs, which is inside the model.
+    HuggingFace losses are means over their terms, so a batch enters with the weight of its
+    loss terms, counted from the labels the model sees by the rule of the built-in losses:
+    labels that are not ``ignore_index`` (integer labels: class ids, masked tokens, target
+    tokens), after the model's own shift by one for a causal LM (``shifted``); every entry of
+    float labels (regression, multi-label). Only the Hessian and the empirical Fisher apply:
+    the GGN and Fisher need the loss as a function of the outputs, which is inside the model.
     """
 
     name = "model"
     per_sample = False
 
-    def __init__(self, *, shifted: bool = False) -> None:
+    def __init__(self, *, shifted: bool = False, ignore_index: int = IGNORE_INDEX) -> None:
         self.shifted = shifted
+        self.ignore_index = int(ignore_index)
 
     def sum_loss(self, out: torch.Tensor, target: Any) -> torch.Tensor:  # pragma: no cover
         raise UnsupportedModelError(
@@ -454,11 +466,19 @@ class ModelLoss(Loss):
         )
 
     def terms(self, out: torch.Tensor | None, target: Any) -> int:
-        if isinstance(target, torch.Tensor) and target.dim() >= 2 and self.shifted:
-            return int((target[:, 1:] != self.ignore_index).sum())
-        if isinstance(target, torch.Tensor) and target.dim() >= 1:
-            return int(target.shape[0])
-        return 1
+        if not isinstance(target, torch.Tensor) or target.dim() == 0:
+            raise OptionError(
+                f"{arg('loss')} model weighs each batch by its loss terms, counted from the "
+                "batch's 'labels', and this batch has "
+                + ("none" if target is None else f"a {type(target).__name__} there")
+                + f"; pass dict batches with 'labels', or name the loss with {arg('loss')} "
+                "(cross_entropy, causal_lm, FILE.py:FN).",
+                option="loss",
+            )
+        if target.is_floating_point():
+            return int(target.numel())
+        t = target[:, 1:] if self.shifted and target.dim() >= 2 else target
+        return int((t != self.ignore_index).sum())
 
 
 LOSSES: dict[str, type[Loss]] = {
@@ -486,7 +506,7 @@ def get_loss(name: str | Loss | Any, *, ignore_index: int = IGNORE_INDEX) -> Los
         return name
     key = str(getattr(name, "value", name))
     if key == "model":
-        return ModelLoss()
+        return ModelLoss(ignore_index=ignore_index)
     if key not in LOSSES:
         valid = ", ".join([*LOSSES, "model", "FILE.py:FN"])
         raise OptionError(f"{arg('loss')} {key!r} is not known; choose one of {valid}.")

@@ -481,6 +481,27 @@ class Problem:
             for m, flag in saved:
                 m.training = flag
 
+    @property
+    def precision(self):
+        """What a forward of this problem computes in (:class:`~curvscope._precision.Precision`).
+
+        Measured once, on the first batch's forward and loss, and kept: a float64 run whose
+        model casts to float32 inside has float32's round-off everywhere.
+        """
+        cached = getattr(self, "_precision", None)
+        if cached is not None:
+            return cached
+        from ._precision import watch_precision
+
+        batch = next(self.batches())
+
+        def run() -> None:
+            with torch.no_grad(), self.mode():
+                self.batch_value(self.forward(self.params, batch.inputs), batch)
+
+        self._precision = watch_precision(self.model, self.dtype, run)
+        return self._precision
+
     # ----------------------------------------------------------------- data
     def split(self, item: Any) -> tuple[Inputs, Any]:
         """One raw batch as ``(inputs, target)``.
@@ -499,12 +520,11 @@ class Problem:
             target = kwargs.get("labels")
             if not own_loss:
                 kwargs.pop("labels", None)
-            if isinstance(self.loss_fn, CausalLM):
-                mask = kwargs.get("attention_mask")
-                if target is None:
-                    target = _lm_target(kwargs.get("input_ids"), mask)
-                elif isinstance(target, torch.Tensor):
-                    target = _mask_lm_targets(target, mask, own=False)
+                self._decoder_inputs(kwargs, target)
+            if isinstance(self.loss_fn, CausalLM) and target is None:
+                # given labels are taken as they are (-100 marks what is no term), as
+                # HuggingFace's own loss takes them; derived ones skip padding
+                target = _lm_target(kwargs.get("input_ids"), kwargs.get("attention_mask"))
             if target is None and not own_loss:
                 raise DataError(
                     f"a dict batch needs a 'labels' entry for the {self.loss_name} loss; it has "
@@ -539,6 +559,23 @@ class Problem:
             f"a batch must be (inputs, targets) or a dict of tensors; the data gave a "
             f"{type(item).__name__}."
         )
+
+    def _decoder_inputs(self, kwargs: dict, labels: Any) -> None:
+        """Decoder inputs an encoder-decoder model derives from ``labels``, which are not passed.
+
+        HuggingFace seq2seq models (T5, BART...) build ``decoder_input_ids`` from the labels
+        inside their forward; with the labels held back for curvscope's loss, they are built
+        here by the model's own ``prepare_decoder_input_ids_from_labels``.
+        """
+        prepare = getattr(self.model, "prepare_decoder_input_ids_from_labels", None)
+        if (
+            prepare is None
+            or not isinstance(labels, torch.Tensor)
+            or "decoder_input_ids" in kwargs
+            or "decoder_inputs_embeds" in kwargs
+        ):
+            return
+        kwargs["decoder_input_ids"] = prepare(labels=labels)
 
     @staticmethod
     def _size(inputs: Inputs, target: Any) -> int:
@@ -743,8 +780,9 @@ class Problem:
     def batch_value(self, out: torch.Tensor, batch: Batch) -> torch.Tensor:
         """This batch's weighted share of the data loss, from its output."""
         if isinstance(self.loss_fn, ModelLoss):
-            # the model's loss is a mean over its terms (HuggingFace), or what it says
-            return batch.weight * out if self.reduction == "mean" else out
+            # the model's loss is the mean over the batch's terms (HuggingFace): the batch
+            # enters with the weight of its terms, or as their sum
+            return batch.weight * out if self.reduction == "mean" else batch.terms * out
         if batch.terms == 0 and self.reduction == "mean":
             return out.sum() * 0.0
         return batch.weight * self.loss_fn.value(out, batch.target, self.reduction)
@@ -918,6 +956,7 @@ class Problem:
         with torch.no_grad(), self.mode():
             o1 = self.forward(self.params, batch.inputs)
             o2 = self.forward(self.params, batch.inputs)
+        check_output_finite(o1, batch.index)
         if not torch.equal(o1, o2):
             raise DeterminismError(
                 "the model gave two different outputs for the same batch: it samples "
@@ -1056,6 +1095,36 @@ def _describe_output(out: Any) -> str:
     if isinstance(out, (tuple, list)):
         return f"a {type(out).__name__} of {len(out)} outputs"
     return f"a {type(out).__name__}"
+
+
+def check_output_finite(out: Any, index: int, what: str = "output") -> None:
+    """Name the batch and the first positions where the model's output is NaN or Inf.
+
+    Raises:
+        NonFiniteError: when ``out`` holds a non-finite entry.
+    """
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return
+    bad = ~torch.isfinite(out)
+    if not bool(bad.any()):
+        return
+    # positions along every dimension but the last (samples, tokens), first few
+    kinds = " and ".join(
+        k for k, m in (("NaN", torch.isnan(out)), ("Inf", torch.isinf(out))) if bool(m.any())
+    )
+    if out.numel() == 1:
+        raise NonFiniteError(
+            f"the model's {what} is {kinds} for batch {index}: a non-finite output, a label "
+            "out of range or an overflow inside the model."
+        )
+    rows = bad.reshape(*out.shape[:-1], -1).any(-1) if out.dim() > 1 else bad
+    where = [tuple(int(i) for i in r) for r in rows.nonzero()[:4].tolist()]
+    raise NonFiniteError(
+        f"the model's {what} holds {kinds} for batch {index} at {int(rows.sum())} "
+        f"position(s) (sample, token), first {', '.join(map(str, where))}: rows whose "
+        "attention masks every key give NaN in eager attention (pad on the right), or the "
+        "inputs there overflow."
+    )
 
 
 def _take(iterator: Iterator, n: int) -> list:

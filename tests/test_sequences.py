@@ -65,6 +65,10 @@ def _pad(seqs, labels, left: bool):
     for i, (s, y) in enumerate(zip(seqs, labels, strict=True)):
         sl = slice(T - len(s), T) if left else slice(0, len(s))
         ids[i, sl], lab[i, sl], mask[i, sl] = s, y, 1
+        # labels are taken as given (HuggingFace's rule): a sequence's first token is no
+        # target of the unpadded truth, so its label says so (after left padding a pad
+        # position would otherwise predict it)
+        lab[i, sl.start] = IGNORE
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
 
 

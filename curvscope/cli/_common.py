@@ -92,6 +92,7 @@ class CommonArgs:
     scale: float | None = None
     normalize: str | None = None
     block_size: int | None = None
+    token_dtype: str | None = None
     load_strict: bool = True
     forward_kwargs: str | None = None
     output: str | None = None
@@ -361,7 +362,20 @@ _COMMON.update(
                 int | None,
                 _opt(
                     "--block-size",
-                    help="Window length T of a token file (windows t[i:i+T] -> t[i+1:i+T+1]).",
+                    help="Window length T of a token file: inputs t\\[i:i+T], next-token "
+                    "targets t\\[i+1:i+T+1] (the targets are shifted once, whatever --loss).",
+                    rich_help_panel="Data",
+                ),
+            ],
+            None,
+        ),
+        "token_dtype": (
+            Annotated[
+                str | None,
+                _opt(
+                    "--token-dtype",
+                    help="How a token file stores its ids: uint16, int32, uint32 or int64 "
+                    "(default: the .npy header; uint16 for .bin).",
                     rich_help_panel="Data",
                 ),
             ],
@@ -829,6 +843,7 @@ def load_kwargs(common: CommonArgs) -> dict[str, Any]:
             "scale": common.scale,
             "normalize": common.normalize,
             "block_size": common.block_size,
+            "token_dtype": common.token_dtype,
         }.items()
         if v is not None
     }

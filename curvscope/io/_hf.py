@@ -96,7 +96,11 @@ def load_hf(path: str | os.PathLike) -> LoadedModel:
     meta: dict = {}
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         meta["loss"] = "causal_lm"
-    elif name.endswith("ForSequenceClassification") or name.endswith("ForImageClassification"):
+    elif name.endswith((
+        "ForSequenceClassification", "ForImageClassification", "ForTokenClassification",
+        "ForMaskedLM", "ForConditionalGeneration", "ForSeq2SeqLM",
+    )):
+        # class ids, masked tokens or target tokens in 'labels', -100 where no term
         meta["loss"] = "cross_entropy"
     notes = [
         f"HuggingFace {name} from {folder} (transformers {transformers.__version__}), "

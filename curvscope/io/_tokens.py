@@ -1,7 +1,8 @@
 """Flat token files as small language-model training writes them, read lazily.
 
 A token file is one long sequence of integer ids: ``.bin`` (raw values, uint16 unless the
-caller names another dtype; nothing is inferred) or ``.npy`` (any integer dtype, 1-D). It is
+caller names another dtype with ``--token-dtype``; a file whose every odd uint16 is 0, as
+small int32 ids read, is refused naming the wider dtype) or ``.npy`` (any integer dtype, 1-D). It is
 memory-mapped, never read whole: a window ``i`` is the inputs ``x = t[i : i + T]`` and the
 next-token targets ``y = t[i + 1 : i + T + 1]``, read from the map when a batch is formed.
 """
@@ -194,6 +195,27 @@ def _id_range(mm: np.ndarray) -> tuple[int, int]:
     return lo, hi
 
 
+def _check_not_wider(mm: np.ndarray, path: Path) -> None:
+    """A ``.bin`` read as the default uint16 whose every odd value is 0 holds wider ids.
+
+    Small ids written as little-endian int32 (or int64) read as uint16 pairs ``(id, 0)``:
+    a valid-looking sequence of half zeros that no tokenizer writes.
+
+    Raises:
+        DataError: naming the ``--token-dtype`` the file was probably written with.
+    """
+    head = np.asarray(mm[: min(mm.shape[0], _CHUNK)])
+    if head.shape[0] < 8 or head.shape[0] % 2:
+        return
+    if head[1::2].any() or not head[0::2].any():
+        return
+    wide = "int64" if head.shape[0] % 4 == 0 and not head[2::4].any() else "int32"
+    raise DataError(
+        f"token file {path} read as uint16 has 0 at every odd position: it looks written as "
+        f"{wide}; pass {arg('token_dtype')} {wide} (or the dtype it was written with)."
+    )
+
+
 def _random_starts(m: int, n: int, seed: int) -> np.ndarray:
     """``n`` distinct offsets in ``[0, m)``, sorted, from a generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
@@ -250,6 +272,8 @@ def load_tokens(
             f"{arg('block_size')} {t} needs; use a smaller {arg('block_size')} or more text."
         )
     mm = np.memmap(path, dtype=dt, mode="r", offset=offset, shape=(n_tokens,))
+    if dtype is None and path.name.lower().endswith(".bin"):
+        _check_not_wider(mm, path)
     lo, hi = _id_range(mm)
     if lo < 0:
         raise DataError(

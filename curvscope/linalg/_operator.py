@@ -110,6 +110,19 @@ class LinearOperator:
         return self._device
 
     @property
+    def roundoff_eps(self) -> float:
+        """Machine epsilon of the least precise arithmetic inside a product.
+
+        The dtype's epsilon, unless a part computes in a lower precision (a model that casts
+        to float32 inside a float64 run): error bounds and floors use this one.
+        """
+        eps = float(torch.finfo(self.dtype).eps)
+        for part in (getattr(self, "a", None), getattr(self, "b", None)):
+            if isinstance(part, LinearOperator):
+                eps = max(eps, part.roundoff_eps)
+        return eps
+
+    @property
     def is_symmetric(self) -> bool:
         """Whether the operator is self-adjoint (:attr:`SELF_ADJOINT`)."""
         return bool(self.SELF_ADJOINT)

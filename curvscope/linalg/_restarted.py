@@ -298,7 +298,8 @@ def eigsh(
     gen = as_generator(seed)
     dtype = A.dtype
     bdev = torch.device(basis_device) if basis_device is not None else torch.device(A.device)
-    eps = torch.finfo(dtype).eps
+    # a model computing in float32 inside a float64 run has float32's floor
+    eps = max(float(torch.finfo(dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
     budget = total - k  # the final check needs k products
     resolution_tol = rtol if rtol is not None else tol
     breakdown_rel = BREAKDOWN_TOL * min(tol, resolution_tol)
@@ -638,7 +639,8 @@ def _finish(
         torch.linalg.vector_norm(AY64 - Y64 * lam.to(Y64.device).unsqueeze(0), dim=0) / sq.sqrt()
     ).cpu()
     norm = max(float(vals.abs().max()), float(lam.abs().max()), 1e-300)
-    floor = ROUNDOFF * torch.finfo(Y.dtype).eps * math.sqrt(n) * norm
+    eps = max(float(torch.finfo(Y.dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
+    floor = ROUNDOFF * eps * math.sqrt(n) * norm
     rest = torch.ones(vals.shape[0], dtype=torch.bool)
     rest[sel] = False
     all_vals = torch.cat([lam, vals[rest]])

@@ -100,6 +100,13 @@ class CurvatureOperator(LinearOperator):
         """Device of products (that of the parameters)."""
         return self.problem.device
 
+    @property
+    def roundoff_eps(self) -> float:
+        """Epsilon of what the model computes in (:attr:`Problem.precision`), at least the
+        dtype's: a float64 run through float32 operations carries float32 round-off.
+        """
+        return max(float(torch.finfo(self.dtype).eps), self.problem.precision.eps)
+
     # --------------------------------------------------------------- products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         before = self.problem.work_done
