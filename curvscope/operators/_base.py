@@ -102,8 +102,10 @@ class CurvatureOperator(LinearOperator):
 
     @property
     def roundoff_eps(self) -> float:
-        """Epsilon of what the model computes in (:attr:`Problem.precision`), at least the
-        dtype's: a float64 run through float32 operations carries float32 round-off.
+        """Epsilon of what the model computes in, at least the dtype's.
+
+        A float64 run through float32 operations carries float32 round-off
+        (:attr:`Problem.precision`).
         """
         return max(float(torch.finfo(self.dtype).eps), self.problem.precision.eps)
 
