@@ -1114,8 +1114,9 @@ def check_output_finite(out: Any, index: int, what: str = "output") -> None:
     )
     if out.numel() == 1:
         raise NonFiniteError(
-            f"the model's {what} is {kinds} for batch {index}: a non-finite output, a label "
-            "out of range or an overflow inside the model."
+            f"the model's {what} is {kinds} for batch {index}: rows whose attention masks "
+            "every key give NaN in eager attention (pad on the right), or a label is out of "
+            "range, or the model overflows."
         )
     rows = bad.reshape(*out.shape[:-1], -1).any(-1) if out.dim() > 1 else bad
     where = [tuple(int(i) for i in r) for r in rows.nonzero()[:4].tolist()]

@@ -17,6 +17,9 @@ from .truth import hessian_by_double_backward
 
 
 def _logits_and_targets(kind, model, params, batch):
+    if isinstance(batch, (tuple, list)):  # a token file's window pair: next tokens given
+        x, y = batch
+        return torch.func.functional_call(model, params, (), {"input_ids": x}).logits, y
     b = dict(batch)
     labels = b.pop("labels")
     if kind == "t5":

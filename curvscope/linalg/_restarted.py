@@ -299,10 +299,17 @@ def eigsh(
     dtype = A.dtype
     bdev = torch.device(basis_device) if basis_device is not None else torch.device(A.device)
     # a model computing in float32 inside a float64 run has float32's floor
-    eps = max(float(torch.finfo(dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
+    eps = torch.finfo(dtype).eps  # the basis's arithmetic: breakdowns, orthogonality
     budget = total - k  # the final check needs k products
     resolution_tol = rtol if rtol is not None else tol
     breakdown_rel = BREAKDOWN_TOL * min(tol, resolution_tol)
+    # the products' round-off: a lower precision's where the operator computes in one
+    # (float32 inside a float64 run); bounds never fall below its floor, and a tolerance
+    # under that floor would only stall the iteration, so it is raised to it (the results
+    # carry the tolerance used)
+    floor_eps = max(float(eps), float(getattr(A, "roundoff_eps", 0.0)))
+    if floor_eps > eps:
+        tol = max(tol, ROUNDOFF * floor_eps * math.sqrt(n))
 
     steps = 0
     restarts = 0
@@ -353,7 +360,7 @@ def eigsh(
             resolved=small,
             side=_sides(vals.shape[0], t_idx, b_idx),
             complete=X.shape[1] + j >= n,
-            floor=ROUNDOFF * eps * math.sqrt(n) * norm,
+            floor=ROUNDOFF * floor_eps * math.sqrt(n) * norm,
         )
         return bounds <= rtol * vals.abs()
 
