@@ -264,3 +264,22 @@ def test_readme_token_file_command_on_a_gpt2_folder(root, tmp_path):
         got = torch.tensor(s["eigenvalues"], dtype=torch.float64)
         assert all(s["converged"])
         assert bool(((got - want).abs() <= torch.tensor(s["error_bounds"]) + 1e-12).all())
+
+
+# ---------------------------------------------------------------- surface on dict batches
+@pytest.mark.parametrize("kind,loss", [("gpt2", "causal_lm"), ("bert", None), ("t5", None),
+                                       ("vit", "model")])
+def test_surface_on_dict_batches_against_the_written_out_loss(root, kind, loss):
+    """The surface (and so the report) takes every batch structure; T5 with labels only."""
+    batches = hm.batches(kind, seed=7)
+    prob = _load(root, kind, batches, loss=loss)
+    f, w, _ = ht.loss_fn(kind, prob.model, batches)
+    d = torch.randn(w.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    d = d / d.norm()
+    res = cs.surface(prob, dims=1, directions=d, steps=3, range_=(-0.5, 0.5),
+                     quadratic=False, seed=3)
+    assert res.evaluation == "vmap" or res.notes
+    for a, value in zip(res.axes[0], res.loss, strict=True):
+        want = float(f(w + a * d))
+        assert abs(value - want) <= _tol(kind) * abs(want), (a, value, want)
+    assert all(np.isfinite(res.loss))

@@ -391,12 +391,20 @@ def _resolve_directions(
 
 # ----------------------------------------------------------------------------- evaluation
 def _accuracy_counts(problem: Problem, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions of a batch, as a tensor (vmap-able): per sample for BCE, per live
+    target (class ids, tokens; the loss's own rows, so causal_lm's shift too) otherwise."""
     if problem.loss_name == "bce_with_logits":
         pred = (out > 0).to(y.dtype).reshape(y.shape)
         if y.dim() > 1:
             return (pred == y).all(dim=-1).sum()
         return (pred == y).sum()
-    return (out.argmax(dim=-1) == y).sum()
+    rows, t, keep = problem.loss_fn.rows(out, y)
+    return ((rows.argmax(dim=-1) == t) & keep).sum()
+
+
+def _predictions(problem: Problem) -> int:
+    """How many predictions the accuracy counts: samples for BCE, loss terms otherwise."""
+    return problem.num_samples if problem.loss_name == "bce_with_logits" else problem.num_terms
 
 
 class _GridInterrupted(KeyboardInterrupt):
@@ -417,14 +425,17 @@ def _evaluate_vmap(
     total = len(starts) * len(problem.batch_sizes)
     done = 0
 
-    def one(flat, x, y, weight):
-        out = problem.forward(problem.unflatten(flat), x)
-        value = weight * problem.loss_fn(out, y, problem.reduction)
-        if classify:
-            return value, _accuracy_counts(problem, out, y)
-        return value, value
+    def batched(b):
+        # the batch (any structure: tensors, tuples, dicts) is closed over, not mapped
+        def one(flat):
+            out = problem.forward(problem.unflatten(flat), b.inputs)
+            value = problem.batch_value(out, b)
+            if classify:
+                return value, _accuracy_counts(problem, out, b.target)
+            return value, value
 
-    batched = torch.func.vmap(one, in_dims=(0, None, None, None))
+        return torch.func.vmap(one)
+
     # chunks of points outside, batches inside: after each chunk its points are final, so
     # Ctrl-C keeps them (one pass over the data per chunk)
     finished = 0
@@ -432,7 +443,7 @@ def _evaluate_vmap(
         with torch.no_grad(), problem.mode():
             for s in starts:
                 for b in problem.batches():
-                    values, counts = batched(W[s : s + chunk], b.x, b.y, b.weight)
+                    values, counts = batched(b)(W[s : s + chunk])
                     loss[s : s + chunk] += values.to(torch.float64)
                     if classify:
                         correct[s : s + chunk] += counts.to(torch.float64)
@@ -459,7 +470,7 @@ def _evaluate_loop(
             loss[g] = float(problem.loss(params) - problem.regulariser(params))
             if classify:
                 acc = problem.accuracy(params)
-                correct[g] = acc * problem.num_samples if acc is not None else math.nan
+                correct[g] = acc * _predictions(problem) if acc is not None else math.nan
             if progress is not None:
                 progress(g + 1, G, "surface")
     except KeyboardInterrupt:
@@ -624,7 +635,7 @@ def surface(
     loss = loss.cpu()
     if problem.weight_decay:
         loss = loss + 0.5 * problem.weight_decay * (W.to(torch.float64) ** 2).sum(dim=1).cpu()
-    acc = None if correct is None else (correct.cpu() / problem.num_samples)
+    acc = None if correct is None else (correct.cpu() / _predictions(problem))
 
     bad = ~torch.isfinite(loss)
     if finished is not None:  # Ctrl-C: keep the evaluated points, compute nothing more
