@@ -310,5 +310,3 @@ def test_empirical_kfac_on_sequences_with_an_embedding_matches_its_definition():
     inv = K.inverse(0.1)
     back = K @ (inv @ V) + 0.1 * (inv @ V)
     assert_close(back, V, rtol=1e-10, what="damped inverse")
-    with pytest.raises(UnsupportedModelError, match="Embedding layers yet"):
-        EKFACOperator(problem, fisher_type="empirical") @ V
