@@ -1,11 +1,14 @@
-r"""Kronecker-factored curvature: KFAC and EKFAC for Linear and Conv2d layers, on torch alone.
+r"""Kronecker-factored curvature: KFAC and EKFAC for Linear, Conv1D, Conv2d and Embedding layers.
 
 KFAC: Martens & Grosse 2015, KFC for convolutions: Grosse & Martens 2016, EKFAC: George et
 al. 2018.
 
-Notation for one layer with weight ``W`` (``[out, in]``; Conv2d: ``[out, C*kh*kw]``) and bias
-``b``: per sample ``i`` and location ``l`` (one location for Linear on ``[N, in]`` inputs;
-the output pixels of a Conv2d, whose inputs are the unfolded patches, "expand" KFC),
+Notation for one layer with weight ``W`` (``[out, in]``; Conv2d: ``[out, C*kh*kw]``;
+HuggingFace ``Conv1D`` and Embedding store it transposed) and bias ``b``: per sample ``i``
+and location ``l`` (one location for Linear on ``[N, in]`` inputs; the ``T`` positions of
+``[N, T, in]`` inputs, weight shared over time; the output pixels of a Conv2d, whose inputs
+are the unfolded patches: "expand" KFC, Eschenhagen et al. 2023; the locations of every call
+of a layer called several times in a forward, whose weight the calls share as positions do),
 :math:`a_{il}` is the layer input augmented by a 1 when the layer has a bias, and
 :math:`g_{il}` the derivative of the per-sample loss w.r.t. the layer output. The layer's
 block of the Fisher-type matrix the factors approximate is
@@ -22,11 +25,20 @@ for the row-major flattening of :math:`[W \mid b]` (``[out, in + 1]``), and KFAC
     A = \frac{1}{N R} \sum_{i,l} a_{il} a_{il}^T, \qquad
     G = c \sum_{i,l} E_y[g_{il} g_{il}^T],
 
-with ``R`` locations per sample. For one sample and one location this is exact; in general
-it assumes samples' (and locations') ``a`` and ``g`` independent. The expectation over ``y``:
-``exact`` sums over the model's predictive distribution (the output Fisher's square root, as
-:class:`FisherOperator`), ``mc`` draws ``mc_samples`` labels per sample with ``seed``,
-``empirical`` uses the observed labels (then ``B`` is the empirical Fisher's block).
+with ``R`` locations per sample (``N R``: the locations over all samples and calls). For one
+sample and one location this is exact; in general it assumes samples' (and locations') ``a``
+and ``g`` independent. The expectation over ``y``: ``exact`` sums over the model's predictive
+distribution (the output Fisher's square root, as :class:`FisherOperator`; on ``[N, T, V]``
+outputs one column per position and class, the positions' labels being independent given
+the input: ``T V`` backward passes a batch), ``mc`` draws ``mc_samples`` labels per sample
+(and position) with ``seed``, ``empirical`` uses the observed labels (then ``B`` is the
+empirical Fisher's block).
+
+An Embedding's input is a one-hot, so its ``A`` is diagonal (token frequencies; ids at its
+``padding_idx`` get no gradient and count as zero vectors); ids of batch size 1 in a batch
+of ``n`` samples (GPT2's position ids) are read as shared by the samples. A weight held by two
+different modules (GPT2's ``wte`` tied to ``lm_head``) is left out, with a note: its uses
+multiply it in transposed orders, so its block is a sum of two Kronecker products, not one.
 
 Weight and bias of a layer form one Kronecker block (cross terms kept); different layers
 are independent (block-diagonal). Selecting only a layer's weight (or bias) gives
@@ -258,14 +270,16 @@ class KFACOperator(CurvatureOperator):
     one backward pass per output dimension and batch) and shared with :meth:`block` views.
 
     Args:
-        problem: model (selected parameters in Linear/Conv2d layers), loss and data.
+        problem: model (selected parameters in Linear, Conv1D, Conv2d and Embedding layers;
+            the others are left out, with a note), loss and data.
         fisher_type: ``exact``, ``mc`` or ``empirical``.
         mc_samples: labels drawn per sample (``mc``).
         seed: seed of the label draws (``mc``).
 
     Raises:
-        UnsupportedModelError: for selected parameters in other layers, in train mode, a
-            layer called more than once, or a loss that is not a likelihood (``exact``, ``mc``).
+        UnsupportedModelError: when no selected parameter is covered, in train mode, for a
+            layer not called, or called on inputs whose leading dimension is not the batch's
+            samples, or for a loss that is not a likelihood (``exact``, ``mc``).
         OptionError: for an unknown ``fisher_type`` or ``mc_samples < 1``.
     """
 
