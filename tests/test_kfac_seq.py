@@ -365,3 +365,6 @@ def test_gpt2_conv1d_and_position_embedding_match_their_definitions():
     kfac, ekfac = _truths(model, x, x, K.problem, "exact", causal=True)
     assert_close(K.dense(), kfac, rtol=RTOL, what="KFAC GPT2")
     assert_close(E.dense(), ekfac, rtol=RTOL, what="EKFAC GPT2")
+    s = K.problem.param_slices()["transformer.h.0.attn.c_attn.weight"]
+    got = K.block("transformer.h.0.attn.c_attn.weight").dense()
+    assert_close(got, kfac[s, s], rtol=RTOL, what="Conv1D weight-only block")
