@@ -1,11 +1,14 @@
-r"""Kronecker-factored curvature: KFAC and EKFAC for Linear and Conv2d layers, on torch alone.
+r"""Kronecker-factored curvature: KFAC and EKFAC for Linear, Conv1D, Conv2d and Embedding layers.
 
 KFAC: Martens & Grosse 2015, KFC for convolutions: Grosse & Martens 2016, EKFAC: George et
 al. 2018.
 
-Notation for one layer with weight ``W`` (``[out, in]``; Conv2d: ``[out, C*kh*kw]``) and bias
-``b``: per sample ``i`` and location ``l`` (one location for Linear on ``[N, in]`` inputs;
-the output pixels of a Conv2d, whose inputs are the unfolded patches, "expand" KFC),
+Notation for one layer with weight ``W`` (``[out, in]``; Conv2d: ``[out, C*kh*kw]``;
+HuggingFace ``Conv1D`` and Embedding store it transposed) and bias ``b``: per sample ``i``
+and location ``l`` (one location for Linear on ``[N, in]`` inputs; the ``T`` positions of
+``[N, T, in]`` inputs, weight shared over time; the output pixels of a Conv2d, whose inputs
+are the unfolded patches: "expand" KFC, Eschenhagen et al. 2023; the locations of every call
+of a layer called several times in a forward, whose weight the calls share as positions do),
 :math:`a_{il}` is the layer input augmented by a 1 when the layer has a bias, and
 :math:`g_{il}` the derivative of the per-sample loss w.r.t. the layer output. The layer's
 block of the Fisher-type matrix the factors approximate is
@@ -22,11 +25,20 @@ for the row-major flattening of :math:`[W \mid b]` (``[out, in + 1]``), and KFAC
     A = \frac{1}{N R} \sum_{i,l} a_{il} a_{il}^T, \qquad
     G = c \sum_{i,l} E_y[g_{il} g_{il}^T],
 
-with ``R`` locations per sample. For one sample and one location this is exact; in general
-it assumes samples' (and locations') ``a`` and ``g`` independent. The expectation over ``y``:
-``exact`` sums over the model's predictive distribution (the output Fisher's square root, as
-:class:`FisherOperator`), ``mc`` draws ``mc_samples`` labels per sample with ``seed``,
-``empirical`` uses the observed labels (then ``B`` is the empirical Fisher's block).
+with ``R`` locations per sample (``N R``: the locations over all samples and calls). For one
+sample and one location this is exact; in general it assumes samples' (and locations') ``a``
+and ``g`` independent. The expectation over ``y``: ``exact`` sums over the model's predictive
+distribution (the output Fisher's square root, as :class:`FisherOperator`; on ``[N, T, V]``
+outputs one column per position and class, the positions' labels being independent given
+the input: ``T V`` backward passes a batch), ``mc`` draws ``mc_samples`` labels per sample
+(and position) with ``seed``, ``empirical`` uses the observed labels (then ``B`` is the
+empirical Fisher's block).
+
+An Embedding's input is a one-hot, so its ``A`` is diagonal (token frequencies; ids at its
+``padding_idx`` get no gradient and count as zero vectors); ids of batch size 1 in a batch
+of ``n`` samples (GPT2's position ids) are read as shared by the samples. A weight held by two
+different modules (GPT2's ``wte`` tied to ``lm_head``) is left out, with a note: its uses
+multiply it in transposed orders, so its block is a sum of two Kronecker products, not one.
 
 Weight and bias of a layer form one Kronecker block (cross terms kept); different layers
 are independent (block-diagonal). Selecting only a layer's weight (or bias) gives
@@ -78,29 +90,86 @@ class _KLayer:
         """
         return isinstance(self.module, nn.Embedding)
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the weight is stored ``[in, out]`` (Embedding, HuggingFace ``Conv1D``)."""
+        return self.embedding or _is_conv1d(self.module)
+
     def index(self) -> list[int]:
         idx = list(range(self.n_in)) if self.weight else []
         return idx + ([self.n_in] if self.bias else [])
 
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.Embedding)
-"""Layers with Kronecker factors; Linear on ``[N, ..., in]`` inputs shares its weight over
-the middle (sequence) positions: the expand approximation (Eschenhagen et al. 2023)."""
+"""Layers with Kronecker factors (and HuggingFace's ``Conv1D``, :func:`_is_conv1d`); Linear on
+``[N, ..., in]`` inputs shares its weight over the middle (sequence) positions: the expand
+approximation (Eschenhagen et al. 2023)."""
+
+COVERED = "Linear, Conv1D (HuggingFace), Conv2d and Embedding"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """HuggingFace's ``transformers.pytorch_utils.Conv1D``: a Linear with weight ``[in, out]``.
+
+    Recognised by its class (no import of transformers): ``forward`` is
+    ``x @ weight + bias`` over the last dimension.
+    """
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+    )
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    """Why a module has no Kronecker factors here (its type, with the reason), or None."""
+    if _is_conv1d(module):
+        return None
+    if not isinstance(module, SUPPORTED):
+        return type(module).__name__
+    if isinstance(module, nn.Embedding) and (
+        module.max_norm is not None or module.scale_grad_by_freq or module.sparse
+    ):
+        return "Embedding with max_norm, scale_grad_by_freq or sparse"
+    return None
+
+
+def _tied_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``id(parameter)`` -> the distinct modules that hold it directly (name, module)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            mods = owners.setdefault(id(p), [])
+            if all(m is not module for _, m in mods):
+                mods.append((mname, module))
+    return owners
 
 
 def kfac_supported(problem: Problem) -> tuple[list[str], dict[str, str]]:
-    """Selected parameter names KFAC covers, and the others by module (name -> layer type)."""
+    """Selected parameter names KFAC covers, and the others by module (name -> layer type).
+
+    A parameter held by two different modules (GPT2's token embedding tied to its output
+    layer) is left out: the uses multiply its entries in transposed orders, so its block is a
+    sum of two Kronecker products of different shapes, not one ("Embedding tied to ...").
+    """
     covered, skipped = [], {}
+    owners = _tied_owners(problem.model)
     for pname in problem.names:
-        mname = pname.rpartition(".")[0]
+        mname, _, leaf = pname.rpartition(".")
         module = problem.model.get_submodule(mname)
-        ok = isinstance(module, SUPPORTED) and not (
-            isinstance(module, nn.Embedding) and (module.max_norm is not None)
-        )
-        if ok:
+        why = _layer_kind(module)
+        if why is None:
+            param = getattr(module, leaf)
+            others = [n for n, m in owners.get(id(param), []) if m is not module]
+            if others:
+                other = problem.model.get_submodule(others[0])
+                why = f"{type(module).__name__} tied to {others[0]} ({type(other).__name__})"
+        if why is None:
             covered.append(pname)
         else:
-            skipped[mname or "model"] = type(module).__name__
+            skipped[mname or "model"] = why
     return covered, skipped
 
 
@@ -109,18 +178,15 @@ def _kfac_layers(problem: Problem, matrix: str) -> list[_KLayer]:
     for pname in problem.names:
         mname, _, leaf = pname.rpartition(".")
         module = problem.model.get_submodule(mname)
-        if not isinstance(module, SUPPORTED):
+        if _layer_kind(module) is not None:
             raise UnsupportedModelError(
-                f"the {matrix} matrix supports Linear, Conv2d and Embedding layers only; layer "
+                f"the {matrix} matrix supports {COVERED} layers only; layer "
                 f"{mname or 'model'!r} ({type(module).__name__}) has selected parameters "
                 "(select fewer parameters).",
                 matrix=matrix,
                 layer=mname,
             )
-        if isinstance(module, nn.Embedding):
-            if mname not in layers:
-                V, d = module.weight.shape
-                layers[mname] = _KLayer(mname, module, False, None, None, V, d)
+        if mname in layers:
             setattr(layers[mname], leaf, pname)
             continue
         if isinstance(module, nn.Conv2d) and (
@@ -132,28 +198,50 @@ def _kfac_layers(problem: Problem, matrix: str) -> list[_KLayer]:
                 f"padding={module.padding!r}, padding_mode={module.padding_mode!r}.",
                 matrix=matrix,
             )
-        if mname not in layers:
-            w = module.weight
-            layers[mname] = _KLayer(
-                mname, module, module.bias is not None, None, None, w[0].numel(), w.shape[0]
-            )
+        w = module.weight
+        if isinstance(module, nn.Embedding) or _is_conv1d(module):  # stored [in, out]
+            n_in, n_out = w.shape
+        else:
+            n_in, n_out = w[0].numel(), w.shape[0]
+        bias = getattr(module, "bias", None) is not None
+        layers[mname] = _KLayer(mname, module, bias, None, None, n_in, n_out)
         setattr(layers[mname], leaf, pname)
     return list(layers.values())
 
 
-def _recorder(store: list):
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        store.append((inputs[0], output))
+def _recorder(store: list, n: int):
+    """Forward hook recording ``(input, output)`` of each call.
+
+    An Embedding called on ids with batch dimension 1 in a batch of ``n > 1`` samples
+    (GPT2's position ids ``[1, T]``, broadcast over the batch) is read as applied to every
+    sample: its ids and output are expanded to the batch (same values downstream), so that
+    each sample's output derivative exists.
+    """
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
+        x = inputs[0]
+        if isinstance(module, nn.Embedding) and n > 1 and x.dim() >= 1 and x.shape[0] == 1:
+            output = output.expand(n, *output.shape[1:])
+            store.append((x.expand(n, *x.shape[1:]), output, True))
+            return output
+        store.append((x, output, False))
+        return None
 
     return hook
 
 
 def _patches(layer: _KLayer, x: torch.Tensor) -> torch.Tensor:
-    """Layer inputs as ``[n, R, in (+1)]`` (Conv2d: unfolded patches; Embedding: ids ``[n, R]``)."""
+    """Layer inputs as ``[n, R, in (+1)]`` (Conv2d: unfolded patches; Embedding: ids ``[n, R]``).
+
+    An Embedding's ids at its ``padding_idx`` become -1 (their row gets no gradient).
+    """
     m = layer.module
     n = x.shape[0]
     if layer.embedding:
-        return x.reshape(n, -1)
+        ids = x.reshape(n, -1)
+        if m.padding_idx is not None:
+            ids = ids.masked_fill(ids == m.padding_idx, -1)
+        return ids
     if isinstance(m, nn.Conv2d):
         a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
         a = a.transpose(1, 2)
@@ -182,14 +270,16 @@ class KFACOperator(CurvatureOperator):
     one backward pass per output dimension and batch) and shared with :meth:`block` views.
 
     Args:
-        problem: model (selected parameters in Linear/Conv2d layers), loss and data.
+        problem: model (selected parameters in Linear, Conv1D, Conv2d and Embedding layers;
+            the others are left out, with a note), loss and data.
         fisher_type: ``exact``, ``mc`` or ``empirical``.
         mc_samples: labels drawn per sample (``mc``).
         seed: seed of the label draws (``mc``).
 
     Raises:
-        UnsupportedModelError: for selected parameters in other layers, in train mode, a
-            layer called more than once, or a loss that is not a likelihood (``exact``, ``mc``).
+        UnsupportedModelError: when no selected parameter is covered, in train mode, for a
+            layer not called, or called on inputs whose leading dimension is not the batch's
+            samples, or for a loss that is not a likelihood (``exact``, ``mc``).
         OptionError: for an unknown ``fisher_type`` or ``mc_samples < 1``.
     """
 
@@ -222,7 +312,7 @@ class KFACOperator(CurvatureOperator):
             if not covered:
                 first = next(iter(skipped))
                 raise UnsupportedModelError(
-                    f"the {self.name} matrix covers Linear, Conv2d and Embedding layers; the "
+                    f"the {self.name} matrix covers {COVERED} layers; the "
                     f"selected parameters are in none (layer {first!r} is "
                     f"{skipped[first]}).",
                     matrix=self.name,
@@ -233,7 +323,7 @@ class KFACOperator(CurvatureOperator):
         if skipped:
             shown = ", ".join(f"{m} ({t})" for m, t in list(skipped.items())[:6])
             self.notes.append(
-                f"{self.name} covers the Linear, Conv2d and Embedding layers only: it is the "
+                f"{self.name} covers the {COVERED} layers only: it is the "
                 f"matrix of those {problem.num_params} parameters; the parameters of "
                 f"{len(skipped)} other layer(s) are left out: {shown}"
                 + (" ..." if len(skipped) > 6 else "")
@@ -254,82 +344,124 @@ class KFACOperator(CurvatureOperator):
         self._eig: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ factors
-    def _columns(self, out: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _columns(self, out: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        """Output columns ``q`` (each shaped like ``out``), per sample summing to the matrix."""
         if self.fisher_type is KFACFisherType.EXACT:
-            return self.view.fisher_sqrt(out)
+            for Q in self.view.fisher_sqrt_columns(out, y):
+                yield from Q
+            return
         if self.fisher_type is KFACFisherType.MC:
-            return self.view.sample_columns(out, y, self.mc_samples, gen)
-        return self.view.label_columns(out, y)
+            yield from self.view.sample_columns(out, y, self.mc_samples, gen)
+            return
+        yield from self.view.label_columns(out, y)
+
+    def _forward(self, layers: list[_KLayer], batch):
+        """Forward with hooks: ``(out, {layer: [(input, output, expanded) per call]})``."""
+        p = self.problem
+        captured: dict[str, list] = {layer.name: [] for layer in layers}
+        handles = [
+            layer.module.register_forward_hook(_recorder(captured[layer.name], batch.size))
+            for layer in layers
+        ]
+        try:
+            with p.mode(), torch.enable_grad():
+                leaves = {n: t.detach().requires_grad_(True) for n, t in p.params.items()}
+                out = self.view.forward(leaves, batch.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        for layer in layers:
+            calls = captured[layer.name]
+            if not calls:
+                raise UnsupportedModelError(
+                    f"the {self.name} matrix needs each covered layer called in the forward; "
+                    f"layer {layer.name!r} was not called.",
+                    matrix=self.name,
+                    layer=layer.name,
+                )
+            for x, _, expanded in calls:
+                if expanded and len(calls) > 1:
+                    raise UnsupportedModelError(
+                        f"the {self.name} matrix reads an Embedding called on ids of batch size 1 "
+                        f"as shared by the batch's {batch.size} samples, which needs one call; "
+                        f"layer {layer.name!r} was called {len(calls)} times.",
+                        matrix=self.name,
+                        layer=layer.name,
+                    )
+                if x.dim() == 0 or x.shape[0] != batch.size:
+                    raise UnsupportedModelError(
+                        f"the {self.name} matrix reads the leading dimension of a layer's input "
+                        f"as the samples; layer {layer.name!r} was called on inputs of shape "
+                        f"{tuple(x.shape)} in a batch of {batch.size} samples.",
+                        matrix=self.name,
+                        layer=layer.name,
+                    )
+        return out, captured
 
     def _passes(self, layers: list[_KLayer]):
-        """Yield per batch ``(c, {layer: a [n,R,in+1]}, [ {layer: g [n,R,out]} per column ])``."""
+        """Yield per batch ``(c, {layer: a [n,R,in+1]}, columns)``.
+
+        ``columns`` is a generator of ``{layer: g [n,R,out]}``, one per output column. A layer
+        called several times has the locations of all its calls (concatenated along ``R``):
+        the weight is shared by the calls as by the positions of a sequence.
+        """
         p = self.problem
         for batch in p.batches():
             gen = torch.Generator().manual_seed(batch_seed(self.seed, batch.index))
-            captured: dict[str, list] = {layer.name: [] for layer in layers}
-            handles = [
-                layer.module.register_forward_hook(_recorder(captured[layer.name]))
-                for layer in layers
-            ]
-            try:
-                with p.mode(), torch.enable_grad():
-                    leaves = {n: t.detach().requires_grad_(True) for n, t in p.params.items()}
-                    out = self.view.forward(leaves, batch.inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for layer in layers:
-                if len(captured[layer.name]) != 1:
-                    raise UnsupportedModelError(
-                        f"the {self.name} matrix needs each layer called once per forward; "
-                        f"layer {layer.name!r} was called {len(captured[layer.name])} times.",
-                        matrix=self.name,
-                    )
+            out, captured = self._forward(layers, batch)
             acts = {
-                layer.name: _patches(layer, captured[layer.name][0][0].detach()) for layer in layers
+                layer.name: torch.cat(
+                    [_patches(layer, x.detach()) for x, _, _ in captured[layer.name]], dim=1
+                )
+                for layer in layers
             }
-            outs = [captured[layer.name][0][1] for layer in layers]
-            Q = self._columns(out.detach(), batch.y, gen)
-            cols = []
-            for j in range(Q.shape[0]):
-                gs = torch.autograd.grad(
-                    out, outs, grad_outputs=Q[j].reshape(out.shape), retain_graph=True
+            yield per_term_scale(p, batch), acts, self._grads(layers, out, captured, batch, gen)
+
+    def _grads(self, layers: list[_KLayer], out, captured, batch, gen):
+        """Per output column, each layer's output derivatives ``[n, R, out]`` over its calls."""
+        outs = [o for layer in layers for _, o, _ in captured[layer.name]]
+        for q in self._columns(out.detach(), batch.y, gen):
+            gs = iter(
+                torch.autograd.grad(
+                    out,
+                    outs,
+                    grad_outputs=q.reshape(out.shape),
+                    retain_graph=True,
+                    allow_unused=True,
                 )
-                cols.append(
-                    {
-                        layer.name: _out_grads(layer, g.detach())
-                        for layer, g in zip(layers, gs, strict=True)
-                    }
-                )
-            yield per_term_scale(p, batch), acts, cols
+            )
+            col = {}
+            for layer in layers:
+                parts = []
+                for _, o, _ in captured[layer.name]:
+                    g = next(gs)  # None: a call the output does not depend on
+                    g = torch.zeros_like(o) if g is None else g.detach()
+                    parts.append(_out_grads(layer, g))
+                col[layer.name] = torch.cat(parts, dim=1)
+            yield col
 
     def _factor_pass(self, layers: list[_KLayer]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         A = {layer.name: 0.0 for layer in layers}
         G = {layer.name: 0.0 for layer in layers}
-        R = {}
+        rows = {layer.name: 0 for layer in layers}  # locations over all samples and calls
         for c, acts, cols in self._passes(layers):
             for layer in layers:
                 a = acts[layer.name]
-                R[layer.name] = a.shape[1]
+                rows[layer.name] += a.shape[0] * a.shape[1]
                 if layer.embedding:  # one-hot inputs: A is the diagonal of token counts
-                    counts = torch.bincount(a.reshape(-1), minlength=layer.n_in)
-                    A[layer.name] = A[layer.name] + counts.to(self.problem.dtype)
-                    A[layer.name] = A[layer.name].to(self.problem.device)
-                    for col in cols:
-                        g = col[layer.name]
-                        G[layer.name] = G[layer.name] + c * torch.einsum("nro,nrp->op", g, g)
-                    continue
-                A[layer.name] = A[layer.name] + torch.einsum("nri,nrj->ij", a, a)
-                for col in cols:
+                    ids = a.reshape(-1)
+                    counts = torch.bincount(ids[ids >= 0], minlength=layer.n_in)
+                    A[layer.name] = A[layer.name] + counts.to(self.problem.device, self.dtype)
+                else:
+                    A[layer.name] = A[layer.name] + torch.einsum("nri,nrj->ij", a, a)
+            for col in cols:
+                for layer in layers:
                     g = col[layer.name]
                     G[layer.name] = G[layer.name] + c * torch.einsum("nro,nrp->op", g, g)
-        N = self.problem.num_samples
         if self.problem.group.active:
             # every rank must hold a tensor per layer, also one that evaluated no batch
-            A, G, R = self._share_factors(layers, A, G, R)
-        return {
-            layer.name: (A[layer.name] / (N * R[layer.name]), G[layer.name]) for layer in layers
-        }
+            A, G, rows = self._share_factors(layers, A, G, rows)
+        return {layer.name: (A[layer.name] / rows[layer.name], G[layer.name]) for layer in layers}
 
     def _share_factors(self, layers: list[_KLayer], A: dict, G: dict, R: dict):
         """Factors summed over the data-parallel ranks (ranks without a batch add zeros)."""
@@ -344,7 +476,7 @@ class KFACOperator(CurvatureOperator):
                 G[n] = torch.zeros(layer.n_out, layer.n_out, dtype=p.dtype, device=p.device)
         A, G = p.reduce([A, G])
         names = [layer.name for layer in layers]
-        rows = p.reduce([R.get(n, 0) for n in names], op="max")  # positions per sample
+        rows = p.reduce([R.get(n, 0) for n in names])  # locations over all samples
         return A, G, dict(zip(names, rows, strict=True))
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -382,7 +514,9 @@ class KFACOperator(CurvatureOperator):
                 views[layer.name] = parts[layer.weight].reshape(k, layer.n_in, layer.n_out).mT
                 continue
             pieces = []
-            if layer.weight:
+            if layer.weight and layer.transposed:  # HF Conv1D: [in, out] stored
+                pieces.append(parts[layer.weight].reshape(k, layer.n_in, layer.n_out).mT)
+            elif layer.weight:
                 pieces.append(parts[layer.weight].reshape(k, layer.n_out, layer.n_in))
             if layer.bias:
                 pieces.append(parts[layer.bias].reshape(k, layer.n_out, 1))
@@ -397,7 +531,8 @@ class KFACOperator(CurvatureOperator):
                 parts[layer.weight] = r.mT
                 continue
             if layer.weight:
-                parts[layer.weight] = r[..., : layer.n_in]
+                w = r[..., : layer.n_in]
+                parts[layer.weight] = w.mT if layer.transposed else w
             if layer.bias:
                 parts[layer.bias] = r[..., -1]
         p = self.problem
@@ -482,30 +617,33 @@ class EKFACOperator(KFACOperator):
         return self._eig[layer.name]
 
     def _scales(self) -> None:
-        emb = [layer.name for layer in self.layers if layer.embedding]
-        if emb:
-            raise UnsupportedModelError(
-                f"the {self.name} matrix does not support Embedding layers yet (layer "
-                f"{emb[0]!r}); use kfac, or select other parameters.",
-                matrix=self.name,
-                layer=emb[0],
-            )
         factors = self.factors()
         bases = {}
         for layer in self.layers:
             A, G = factors[layer.name]
-            bases[layer.name] = (torch.linalg.eigh(G)[1], torch.linalg.eigh(A)[1])
+            # an Embedding's A is diagonal: its eigenbasis is the identity (qa = None)
+            qa = None if layer.embedding else torch.linalg.eigh(A)[1]
+            bases[layer.name] = (torch.linalg.eigh(G)[1], qa)
         key = {layer.name: (layer.name, tuple(layer.index())) for layer in self.layers}
         todo = [layer for layer in self.layers if key[layer.name] not in self._shared["S"]]
         if todo:
             S = {layer.name: 0.0 for layer in todo}
             for c, acts, cols in self._passes(todo):
+                rotated = {}
                 for layer in todo:
-                    qg, qa = bases[layer.name]
-                    a = acts[layer.name][..., layer.index()] @ qa
-                    for col in cols:
-                        gam = torch.einsum("nro,nrm->nom", col[layer.name] @ qg, a)
-                        S[layer.name] = S[layer.name] + c * (gam * gam).sum(0)
+                    qa = bases[layer.name][1]
+                    a = acts[layer.name]
+                    rotated[layer.name] = a if qa is None else a[..., layer.index()] @ qa
+                for col in cols:
+                    for layer in todo:
+                        g = col[layer.name] @ bases[layer.name][0]
+                        a = rotated[layer.name]
+                        if layer.embedding:
+                            sq = _embedding_squares(g, a, layer.n_in)
+                        else:
+                            gam = torch.einsum("nro,nrm->nom", g, a)
+                            sq = (gam * gam).sum(0)
+                        S[layer.name] = S[layer.name] + c * sq
             if self.problem.group.active:
                 for layer in todo:  # a rank without a batch adds zeros
                     if not isinstance(S[layer.name], torch.Tensor):
@@ -521,7 +659,25 @@ class EKFACOperator(KFACOperator):
 
     def _apply_layer(self, layer: _KLayer, X: torch.Tensor) -> torch.Tensor:
         qg, qa, D = self._eigen(layer)
+        if qa is None:  # Embedding: identity basis for A
+            return qg @ (D * (qg.T @ X))
         return qg @ (D * (qg.T @ X @ qa)) @ qa.T
+
+
+def _embedding_squares(g: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    r""":math:`\sum_i \Gamma_i^2` (entrywise), ``[d, V]``, for an Embedding.
+
+    ``g [n, R, d]`` (in :math:`G`'s eigenbasis), ``ids [n, R]`` (-1: no gradient).
+    :math:`\Gamma_i[:, v] = \sum_{l: x_{il} = v} g_{il}`, summed per (sample, token) pair.
+    """
+    n, R, d = g.shape
+    keep = (ids >= 0).reshape(-1)
+    pair = (torch.arange(n, device=ids.device).unsqueeze(1) * vocab + ids).reshape(-1)[keep]
+    uniq, inv = torch.unique(pair, return_inverse=True)
+    gam = torch.zeros(len(uniq), d, dtype=g.dtype, device=g.device)
+    gam.index_add_(0, inv, g.reshape(-1, d)[keep])
+    out = torch.zeros(d, vocab, dtype=g.dtype, device=g.device)
+    return out.index_add_(1, uniq % vocab, (gam * gam).T)
 
 
 class _KroneckerInverse(LinearOperator):

@@ -249,6 +249,54 @@ class LossView:
         s = torch.sigmoid(o2)
         return (s * (1 - s)).sqrt().T.unsqueeze(-1) * eye.unsqueeze(1)
 
+    def fisher_sqrt_columns(self, out: torch.Tensor, y: Any, block: int = 1 << 22):
+        r"""Chunks ``Q [m, *out.shape]`` of exact output-Fisher square-root columns, any shape.
+
+        Per sample, :math:`\sum q_i q_i^T` over all yielded columns is :math:`F_{out,i}`
+        (the per-sample output flattened). ``[N, d]`` outputs: :meth:`fisher_sqrt`.
+        Cross-entropy over ``[N, ..., V]`` (one categorical per position, independent given
+        the input, so :math:`F_{out,i}` is block-diagonal over positions): one column per
+        position ``t`` and class ``c``, :math:`\sqrt{p_{tc}}(p_t - e_c)` at ``t`` and zero
+        elsewhere (positions without a term: none). mse / BCE: one column per output entry.
+        Chunks hold at most about ``block`` entries.
+        """
+        self.require_likelihood()
+        if out.dim() == 2:
+            yield self.fisher_sqrt(out)
+            return
+        n = out.shape[0]
+        if isinstance(self.loss, CrossEntropy):
+            rows, _, keep = self._rows(out, y)
+            p = torch.softmax(rows, dim=-1) * keep.to(rows.dtype).unsqueeze(-1)
+            P = self._rows_to_out(p.unsqueeze(0), out)[0]
+            V = P.shape[-1]
+            P = P.reshape(n, -1, V)  # [n, L, V]
+            m = max(1, block // out.numel())
+            for t in range(P.shape[1]):
+                pt = P[:, t]  # [n, V]
+                if not bool((pt != 0).any()):
+                    continue  # no term at this position in the batch
+                for s in range(0, V, m):
+                    cls = torch.arange(s, min(s + m, V), device=out.device)
+                    diff = pt.unsqueeze(0) - torch.nn.functional.one_hot(cls, V).to(pt).unsqueeze(1)
+                    Q = out.new_zeros(len(cls), n, P.shape[1], V)
+                    Q[:, :, t] = pt.T[cls].sqrt().unsqueeze(-1) * diff
+                    yield Q.reshape(len(cls), *out.shape)
+            return
+        flat = out.reshape(n, -1)
+        D = flat.shape[1]
+        if self.loss.name == "mse":
+            w = torch.full_like(flat, math.sqrt(2.0))
+        else:
+            s = torch.sigmoid(flat)
+            w = (s * (1 - s)).sqrt()
+        m = max(1, block // out.numel())
+        for s0 in range(0, D, m):
+            idx = torch.arange(s0, min(s0 + m, D), device=out.device)
+            Q = out.new_zeros(len(idx), n, D)
+            Q[torch.arange(len(idx)), :, idx] = w[:, idx].T
+            yield Q.reshape(len(idx), *out.shape)
+
     def sample_columns(self, out: torch.Tensor, y: Any, samples: int, gen: torch.Generator):
         r"""Monte-Carlo columns ``Q [S, *out.shape]`` with :math:`E[\sum_j q q^T] = F_{out}`.
 

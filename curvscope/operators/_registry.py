@@ -100,7 +100,10 @@ def _kfac(fisher_type: str, ekfac: bool = False) -> Callable[..., CurvatureOpera
 
 _LIKELIHOOD = "a loss that is a negative log-likelihood (not chen_nonconvex or a user function)"
 _MLP = "an MLP of Linear layers and elementwise activations"
-_KFAC = "selected parameters in Linear/Conv2d layers; eval mode; a likelihood loss"
+_KFAC = (
+    "selected parameters in Linear, Conv1D, Conv2d or Embedding layers; eval mode; "
+    "a likelihood loss"
+)
 
 MATRICES: dict[str, MatrixSpec] = {
     spec.name: spec
