@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -5,7 +7,7 @@ from curvscope import Problem
 from curvscope.operators import DenseOperator, HessianOperator
 
 from .cases import CASES, build
-from .truth import assert_close, dense_hessian
+from .truth import assert_close, dense_hessian, hessian_by_double_backward
 
 
 @pytest.fixture(params=CASES, ids=[c["id"] for c in CASES])
@@ -81,6 +83,58 @@ def test_train_mode_uses_batch_statistics_without_updating():
     HessianOperator(p_train) @ torch.ones(p_train.num_params, dtype=torch.float64)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def _train_mode_loss(model, data):
+    """The train-mode loss from its definition: each batch normalised by its own statistics,
+    the per-sample cross-entropies summed over batches and divided by all samples (mean)."""
+    twin = copy.deepcopy(model).train()
+    named = dict(twin.named_parameters())
+    names = list(named)
+    shapes = [named[n].shape for n in names]
+    buffers = {k: b.detach().clone() for k, b in twin.named_buffers()}
+    total = sum(len(x) for x, _ in data)
+
+    def f(flat):
+        ps, i = {}, 0
+        for n, shape in zip(names, shapes, strict=True):
+            k = shape.numel()
+            ps[n] = flat[i : i + k].reshape(shape)
+            i += k
+        value = 0.0
+        for x, y in data:
+            state = {**ps, **{k: b.clone() for k, b in buffers.items()}}  # running stats: copies
+            out = torch.func.functional_call(twin, state, (x,))
+            value = value + torch.nn.functional.cross_entropy(out, y, reduction="sum")
+        return value / total
+
+    w = torch.cat([named[n].detach().reshape(-1) for n in names])
+    return f, w, names
+
+
+def test_train_mode_hessian_matches_double_backward_truth():
+    model, loss, data, reduction = build(CASES[4])  # BatchNorm CNN, batches of 3 and 4
+    assert loss == "cross_entropy" and reduction == "mean"
+    problem = Problem(model, loss, data, reduction=reduction, train_mode=True)
+    f, w, names = _train_mode_loss(model, data)
+    assert names == list(problem.names)
+    assert float(problem.loss()) == pytest.approx(float(f(w)), rel=1e-13)
+    truth = hessian_by_double_backward(f, w)  # never torch.func.hessian through train-mode BN
+    # the truth itself: central differences of the gradient along a random direction
+    v = torch.randn(w.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def grad(at):
+        at = at.detach().requires_grad_(True)
+        return torch.autograd.grad(f(at), at)[0]
+
+    eps = 1e-5
+    fd = (grad(w + eps * v) - grad(w - eps * v)) / (2 * eps)
+    assert_close(truth @ v, fd, rtol=1e-7, what="double backward vs differences")
+    H = HessianOperator(problem)
+    assert_close(H.dense(), truth, what="train-mode Hessian")
+    # batch statistics matter: the eval-mode Hessian is another matrix
+    eval_truth = dense_hessian(model, loss, data, reduction)
+    assert float((eval_truth - truth).abs().max()) > 1e-3 * float(truth.abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

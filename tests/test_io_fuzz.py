@@ -151,17 +151,76 @@ def arrays(draw):
     return x, y
 
 
-def check_data(path: Path, names, loss: str, **options):
-    """Load, check against the tiny model, and accept success or one sentence."""
+def check_data(path: Path, names, loss: str, expect=None, **options):
+    """Load, check against the tiny model, and accept success or one sentence.
+
+    ``expect``, decided from the generated input alone (:func:`array_outcome`): ``("loads",
+    x, y)`` where the file must load with exactly these values, ``("refuses", words)`` where
+    it must be refused with a sentence holding ``words`` (``None``: any sentence), or ``None``
+    where either may happen.
+    """
     try:
         dataset = load_dataset(path, **options)
         check_fits(tiny_model(), dataset, loss)
     except CurvscopeError as exc:
         assert_one_sentence(exc, names)
+        assert expect is None or expect[0] == "refuses", (expect, str(exc))
+        if expect is not None and expect[1] is not None:
+            assert expect[1] in str(exc), (expect[1], str(exc))
         return None
     assert len(dataset) >= 1 and dataset.files, dataset.source
+    assert expect is None or expect[0] == "loads", (expect, dataset.source)
+    if expect is not None:
+        assert torch.equal(dataset.x, expect[1]), (dataset.x, expect[1])
+        assert dataset.y.dtype == expect[2].dtype and torch.equal(dataset.y, expect[2])
     event("loaded")
     return dataset
+
+
+def array_outcome(x: np.ndarray, y: np.ndarray, loss: str):
+    """What loading ``(x, y)`` (intact, under recognised keys) against the tiny model (4
+    inputs, 3 outputs) must give, from the arrays themselves: ``("loads", x, y)`` with the
+    exact tensors, or ``("refuses", words of the sentence)``."""
+    if x.dtype.kind == "U":
+        return "refuses", "the inputs of"
+    if x.dtype.kind == "c":
+        return "refuses", "complex numbers"
+    if y.dtype.kind == "U":
+        return "refuses", "the labels of"
+    if x.shape[0] == 0:
+        return "refuses", "holds no samples"
+    if x.shape[0] != y.shape[0]:
+        return "refuses", f"{x.shape[0]} inputs but {y.shape[0]} labels"
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    integral = y.dtype.kind in "biu" or (
+        y.ndim == 1 and np.isfinite(y).all() and (y == np.round(y)).all()
+    )
+    yt = torch.from_numpy(y.astype(np.int64) if integral else y.astype(np.float32))
+    if not torch.isfinite(xt).all():
+        return "refuses", "hold NaN or Inf"
+    if not integral and not np.isfinite(y).all():
+        return "refuses", "hold NaN or Inf"
+    if x.shape[1:] != (4,):
+        return "refuses", "do not fit the model's input"
+    if loss == "mse":  # one target per sample, three outputs
+        return "refuses", "value(s) per sample but the model has 3 output(s)"
+    if not integral:
+        return "refuses", "needs integer class labels"
+    if y.ndim != 1:
+        return "refuses", "one class index per sample"
+    if yt.min() < 0 or yt.max() > 2:
+        return "refuses", "labels must lie in 0..2"
+    return "loads", xt, yt
+
+
+def damaged_outcome(expect, how):
+    """An intact file's outcome after damage: an empty file is refused; other damage is
+    refused or (where the archive's checksums miss it) leaves the values intact."""
+    if how[0] == "none":
+        return expect
+    if how[0] == "empty":
+        return "refuses", None
+    return None if expect[0] == "loads" else ("refuses", None)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +261,11 @@ def test_npz_loads_or_says_why(workdir, data, keys, how, loss):
             x = x.astype(object)  # an object array: np.load refuses it without pickle
         np.savez(path, **{keys[0]: x, keys[1]: y})
         apply_damage(path, how)
-        check_data(path, [path.name], loss)
+        if keys == ("a", "b"):  # no recognised names
+            expect = "refuses", "name the inputs and labels"
+        else:
+            expect = array_outcome(x, y, loss)
+        check_data(path, [path.name], loss, damaged_outcome(expect, how))
 
 
 @FUZZ
@@ -226,11 +289,18 @@ def test_pt_loads_or_says_why(workdir, data, layout, how, loss):
         "tensor": tx,
         "triple": (tx, ty, ty),
     }[layout]
+    if layout == "tensor":  # one tensor (or, for strings, a list: a pair when it has two)
+        expect = None if x.dtype.kind == "U" and len(x) == 2 else ("refuses", "holds a")
+    elif layout == "triple":
+        expect = "refuses", "holds a tuple"
+    else:  # strings arrive as lists: an empty one is an empty float array
+        arrived = [np.asarray(a.tolist()) if a.dtype.kind == "U" else a for a in (x, y)]
+        expect = array_outcome(*arrived, loss)
     with Scratch(workdir) as d:
         path = d / "data.pt"
         torch.save(obj, path)
         apply_damage(path, how)
-        check_data(path, [path.name], loss)
+        check_data(path, [path.name], loss, damaged_outcome(expect, how) if expect else None)
 
 
 @st.composite
@@ -389,14 +459,29 @@ def test_checkpoint_loads_or_says_why(workdir, checkpoints, kind, poison, how, s
         path = d / source.name
         path.write_bytes(source.read_bytes())
         apply_damage(path, how)
+        # intact: a pickle not trusted is refused as such, a poisoned checkpoint for its
+        # non-finite weights, a clean one loads with exactly its weights; damaged: refused,
+        # or loaded (the poisoned ones never as they are)
+        untrusted = kind == "pickle_untrusted"
         try:
             loaded = load_checkpoint(path, load_strict=strict, **options)
         except CurvscopeError as exc:
             assert_one_sentence(exc, [path.name])
+            if how[0] == "none":
+                assert untrusted or poison is not None, str(exc)
+                words = "trust_checkpoint" if untrusted else "NaN or Inf"
+                assert words in str(exc), str(exc)
             return
+        assert not untrusted
         assert loaded.files[str(path)] == loaded.sha256
         event("loaded")
+        assert how[0] != "empty"
         assert poison is None or how[0] != "none"  # non-finite weights never load as they are
+        if how[0] == "none":
+            want = tiny_model().state_dict()
+            got = loaded.model.state_dict()
+            assert set(got) == set(want)
+            assert all(torch.equal(got[k].float(), want[k].float()) for k in want)
         x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
         dataset = Dataset(x, torch.tensor([0, 1, 2]), "probe.npz", "")
         try:

@@ -115,6 +115,10 @@ def test_ggn_matches_dense_and_blocks(case):
 
 
 def test_exact_fisher_equals_ggn(case):
+    """Plumbing only (name, blocks): FisherOperator is a GGNOperator whose exact output Fisher
+    is the loss's output Hessian, so this compares a function with itself. The values are
+    checked against likelihoods written out by hand in the class-sum, Gaussian and Bernoulli
+    tests."""
     model, loss, data, reduction = build(case)
     problem = Problem(model, loss, data, reduction=reduction)
     truth = GGNOperator(problem).dense()
@@ -140,6 +144,76 @@ def test_exact_fisher_is_the_sum_over_classes():
     truth = torch.einsum("nc,ncp,ncq->pq", p, J, J) / len(x)
     F = FisherOperator(Problem(model, loss, data, reduction=reduction))
     assert_close(F.dense(), truth, what="Fisher by class sum")
+
+
+def _per_sample_jacobians(model, x):
+    """``J [N, d, P]``: one torch.autograd.grad per sample and output entry (no torch.func)."""
+    params = list(model.parameters())
+    out = model(x)
+    rows = []
+    for i in range(out.shape[0]):
+        per_entry = []
+        for j in range(out.shape[1]):
+            grads = torch.autograd.grad(out[i, j], params, retain_graph=True)
+            per_entry.append(torch.cat([g.reshape(-1) for g in grads]))
+        rows.append(torch.stack(per_entry))
+    return out.detach(), torch.stack(rows)
+
+
+def _gaussian_information(f, sigma2):
+    """E_y[grad_f log p grad_f log p^T] for y ~ N(f, sigma2 I): grad = (y - f) / sigma2 and
+    E[(y - f)(y - f)^T] = sigma2 I, so the information is I / sigma2 (per sample)."""
+    n, d = f.shape
+    return torch.eye(d, dtype=f.dtype).expand(n, d, d) / sigma2
+
+
+def _bernoulli_information(f):
+    """E_y[grad_f log p grad_f log p^T] for independent y_j ~ Bernoulli(sigmoid(f_j)), by
+    enumerating every label vector y in {0, 1}^d: log p = sum_j y_j f_j - log(1 + e^f_j), so
+    grad = y - sigmoid(f)."""
+    n, d = f.shape
+    s = torch.sigmoid(f)
+    info = torch.zeros(n, d, d, dtype=f.dtype)
+    for bits in range(2**d):
+        y = torch.tensor([(bits >> j) & 1 for j in range(d)], dtype=f.dtype)
+        prob = torch.prod(torch.where(y.bool(), s, 1 - s), dim=1)  # [N]
+        g = y - s
+        info += prob[:, None, None] * g[:, :, None] * g[:, None, :]
+    return info
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_fisher_of_mse_is_the_gaussian_fisher(reduction):
+    """DESIGN: mse is N(f, sigma^2 I) with sigma^2 = d/2 (mean over outputs) or 1/2 (sum)."""
+    model, loss, data, _ = build(CASES[2])
+    x, y = concat(data)
+    f, J = _per_sample_jacobians(model, x)
+    n, d = f.shape
+    sigma2 = d / 2 if reduction == "mean" else 0.5
+    c = 1 / n if reduction == "mean" else 1.0  # the loss is c sum_i (-log p_i) + const
+    nll = ((f - y) ** 2).sum(1) / (2 * sigma2)  # -log p_i without its constant
+    assert float(get_loss(loss)(f, y, reduction)) == pytest.approx(float(c * nll.sum()), 1e-14)
+    truth = c * torch.einsum("nap,nab,nbq->pq", J, _gaussian_information(f, sigma2), J)
+    F = FisherOperator(Problem(model, loss, data, reduction=reduction), kind="exact")
+    assert_close(F.dense(), truth, what=f"Gaussian Fisher ({reduction})")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_exact_fisher_of_bce_is_the_bernoulli_fisher(reduction):
+    """BCE-with-logits: independent Bernoullis; the mean over the d outputs is the 1/d."""
+    model = _small_mlp()
+    data = _data(target="multi")
+    x, y = concat(data)
+    f, J = _per_sample_jacobians(model, x)
+    n, d = f.shape
+    c = 1 / (n * d) if reduction == "mean" else 1.0  # the loss is c sum_i (-log p_i)
+    s = torch.sigmoid(f)
+    nll = -(y * torch.log(s) + (1 - y) * torch.log(1 - s)).sum(1)
+    value = float(get_loss("bce_with_logits")(f, y, reduction))
+    assert value == pytest.approx(float(c * nll.sum()), 1e-12)
+    truth = c * torch.einsum("nap,nab,nbq->pq", J, _bernoulli_information(f), J)
+    F = FisherOperator(Problem(model, "bce_with_logits", data, reduction=reduction))
+    assert_close(F.dense(), truth, what=f"Bernoulli Fisher ({reduction})")
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=lambda c: c["id"])

@@ -263,12 +263,11 @@ def _lstm_case():
     return model, x, y, batches
 
 
-def test_lstm_hessian_and_ggn_against_dense_truth():
-    model, x, y, batches = _lstm_case()
-    problem = Problem(model, "cross_entropy", batches, reduction="mean")
+def _lstm_truth(model, x, y):
+    """``(loss, logits, w, terms)`` of the LSTM case from the definition: the mean over the
+    positions that are not ignored, on all sequences at once."""
     unflat, w = _flat(model)
     terms = int((y != IGNORE).sum())
-    assert problem.num_terms == terms
 
     def logits(flat):
         return torch.func.functional_call(model, unflat(flat), (x,))
@@ -279,6 +278,15 @@ def test_lstm_hessian_and_ggn_against_dense_truth():
             F.cross_entropy(out.reshape(-1, 5), y.reshape(-1), ignore_index=IGNORE, reduction="sum")
             / terms
         )
+
+    return loss, logits, w, terms
+
+
+def test_lstm_hessian_and_ggn_against_dense_truth():
+    model, x, y, batches = _lstm_case()
+    problem = Problem(model, "cross_entropy", batches, reduction="mean")
+    loss, logits, w, terms = _lstm_truth(model, x, y)
+    assert problem.num_terms == terms
 
     H = hessian_by_double_backward(loss, w)
     J = torch.func.jacrev(logits)(w).reshape(-1, w.numel())  # [7*4*5, P]

@@ -10,7 +10,7 @@ from torch import nn
 
 from curvscope import Problem
 from curvscope._errors import OptionError, UnsupportedModelError
-from curvscope.operators import make_operator
+from curvscope.operators import DenseOperator, make_operator
 from curvscope.solvers import (
     RULES,
     QuadraticObjective,
@@ -232,31 +232,48 @@ def test_damping_update_hand_values():
     assert lm_damping_update(2.0, 0.1, ratio=1.01) == pytest.approx(2.02)
 
 
-def test_hf_reduction_ratio_and_damping_from_the_formulas():
+def test_hf_reduction_ratio_is_one_on_a_quadratic():
+    # the undamped model g^T p + p^T A p / 2 is the quadratic's change exactly, whatever step
+    # CG and its backtracking chose: rho = 1, so the damping falls by r = 1.5 every step
     A, b, _ = _quadratic(kappa=100.0)
-    obj = QuadraticObjective(A, b)
-    run = run_solver(obj, "hf", max_iter=2, tol=0, damping=3.0)
-    w = torch.zeros(6, dtype=F64)
-    for it in (1, 2):
-        lam = run.trace["damping"][it]
-        expected_lam = 3.0 if it == 1 else lm_damping_update(3.0, run.trace["rho"][1])
-        assert lam == pytest.approx(expected_lam)
-        # rebuild the step from consecutive losses: rho = (f1 - f0) / (g^T p + p^T A p / 2)
-        f0 = run.trace["loss"][it - 1]
-        f1 = run.trace["loss"][it]
-        g = A @ w - b
-        # the new point is not stored per iteration; recover it by solving A w = g + b
-        w_new = torch.linalg.solve(A, _grad_at(run, it, A, b) + b)
-        p = w_new - w
-        rho = (f1 - f0) / float(g @ p + 0.5 * p @ A @ p)
-        assert run.trace["rho"][it] == pytest.approx(rho, rel=1e-8)
-        w = w_new
+    run = run_solver(QuadraticObjective(A, b), "hf", max_iter=4, tol=0, damping=3.0)
+    rhos = run.trace["rho"][1:]
+    assert len(rhos) == 4
+    assert rhos == pytest.approx([1.0] * 4, abs=1e-9)
+    assert run.trace["damping"][1:] == pytest.approx([3.0 / 1.5**k for k in range(4)])
 
 
-def _grad_at(run, it, A, b):
-    """The gradient at iteration ``it`` from a re-run (the trace stores norms only)."""
-    r = run_solver(QuadraticObjective(A, b), "hf", max_iter=it, tol=0, damping=3.0)
-    return A @ r.weights - b
+class _ScaledCurvature(QuadraticObjective):
+    """f(w) = beta/2 |w|^2 - b^T w, whose curvature is given as a I instead of beta I."""
+
+    def __init__(self, beta: float, a: float, b: torch.Tensor):
+        super().__init__(beta * torch.eye(len(b), dtype=b.dtype), b)
+        self.a = a
+
+    def curvature(self, name, w, **knobs):
+        return DenseOperator(self.a * torch.eye(len(w), dtype=w.dtype))
+
+
+def test_hf_reduction_ratio_in_closed_form_when_the_model_is_off():
+    # CG on (a + lam) I solves in one step: p = -g / (a + lam). The actual change is
+    # -|g|^2 / (a + lam) + beta |g|^2 / (2 (a + lam)^2), the model's the same with a for
+    # beta, so rho = (a + lam - beta / 2) / (a / 2 + lam) at every step, whatever g is.
+    a, beta = 2.0, 5.5
+    b = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    run = run_solver(_ScaledCurvature(beta, a, b), "hf", max_iter=3, tol=0, damping=1.0)
+
+    def rho(lam):
+        return (a + lam - beta / 2) / (a / 2 + lam)
+
+    # lam = 1: rho = 0.125 < 1/4 raises lam to 1.5; rho = 0.3 then keeps it
+    assert rho(1.0) == pytest.approx(0.125) and rho(1.5) == pytest.approx(0.3)
+    assert run.trace["damping"][1:] == pytest.approx([1.0, 1.5, 1.5])
+    assert run.trace["rho"][1:] == pytest.approx([rho(1.0), rho(1.5), rho(1.5)], rel=1e-10)
+    # and the iterates: w <- w - g / (a + lam) with g = beta w - b, from w = 0
+    w = torch.zeros(3, dtype=F64)
+    for lam in (1.0, 1.5, 1.5):
+        w = w - (beta * w - b) / (a + lam)
+    assert_close(run.weights, w, rtol=1e-12, what="HF iterates")
 
 
 # ----------------------------------------------------------------------------- EA-CG / MK

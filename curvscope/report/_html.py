@@ -70,6 +70,8 @@ HOW_TO_READ = {
     "check": (
         "Whether the derivatives curvscope uses are right: the gradient test compares finite "
         "differences with g·d, the Taylor test checks that the remainders fall as h² and h³. "
+        "Failed means the smallest steps clear of round-off show a lower order (a wrong "
+        "derivative); a faster fall is a higher-order remainder and passes. "
         "Inconclusive means round-off or kinks (ReLU, max-pool) hid the answer, not a failure. "
         "The convexity certificate (Veitch Thm 4.1, sign corrected) says which layer blocks "
         "are provably positive semi-definite at these weights, and nothing more."
