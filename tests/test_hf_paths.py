@@ -176,7 +176,7 @@ CASES = [(k, pad, loss) for k in hm.KINDS for pad in (("right",) if k == "vit" e
 
 
 @pytest.mark.parametrize("kind,padding,loss", CASES,
-                         ids=[f"{k}-{p}-{l}" for k, p, l in CASES])
+                         ids=["-".join(map(str, c)) for c in CASES])
 def test_dict_batches_against_dense_truth(root, kind, padding, loss):
     batches = hm.batches(kind, seed=7, padding=padding)
     spec = str(root / f"losses.py:{loss}") if loss in ("lm", "ce") else loss
@@ -283,3 +283,25 @@ def test_surface_on_dict_batches_against_the_written_out_loss(root, kind, loss):
         want = float(f(w + a * d))
         assert abs(value - want) <= _tol(kind) * abs(want), (a, value, want)
     assert all(np.isfinite(res.loss))
+
+
+# ---------------------------------------------------------------- precision
+def test_float32_inside_a_float64_run_is_named_and_never_fails_a_check(root, tmp_path):
+    """Llama and T5 compute norms in float32 in a float64 run: the document says so, the
+    Taylor and gradient tests are inconclusive at that floor at worst (never 'failed'), and
+    the Lanczos bounds use float32's epsilon (checked against dense truth above)."""
+    from curvscope.diagnostics import gradient_test, taylor_test
+    from curvscope.diagnostics._derivatives import combine
+
+    for kind in ("llama", "t5"):
+        prob = _load(root, kind, hm.batches(kind, seed=7), loss=None)
+        prec = prob.input_info["precision"]
+        assert prec["computes_in"] == "float32" and prec["where"]
+        assert any("computes in float32 inside this float64 run" in n for n in prob.notes)
+        assert cs.hessian(prob).roundoff_eps == float(torch.finfo(torch.float32).eps)
+        for test in (taylor_test, gradient_test):
+            passed, reason = combine(test(prob, directions=2, seed=0))
+            assert passed is not False, reason
+    gpt = _load(root, "gpt2", hm.batches("gpt2", seed=7), loss="causal_lm")
+    assert gpt.input_info["precision"]["computes_in"] == "float64"
+    assert cs.hessian(gpt).roundoff_eps == float(torch.finfo(torch.float64).eps)

@@ -391,8 +391,11 @@ def _resolve_directions(
 
 # ----------------------------------------------------------------------------- evaluation
 def _accuracy_counts(problem: Problem, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Correct predictions of a batch, as a tensor (vmap-able): per sample for BCE, per live
-    target (class ids, tokens; the loss's own rows, so causal_lm's shift too) otherwise."""
+    """Correct predictions of a batch, as a tensor (vmap-able).
+
+    Per sample for BCE, per live target otherwise (class ids, tokens: the loss's own rows,
+    so causal_lm's shift too).
+    """
     if problem.loss_name == "bce_with_logits":
         pred = (out > 0).to(y.dtype).reshape(y.shape)
         if y.dim() > 1:
