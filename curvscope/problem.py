@@ -489,7 +489,8 @@ class Problem:
         model casts to float32 inside has float32's round-off everywhere.
         """
         cached = getattr(self, "_precision", None)
-        if cached is not None:
+        # a copy in another dtype (Problem.to) carries the attribute: measure it anew
+        if cached is not None and cached.dtype == self.dtype:
             return cached
         from ._precision import watch_precision
 
