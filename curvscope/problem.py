@@ -494,7 +494,11 @@ class Problem:
             return cached
         from ._precision import watch_precision
 
-        batch = next(self.batches())
+        # the first batch, read without counting a pass: this is no product of the analysis
+        inputs, target = self.split(next(iter(self._raw())))
+        terms = self.batch_terms[0] if self.batch_terms else 1
+        batch = Batch(self._move(inputs), self._move_target(target), self.batch_weight(terms),
+                      self._size(inputs, target), terms, index=0)
 
         def run() -> None:
             with torch.no_grad(), self.mode():
