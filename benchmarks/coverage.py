@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's curvscope
 
 from curvscope import Problem
 from curvscope._sampling import subset_indices
@@ -200,6 +204,9 @@ def main() -> None:
     t0 = time.perf_counter()
     mats = matrices(40 if args.quick else 100, 8 if args.quick else 16)
     dims = ", ".join(f"{k} P={v.shape[0]}" for k, v in mats.items())
+    import curvscope
+
+    print(f"curvscope from {Path(curvscope.__file__).parent}")
     print(f"{n_seeds} seeds; matrices: {dims}; interval: estimate ± {K:g} sigma")
     rows = trace_rows(mats, seeds, args.quick) + repeat_rows(seeds, args.quick)
     if args.only:
