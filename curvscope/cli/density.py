@@ -211,8 +211,8 @@ def _print(result, session, doc_path) -> None:
     print_table(dens)
     print_findings(result.notes)
     console.print(
-        "[dim]slq: the quadrature's own trace estimate; hutchpp stderr covers its Hutchinson "
-        "part only.[/]"
+        "[dim]slq: the quadrature's own trace estimate; ± 2 stderr covers the trace in ~95% "
+        "of runs (hutchpp: the whole estimate, sketch included).[/]"
     )
     console.print(f"{result.num_matvecs} matrix-vector products. Result: {doc_path}")
 

@@ -26,7 +26,14 @@ from ._operator import (
 from ._power import power_iteration
 from ._restarted import KEEP_FRACTION, default_basis_size, eigsh
 from ._slq import Density, SLQResult, slq, spectral_density
-from ._trace import TraceEstimate, exact_trace, hutchinson_trace, hutchpp_trace, random_probes
+from ._trace import (
+    TraceEstimate,
+    exact_trace,
+    hutchinson_trace,
+    hutchpp_trace,
+    random_probes,
+    t_factor,
+)
 
 __all__ = [
     "KEEP_FRACTION",
@@ -64,4 +71,5 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "random_probes",
+    "t_factor",
 ]
