@@ -492,10 +492,7 @@ def load(
     elif own_loss_note:
         notes.append(own_loss_note)
     if train_mode:
-        notes.append(
-            "train mode: BatchNorm used batch statistics of each batch (running statistics "
-            "untouched); dropout off."
-        )
+        notes.append(problem.mode_note())
     files = dict(getattr(loaded, "files", {}) or {})
     if loaded.sha256 and str(loaded.path) not in files:
         files[str(loaded.path)] = loaded.sha256
@@ -528,6 +525,7 @@ def load(
         "device": str(device_t),
         "seed": seed,
         "train_mode": train_mode,
+        "batch_dependent": problem.batch_dependent,
         "precision": precision.to_dict(),
         "files": files,
         "versions": io.versions(),
