@@ -20,6 +20,7 @@ import shutil
 import struct
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -482,6 +483,74 @@ def idx_sets(draw):
     }
 
 
+def idx_decode(path: Path):
+    """The array an IDX file (gzip-compressed when named .gz) holds, by the format: two zero
+    bytes, a type code, the number of dimensions, big-endian 32-bit dimensions, the values;
+    or ``("refuses", words)``."""
+    try:
+        data = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error):
+        return "refuses", f"{path.name} cannot be read"
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_CODES:
+        return "refuses", f"{path.name} is not an IDX file"
+    ndim = data[3]
+    if ndim == 0:
+        return "refuses", f"{path.name} is an IDX file of zero dimensions"
+    if len(data) < 4 + 4 * ndim:
+        return "refuses", f"{path.name} is truncated inside its IDX header"
+    dims = list(struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim]))
+    dtype = np.dtype(IDX_CODES[data[2]])
+    if math.prod(dims) * dtype.itemsize != len(data) - 4 - 4 * ndim:
+        return "refuses", f"{path.name} is truncated or damaged"
+    values = np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
+    return values.astype(dtype.newbyteorder("="))
+
+
+def shape_outcome(option: str | None, per_sample: int):
+    """``--input-shape``: comma-separated positive whole numbers whose product is a sample's
+    size; the shape, ``None`` (not given) or ``("refuses", words)``."""
+    if option is None:
+        return None
+    try:
+        numbers = [float(v) for v in option.split(",") if v.strip()]
+    except ValueError:
+        return "refuses", "must be comma-separated numbers"
+    if not all(math.isfinite(v) for v in numbers):
+        return "refuses", "must hold finite numbers"
+    if not numbers or not all(v == int(v) and 1 <= v <= 2**31 for v in numbers):
+        return "refuses", "must be positive whole numbers"
+    shape = [int(v) for v in numbers]
+    if math.prod(shape) != per_sample:
+        return "refuses", f"has {math.prod(shape)} values but each sample"
+    return shape
+
+
+def idx_outcome(images: Path, labels: Path, folder: bool, input_shape: str | None):
+    """What loading the IDX pair (the folder, or the images file) must give, from the files
+    as they are on disk."""
+    if not labels.exists():
+        return "refuses", "has no train-labels" if folder else "cannot find the matching labels"
+    x = idx_decode(images)
+    if isinstance(x, tuple):
+        return x
+    y = idx_decode(labels)
+    if isinstance(y, tuple):
+        return y
+    if x.shape[0] == 0:
+        return "refuses", "holds no samples"
+    if x.shape[0] != y.shape[0]:
+        return "refuses", f"{x.shape[0]} inputs but {y.shape[0]} labels"
+    with np.errstate(over="ignore"):
+        xt = torch.from_numpy(x.astype(np.float32))
+    yt = label_tensor(y)
+    shape = shape_outcome(input_shape, xt[0].numel())
+    if isinstance(shape, tuple):
+        return shape
+    if shape is not None:
+        xt = xt.reshape(len(xt), *shape)
+    return fit_outcome(xt, yt, "cross_entropy")
+
+
 @FUZZ
 @given(spec=idx_sets(), how=damage)
 def test_idx_loads_or_says_why(workdir, spec, how):
@@ -499,7 +568,10 @@ def test_idx_loads_or_says_why(workdir, spec, how):
             files["labels"].unlink()
         target = d if spec["folder"] else files["images"]
         names = [d.name] + [p.name for p in files.values()]
-        dataset = check_data(target, names, "cross_entropy", input_shape=spec["input_shape"])
+        expect = idx_outcome(files["images"], files["labels"], spec["folder"],
+                             spec["input_shape"])
+        dataset = check_data(target, names, "cross_entropy", expect,
+                             input_shape=spec["input_shape"])
         if dataset is not None:
             assert set(dataset.files) == {str(p) for p in files.values()}
 
