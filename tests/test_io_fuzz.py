@@ -666,17 +666,38 @@ def tiny_lm():
     return TinyGPT(12, 16, 1, 2, 8)
 
 
-def load_or_says_why(model, data, names, **options):
+def load_or_says_why(model, data, names, expect, **options):
     """``curvscope.load`` (loading, the determinism check and the checks against the model):
-    a problem, or one sentence."""
+    a problem, or one sentence.
+
+    ``expect``, decided from the generated input: ``("loads", pairs)`` where one pass over
+    the problem's batches must give exactly ``pairs`` (inputs, targets) in order, ``("loads
+    in any order", pairs)`` where they may come in another order, or ``("refuses", words)``
+    where the sentence must hold ``words`` (``None``: any sentence).
+    """
     import curvscope as cs
 
     try:
         problem = cs.load(model, data, **options)
     except CurvscopeError as exc:
         assert_one_sentence(exc, names)
+        assert expect[0] == "refuses", (expect[0], str(exc))
+        assert expect[1] is None or expect[1] in str(exc), (expect[1], str(exc))
         return None
-    assert problem.num_samples >= 1
+    assert expect[0] != "refuses", (expect, problem.data_source.source)
+    got = [(b.inputs.args[0].cpu(), b.target.cpu()) for b in problem.batches()]
+    assert problem.num_samples == sum(len(x) for x, _ in expect[1]) >= 1
+    x, y = (torch.cat(t) for t in zip(*got, strict=True))
+    want_x, want_y = (torch.cat(t) for t in zip(*expect[1], strict=True))
+    if expect[0] == "loads in any order":  # a shuffling loader: the same samples
+        def samples(xs, ys):
+            return sorted(zip(map(tuple, xs.tolist()), ys.tolist(), strict=True))
+
+        assert x.dtype == want_x.dtype and y.dtype == want_y.dtype
+        assert samples(x, y) == samples(want_x, want_y)
+    else:
+        assert x.dtype == want_x.dtype and torch.equal(x, want_x), (x, want_x)
+        assert y.dtype == want_y.dtype and torch.equal(y, want_y), (y, want_y)
     event("loaded")
     return problem
 
@@ -684,9 +705,69 @@ def load_or_says_why(model, data, names, **options):
 TOKEN_DTYPES = ["uint16", "int32", "int64", "uint8", "float32"]
 
 
+VOCAB, CONTEXT = 12, 16  # tiny_lm(): 12 token ids, positions for 16 tokens
+
+
+def token_values(path: Path, declared: str | None):
+    """The ids a token file holds, from its bytes (a .bin by the declared dtype, uint16 by
+    default; a .npy by numpy's format), or ``("refuses", words)``."""
+    if path.suffix == ".bin":
+        want = np.dtype(declared or "uint16")
+        raw = path.read_bytes()
+        if not raw:
+            return "refuses", "is empty"
+        if len(raw) % want.itemsize:
+            return "refuses", f"not a whole number of {want.name} values"
+        return np.frombuffer(raw, want)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - numpy refuses a damaged header in many ways
+        return "refuses", "is not a readable .npy array"
+    if not np.issubdtype(arr.dtype, np.integer):
+        return "refuses", "not integer token ids"
+    if arr.ndim != 1:
+        return "refuses", "a token file is one flat sequence"
+    if arr.size == 0:
+        return "refuses", "is empty"
+    return arr
+
+
+def token_outcome(path: Path, declared: str | None, block: int):
+    """What ``curvscope.load`` of the tiny LM on this token file with ``block_size=block``
+    and the cross-entropy loss must give: the windows ``t[i:i+T]`` and next tokens
+    ``t[i+1:i+T+1]`` at ``i = 0, T, 2T...``, or the refusal."""
+    if block == 0:  # no block size: a .bin is still a token file, a .npy no data file
+        return "refuses", ("token data need" if path.suffix == ".bin"
+                           else "unknown data format")
+    if block < 0:
+        return "refuses", "must be a positive integer"
+    t = token_values(path, declared)
+    if isinstance(t, tuple):
+        return t
+    if len(t) < block + 1:
+        return "refuses", f"holds {len(t)} tokens, fewer than the {block + 1}"
+    head = t[: 1 << 20]
+    if (path.suffix == ".bin" and declared is None and len(head) >= 8 and len(head) % 2 == 0
+            and not head[1::2].any() and head[0::2].any()):
+        return "refuses", "at every odd position: it looks written as"
+    t = t.astype(np.int64)
+    if t.min() < 0:
+        return "refuses", f"holds negative ids (smallest {t.min()})"
+    if t.max() >= VOCAB:
+        return "refuses", f"token id {t.max()} in"
+    if block > CONTEXT:
+        return "refuses", f"the sequences hold {block} tokens"
+    starts = range(0, len(t) - block, block)
+    w = torch.from_numpy(np.stack([t[s : s + block + 1] for s in starts]))
+    return "loads", [(w[:, :-1], w[:, 1:])]
+
+
 @FUZZ
 @given(
-    ids=st.lists(st.integers(-3, 20), min_size=0, max_size=80),
+    ids=st.one_of(  # ids the tiny LM takes (0..11), or any, negative and past it too
+        st.lists(st.integers(0, 11), min_size=0, max_size=80),
+        st.lists(st.integers(-3, 20), min_size=0, max_size=80),
+    ),
     dtype=st.sampled_from(TOKEN_DTYPES),
     suffix=st.sampled_from([".bin", ".npy"]),
     declared=st.sampled_from([None, "uint16", "int32"]),
@@ -705,8 +786,9 @@ def test_token_file_loads_or_says_why(workdir, ids, dtype, suffix, declared, blo
         options = {"block_size": block, "loss": "cross_entropy"}
         if declared is not None and suffix == ".bin":
             options["token_dtype"] = declared
+        expect = token_outcome(path, options.get("token_dtype"), block)
         load_or_says_why(tiny_lm(), str(path), [path.name, "block_size", "token_dtype",
-                                                "vocabulary"], **options)
+                                                "vocabulary"], expect, **options)
 
 
 SOURCES = {
