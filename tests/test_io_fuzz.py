@@ -6,7 +6,10 @@ module) is generated with defects: empty, one sample, strings, objects, complex,
 Inf, mismatched lengths, huge or negative dimensions, wrong magic numbers, and the bytes
 truncated or bit-flipped at random offsets. Loading, then checking the data against a tiny
 model, must succeed or raise one :class:`CurvscopeError` sentence naming the file; anything
-else (a traceback) fails the test.
+else (a traceback) fails the test. Which of the two, and the exact values loaded or the
+words of the sentence, is decided by an oracle from the generated input alone
+(``array_outcome``, ``csv_outcome``, ``idx_outcome``, ``token_outcome``,
+``source_outcome``): a file that loads wrong values fails.
 
 Seeded (``derandomize=True``) and bounded: the whole file runs in well under 60 s with one
 thread.
@@ -812,6 +815,47 @@ SOURCES = {
 }
 
 
+def source_outcome(kind: str, rows: int, cut: int, loss: str):
+    """What ``curvscope.load`` of the tiny model on ``SOURCES[kind]`` (``rows`` samples,
+    ``n = cut``) with ``loss`` must give, from the source's own rules: what ``make()``
+    returns must be a re-iterable of ``(inputs, targets)`` batches (or a torch data set)
+    holding samples, whose inputs go through the model (4 features, finite) and whose
+    targets fit its 3 outputs under the loss (class indices for cross-entropy; MSE needs 3
+    values a sample, which one label per sample never gives)."""
+    fixed = {
+        "none": "are neither a file, a data set nor an iterable of batches",
+        "number": "are neither a file, a data set nor an iterable of batches",
+        "text": "are neither a file, a data set nor an iterable of batches",
+        "raises": "calling it raised ValueError: no data today",
+        "generator": "one-shot iterator",
+        "single": "the data gave a tuple of 1 items",
+        "strings": "a batch's inputs hold no tensor",
+        "empty": "the data set is empty",
+    }
+    if kind in fixed:
+        return "refuses", fixed[kind]
+    if rows == 0:  # torch's shuffling sampler refuses an empty data set itself
+        return "refuses", ("calling it raised ValueError" if kind == "loader"
+                           else "the data set is empty")
+    if kind in ("dict", "wrong_width"):  # no argument named x; 2 features for 4
+        return "refuses", "do not fit the model's forward"
+    if kind == "nan":
+        return "refuses", "the inputs of"
+    if kind == "mismatched" and rows > 1:
+        return "refuses", ("targets of shape (1,) do not fit outputs" if loss == "cross_entropy"
+                           else "do not fit the model's output")
+    if loss == "mse":
+        return "refuses", "do not fit the model's output"
+    if kind == "float_targets":
+        return "refuses", "needs integer class targets"
+    g = torch.Generator().manual_seed(0)  # the source's own draws
+    x = torch.randn(rows, 4, generator=g)
+    y = torch.randint(0, 3, (rows,), generator=g)
+    if kind == "pairs":
+        return "loads", [(x[:cut], y[:cut]), (x[cut:], y[cut:])]
+    return ("loads in any order" if kind == "loader" else "loads"), [(x, y)]
+
+
 @FUZZ
 @given(
     kind=st.sampled_from(sorted(SOURCES)),
@@ -831,4 +875,5 @@ def test_python_data_source_loads_or_says_why(workdir, kind, rows, cut, loss):
             f"    n = {cut}\n"
             f"    {SOURCES[kind]}\n"
         )
-        load_or_says_why(tiny_model(), f"{path}:make", [path.name, "make", "data"], loss=loss)
+        load_or_says_why(tiny_model(), f"{path}:make", [path.name, "make", "data"],
+                         source_outcome(kind, rows, cut, loss), loss=loss)
