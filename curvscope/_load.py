@@ -208,13 +208,28 @@ def _python_source(spec: str, batch_size: int, base_dir: Path | None) -> _Source
     return _Source(batches, f"{spec} ({type(obj).__name__})", files[str(path)], files, obj)
 
 
+def _first_batch(problem: Problem) -> Any:
+    """The first batch that holds samples: the checks against the model run on it.
+
+    A source may give empty batches (``[(x[:0], y[:0]), (x, y)]``); a forward and a loss on
+    zero samples succeed whatever the shapes, so checking such a batch would let targets
+    that do not fit the model through.
+    """
+    first = None
+    for batch in problem.batches():
+        if batch.size:
+            return batch
+        first = batch if first is None else first
+    return first
+
+
 def _forward_hint(model: nn.Module, problem: Problem, exc: BaseException) -> str:
     """Name a forward's arguments the batches do not give (with ``forward_kwargs``)."""
     try:
         sig = inspect.signature(model.forward)
     except (TypeError, ValueError):
         return ""
-    batch = next(problem.batches())
+    batch = _first_batch(problem)
     given = len(batch.inputs.args)
     names = set(batch.inputs.kwargs)
     missing = []
@@ -242,7 +257,7 @@ def _check_ids(problem: Problem, source: str, hint: int | None) -> None:
             f"(ids must lie in 0..{vocab - 1}).",
             option="data",
         )
-    batch = next(problem.batches())
+    batch = _first_batch(problem)
     ids = [t for t in batch.inputs.args if isinstance(t, torch.Tensor)]
     ids += [v for k, v in batch.inputs.kwargs.items() if k == "input_ids"]
     for t in ids:
@@ -260,7 +275,7 @@ def _check_ids(problem: Problem, source: str, hint: int | None) -> None:
 def _check_fit(problem: Problem, source: str, vocab_hint: int | None = None) -> torch.Tensor:
     """Run the first batch through the model; a failure is a sentence naming the data."""
     _check_ids(problem, source, vocab_hint)
-    batch = next(problem.batches())
+    batch = _first_batch(problem)
     try:
         with torch.no_grad(), problem.mode():
             out = problem.forward(problem.params, batch.inputs)
@@ -492,10 +507,7 @@ def load(
     elif own_loss_note:
         notes.append(own_loss_note)
     if train_mode:
-        notes.append(
-            "train mode: BatchNorm used batch statistics of each batch (running statistics "
-            "untouched); dropout off."
-        )
+        notes.append(problem.mode_note())
     files = dict(getattr(loaded, "files", {}) or {})
     if loaded.sha256 and str(loaded.path) not in files:
         files[str(loaded.path)] = loaded.sha256
@@ -528,6 +540,7 @@ def load(
         "device": str(device_t),
         "seed": seed,
         "train_mode": train_mode,
+        "batch_dependent": problem.batch_dependent,
         "precision": precision.to_dict(),
         "files": files,
         "versions": io.versions(),
@@ -632,7 +645,7 @@ def _check_targets(problem: Problem, source: str, causal: bool) -> None:
     from ._losses import CallableLoss, CausalLM, CrossEntropy
 
     fn = problem.loss_fn
-    batch = next(problem.batches())
+    batch = _first_batch(problem)
     ids = batch.inputs.kwargs.get("input_ids")
     if ids is None and len(batch.inputs.args) == 1:
         ids = batch.inputs.args[0]

@@ -482,6 +482,36 @@ class Problem:
                 m.training = flag
 
     @property
+    def batch_dependent(self) -> bool:
+        """Whether the analysed function depends on how the samples are batched.
+
+        True in train mode when the model has a BatchNorm module: each sample is normalised
+        with the statistics of its batch, so the loss, its gradient and its curvature
+        change with the batch size and the batch composition (which samples share a
+        batch). In eval mode, and in train mode without BatchNorm (dropout stays off),
+        batching only splits a sum and the numbers do not depend on it.
+        """
+        return self.train_mode and any(isinstance(m, _BN_TYPES) for m in self.model.modules())
+
+    def mode_note(self) -> str | None:
+        """The sentence a result document carries about train mode (``None`` in eval mode)."""
+        if not self.train_mode:
+            return None
+        if not self.batch_dependent:
+            return (
+                "train mode: the model has no BatchNorm module, so batching does not change "
+                "the numbers; dropout off."
+            )
+        sizes = sorted({s for s in self.batch_sizes if s})
+        shown = f"{sizes[-1]}" if len(sizes) == 1 else f"{sizes[0]} to {sizes[-1]}"
+        return (
+            "train mode: BatchNorm normalised each sample with the statistics of its batch "
+            f"(batches of {shown} samples; running statistics untouched, dropout off), so "
+            "every number depends on the batch composition and holds for this batching only: "
+            "another batch size, subset or sample order is another function."
+        )
+
+    @property
     def precision(self):
         """What a forward of this problem computes in (:class:`~curvscope._precision.Precision`).
 

@@ -36,3 +36,12 @@ def test_example_script_runs(script, tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip()  # each example prints what it found
+
+
+def test_readme_example_document_has_the_current_version_and_schema():
+    import curvscope
+    from curvscope.io import SCHEMA
+
+    text = (ROOT / "README.md").read_text()
+    assert f'"curvscope_version": "{curvscope.__version__}"' in text
+    assert f'"schema": "{SCHEMA}"' in text

@@ -6,17 +6,24 @@ module) is generated with defects: empty, one sample, strings, objects, complex,
 Inf, mismatched lengths, huge or negative dimensions, wrong magic numbers, and the bytes
 truncated or bit-flipped at random offsets. Loading, then checking the data against a tiny
 model, must succeed or raise one :class:`CurvscopeError` sentence naming the file; anything
-else (a traceback) fails the test.
+else (a traceback) fails the test. Which of the two, and the exact values loaded or the
+words of the sentence, is decided by an oracle from the generated input alone
+(``array_outcome``, ``csv_outcome``, ``idx_outcome``, ``token_outcome``,
+``source_outcome``): a file that loads wrong values fails.
 
 Seeded (``derandomize=True``) and bounded: the whole file runs in well under 60 s with one
 thread.
 """
 
+import csv
 import gzip
+import io
+import math
 import shutil
 import struct
 import tempfile
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +337,97 @@ def csv_texts(draw):
     return "\n".join(lines) + "\n", label
 
 
+def fit_outcome(x: torch.Tensor, y: torch.Tensor, loss: str):
+    """What :func:`check_fits` must say of float32 inputs ``x`` and labels ``y`` against the
+    tiny model (a Linear of 4 inputs first, 3 outputs): ``("loads", x, y)`` or ``("refuses",
+    words)``."""
+    if not torch.isfinite(x).all():
+        return "refuses", "inputs of"
+    if y.is_floating_point() and not torch.isfinite(y).all():
+        return "refuses", "targets of"
+    if x.dim() < 2 or x.shape[-1] != 4:  # the first Linear takes the last dimension
+        return "refuses", "do not fit the model's input"
+    if loss == "mse":  # the labels give one value per sample, the model three
+        per_y = y[0].numel() if y.dim() > 1 else 1
+        per_out = 3 * math.prod(x.shape[1:-1])
+        if per_y != per_out:
+            return "refuses", "value(s) per sample but the model has"
+        return "loads", x, y
+    if y.is_floating_point():
+        return "refuses", "needs integer class labels"
+    if y.dim() != 1 and x.dim() == 2:
+        return "refuses", "one class index per sample"
+    if int(y.min()) < 0 or int(y.max()) > 2:
+        return "refuses", "labels must lie in 0..2"
+    return "loads", x, y
+
+
+def label_tensor(y: np.ndarray) -> torch.Tensor:
+    """Labels as curvscope keeps them: float labels that are all whole (1-D, finite, exact
+    in float64) are class indices, other floats stay real-valued targets, integers int64."""
+    if y.dtype.kind == "f":
+        y = y.astype(np.float64)
+        whole = (y.size and y.ndim == 1 and np.isfinite(y).all()
+                 and (np.abs(y) < 2.0**53).all() and (y == np.round(y)).all())
+        return torch.from_numpy(y.astype(np.int64) if whole else y.astype(np.float32))
+    return torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+
+def is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def csv_outcome(raw: bytes, label: str | None, loss: str):
+    """What loading the CSV bytes ``raw`` with ``label_column=label`` must give.
+
+    The rules of the CSV reader: a file that is not UTF-8 text or not CSV is refused; blank
+    lines are skipped; the first row is a header when one of its cells is no number; every
+    row has the first row's number of cells, at least two; the label column is the last, a
+    header name or an index (negative from the end); every cell is a number. Then the
+    inputs (float32) and labels must fit the model (:func:`fit_outcome`).
+    """
+    try:
+        rows = [r for r in csv.reader(io.StringIO(raw.decode("utf-8"), newline="")) if r]
+    except (UnicodeDecodeError, csv.Error):
+        return "refuses", "cannot be read as CSV"
+    if not rows:
+        return "refuses", "is empty"
+    header = None
+    if not all(is_number(v) for v in rows[0]):
+        header, rows = rows[0], rows[1:]
+    if not rows:
+        return "refuses", "has a header but no rows of data"
+    ncol = len(rows[0])
+    if any(len(r) != ncol for r in rows):
+        return "refuses", f"but the first row has {ncol}"
+    if ncol < 2:
+        return "refuses", "it needs input columns and a label column"
+    if label is None:
+        col = ncol - 1
+    elif header is not None and label in header:
+        col = header.index(label)
+        if col >= ncol:  # a header longer than the rows: the named column holds no values
+            return "refuses", None
+    else:
+        try:
+            col = int(label)
+        except ValueError:
+            return "refuses", "is not a column of"
+        if not -ncol <= col < ncol:
+            return "refuses", f"is out of range for {ncol} columns"
+        col %= ncol
+    if not all(is_number(v) for r in rows for v in r):
+        return "refuses", "holds a non-numeric value"
+    values = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
+    with np.errstate(over="ignore"):
+        x = torch.from_numpy(np.delete(values, col, axis=1).astype(np.float32))
+    return fit_outcome(x, label_tensor(values[:, col]), loss)
+
+
 @FUZZ
 @given(text=csv_texts(), how=damage, loss=LOSSES)
 def test_csv_loads_or_says_why(workdir, text, how, loss):
@@ -338,7 +436,9 @@ def test_csv_loads_or_says_why(workdir, text, how, loss):
         path = d / "data.csv"
         path.write_text(body)
         apply_damage(path, how)
-        check_data(path, [path.name], loss, label_column=label)
+        # decided from the file's bytes: text has no checksum, so damage changes values
+        expect = csv_outcome(path.read_bytes(), label, loss)
+        check_data(path, [path.name], loss, expect, label_column=label)
 
 
 # ------------------------------------------------------------------ IDX
@@ -386,6 +486,74 @@ def idx_sets(draw):
     }
 
 
+def idx_decode(path: Path):
+    """The array an IDX file (gzip-compressed when named .gz) holds, by the format: two zero
+    bytes, a type code, the number of dimensions, big-endian 32-bit dimensions, the values;
+    or ``("refuses", words)``."""
+    try:
+        data = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error):
+        return "refuses", f"{path.name} cannot be read"
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_CODES:
+        return "refuses", f"{path.name} is not an IDX file"
+    ndim = data[3]
+    if ndim == 0:
+        return "refuses", f"{path.name} is an IDX file of zero dimensions"
+    if len(data) < 4 + 4 * ndim:
+        return "refuses", f"{path.name} is truncated inside its IDX header"
+    dims = list(struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim]))
+    dtype = np.dtype(IDX_CODES[data[2]])
+    if math.prod(dims) * dtype.itemsize != len(data) - 4 - 4 * ndim:
+        return "refuses", f"{path.name} is truncated or damaged"
+    values = np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
+    return values.astype(dtype.newbyteorder("="))
+
+
+def shape_outcome(option: str | None, per_sample: int):
+    """``--input-shape``: comma-separated positive whole numbers whose product is a sample's
+    size; the shape, ``None`` (not given) or ``("refuses", words)``."""
+    if option is None:
+        return None
+    try:
+        numbers = [float(v) for v in option.split(",") if v.strip()]
+    except ValueError:
+        return "refuses", "must be comma-separated numbers"
+    if not all(math.isfinite(v) for v in numbers):
+        return "refuses", "must hold finite numbers"
+    if not numbers or not all(v == int(v) and 1 <= v <= 2**31 for v in numbers):
+        return "refuses", "must be positive whole numbers"
+    shape = [int(v) for v in numbers]
+    if math.prod(shape) != per_sample:
+        return "refuses", f"has {math.prod(shape)} values but each sample"
+    return shape
+
+
+def idx_outcome(images: Path, labels: Path, folder: bool, input_shape: str | None):
+    """What loading the IDX pair (the folder, or the images file) must give, from the files
+    as they are on disk."""
+    if not labels.exists():
+        return "refuses", "has no train-labels" if folder else "cannot find the matching labels"
+    x = idx_decode(images)
+    if isinstance(x, tuple):
+        return x
+    y = idx_decode(labels)
+    if isinstance(y, tuple):
+        return y
+    if x.shape[0] == 0:
+        return "refuses", "holds no samples"
+    if x.shape[0] != y.shape[0]:
+        return "refuses", f"{x.shape[0]} inputs but {y.shape[0]} labels"
+    with np.errstate(over="ignore"):
+        xt = torch.from_numpy(x.astype(np.float32))
+    yt = label_tensor(y)
+    shape = shape_outcome(input_shape, xt[0].numel())
+    if isinstance(shape, tuple):
+        return shape
+    if shape is not None:
+        xt = xt.reshape(len(xt), *shape)
+    return fit_outcome(xt, yt, "cross_entropy")
+
+
 @FUZZ
 @given(spec=idx_sets(), how=damage)
 def test_idx_loads_or_says_why(workdir, spec, how):
@@ -403,7 +571,10 @@ def test_idx_loads_or_says_why(workdir, spec, how):
             files["labels"].unlink()
         target = d if spec["folder"] else files["images"]
         names = [d.name] + [p.name for p in files.values()]
-        dataset = check_data(target, names, "cross_entropy", input_shape=spec["input_shape"])
+        expect = idx_outcome(files["images"], files["labels"], spec["folder"],
+                             spec["input_shape"])
+        dataset = check_data(target, names, "cross_entropy", expect,
+                             input_shape=spec["input_shape"])
         if dataset is not None:
             assert set(dataset.files) == {str(p) for p in files.values()}
 
@@ -498,17 +669,38 @@ def tiny_lm():
     return TinyGPT(12, 16, 1, 2, 8)
 
 
-def load_or_says_why(model, data, names, **options):
+def load_or_says_why(model, data, names, expect, **options):
     """``curvscope.load`` (loading, the determinism check and the checks against the model):
-    a problem, or one sentence."""
+    a problem, or one sentence.
+
+    ``expect``, decided from the generated input: ``("loads", pairs)`` where one pass over
+    the problem's batches must give exactly ``pairs`` (inputs, targets) in order, ``("loads
+    in any order", pairs)`` where they may come in another order, or ``("refuses", words)``
+    where the sentence must hold ``words`` (``None``: any sentence).
+    """
     import curvscope as cs
 
     try:
         problem = cs.load(model, data, **options)
     except CurvscopeError as exc:
         assert_one_sentence(exc, names)
+        assert expect[0] == "refuses", (expect[0], str(exc))
+        assert expect[1] is None or expect[1] in str(exc), (expect[1], str(exc))
         return None
-    assert problem.num_samples >= 1
+    assert expect[0] != "refuses", (expect, problem.data_source.source)
+    got = [(b.inputs.args[0].cpu(), b.target.cpu()) for b in problem.batches()]
+    assert problem.num_samples == sum(len(x) for x, _ in expect[1]) >= 1
+    x, y = (torch.cat(t) for t in zip(*got, strict=True))
+    want_x, want_y = (torch.cat(t) for t in zip(*expect[1], strict=True))
+    if expect[0] == "loads in any order":  # a shuffling loader: the same samples
+        def samples(xs, ys):
+            return sorted(zip(map(tuple, xs.tolist()), ys.tolist(), strict=True))
+
+        assert x.dtype == want_x.dtype and y.dtype == want_y.dtype
+        assert samples(x, y) == samples(want_x, want_y)
+    else:
+        assert x.dtype == want_x.dtype and torch.equal(x, want_x), (x, want_x)
+        assert y.dtype == want_y.dtype and torch.equal(y, want_y), (y, want_y)
     event("loaded")
     return problem
 
@@ -516,9 +708,69 @@ def load_or_says_why(model, data, names, **options):
 TOKEN_DTYPES = ["uint16", "int32", "int64", "uint8", "float32"]
 
 
+VOCAB, CONTEXT = 12, 16  # tiny_lm(): 12 token ids, positions for 16 tokens
+
+
+def token_values(path: Path, declared: str | None):
+    """The ids a token file holds, from its bytes (a .bin by the declared dtype, uint16 by
+    default; a .npy by numpy's format), or ``("refuses", words)``."""
+    if path.suffix == ".bin":
+        want = np.dtype(declared or "uint16")
+        raw = path.read_bytes()
+        if not raw:
+            return "refuses", "is empty"
+        if len(raw) % want.itemsize:
+            return "refuses", f"not a whole number of {want.name} values"
+        return np.frombuffer(raw, want)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception:  # noqa: BLE001 - numpy refuses a damaged header in many ways
+        return "refuses", "is not a readable .npy array"
+    if not np.issubdtype(arr.dtype, np.integer):
+        return "refuses", "not integer token ids"
+    if arr.ndim != 1:
+        return "refuses", "a token file is one flat sequence"
+    if arr.size == 0:
+        return "refuses", "is empty"
+    return arr
+
+
+def token_outcome(path: Path, declared: str | None, block: int):
+    """What ``curvscope.load`` of the tiny LM on this token file with ``block_size=block``
+    and the cross-entropy loss must give: the windows ``t[i:i+T]`` and next tokens
+    ``t[i+1:i+T+1]`` at ``i = 0, T, 2T...``, or the refusal."""
+    if block == 0:  # no block size: a .bin is still a token file, a .npy no data file
+        return "refuses", ("token data need" if path.suffix == ".bin"
+                           else "unknown data format")
+    if block < 0:
+        return "refuses", "must be a positive integer"
+    t = token_values(path, declared)
+    if isinstance(t, tuple):
+        return t
+    if len(t) < block + 1:
+        return "refuses", f"holds {len(t)} tokens, fewer than the {block + 1}"
+    head = t[: 1 << 20]
+    if (path.suffix == ".bin" and declared is None and len(head) >= 8 and len(head) % 2 == 0
+            and not head[1::2].any() and head[0::2].any()):
+        return "refuses", "at every odd position: it looks written as"
+    t = t.astype(np.int64)
+    if t.min() < 0:
+        return "refuses", f"holds negative ids (smallest {t.min()})"
+    if t.max() >= VOCAB:
+        return "refuses", f"token id {t.max()} in"
+    if block > CONTEXT:
+        return "refuses", f"the sequences hold {block} tokens"
+    starts = range(0, len(t) - block, block)
+    w = torch.from_numpy(np.stack([t[s : s + block + 1] for s in starts]))
+    return "loads", [(w[:, :-1], w[:, 1:])]
+
+
 @FUZZ
 @given(
-    ids=st.lists(st.integers(-3, 20), min_size=0, max_size=80),
+    ids=st.one_of(  # ids the tiny LM takes (0..11), or any, negative and past it too
+        st.lists(st.integers(0, 11), min_size=0, max_size=80),
+        st.lists(st.integers(-3, 20), min_size=0, max_size=80),
+    ),
     dtype=st.sampled_from(TOKEN_DTYPES),
     suffix=st.sampled_from([".bin", ".npy"]),
     declared=st.sampled_from([None, "uint16", "int32"]),
@@ -537,8 +789,9 @@ def test_token_file_loads_or_says_why(workdir, ids, dtype, suffix, declared, blo
         options = {"block_size": block, "loss": "cross_entropy"}
         if declared is not None and suffix == ".bin":
             options["token_dtype"] = declared
+        expect = token_outcome(path, options.get("token_dtype"), block)
         load_or_says_why(tiny_lm(), str(path), [path.name, "block_size", "token_dtype",
-                                                "vocabulary"], **options)
+                                                "vocabulary"], expect, **options)
 
 
 SOURCES = {
@@ -562,6 +815,47 @@ SOURCES = {
 }
 
 
+def source_outcome(kind: str, rows: int, cut: int, loss: str):
+    """What ``curvscope.load`` of the tiny model on ``SOURCES[kind]`` (``rows`` samples,
+    ``n = cut``) with ``loss`` must give, from the source's own rules: what ``make()``
+    returns must be a re-iterable of ``(inputs, targets)`` batches (or a torch data set)
+    holding samples, whose inputs go through the model (4 features, finite) and whose
+    targets fit its 3 outputs under the loss (class indices for cross-entropy; MSE needs 3
+    values a sample, which one label per sample never gives)."""
+    fixed = {
+        "none": "are neither a file, a data set nor an iterable of batches",
+        "number": "are neither a file, a data set nor an iterable of batches",
+        "text": "are neither a file, a data set nor an iterable of batches",
+        "raises": "calling it raised ValueError: no data today",
+        "generator": "one-shot iterator",
+        "single": "the data gave a tuple of 1 items",
+        "strings": "a batch's inputs hold no tensor",
+        "empty": "the data set is empty",
+    }
+    if kind in fixed:
+        return "refuses", fixed[kind]
+    if rows == 0:  # torch's shuffling sampler refuses an empty data set itself
+        return "refuses", ("calling it raised ValueError" if kind == "loader"
+                           else "the data set is empty")
+    if kind in ("dict", "wrong_width"):  # no argument named x; 2 features for 4
+        return "refuses", "do not fit the model's forward"
+    if kind == "nan":
+        return "refuses", "the inputs of"
+    if kind == "mismatched" and rows > 1:
+        return "refuses", ("targets of shape (1,) do not fit outputs" if loss == "cross_entropy"
+                           else "do not fit the model's output")
+    if loss == "mse":
+        return "refuses", "do not fit the model's output"
+    if kind == "float_targets":
+        return "refuses", "needs integer class targets"
+    g = torch.Generator().manual_seed(0)  # the source's own draws
+    x = torch.randn(rows, 4, generator=g)
+    y = torch.randint(0, 3, (rows,), generator=g)
+    if kind == "pairs":
+        return "loads", [(x[:cut], y[:cut]), (x[cut:], y[cut:])]
+    return ("loads in any order" if kind == "loader" else "loads"), [(x, y)]
+
+
 @FUZZ
 @given(
     kind=st.sampled_from(sorted(SOURCES)),
@@ -581,4 +875,5 @@ def test_python_data_source_loads_or_says_why(workdir, kind, rows, cut, loss):
             f"    n = {cut}\n"
             f"    {SOURCES[kind]}\n"
         )
-        load_or_says_why(tiny_model(), f"{path}:make", [path.name, "make", "data"], loss=loss)
+        load_or_says_why(tiny_model(), f"{path}:make", [path.name, "make", "data"],
+                         source_outcome(kind, rows, cut, loss), loss=loss)

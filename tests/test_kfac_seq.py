@@ -266,6 +266,20 @@ def test_mc_kfac_on_sequences_converges_to_exact():
     assert errs[1] < errs[0] and errs[1] < 0.1
 
 
+def test_mc_ekfac_on_sequences_converges_to_exact():
+    """README: EKFAC from the Monte-Carlo Fisher too (``EKFACOperator(fisher_type="mc")``)."""
+    model, x, y, data = _tiny_lm()
+    problem = Problem(model, "cross_entropy", data, params="head.*,mlp.*,tok.*")
+    exact = EKFACOperator(problem).dense()
+
+    def error(samples):
+        mc = EKFACOperator(problem, fisher_type="mc", mc_samples=samples).dense()
+        return float(torch.linalg.norm(mc - exact) / torch.linalg.norm(exact))
+
+    errs = [error(s) for s in (1, 300)]
+    assert errs[1] < errs[0] and errs[1] < 0.1
+
+
 def test_mse_on_sequence_outputs_uses_one_exact_column_per_entry():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()

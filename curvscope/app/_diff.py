@@ -399,20 +399,73 @@ def _get(doc: dict, path: tuple[str, ...]) -> Any:
     return cur
 
 
+_SETTINGS_FROM_INPUT = {
+    "batch_size": ("input", "data", "batch_size"),
+    "train_mode": ("input", "train_mode"),
+}
+"""Settings that change what is computed in train mode, read from the ``input`` section
+where a document's ``settings`` lack them (documents written by the library)."""
+
+
+def _batch_dependent(doc: dict) -> bool:
+    """Whether a document's numbers depend on its batching (train mode with BatchNorm).
+
+    ``input.batch_dependent`` says so; a document without that field (written before it
+    existed) counts as batch-dependent when it was computed in train mode.
+    """
+    inp = doc.get("input") or {}
+    flag = inp.get("batch_dependent")
+    return bool(inp.get("train_mode")) if flag is None else bool(flag)
+
+
+def _settings(doc: dict) -> dict[str, Any]:
+    out = dict(doc.get("settings") or {})
+    for key, path in _SETTINGS_FROM_INPUT.items():
+        if key not in out and _get(doc, path) is not None:
+            out[key] = _get(doc, path)
+    return out
+
+
 def _input_differences(a: dict, b: dict) -> list[dict[str, Any]]:
     out = []
     for name, path in _INPUT_FIELDS:
         va, vb = _get(a, path), _get(b, path)
         if va != vb:
             out.append({"field": name, "a": va, "b": vb})
-    sa, sb = a.get("settings") or {}, b.get("settings") or {}
+    sa, sb = _settings(a), _settings(b)
     skip = {"out", "model_path"}
+    dependent = _batch_dependent(a) or _batch_dependent(b)
     for key in dict.fromkeys([*sa, *sb]):
         if key in skip:
             continue
         if sa.get(key) != sb.get(key):
-            out.append({"field": f"setting {key}", "a": sa.get(key), "b": sb.get(key)})
+            entry = {"field": f"setting {key}", "a": sa.get(key), "b": sb.get(key)}
+            if key in ("batch_size", "samples") and dependent:
+                entry["changes_results"] = True  # BatchNorm batch statistics
+            out.append(entry)
     return out
+
+
+def _batch_note(a: dict, b: dict, differences: list[dict[str, Any]]) -> str | None:
+    """A sentence on train-mode batch dependence, when it bears on the comparison."""
+    if not (_batch_dependent(a) or _batch_dependent(b)):
+        return None
+    changed = [d["field"].removeprefix("setting ") for d in differences
+               if d.get("changes_results")]
+    which = "both documents were" if _batch_dependent(a) and _batch_dependent(b) else (
+        "one document was")
+    if changed:
+        return (
+            f"{which} computed in train mode with BatchNorm, whose batch statistics make the "
+            f"batch composition part of the function, and their {' and '.join(changed)} "
+            f"{'differs' if len(changed) == 1 else 'differ'}: "
+            "the two analyse different functions, so their numbers may differ beyond their "
+            "uncertainties."
+        )
+    return (
+        f"{which} computed in train mode with BatchNorm: the numbers hold for their "
+        "batching only (batch size, subset and sample order)."
+    )
 
 
 def diff_documents(
@@ -483,4 +536,8 @@ def diff_documents(
         )
     if a.get("complete") is False or b.get("complete") is False:
         notes.append("one of the documents is partial (an interrupted run).")
-    return DiffResult(ca, entries, _input_differences(a, b), notes)
+    differences = _input_differences(a, b)
+    batch_note = _batch_note(a, b, differences)
+    if batch_note:
+        notes.append(batch_note)
+    return DiffResult(ca, entries, differences, notes)

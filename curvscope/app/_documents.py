@@ -41,6 +41,7 @@ def describe(problem: Problem) -> dict[str, Any]:
         "device": str(problem.device),
         "seed": None,
         "train_mode": problem.train_mode,
+        "batch_dependent": problem.batch_dependent,
         "files": {},
         "versions": versions(),
     }
@@ -75,7 +76,12 @@ def document(
         counts: extra counts (e.g. gradients).
         complete: ``False`` for a partial document written on interruption.
     """
-    all_notes = [*(getattr(problem, "notes", None) or []), *(notes or [])]
+    mode_note = problem.mode_note() if hasattr(problem, "mode_note") else None
+    all_notes = [
+        *(getattr(problem, "notes", None) or []),
+        *([mode_note] if mode_note else []),
+        *(notes or []),
+    ]
     doc = make_document(
         command,
         input=describe(problem) if problem is not None else {},

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch-free at import: --help must not load torch (issue 14)
     from ..problem import Problem
 
 __all__ = [
+    "batch_line",
     "CommonArgs",
     "announce",
     "check_inputs",
@@ -51,6 +52,7 @@ __all__ = [
     "open_session",
     "parse_floats",
     "parse_list",
+    "print_batch_line",
     "print_findings",
     "print_table",
     "progress_bar",
@@ -1087,6 +1089,31 @@ def print_findings(notes: list[str]) -> None:
     for note in notes:
         if note.startswith("skipped ") or "fell back" in note:
             console.print(f"[yellow]{escape(note)}[/]", highlight=False)
+
+
+def batch_line(input_info: dict[str, Any]) -> str | None:
+    """The one line under a command's table when its numbers depend on the batching.
+
+    Train mode with BatchNorm (``input.batch_dependent``) makes the batch composition part
+    of the function; ``None`` otherwise.
+    """
+    if not input_info.get("batch_dependent"):
+        return None
+    size = (input_info.get("data") or {}).get("batch_size")
+    return (
+        f"train mode: BatchNorm batch statistics make every number depend on the batch "
+        f"composition (batches of {size}); another --batch-size, --samples or sample order "
+        "gives other numbers."
+    )
+
+
+def print_batch_line(session: Session) -> None:
+    """Print :func:`batch_line` for the session's input, when there is one."""
+    from rich.markup import escape
+
+    line = batch_line(session.input_info or {})
+    if line:
+        console.print(f"[yellow]{escape(line)}[/]", highlight=False)
 
 
 def print_table(t: Table, target: Console | None = None) -> None:

@@ -18,6 +18,7 @@ from ._common import (
     guarded,
     open_session,
     plan_memory,
+    print_batch_line,
     print_table,
     table,
 )
@@ -101,6 +102,7 @@ def check_cli(
         )
         t.add_row(c["name"], _verdict(c["passed"]), slopes, c["reason"])
     print_table(t)
+    print_batch_line(session)
     for note in result.checks[0].get("notes") or []:
         console.print(f"[yellow]{note}[/]", highlight=False)
     taylor = result.checks[1]

@@ -18,6 +18,7 @@ from ._common import (
     guarded,
     open_session,
     plan_memory,
+    print_batch_line,
     print_table,
     table,
 )
@@ -137,6 +138,7 @@ def compare_cli(
         )
         last = r.block
     print_table(t)
+    print_batch_line(session)
     for s in result.skipped:
         console.print(f"[yellow]skipped {s['matrix']}[/]: {s['reason']}")
     console.print(f"Result: {path}")

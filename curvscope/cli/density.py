@@ -20,6 +20,7 @@ from ._common import (
     open_session,
     parse_list,
     plan_memory,
+    print_batch_line,
     print_findings,
     print_table,
     table,
@@ -209,6 +210,7 @@ def _print(result, session, doc_path) -> None:
             f"{d.sigma:.3g}",
         )
     print_table(dens)
+    print_batch_line(session)
     print_findings(result.notes)
     console.print(
         "[dim]slq: the quadrature's own trace estimate; ± 2 stderr covers the trace in ~95% "

@@ -86,7 +86,8 @@ def _print(result, a: Path, b: Path, show_all: bool, coverage: float) -> None:
             t.add_column(col)
         for d in result.input_differences:
             va, vb = _fmt(d["a"]), _fmt(d["b"])
-            t.add_row(escape(d["field"]), escape(va[:40]), escape(vb[:40]))
+            field = d["field"] + (" (changes the function)" if d.get("changes_results") else "")
+            t.add_row(escape(field), escape(va[:40]), escape(vb[:40]))
         console.print(t)
     entries = result.entries if show_all else result.changed
     entries = sorted(entries, key=lambda e: e.verdict == "same")

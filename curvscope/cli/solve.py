@@ -21,6 +21,7 @@ from ._common import (
     open_session,
     parse_list,
     plan_memory,
+    print_batch_line,
     print_table,
     progress_bar,
     table,
@@ -222,14 +223,14 @@ def solve_cli(
         if interrupted:
             err_console.print(f"[yellow]partial result (complete: false) written: {doc_path}[/]")
             raise KeyboardInterrupt
-        _print(runs, doc_path)
+        _print(runs, doc_path, session)
 
 
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _print(runs: list[SolveRun], doc_path: Path) -> None:
+def _print(runs: list[SolveRun], doc_path: Path, session) -> None:
     from ..solvers import compare_runs
 
     cols = [
@@ -261,6 +262,7 @@ def _print(runs: list[SolveRun], doc_path: Path) -> None:
             row["stop_reason"],
         )
     print_table(t)
+    print_batch_line(session)
     for run in runs:
         console.print(f"[bold]{run.solver}[/]")
         for f in run.findings:

@@ -19,6 +19,7 @@ from ._common import (
     guarded,
     open_session,
     plan_memory,
+    print_batch_line,
     print_findings,
     print_table,
     table,
@@ -285,6 +286,7 @@ def _print(result, session, doc_path, saved) -> None:
             t.add_row(*row)
         t.add_section()
     print_table(t)
+    print_batch_line(session)
     print_findings(result.notes)
     unconverged = sum(not c for e in result.spectra for c in e.converged)
     if unconverged:

@@ -23,6 +23,7 @@ from ._common import (
     parse_floats,
     parse_list,
     plan_memory,
+    print_batch_line,
     print_table,
     table,
 )
@@ -138,7 +139,7 @@ def surface_cli(
             notes=list(result.notes),
         )
         figures = write_figures(doc_path, formats, plotly_js)
-        _print(result, doc_path, figures)
+        _print(result, doc_path, figures, session)
 
 
 def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline") -> list[Path]:
@@ -161,7 +162,7 @@ def write_figures(doc_path: Path, formats: list[str], plotly_js: str = "inline")
     return paths
 
 
-def _print(result, doc_path: Path, figures: list[Path]) -> None:
+def _print(result, doc_path: Path, figures: list[Path], session) -> None:
     cols = ["direction", "eigenvalue", "g·d", "d·Hd", "axis"]
     t = table(result.directions.description, cols, numbers=cols[1:])
     for i in range(result.dims):
@@ -175,6 +176,7 @@ def _print(result, doc_path: Path, figures: list[Path]) -> None:
             f"{axis[0]:g} .. {axis[-1]:g} ({len(axis)})",
         )
     print_table(t)
+    print_batch_line(session)
     flat = [v for row in result.loss for v in (row if isinstance(row, list) else [row])]
     finite = [v for v in flat if v == v]
     console.print(

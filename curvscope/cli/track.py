@@ -14,6 +14,7 @@ from rich.table import Table
 
 from ._common import (
     CommonArgs,
+    batch_line,
     common_options,
     console,
     guarded,
@@ -211,6 +212,9 @@ def _print(run, figures, seconds) -> None:
         cells.append(str(r["num_matvecs"]))
         table.add_row(*cells)
     console.print(table)
+    line = batch_line(doc.get("input") or {})
+    if line:
+        console.print(f"[yellow]{escape(line)}[/]", highlight=False)
     stab = res.get("stability")
     if stab:
         console.print(

@@ -256,7 +256,14 @@ def _analysed(documents: dict[str, dict]) -> str:
         ("dtype, device", f"{inp.get('dtype')}, {inp.get('device')}"),
         (
             "mode",
-            "train mode (BatchNorm batch statistics)" if inp.get("train_mode") else "eval mode",
+            (
+                "train mode (BatchNorm batch statistics: every number depends on the batch "
+                "composition and holds for this batching only)"
+                if inp.get("batch_dependent")
+                else "train mode (BatchNorm batch statistics)"
+                if inp.get("train_mode")
+                else "eval mode"
+            ),
         ),
         ("seed", inp.get("seed")),
         (
