@@ -305,3 +305,21 @@ def test_float32_inside_a_float64_run_is_named_and_never_fails_a_check(root, tmp
     gpt = _load(root, "gpt2", hm.batches("gpt2", seed=7), loss="causal_lm")
     assert gpt.input_info["precision"]["computes_in"] == "float64"
     assert cs.hessian(gpt).roundoff_eps == float(torch.finfo(torch.float64).eps)
+
+
+def test_cli_says_what_the_model_computes_in(root, tmp_path):
+    """The table's notes name the float32 operations of a float64 run on Llama."""
+    torch.save(hm.batches("llama", seed=7), root / "llama_batches.pt")
+    (root / "llama_data.py").write_text(
+        "from pathlib import Path\nimport torch\n\n\ndef batches():\n"
+        "    return torch.load(Path(__file__).parent / 'llama_batches.pt')\n"
+    )
+    res = CliRunner().invoke(app, [
+        "spectrum", str(root / "llama"), "--data", f"{root / 'llama_data.py'}:batches",
+        "--dtype", "float64", "--top", "1", "--bottom", "0", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "computes in float32 inside this float64 run" in text
+    doc = json.loads((tmp_path / "spectrum.json").read_text())
+    assert doc["input"]["precision"]["computes_in"] == "float32"
+    assert any("float32" in n for n in doc["notes"])

@@ -1107,13 +1107,30 @@ def batch_line(input_info: dict[str, Any]) -> str | None:
     )
 
 
+def precision_line(input_info: dict[str, Any]) -> str | None:
+    """The line under a command's table when the model computes in a lower precision.
+
+    ``input.precision`` records a float64 run whose model casts to float32 inside (HF Llama
+    and T5 norms, ViT softmax, HF's own losses): its bounds and checks have float32's floor.
+    """
+    prec = input_info.get("precision") or {}
+    if not prec or prec.get("computes_in") == prec.get("dtype"):
+        return None
+    where = ", ".join((prec.get("where") or [])[:2])
+    return (
+        f"the model computes in {prec['computes_in']} inside this {prec['dtype']} run "
+        f"({where}): bounds and checks use {prec['computes_in']}'s round-off "
+        f"(eps {prec['eps']:.1e})."
+    )
+
+
 def print_batch_line(session: Session) -> None:
-    """Print :func:`batch_line` for the session's input, when there is one."""
+    """Print :func:`batch_line` and :func:`precision_line` for the session's input."""
     from rich.markup import escape
 
-    line = batch_line(session.input_info or {})
-    if line:
-        console.print(f"[yellow]{escape(line)}[/]", highlight=False)
+    for line in (batch_line(session.input_info or {}), precision_line(session.input_info or {})):
+        if line:
+            console.print(f"[yellow]{escape(line)}[/]", highlight=False)
 
 
 def print_table(t: Table, target: Console | None = None) -> None:

@@ -289,10 +289,18 @@ def _print(result, session, doc_path, saved) -> None:
     print_batch_line(session)
     print_findings(result.notes)
     unconverged = sum(not c for e in result.spectra for c in e.converged)
+    precision = session.problem.precision
     if unconverged:
         console.print(
-            f"[yellow]{unconverged} pair(s) did not reach residual <= tol x ||A||; raise "
-            "--max-matvecs or --basis-size, or loosen --tol.[/]"
+            f"[yellow]{unconverged} pair(s) did not reach residual <= tol x ||A||; "
+            + (
+                f"the model computes in {str(precision.computes_in).removeprefix('torch.')} "
+                f"({precision.where[0]}...), whose round-off no product count overcomes: "
+                "cast those operations to the run's dtype in the model's code, or loosen "
+                "--tol.[/]"
+                if precision.lowered
+                else "raise --max-matvecs or --basis-size, or loosen --tol.[/]"
+            )
         )
     in_float32 = str(session.problem.dtype) != "torch.float64"
     floored = any(
@@ -306,7 +314,12 @@ def _print(result, session, doc_path, saved) -> None:
         + (
             ", and at least the round-off of one product in its dtype (4 eps sqrt(P) ||A||),"
             " which sets the bounds larger than r here"
-            + (" (--dtype float64 lowers it)" if in_float32 else "")
+            + (
+                f" (eps of {str(precision.computes_in).removeprefix('torch.')}, what the model"
+                " computes in)"
+                if precision.lowered
+                else " (--dtype float64 lowers it)" if in_float32 else ""
+            )
             if floored
             else ""
         )
