@@ -6,11 +6,22 @@ the command line can estimate a run's memory (:mod:`curvscope.app`) from the sam
 
 from __future__ import annotations
 
+import math
 import os
+import time
 
 import torch
 
-__all__ = ["available_memory", "cgroup_free", "free_memory", "in_use", "peak_in_use"]
+__all__ = [
+    "available_memory",
+    "cgroup_cpus",
+    "cgroup_free",
+    "contended",
+    "free_memory",
+    "in_use",
+    "peak_in_use",
+    "usable_cpus",
+]
 
 
 def in_use(device: torch.device | str) -> int:
@@ -112,3 +123,82 @@ def free_memory(device: torch.device | str) -> int | None:
     """What the device could still give this process (``None``: unknown)."""
     total = available_memory(device)
     return None if total is None else max(0, total - in_use(device))
+
+
+def cgroup_cpus(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs the process's cgroup quota allows (v2 ``cpu.max``, v1 ``cfs_quota_us``), or ``None``.
+
+    A container or batch job limited to 2 CPUs on a 64-core host sees 64 cores, and one
+    thread per core would oversubscribe its quota 32 times.
+    """
+    try:
+        with open(proc) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        try:
+            if controllers == "":
+                with open(f"{root}{path}".rstrip("/") + "/cpu.max") as fh:
+                    quota, period = fh.read().split()[:2]
+            elif "cpu" in controllers.split(","):
+                base = f"{root}/{controllers}{path}".rstrip("/")
+                with open(f"{base}/cpu.cfs_quota_us") as fh:
+                    quota = fh.read().strip()
+                with open(f"{base}/cpu.cfs_period_us") as fh:
+                    period = fh.read().strip()
+            else:
+                continue
+        except (OSError, ValueError):
+            continue
+        if quota in ("max", "-1") or not quota.lstrip("-").isdigit() or int(period) <= 0:
+            continue
+        return int(quota) / int(period)
+    return None
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by its cgroup's CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = cgroup_cpus()
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    return max(1, n)
+
+
+def contended(threads: int, *, size: int = 128, rounds: int = 3) -> bool:
+    """Whether ``threads`` torch threads are no faster than one here and now (other jobs).
+
+    Times short parallel regions (a small product and a tanh, 40 times, as a backward pass
+    has many) with one thread, then with ``threads``: sharing the cores with other busy
+    processes makes each region wait at its barrier for a thread that lost its core, so the
+    threaded run is then not clearly faster. A threaded run is stopped as soon as it falls
+    behind, so the probe costs a few milliseconds even where contention makes it slow.
+    """
+    if threads <= 1:
+        return False
+    a = torch.randn(size, size)
+    before = torch.get_num_threads()
+
+    def run(limit: float) -> float:
+        t0 = time.perf_counter()
+        for _ in range(40):
+            torch.tanh(a @ a)
+            if time.perf_counter() - t0 > limit:
+                return math.inf
+        return time.perf_counter() - t0
+
+    try:
+        torch.set_num_threads(1)
+        one = min(run(math.inf) for _ in range(rounds))
+        torch.set_num_threads(threads)
+        return all(run(0.8 * one) == math.inf for _ in range(rounds))
+    finally:
+        torch.set_num_threads(before)

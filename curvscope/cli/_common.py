@@ -792,7 +792,33 @@ def prepare_torch(common: CommonArgs | None = None) -> None:
         if common.threads < 1:
             raise OptionError(f"--threads must be at least 1, got {common.threads}.")
         torch.set_num_threads(common.threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        default_threads(torch)
     common.threads = torch.get_num_threads()  # recorded in the document's settings
+
+
+def default_threads(torch: Any) -> None:
+    """Threads when neither ``--threads`` nor ``OMP_NUM_THREADS`` says.
+
+    The CPUs this process may use (affinity, cgroup quota), shared by the processes of a
+    ``torchrun`` job, and one when a probe shows other jobs on those CPUs (torch's threads
+    then wait for each other: 10-70x slower than one thread, measured here). Says so in one
+    line.
+    """
+    from .._device import contended, usable_cpus
+
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    n = max(1, min(torch.get_num_threads(), usable_cpus() // local))
+    torch.set_num_threads(n)
+    if contended(n):
+        torch.set_num_threads(1)
+        if RANK_STATE["main"]:
+            err_console.print(
+                f"[yellow]other jobs are using these {n} CPUs ({n} threads were no faster "
+                "than one on a probe): running with --threads 1; pass --threads N to choose."
+                "[/]",
+                highlight=False,
+            )
 
 
 RANK_STATE = {"main": True}
@@ -1142,6 +1168,8 @@ def print_table(t: Table, target: Console | None = None) -> None:
     full natural width, whatever COLUMNS says.
     """
     out = target or console
+    if out.quiet:  # a torchrun rank other than 0: rank 0 prints
+        return
     numbers = set(getattr(t, "number_columns", ()))
     for i, col in enumerate(t.columns):
         widest = max([_cell_width(c) for c in col.cells] + [1])

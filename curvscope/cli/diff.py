@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from ._common import console, guarded
+from ._common import console, guarded, print_table, table
 
 __all__ = ["EXIT_CHANGED", "diff_cli", "register"]
 
@@ -81,31 +80,24 @@ def _fmt(x) -> str:
 def _print(result, a: Path, b: Path, show_all: bool, coverage: float) -> None:
     counts = result.counts
     if result.input_differences:
-        t = Table(title="What differs in the inputs and settings", title_style="bold")
-        for col in ("field", "A", "B"):
-            t.add_column(col)
+        t = table("What differs in the inputs and settings", ["field", "A", "B"])
         for d in result.input_differences:
             va, vb = _fmt(d["a"]), _fmt(d["b"])
             field = d["field"] + (" (changes the function)" if d.get("changes_results") else "")
             t.add_row(escape(field), escape(va[:40]), escape(vb[:40]))
-        console.print(t)
+        print_table(t)
     entries = result.entries if show_all else result.changed
     entries = sorted(entries, key=lambda e: e.verdict == "same")
-    table = Table(title=escape(f"{result.command}: {a} (A) vs {b} (B)"), title_style="bold")
-    for col, kw in (
-        ("number", {"no_wrap": True}),
-        ("A", {"justify": "right"}),
-        ("B", {"justify": "right"}),
-        ("B - A", {"justify": "right"}),
-        (f"{coverage:g} x uncertainty", {"justify": "right"}),
-        ("from", {}),
-        ("verdict", {}),
-    ):
-        table.add_column(col, **kw)
+    # through the shared table: numbers and verdicts are never cut, on a terminal or in a file
+    t = table(
+        escape(f"{result.command}: {a} (A) vs {b} (B)"),
+        ["number", "A", "B", "B - A", f"{coverage:g} x uncertainty", "from", "verdict"],
+        numbers=["A", "B", "B - A", f"{coverage:g} x uncertainty", "verdict"],
+    )
     limit = len(entries) if show_all else SHOWN
     for e in entries[:limit]:
         colour = "green" if e.verdict == "same" else "red"
-        table.add_row(
+        t.add_row(
             escape(e.key),
             escape(_fmt(e.a)),
             escape(_fmt(e.b)),
@@ -115,7 +107,7 @@ def _print(result, a: Path, b: Path, show_all: bool, coverage: float) -> None:
             f"[{colour}]{e.verdict}[/]",
         )
     if entries:
-        console.print(table)
+        print_table(t)
     if len(entries) > limit:
         console.print(f"... and {len(entries) - limit} more changed numbers (--all shows all).")
     console.print(
