@@ -329,7 +329,7 @@ def _embedding_size(model: nn.Module) -> int | None:
 
 
 def load(
-    model: str | Path | nn.Module,
+    path: str | Path | nn.Module,
     data: Any = None,
     *,
     loss: str | Loss | None = None,
@@ -342,26 +342,27 @@ def load(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
     train_mode: bool = False,
-    builder: str | None = None,
+    model: str | None = None,
     trust_checkpoint: bool = False,
     state_key: str | None = None,
     strip_prefix: str | None = None,
     load_strict: bool = True,
-    forward_kwargs: Mapping[str, Any] | None = None,
+    forward_kwargs: str | Mapping[str, Any] | None = None,
     output: int | str | None = None,
-    groups: Mapping[str, Sequence[str]] | None = None,
+    group: str | Mapping[str, Sequence[str]] | None = None,
     ignore_index: int = -100,
+    hvp_cache: str | float | None = None,
     check_deterministic: bool | None = None,
-    group: Any = None,
-    graph_cache: float | None = None,
+    process_group: Any = None,
     **data_options: Any,
 ) -> Problem:
     """Load a model and data into a :class:`~curvscope.problem.Problem`.
 
     Args:
-        model: a checkpoint path (curvscope ``.pt``, ``.safetensors``, a state dict with
-            ``builder``, TorchScript, a HuggingFace folder, or a pickled module with
-            ``trust_checkpoint``) or an ``nn.Module``.
+        path: a checkpoint path (curvscope ``.pt``, ``.safetensors``, a state dict with
+            ``model``, TorchScript, a HuggingFace folder, or a pickled module with
+            ``trust_checkpoint``) or an ``nn.Module``. The keyword arguments below are the
+            shared flags of the command line under the same names (:data:`OPTIONS`).
         data: a built-in name, a data file, a token file, ``FILE.py:FN``, a torch ``Dataset``,
             a ``DataLoader``, batches, or ``None`` for the data the checkpoint records.
         loss: a loss name, ``FILE.py:FN`` (a user function), ``model`` (the model's own loss)
@@ -376,24 +377,30 @@ def load(
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``float32`` or ``float64``.
         train_mode: BatchNorm with batch statistics.
-        builder: ``MODULE:CALLABLE`` or ``file.py:CALLABLE`` building the module for a state
+        model: ``MODULE:CALLABLE`` or ``file.py:CALLABLE`` building the module for a state
             dict (or wrapping a TorchScript file).
         trust_checkpoint: allow unpickling a whole module (runs code from the file).
         state_key: key of the state dict inside a wrapped checkpoint.
         strip_prefix: prefix removed from state-dict keys.
         load_strict: refuse state-dict entries that are not parameters or buffers.
-        forward_kwargs: fixed keyword arguments of every forward (e.g. ``{"sr": 16000}``).
+        forward_kwargs: fixed keyword arguments of every forward: ``{"sr": 16000}`` or the
+            flag's ``"sr=16000"``.
         output: which output the loss takes when the model returns several.
-        groups: named groups of parameters (name -> globs) usable as blocks.
+        group: named groups of parameters usable as blocks: ``{name: [globs]}`` or the
+            flag's ``"NAME=GLOB|GLOB;NAME=GLOB"``.
         ignore_index: target value that marks no loss term.
+        hvp_cache: bytes Hessian products may keep of first-order graphs: a number,
+            ``"4GB"``, ``"off"`` (0) or ``"auto"``/``None`` (half the device's free memory;
+            see :class:`~curvscope.problem.Problem`).
         check_deterministic: compare two passes over the first batches (default: for
             Python data sources and data given directly).
-        group: data parallelism: a :class:`~curvscope.Group` or an initialised
+        process_group: data parallelism: a :class:`~curvscope.Group` or an initialised
             ``torch.distributed`` process group (see :class:`~curvscope.problem.Problem`).
-        graph_cache: bytes Hessian products may keep of first-order graphs (``None``: half
-            the device's free memory; ``0``: none; see :class:`~curvscope.problem.Problem`).
         **data_options: file options (``x_key``, ``y_key``, ``label_column``, ``split``,
             ``input_shape``, ``scale``, ``normalize``, ``block_size``, ``token_dtype``).
+            The names of earlier versions are still taken: ``builder`` (now ``model``),
+            ``groups`` (``group``), ``graph_cache`` (``hvp_cache``), and a process group
+            given as ``group``.
 
     Returns:
         The problem, with ``input_info`` (the result document's ``input`` section),
@@ -403,7 +410,16 @@ def load(
         CurvscopeError: for every user mistake, with one sentence naming the file or argument.
     """
     from . import io
+    from ._options import parse_groups, parse_hvp_cache, parse_kwargs
 
+    model = data_options.pop("builder", model)  # the names of earlier versions
+    group = data_options.pop("groups", group)
+    hvp_cache = data_options.pop("graph_cache", hvp_cache)
+    if group is not None and not isinstance(group, (str, Mapping)):
+        process_group, group = group, None  # a process group, as ``group=`` was before
+    groups = parse_groups(group)
+    forward_kwargs = parse_kwargs(forward_kwargs)
+    graph_cache = parse_hvp_cache(hvp_cache)
     dtype_t = parse_dtype(dtype)
     device_t = parse_device(device)
     if batch_size < 1:
@@ -413,22 +429,22 @@ def load(
     unknown = sorted(set(data_options) - known)
     if unknown:
         raise OptionError(f"load() got unknown options {', '.join(unknown)}.")
-    if isinstance(model, nn.Module):
-        loaded = io.LoadedModel(model, Path(type(model).__name__), "module", "")
+    if isinstance(path, nn.Module):
+        loaded = io.LoadedModel(path, Path(type(path).__name__), "module", "")
         base_dir = None
-    elif io.is_hf_folder(model):
-        loaded = io.load_hf(model)
-        base_dir = Path(model).resolve()
+    elif io.is_hf_folder(path):
+        loaded = io.load_hf(path)
+        base_dir = Path(path).resolve()
     else:
         loaded = io.load_checkpoint(
-            model,
-            model=builder,
+            path,
+            model=model,
             trust_checkpoint=trust_checkpoint,
             state_key=state_key,
             strip_prefix=strip_prefix,
             load_strict=load_strict,
         )
-        base_dir = Path(model).resolve().parent
+        base_dir = Path(path).resolve().parent
     meta = dict(loaded.meta or {})
     options = dict(data_options)
     options.setdefault("input_shape", _meta_shape(meta))
@@ -487,7 +503,7 @@ def load(
         forward_kwargs=forward_kwargs,
         output=output,
         groups=groups,
-        group=group,
+        group=process_group,
         graph_cache=graph_cache,
     )
     # the batches must fit the model (one sentence naming the data) before two passes over

@@ -15,14 +15,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "curvscope"
 
-BASE = {"_errors", "_sampling", "_losses", "_device"}
-"""Modules every layer may use: errors, the one subset routine, losses, device memory."""
+BASE = {"_errors", "_sampling", "_losses", "_device", "_options"}
+"""Modules every layer may use: errors, the one subset routine, losses, device memory, the
+shared options and their flag-string parsers."""
 
 LAYERS: dict[str, set[str]] = {
     "_errors": set(),
     "_sampling": {"_errors"},
     "_losses": {"_errors"},
     "_device": set(),
+    "_options": {"_errors"},
     "_precision": set(),
     "models": {"_errors"},
     "linalg": BASE,

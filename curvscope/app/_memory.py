@@ -25,7 +25,6 @@ Measured against peak RSS (benchmarks/memory.py): top-5 of a ResNet-18-shaped ne
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 
 from .._device import available_memory, in_use
 from .._errors import OptionError, arg
+from .._options import parse_memory
 from ..linalg import KEEP_FRACTION
 from ..operators import GRAPH_CACHE_SHARE, HessianOperator
 from ..problem import Batch, Problem
@@ -63,44 +63,6 @@ def format_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}"
     return f"{int(n)} B"
-
-
-def parse_memory(value: str | float | int | None) -> float | None:
-    """``"8GB"``, ``"512MiB"``, ``"2e9"`` -> bytes; ``None`` stays ``None``.
-
-    Raises:
-        OptionError: for text that is not an amount of memory.
-    """
-    if value is None or isinstance(value, (int, float)):
-        return None if value is None else float(value)
-    text = str(value).strip().replace(" ", "")
-    units = {
-        "": 1,
-        "b": 1,
-        "k": 1e3,
-        "kb": 1e3,
-        "kib": 2**10,
-        "m": 1e6,
-        "mb": 1e6,
-        "mib": 2**20,
-        "g": 1e9,
-        "gb": 1e9,
-        "gib": 2**30,
-        "t": 1e12,
-        "tb": 1e12,
-        "tib": 2**40,
-    }
-    number = text.rstrip("kKmMgGtTiIbB")
-    unit = text[len(number) :].lower()
-    try:
-        amount = float(number) * units[unit]
-    except (KeyError, ValueError):
-        amount = math.nan
-    if not amount > 0:
-        raise OptionError(
-            f"{arg('max_memory')} {value!r} is not an amount of memory (e.g. 8GB, 512MiB)."
-        )
-    return amount
 
 
 def _on_largest_batch(problem: Problem, measure: Callable[[Problem, Batch], int]) -> int:

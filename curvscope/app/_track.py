@@ -250,6 +250,7 @@ class _Measurer:
     warm_start: bool
     compare_cold: bool
     hvp: str = "auto"
+    basis_device: str | None = None
     vectors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     def _generator(self) -> torch.Generator:
@@ -271,6 +272,7 @@ class _Measurer:
             "rtol": self.rtol,
             "basis_size": self.basis_size,
             "max_matvecs": self.max_matvecs,
+            "basis_device": self.basis_device,
         }
         results = eigsh(op, v0=v0, seed=self._generator(), progress=progress, **kw)
         used = results[0].num_matvecs
@@ -499,6 +501,7 @@ def track(
     warm_start: bool = True,
     compare_cold: bool = False,
     hvp: str = "auto",
+    basis_device: str | None = None,
     out: str | Path | None = None,
     settings: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
@@ -533,11 +536,12 @@ def track(
         warm_start: start each Lanczos run from the previous row's Ritz vectors.
         compare_cold: also run every solve from a random start and record both counts.
         hvp: how Hessian products are taken.
+        basis_device: where the Lanczos basis lives (default: the model's device).
         out: folder for ``track.json`` (rewritten after every checkpoint); ``None``: not written.
         settings: more settings to record (the command line's own).
         progress: ``progress(done, total, description)``.
         **load_options: what :func:`curvscope.load` takes besides model and data
-            (``loss``, ``batch_size``, ``samples``, ``dtype``, ``builder``, ``state_key``...).
+            (``loss``, ``batch_size``, ``samples``, ``dtype``, ``model``, ``state_key``...).
 
     Returns:
         A :class:`TrackRun`; ``results.track`` holds one row per checkpoint: ``step``,
@@ -555,7 +559,7 @@ def track(
     paths = expand_checkpoints(checkpoints)
     ordered, order_by, notes = order_checkpoints(paths)
     ckpt_options = {
-        "model": load_options.get("builder"),
+        "model": load_options.get("model", load_options.get("builder")),
         "trust_checkpoint": bool(load_options.get("trust_checkpoint", False)),
         "state_key": load_options.get("state_key"),
         "strip_prefix": load_options.get("strip_prefix"),
@@ -579,6 +583,7 @@ def track(
         warm_start,
         compare_cold,
         hvp,
+        basis_device,
     )
     all_settings = {
         **dict(settings or {}),  # the caller's own (the command line's flags) first

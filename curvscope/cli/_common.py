@@ -15,7 +15,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .._errors import CurvscopeError, OptionError
+from .._options import LOAD_OPTIONS, OPTIONS, Option
+from .._options import parse_hvp_cache as graph_cache_option
 
 if TYPE_CHECKING:  # torch-free at import: --help must not load torch (issue 14)
     from ..problem import Problem
@@ -63,448 +65,55 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-@dataclass
-class CommonArgs:
-    """The shared flags of every analysis command, as given on the command line."""
-
-    model_path: Path
-    data: str | None = None
-    model: str | None = None
-    loss: str | None = None
-    reduction: str | None = None
-    weight_decay: float = 0.0
-    params: str | None = None
-    batch_size: int = 512
-    samples: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    seed: int = 0
-    out: Path = Path("curvscope-out")
-    max_iter: int | None = None
-    tol: float = 1e-4
-    train_mode: bool = False
-    trust_checkpoint: bool = False
-    state_key: str | None = None
-    strip_prefix: str | None = None
-    x_key: str | None = None
-    y_key: str | None = None
-    label_column: str | None = None
-    split: str = "train"
-    input_shape: str | None = None
-    scale: float | None = None
-    normalize: str | None = None
-    block_size: int | None = None
-    token_dtype: str | None = None
-    load_strict: bool = True
-    forward_kwargs: str | None = None
-    output: str | None = None
-    group: str | None = None
-    ignore_index: int = -100
-    hvp: str = "auto"
-    hvp_cache: str = "auto"
-    threads: int | None = None
-    world_size: int = 1  # processes under torchrun, set when the command joins them
-    max_memory: str | None = None
-    basis_device: str | None = None
-
-    def settings(self) -> dict[str, Any]:
-        """Every shared option with its value, for the result document."""
-        out = dict(self.__dict__)
-        out["model_path"] = str(self.model_path)
-        out["out"] = str(self.out)
-        return out
-
-
 def _opt(*names: str, help: str, **kw: Any) -> Any:
     return typer.Option(*names, help=help, **kw)
 
 
-# name -> (annotation, default); order is the order of --help.
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Path": Path}
+
+
+def _declare(o: Option) -> tuple[Any, Any]:
+    """The typer annotation and default of a shared option (from :data:`OPTIONS`)."""
+    base = _TYPES[o.type]
+    kind = base | None if o.optional else base
+    default = Path(o.default) if o.type == "Path" and o.default is not None else o.default
+    return Annotated[kind, _opt(o.flag, help=o.help, rich_help_panel=o.panel)], default
+
+
+# name -> (annotation, default), in the order of --help: the checkpoint, then OPTIONS
 _COMMON: dict[str, tuple[Any, Any]] = {
     "model_path": (
         Annotated[
             Path,
             typer.Argument(
                 help="Checkpoint: curvscope .pt, .safetensors, state dict "
-                "(with --model), TorchScript or pickled module.",
+                "(with --model), TorchScript, pickled module, or a HuggingFace folder.",
                 show_default=False,
             ),
         ],
         inspect.Parameter.empty,
     ),
-    "data": (
-        Annotated[
-            str | None,
-            _opt(
-                "--data",
-                help="Data: digits, sinus, blobs2d, a .npz/.pt/.csv file, an IDX file or "
-                "folder, a token file (.bin/.npy with --block-size), or FILE.py:FN returning a "
-                "Dataset, DataLoader or batches (default: the data the checkpoint records).",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "model": (
-        Annotated[
-            str | None,
-            _opt(
-                "--model",
-                help="MODULE:CALLABLE or path/file.py:"
-                "CALLABLE building the module for a plain state dict.",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "loss": (
-        Annotated[
-            str | None,
-            _opt(
-                "--loss",
-                help="cross_entropy (also over [B,T,V] logits), causal_lm, mse, "
-                "bce_with_logits, nll, chen_nonconvex, FILE.py:FN (your function of (output, "
-                "target)) or model (the model's own loss) (default: the checkpoint's).",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "reduction": (
-        Annotated[
-            str | None,
-            _opt(
-                "--reduction",
-                help="mean or sum, as the model "
-                "was trained (default: the checkpoint's, else mean).",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "weight_decay": (
-        Annotated[
-            float,
-            _opt("--weight-decay", help="Adds WD/2 ||w||^2 to the loss.", rich_help_panel="Input"),
-        ],
-        0.0,
-    ),
-    "params": (
-        Annotated[
-            str | None,
-            _opt(
-                "--params",
-                help="Glob(s) of parameter names to analyse, e.g. 'fc1.*' (default: all).",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "batch_size": (
-        Annotated[int, _opt("--batch-size", help="Samples per batch.", rich_help_panel="Input")],
-        512,
-    ),
-    "samples": (
-        Annotated[
-            int | None,
-            _opt(
-                "--samples",
-                help="Use a seeded random subset of N samples.",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "device": (
-        Annotated[str, _opt("--device", help="cpu, cuda or cuda:N.", rich_help_panel="Numerics")],
-        "cpu",
-    ),
-    "dtype": (
-        Annotated[str, _opt("--dtype", help="float32 or float64.", rich_help_panel="Numerics")],
-        "float32",
-    ),
-    "seed": (
-        Annotated[
-            int,
-            _opt(
-                "--seed",
-                help="Seed for probes, start vectors, subsets.",
-                rich_help_panel="Numerics",
-            ),
-        ],
-        0,
-    ),
-    "out": (
-        Annotated[
-            Path, _opt("--out", help="Folder for the result document.", rich_help_panel="Output")
-        ],
-        Path("curvscope-out"),
-    ),
-    "max_iter": (
-        Annotated[
-            int | None,
-            _opt("--max-iter", help="Iteration limit of the method.", rich_help_panel="Numerics"),
-        ],
-        None,
-    ),
-    "tol": (
-        Annotated[
-            float, _opt("--tol", help="Relative residual tolerance.", rich_help_panel="Numerics")
-        ],
-        1e-4,
-    ),
-    "train_mode": (
-        Annotated[
-            bool,
-            _opt(
-                "--train-mode",
-                help="BatchNorm with batch statistics "
-                "(running statistics untouched); default eval mode.",
-                rich_help_panel="Input",
-            ),
-        ],
-        False,
-    ),
-    "trust_checkpoint": (
-        Annotated[
-            bool,
-            _opt(
-                "--trust-checkpoint",
-                help="Allow loading a pickled nn.Module (runs code from the file).",
-                rich_help_panel="Input",
-            ),
-        ],
-        False,
-    ),
-    "state_key": (
-        Annotated[
-            str | None,
-            _opt(
-                "--state-key",
-                help="Key of the state dict inside a wrapped checkpoint, e.g. model_state_dict.",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "strip_prefix": (
-        Annotated[
-            str | None,
-            _opt(
-                "--strip-prefix",
-                help="Prefix to remove from state-dict keys, e.g. 'model.'.",
-                rich_help_panel="Input",
-            ),
-        ],
-        None,
-    ),
-    "x_key": (
-        Annotated[
-            str | None,
-            _opt("--x-key", help="Input array name in a .npz file.", rich_help_panel="Data"),
-        ],
-        None,
-    ),
-    "y_key": (
-        Annotated[
-            str | None,
-            _opt("--y-key", help="Label array name in a .npz file.", rich_help_panel="Data"),
-        ],
-        None,
-    ),
-    "label_column": (
-        Annotated[
-            str | None,
-            _opt(
-                "--label-column",
-                help="Label column of a .csv file (name or index).",
-                rich_help_panel="Data",
-            ),
-        ],
-        None,
-    ),
-    "split": (
-        Annotated[
-            str, _opt("--split", help="train or test, for an IDX folder.", rich_help_panel="Data")
-        ],
-        "train",
-    ),
-    "input_shape": (
-        Annotated[
-            str | None,
-            _opt("--input-shape", help="Reshape each input, e.g. 1,28,28.", rich_help_panel="Data"),
-        ],
-        None,
-    ),
-    "scale": (
-        Annotated[
-            float | None,
-            _opt("--scale", help="Divide inputs by this, e.g. 255.", rich_help_panel="Data"),
-        ],
-        None,
-    ),
-    "normalize": (
-        Annotated[
-            str | None,
-            _opt(
-                "--normalize",
-                help="MEAN,STD per channel, e.g. 0.1307,0.3081.",
-                rich_help_panel="Data",
-            ),
-        ],
-        None,
-    ),
+    **{o.name: _declare(o) for o in OPTIONS},
 }
 
 
-_COMMON.update(
-    {
-        "block_size": (
-            Annotated[
-                int | None,
-                _opt(
-                    "--block-size",
-                    help="Window length T of a token file: inputs t\\[i:i+T], next-token "
-                    "targets t\\[i+1:i+T+1] (the targets are shifted once, whatever --loss).",
-                    rich_help_panel="Data",
-                ),
-            ],
-            None,
-        ),
-        "token_dtype": (
-            Annotated[
-                str | None,
-                _opt(
-                    "--token-dtype",
-                    help="How a token file stores its ids: uint16, int32, uint32 or int64 "
-                    "(default: the .npy header; uint16 for .bin).",
-                    rich_help_panel="Data",
-                ),
-            ],
-            None,
-        ),
-        "load_strict": (
-            Annotated[
-                bool,
-                _opt(
-                    "--load-strict/--no-load-strict",
-                    help="Refuse state-dict entries that are not parameters or buffers "
-                    "(--no-load-strict ignores them; missing parameters are always refused).",
-                    rich_help_panel="Input",
-                ),
-            ],
-            True,
-        ),
-        "forward_kwargs": (
-            Annotated[
-                str | None,
-                _opt(
-                    "--forward-kwargs",
-                    help="Fixed extra arguments of the model's forward, e.g. sr=16000.",
-                    rich_help_panel="Input",
-                ),
-            ],
-            None,
-        ),
-        "output": (
-            Annotated[
-                str | None,
-                _opt(
-                    "--output",
-                    help="INDEX or KEY of the output the loss takes when the model returns a "
-                    "tuple or dict (default: the tensor, or 'logits').",
-                    rich_help_panel="Input",
-                ),
-            ],
-            None,
-        ),
-        "group": (
-            Annotated[
-                str | None,
-                _opt(
-                    "--group",
-                    help="Parameter groups as blocks: 'NAME=GLOB|GLOB;NAME=GLOB', e.g. "
-                    "'attention=*.attn.*;mlp=*.mlp.*'.",
-                    rich_help_panel="Input",
-                ),
-            ],
-            None,
-        ),
-        "ignore_index": (
-            Annotated[
-                int,
-                _opt(
-                    "--ignore-index",
-                    help="Target value that is no loss term (padding).",
-                    rich_help_panel="Input",
-                ),
-            ],
-            -100,
-        ),
-        "hvp": (
-            Annotated[
-                str,
-                _opt(
-                    "--hvp",
-                    help="Hessian products: auto (double backward, finite differences where "
-                    "an operation has no second derivative), double-backward, "
-                    "forward-over-reverse or finite-difference (use float64).",
-                    rich_help_panel="Numerics",
-                ),
-            ],
-            "auto",
-        ),
-        "hvp_cache": (
-            Annotated[
-                str,
-                _opt(
-                    "--hvp-cache",
-                    help="Memory Hessian products may keep of each batch's first-order graph, "
-                    "so that later products run only the second backward (a third less time): "
-                    "auto (half of what --max-memory leaves), off, or a size (e.g. 4GB).",
-                    rich_help_panel="Numerics",
-                ),
-            ],
-            "auto",
-        ),
-        "max_memory": (
-            Annotated[
-                str | None,
-                _opt(
-                    "--max-memory",
-                    help="Refuse a run whose estimated peak memory is larger (e.g. 8GB; "
-                    "default: what the device has free).",
-                    rich_help_panel="Numerics",
-                ),
-            ],
-            None,
-        ),
-        "basis_device": (
-            Annotated[
-                str | None,
-                _opt(
-                    "--basis-device",
-                    help="Where the Lanczos basis lives: cpu keeps it in host memory when the "
-                    "device is short (default: the --device).",
-                    rich_help_panel="Numerics",
-                ),
-            ],
-            None,
-        ),
-        "threads": (
-            Annotated[
-                int | None,
-                _opt(
-                    "--threads",
-                    help="CPU threads torch uses (default: torch's, one per core). On a machine "
-                    "shared with other jobs, 1 avoids oversubscription (README: Performance).",
-                    rich_help_panel="Numerics",
-                ),
-            ],
-            None,
-        ),
-    }
+def _settings(self: Any) -> dict[str, Any]:
+    """Every shared option with its value, for the result document."""
+    out = dict(self.__dict__)
+    out["model_path"] = str(self.model_path)
+    out["out"] = str(self.out)
+    return out
+
+
+CommonArgs = make_dataclass(
+    "CommonArgs",
+    [("model_path", Path)]
+    + [(name, ann, field(default=default)) for name, (ann, default) in list(_COMMON.items())[1:]]
+    # processes under torchrun, set when the command joins them
+    + [("world_size", int, field(default=1))],
+    namespace={"settings": _settings},
 )
+CommonArgs.__doc__ = "The shared flags of every analysis command (:data:`OPTIONS`), as given."
 
 
 def common_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -628,58 +237,6 @@ class Session:
         return self.common.seed
 
 
-def parse_kwargs(value: str | None, flag: str) -> dict[str, Any]:
-    """``K=V,K=V`` with numbers, booleans and ``None`` read as such.
-
-    Raises:
-        OptionError: for an item without ``=``.
-    """
-    out: dict[str, Any] = {}
-    for item in (value or "").split(","):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise OptionError(f"{flag} {item!r} must be KEY=VALUE (e.g. sr=16000).")
-        k, _, v = item.partition("=")
-        v = v.strip()
-        low = v.lower()
-        if low in ("true", "false"):
-            val: Any = low == "true"
-        elif low == "none":
-            val = None
-        else:
-            try:
-                val = int(v)
-            except ValueError:
-                try:
-                    val = float(v)
-                except ValueError:
-                    val = v
-        out[k.strip()] = val
-    return out
-
-
-def parse_groups(value: str | None) -> dict[str, list[str]]:
-    """``NAME=GLOB|GLOB;NAME=GLOB`` into named parameter groups.
-
-    Raises:
-        OptionError: for an item without ``=``.
-    """
-    out: dict[str, list[str]] = {}
-    for item in (value or "").split(";"):
-        if not item.strip():
-            continue
-        if "=" not in item:
-            raise OptionError(
-                f"--group {item!r} must be NAME=GLOB (several globs joined by |), e.g. "
-                "'attention=*.attn.*'."
-            )
-        name, _, globs = item.partition("=")
-        out[name.strip()] = [g.strip() for g in globs.split("|") if g.strip()]
-    return out
-
-
-# ---------------------------------------------------------------------- before the work
 def check_out_dir(out: Path, flag: str = "--out") -> Path:
     """Make sure results can be written to folder ``out``, before any computation.
 
@@ -852,53 +409,13 @@ def join_ranks(common: CommonArgs):
 
 
 def load_kwargs(common: CommonArgs) -> dict[str, Any]:
-    """What :func:`curvscope.load` takes besides the model and the data, from the shared flags.
+    """What :func:`curvscope.load` takes besides the checkpoint, from the shared flags.
 
-    For commands that load several checkpoints (``track``); :func:`open_session` passes the
-    same arguments for one.
-
-    Raises:
-        OptionError: for a malformed ``--forward-kwargs`` or ``--group``.
+    The options marked ``load`` in :data:`OPTIONS`, under the same names (``cs.load`` parses
+    ``--forward-kwargs``, ``--group`` and ``--hvp-cache`` strings itself). For commands that
+    load several checkpoints (``track``); :func:`open_session` passes the same for one.
     """
-    options = {
-        k: v
-        for k, v in {
-            "x_key": common.x_key,
-            "y_key": common.y_key,
-            "label_column": common.label_column,
-            "split": common.split,
-            "input_shape": common.input_shape,
-            "scale": common.scale,
-            "normalize": common.normalize,
-            "block_size": common.block_size,
-            "token_dtype": common.token_dtype,
-        }.items()
-        if v is not None
-    }
-    return {
-        "loss": common.loss,
-        "reduction": common.reduction,
-        "params": common.params,
-        "weight_decay": common.weight_decay,
-        "batch_size": common.batch_size,
-        "samples": common.samples,
-        "seed": common.seed,
-        "device": common.device,
-        "dtype": common.dtype,
-        "train_mode": common.train_mode,
-        "builder": common.model,
-        "trust_checkpoint": common.trust_checkpoint,
-        "state_key": common.state_key,
-        "strip_prefix": common.strip_prefix,
-        "load_strict": common.load_strict,
-        "forward_kwargs": parse_kwargs(common.forward_kwargs, "--forward-kwargs"),
-        "output": common.output,
-        "groups": parse_groups(common.group),
-        "ignore_index": common.ignore_index,
-        # auto (None) is sized by plan_memory in the commands that plan their memory
-        "graph_cache": graph_cache_option(common.hvp_cache),
-        **options,
-    }
+    return {name: getattr(common, name) for name in LOAD_OPTIONS}
 
 
 def open_session(common: CommonArgs) -> Session:
@@ -925,7 +442,7 @@ def open_session(common: CommonArgs) -> Session:
 
     group = join_ranks(common)
     started = time.perf_counter()
-    problem = load(common.model_path, common.data, **load_kwargs(common), group=group)
+    problem = load(common.model_path, **load_kwargs(common), process_group=group)
     return Session(problem, common, started, problem.data_passes)
 
 
@@ -1270,28 +787,6 @@ def plan_memory(
         import torch
 
         torch.cuda.reset_peak_memory_stats(p.device)
-
-
-def graph_cache_option(value: str) -> float | None:
-    """``--hvp-cache``: ``auto`` -> ``None`` (sized by the memory plan), ``off`` -> 0, a size.
-
-    Raises:
-        OptionError: for text that is neither auto, off nor an amount of memory.
-    """
-    from ..app import parse_memory
-
-    text = str(value).strip().lower()
-    if text == "auto":
-        return None
-    if text in ("off", "0", "none"):
-        return 0.0
-    try:
-        return parse_memory(text)
-    except OptionError:
-        raise OptionError(
-            f"--hvp-cache {value!r} is not auto, off or an amount of memory (e.g. 4GB).",
-            option="hvp_cache",
-        ) from None
 
 
 def peak_memory(device) -> int:

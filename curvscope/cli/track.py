@@ -121,8 +121,14 @@ def track_cli(
         from .._errors import OptionError
         from ..app import TRACE_ESTIMATORS, track
         from ..report import save_figures
-        from ._common import parse_list
+        from ._common import parse_list, prepare_torch
 
+        prepare_torch(common)  # --threads (and the default threads) as every command
+        if common.max_memory is not None:
+            raise OptionError(
+                "--max-memory is not taken by track, which plans no memory yet; leave it out "
+                "(each checkpoint needs what spectrum --top/--bottom would on one)."
+            )
         if trace_estimator not in TRACE_ESTIMATORS:
             raise OptionError(
                 f"--trace-estimator {trace_estimator!r} is not known; choose "
@@ -138,6 +144,7 @@ def track_cli(
         common.model_path = Path(checkpoints[0]) if checkpoints else Path()
         kwargs = load_kwargs(common)
         seed = kwargs.pop("seed")
+        kwargs.pop("data")  # given positionally
         settings = {
             **{k: v for k, v in common.settings().items() if k != "model_path"},
             "trace_estimator": trace_estimator if trace else None,
@@ -163,6 +170,7 @@ def track_cli(
                 warm_start=warm_start,
                 compare_cold=compare_cold,
                 hvp=common.hvp,
+                basis_device=common.basis_device,
                 out=common.out,
                 settings=settings,
                 progress=update,
