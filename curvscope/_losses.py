@@ -280,7 +280,7 @@ class MSE(Loss):
     r"""Squared error, torch's ``mse_loss``: the mean averages over every output entry.
 
     Terms: output entries. Output Hessian: :math:`2 I` on the sum. Read as a Gaussian
-    likelihood whose variance matches the loss scale (DESIGN.md).
+    likelihood whose variance matches the loss scale (docs/DESIGN.md "Mathematical conventions").
     """
 
     name = "mse"

@@ -184,7 +184,10 @@ def _bernoulli_information(f):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_exact_fisher_of_mse_is_the_gaussian_fisher(reduction):
-    """DESIGN: mse is N(f, sigma^2 I) with sigma^2 = d/2 (mean over outputs) or 1/2 (sum)."""
+    """mse is N(f, sigma^2 I), sigma^2 = d/2 (mean over outputs) or 1/2 (sum).
+
+    docs/DESIGN.md "Mathematical conventions".
+    """
     model, loss, data, _ = build(CASES[2])
     x, y = concat(data)
     f, J = _per_sample_jacobians(model, x)

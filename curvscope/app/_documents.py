@@ -61,7 +61,7 @@ def document(
     counts: dict[str, int] | None = None,
     complete: bool = True,
 ) -> dict[str, Any]:
-    """A result document for ``command`` (DESIGN.md "Contracts").
+    """A result document for ``command`` (docs/DESIGN.md "Result document").
 
     Args:
         problem: the analysed problem (its ``input_info`` and data-pass counter).

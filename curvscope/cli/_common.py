@@ -1,6 +1,6 @@
 """Shared command-line plumbing: common flags, loading, progress, errors, result documents.
 
-Every analysis command takes the same input flags (DESIGN.md "Contracts"). Rather than
+Every analysis command takes the same input flags (docs/DESIGN.md "Shared flags"). Rather than
 repeating two dozen ``Annotated`` parameters per command, :func:`common_options` adds them to
 a command's signature and hands them over as one :class:`CommonArgs`.
 """

@@ -39,7 +39,7 @@ DEFAULT_MAX_ITER = 50
 
 
 def solve_results(runs: list[SolveRun]) -> dict[str, Any]:
-    """``results`` of the solve document (DESIGN.md "Contracts": ``results.solves``)."""
+    """``results`` of the solve document (docs/DESIGN.md "Result document": ``results.solves``)."""
     from ..solvers import compare_runs
 
     solves = [run.to_result() for run in runs]

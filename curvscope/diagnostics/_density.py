@@ -33,7 +33,7 @@ __all__ = ["DensityEntry", "DensityResult", "TraceEntry", "density"]
 
 @dataclass(frozen=True)
 class DensityEntry:
-    r"""One ``results.densities`` entry (DESIGN.md "Contracts").
+    r"""One ``results.densities`` entry (docs/DESIGN.md "Result document").
 
     Attributes:
         matrix: matrix name (``hessian``, ``ggn``, ...).
@@ -71,7 +71,7 @@ class DensityEntry:
 
 @dataclass(frozen=True)
 class TraceEntry:
-    """One ``results.traces`` entry (DESIGN.md "Contracts").
+    """One ``results.traces`` entry (docs/DESIGN.md "Result document").
 
     Attributes:
         matrix: matrix name.

@@ -49,7 +49,7 @@ class BlockMode(str, Enum):
 
 @dataclass(frozen=True)
 class SpectrumEntry:
-    """One ``results.spectra`` entry (DESIGN.md "Contracts")."""
+    """One ``results.spectra`` entry (docs/DESIGN.md "Result document")."""
 
     matrix: str
     block: str

@@ -92,7 +92,9 @@ class SurfaceDirections:
 
 @dataclass(frozen=True)
 class SurfaceResult:
-    """A loss surface on a 1-D line or 2-D grid (DESIGN.md "Contracts": ``results.surface``).
+    """A loss surface on a 1-D line or 2-D grid.
+
+    ``results.surface`` of a surface document (docs/DESIGN.md "Result document").
 
     Attributes:
         directions: how the directions were made.
@@ -207,7 +209,7 @@ def load_directions(
 ) -> tuple[torch.Tensor, dict]:
     """Read directions from a file: an eigenvector file, or a ``.pt``/``.npy`` tensor.
 
-    Eigenvector files (``spectrum --save-eigenvectors``, DESIGN.md "Eigenvector file") must
+    Eigenvector files (``spectrum --save-eigenvectors``, docs/DESIGN.md "Eigenvector file") must
     come from the same model: same parameter names and shapes and, when both are known, the
     same checkpoint hash. The entry used is the top Hessian entry for block ``all`` (else the
     first ``all`` entry). A plain tensor must have shape ``[P]`` or ``[P, k]``.

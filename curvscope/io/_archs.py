@@ -1,6 +1,6 @@
 """Built-in architectures, constructed by name from an allow-list (no code from files).
 
-``arch`` (DESIGN.md, checkpoint format ``curvscope/1``) is one of::
+``arch`` (docs/DESIGN.md "Checkpoint format", ``curvscope/1``) is one of::
 
     {"type": "mlp", "sizes": [64, 128, 10], "activation": "tanh", "bias": true}
     {"type": "sequential", "layers": [{"type": "Conv2d", "args": {...}}, ...]}

@@ -1,4 +1,4 @@
-"""Checkpoints in, recognised by content (DESIGN.md "Inputs" and "Contracts").
+"""Checkpoints in, recognised by content (docs/DESIGN.md "Inputs" and "Checkpoint format").
 
 Formats: the ``curvscope/1`` dict (``torch.save``, loaded with ``weights_only=True``),
 ``.safetensors`` with the same ``arch``/``meta`` as JSON under the metadata key ``curvscope``,

@@ -1,4 +1,4 @@
-"""Data sets in: built-in offline sets and files (DESIGN.md "Inputs"). Nothing downloads.
+"""Data sets in: built-in offline sets and files (docs/DESIGN.md "Inputs"). Nothing downloads.
 
 Built-ins: ``digits`` (the UCI 8x8 handwritten digits, 1797 images, shipped as package data,
 CC BY 4.0), ``sinus`` (a seeded 1-D sine regression for the Suk-style MLP) and ``blobs2d``

@@ -1,9 +1,10 @@
 """The eigenvector file written by ``spectrum --save-eigenvectors`` and read by ``surface``.
 
-Format (DESIGN.md "Contracts"): ``torch.save`` of ``{"format": "curvscope.eigenvectors/1",
-"model_sha256", "param_names", "param_shapes", "entries": [{"matrix", "block", "which",
-"eigenvalues": [k], "vectors": [P_block, k]}]}``, loadable with ``weights_only=True``. Vectors
-are unit-norm and signed so that their largest-magnitude entry is positive.
+Format (docs/DESIGN.md "Eigenvector file"): ``torch.save`` of
+``{"format": "curvscope.eigenvectors/1", "model_sha256", "param_names", "param_shapes",
+"entries": [{"matrix", "block", "which", "eigenvalues": [k], "vectors": [P_block, k]}]}``,
+loadable with ``weights_only=True``. Vectors are unit-norm and signed so that their
+largest-magnitude entry is positive.
 """
 
 from __future__ import annotations

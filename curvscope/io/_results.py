@@ -1,7 +1,7 @@
 """Result documents: versioned, strict JSON, written atomically.
 
-Every command writes ``DIR/<command>.json`` with the same top-level fields (DESIGN.md,
-"Contracts"): ``schema``, ``command``, ``created``, ``curvscope_version``, ``input``,
+Every command writes ``DIR/<command>.json`` with the same top-level fields (docs/DESIGN.md
+"Result document"): ``schema``, ``command``, ``created``, ``curvscope_version``, ``input``,
 ``settings``, ``results``, ``timings``, ``counts``, ``notes``. Non-finite numbers are written
 as ``null`` with a note naming where they were; NaN never reaches the file.
 """
@@ -114,7 +114,7 @@ def make_document(
         command: the command name (``spectrum``, ``density``...), also the file name.
         input: what was analysed (see :func:`curvscope.io.describe_input`).
         settings: every option the command used, defaults included.
-        results: the command's results (DESIGN.md "Contracts").
+        results: the command's results (docs/DESIGN.md "Result document").
         timings: seconds, at least ``total_s``.
         counts: at least ``matvecs`` and ``data_passes``.
         notes: sentences for the reader.

@@ -24,7 +24,8 @@ __all__ = ["EigenResult", "LanczosResult", "eigenpairs", "lanczos"]
 Progress = Callable[[int, int, str], None]
 
 DEFAULT_TOL = 1e-4
-"""Relative residual tolerance: converged when ||Av - lambda v|| <= tol * ||A||_2 (DESIGN.md)."""
+"""Relative residual tolerance: converged when ||Av - lambda v|| <= tol * ||A||_2
+(docs/DESIGN.md "Numerical policy")."""
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,7 @@ def eigenpairs(
         A: symmetric operator.
         top: number of largest eigenvalues (descending in the result).
         bottom: number of smallest eigenvalues (ascending in the result).
-        tol: relative residual tolerance (DESIGN.md "Contracts", default 1e-4).
+        tol: relative residual tolerance (docs/DESIGN.md "Numerical policy", default 1e-4).
         max_iter: maximum Lanczos steps (default ``min(P, max(100, 10 (top + bottom)))``).
         seed: an int or a torch.Generator: the random source for the start vector.
         v0: optional start vector.

@@ -238,7 +238,7 @@ def eigsh(
             for ``V`` of shape ``[P, k]``.
         top: number of largest eigenvalues (descending in the result).
         bottom: number of smallest eigenvalues (ascending in the result).
-        tol: relative residual tolerance (DESIGN.md "Contracts", default 1e-4).
+        tol: relative residual tolerance (docs/DESIGN.md "Numerical policy", default 1e-4).
         rtol: if given, converge on the error bound relative to :math:`|\lambda|` instead of
             ``tol`` (an eigenvalue at zero then never converges; use ``tol`` for those).
         basis_size: vectors in the basis, at least ``top + bottom + 1`` (or ``P``); default

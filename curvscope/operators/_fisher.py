@@ -33,7 +33,7 @@ class FisherOperator(GGNOperator):
             \nabla_f \ell_i(y) \nabla_f \ell_i(y)^T \right] J_i + \lambda I,
         \qquad c = 1/N \text{ (mean) or } 1 \text{ (sum)}.
 
-    The loss is read as a negative log-likelihood (DESIGN.md "Mathematical conventions"):
+    The loss is read as a negative log-likelihood (docs/DESIGN.md "Mathematical conventions"):
     softmax cross-entropy (and ``nll`` after a final ``LogSoftmax``) as a categorical
     distribution; mse as a Gaussian :math:`N(f, \sigma^2 I)` with :math:`\sigma^2 = d/2` for
     torch's mean over outputs and 1/2 for sum, so that :math:`-\log p = \ell_i` + const;
@@ -118,10 +118,10 @@ class EmpiricalFisherOperator(CurvatureOperator):
     with :math:`\bar\ell_i` sample ``i``'s loss with the problem's reduction over its own
     :math:`T_i` terms (its mean over its tokens, or over its outputs for ``mse``, as torch's
     per-sample loss) and ``T`` the terms in all: each sample weighs what it weighs in the loss,
-    so for one term per sample :math:`w_i = 1/N`. It is not the Fisher (DESIGN.md;
-    FINDINGS.md section 5: relative Frobenius distance 10-60 on tiny MLPs). Per-sample
-    gradients by ``torch.func.vmap(grad)``; they are kept in memory between products when
-    they fit (``cache_limit`` numbers).
+    so for one term per sample :math:`w_i = 1/N`. It is not the Fisher (docs/DESIGN.md
+    "Mathematical conventions"; FINDINGS.md section 5: relative Frobenius distance 10-60 on
+    tiny MLPs). Per-sample gradients by ``torch.func.vmap(grad)``; they are kept in memory
+    between products when they fit (``cache_limit`` numbers).
 
     Args:
         problem: model, loss, data and parameter selection (eval mode only).

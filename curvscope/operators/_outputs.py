@@ -4,7 +4,7 @@ Every approximation of the Hessian here splits the loss into a network ``f`` (wh
 are the logits) and a loss :math:`\ell` on those outputs. The total loss is
 :math:`L = c \sum_b S_b(f(x_b))` with :math:`S_b` the batch's *sum over its terms*
 (:mod:`curvscope._losses`) and :math:`c = 1/T` (``T`` terms in all) for mean reduction, 1 for
-sum (DESIGN.md "Mathematical conventions"). The output Hessian of :math:`S_b` is analytic
+sum (docs/DESIGN.md "Mathematical conventions"). The output Hessian of :math:`S_b` is analytic
 for the built-in losses (softmax cross-entropy: ``p*u - p (p.u)`` per term, never a double
 backward through log-softmax) and taken by autograd otherwise.
 
@@ -32,7 +32,7 @@ ApplyFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def refuse_train_mode(problem: Problem, matrix: str) -> None:
-    """Raise for matrices built from per-sample quantities in train mode (DESIGN.md "Modes").
+    """Raise for matrices built from per-sample quantities in train mode (docs/DESIGN.md "Modes").
 
     Raises:
         UnsupportedModelError: when ``problem.train_mode`` is set.

@@ -115,7 +115,7 @@ class SolveRun:
     findings: list = field(default_factory=list)
 
     def to_result(self) -> dict[str, Any]:
-        """This run as one ``results.solves`` entry (DESIGN.md "Contracts")."""
+        """This run as one ``results.solves`` entry (docs/DESIGN.md "Result document")."""
         return {
             "solver": self.solver,
             "settings": self.settings,
