@@ -147,14 +147,48 @@ def test_interrupted_spectrum_keeps_the_finished_blocks():
             top=2,
             bottom=1,
             tol=1e-10,
-            progress=_interrupt_when(lambda done, what: blocks[1] in what),
+            progress=_interrupt_when(lambda done, what: blocks[1] in what and done == 4),
         )
     part = stop.value.partial
-    assert {e.block for e in part.spectra} == {blocks[0]}
-    assert len(part.spectra) == 2 and all(e.converged for e in part.spectra)
+    done = [e for e in part.spectra if e.block == blocks[0]]
+    assert len(done) == 2 and all(all(e.converged) for e in done)
+    # the block cut after 4 Lanczos steps keeps its Ritz values, not converged, with
+    # the residual estimate and no bound (issue 24 item 3)
+    cut = [e for e in part.spectra if e.block == blocks[1]]
+    assert cut and not any(any(e.converged) for e in cut)
+    assert all(e.error_bounds is None and len(e.residual_norms) for e in cut)
+    assert any("interrupted during Lanczos" in n for n in part.notes)
     assert "interrupted" in part.notes[-1]
     full = spectrum(ops, blocks=blocks[:1], top=2, bottom=1, tol=1e-10)
-    assert [e.eigenvalues for e in part.spectra] == [e.eigenvalues for e in full.spectra]
+    assert [e.eigenvalues for e in done] == [e.eigenvalues for e in full.spectra]
+
+
+def test_an_interrupted_lanczos_keeps_its_ritz_values_with_residual_estimates():
+    """Stopped after 30 steps on a 200 x 200 matrix, the Ritz values at hand are returned,
+    not converged, each within its residual estimate of an eigenvalue (Lanczos relation)."""
+    from curvscope import Interrupted
+    from curvscope.linalg import DenseOperator, eigsh
+
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    ev = torch.linspace(-1.0, 10.0, 200, dtype=torch.float64)
+    A = DenseOperator((Q * ev) @ Q.T)
+
+    def stop_at_30(done, total, what):
+        if done == 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted) as stop:
+        eigsh(A, top=3, bottom=1, tol=1e-14, progress=stop_at_30, seed=0)
+    top, bottom = stop.value.partial
+    assert (top.which, bottom.which) == ("top", "bottom")
+    assert not top.converged.any() and not bottom.converged.any()
+    assert top.num_matvecs == 30 and top.error_bounds is None
+    for r in (top, bottom):
+        for lam, res in zip(r.eigenvalues, r.residual_norms, strict=True):
+            assert float((ev - lam).abs().min()) <= float(res) + 1e-12
+        measured = (A @ r.eigenvectors) - r.eigenvectors * r.eigenvalues
+        assert torch.allclose(measured.norm(dim=0), r.residual_norms, rtol=1e-6, atol=1e-12)
 
 
 def test_interrupted_surface_keeps_the_evaluated_points():
@@ -285,3 +319,31 @@ def test_ctrl_c_in_compare_check_and_solve_keeps_what_finished(tmp_path, monkeyp
     (run_doc,) = doc["results"]["solves"]
     assert run_doc["stop_reason"] == "interrupted" and len(run_doc["trace"]["iteration"]) >= 3
     assert "not run: lbfgs" in doc["notes"][-1]
+
+
+def test_ctrl_c_in_lanczos_prints_and_keeps_the_ritz_values(tmp_path, monkeypatch):
+    """The CLI's table and partial document hold the interrupted Lanczos's Ritz values."""
+    from typer.testing import CliRunner
+
+    import curvscope.linalg._restarted as restarted
+    from curvscope.cli import app
+
+    _tiny_checkpoint(tmp_path)
+    real, calls = restarted.orthogonalise, []
+
+    def stop_at_six(*args, **kwargs):  # Ctrl-C during the sixth Lanczos step
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(restarted, "orthogonalise", stop_at_six)
+    res = CliRunner().invoke(app, ["spectrum", str(tmp_path / "model.pt"), "--top", "2",
+                                   "--bottom", "1", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 130, res.output
+    doc = json.loads((tmp_path / "o" / "spectrum.json").read_text())
+    assert doc["complete"] is False
+    (top,) = [s for s in doc["results"]["spectra"] if s["which"] == "top"]
+    assert len(top["eigenvalues"]) == 2 and not any(top["converged"])
+    assert "interrupted during Lanczos" in " ".join(doc["notes"])
+    assert f"{top['eigenvalues'][0]: .6g}".strip() in res.output  # the table was printed

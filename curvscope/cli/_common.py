@@ -485,12 +485,13 @@ def keep_partial(
     command: str,
     settings: dict[str, Any],
     results_of: Callable[[Any], dict[str, Any]] = lambda r: r.to_results(),
+    show: Callable[[Any, Path], None] | None = None,
 ) -> Iterator[None]:
     """On Ctrl-C, write what finished as ``out/<command>.json`` with ``"complete": false``.
 
     The library raises :class:`~curvscope._errors.Interrupted` with its partial result
-    (finished blocks, densities or grid points); the document is written atomically, then
-    the interrupt goes on (exit 130).
+    (finished blocks, densities or grid points); the document is written atomically,
+    ``show(partial, path)`` prints its table when given, then the interrupt goes on (exit 130).
     """
     from .._errors import Interrupted
 
@@ -507,6 +508,8 @@ def keep_partial(
                 notes=list(getattr(stop.partial, "notes", [])),
                 complete=False,
             )
+            if show is not None:
+                show(stop.partial, path)
             err_console.print(f"[yellow]partial result (complete: false) written: {path}[/]")
         raise
 
@@ -518,14 +521,15 @@ def computing(
     settings: dict[str, Any],
     planned: int,
     results_of: Callable[[Any], dict[str, Any]] = lambda r: r.to_results(),
+    show: Callable[[Any, Path], None] | None = None,
 ) -> Iterator[Callable[[int, int, str], None]]:
     """A command's computation: its progress bar, and on Ctrl-C its partial document.
 
     Yields the ``progress`` callback for the library (see :func:`progress_bar`); see
-    :func:`keep_partial` for what an interrupt writes.
+    :func:`keep_partial` for what an interrupt writes (and ``show`` prints).
     """
     with (
-        keep_partial(session, command, settings, results_of),
+        keep_partial(session, command, settings, results_of, show),
         progress_bar(session=session, planned=planned) as update,
     ):
         yield update

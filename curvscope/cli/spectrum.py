@@ -146,7 +146,10 @@ def spectrum_cli(
             "save_eigenvectors": save_eigenvectors_,
             "strict": strict,
         }
-        with computing(session, "spectrum", settings, planned) as update:
+        with computing(
+            session, "spectrum", settings, planned,
+            show=lambda part, path: _print(part, session, path, False),
+        ) as update:
             result = spectrum(
                 ops,
                 blocks=blocks,

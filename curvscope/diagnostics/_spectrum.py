@@ -8,7 +8,7 @@ from enum import Enum
 
 import torch
 
-from .._errors import OptionError, arg
+from .._errors import Interrupted, OptionError, arg
 from .._sampling import as_generator
 from ..io import canonical_sign
 from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, eigsh, power_iteration
@@ -142,7 +142,7 @@ def _solve(
 def _counted(results: list[EigenResult], method: Method) -> int:
     """Products of one solve: a Lanczos run serves both ends; power runs are separate."""
     if method == Method.LANCZOS:
-        return results[0].num_matvecs
+        return results[0].num_matvecs if results else 0
     return sum(r.num_matvecs for r in results)
 
 
@@ -247,16 +247,25 @@ def spectrum(
                         "basis_size": basis_size,
                         "basis_device": basis_device,
                     }
-                    results = _solve(
-                        op,
-                        seed=torch.Generator().manual_seed(base_seed),
-                        progress=labelled(progress, f"{name} [{block}]"),
-                        **solve_kw,
-                    )
+                    stopped = False
+                    try:
+                        results = _solve(
+                            op,
+                            seed=torch.Generator().manual_seed(base_seed),
+                            progress=labelled(progress, f"{name} [{block}]"),
+                            **solve_kw,
+                        )
+                    except Interrupted as stop:  # Lanczos keeps the Ritz pairs at hand
+                        results, stopped = list(stop.partial or []), True
+                        notes.append(
+                            f"{name} [{block}]: interrupted during Lanczos; its current Ritz "
+                            "values are kept with their residual estimates (not measured, no "
+                            "bound), marked not converged."
+                        )
                     total += _counted(results, method)
                     add_notes(notes, full, op)  # notes that came with the products
                     spreads = {}
-                    if repeats:
+                    if repeats and not stopped:
                         spreads, used = _repeats(
                             full, block, repeats, samples, base_seed, **solve_kw
                         )
@@ -284,6 +293,8 @@ def spectrum(
                             )
                         )
                         vectors.append(canonical_sign(res.eigenvectors.detach()))
+                    if stopped:
+                        raise KeyboardInterrupt
                     if repeats:
                         line = (
                             "spread.std is the standard deviation of an eigenvalue over the "

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from .._errors import NonFiniteError, OptionError, arg
+from .._errors import Interrupted, NonFiniteError, OptionError, arg
 from .._sampling import as_generator
 from ._lanczos import DEFAULT_TOL, EigenResult, orthogonalise
 from ._operator import as_operator
@@ -383,139 +383,202 @@ def eigsh(
                 return False
         return True
 
-    while True:
-        on_estimates = False  # whether the loop below stopped because the estimates passed
+    try:
         while True:
-            if j == m:
-                # Thick restart: keep the best Ritz vectors of both ends (_keep_counts).
-                vals, res = union()
-                ok = passes(vals, res)
-                t_u, b_u = _pick(vals, top, bottom)
-                kt, kb = _keep_counts(
-                    theta,
-                    top,
-                    bottom,
-                    top > 0 and not bool(ok[t_u].all()),
-                    bottom > 0 and not bool(ok[b_u].all()),
-                )
-                t_idx, b_idx = _pick(theta, kt, kb)
-                keep = torch.sort(torch.cat([t_idx, b_idx])).values
-                p = keep.shape[0]
-                Sk = S[:, keep]
-                V[:, :p] = V[:, :m] @ Sk.to(device=bdev, dtype=dtype)
-                V[:, p] = V[:, m]
-                coupling = beta * Sk[m - 1, :]
-                T.zero_()
-                T[:p, :p] = torch.diag(theta[keep])
-                T[p, :p] = coupling
-                T[:p, p] = coupling
-                j = p
-                restarts += 1
-            w = matvec(V[:, j : j + 1], "Lanczos step")[:, 0]
-            steps += 1
-            if progress is not None:
-                progress(steps, total, "Lanczos")
-            wnorm = float(torch.linalg.vector_norm(w))
-            scale = max(scale, wnorm)
-            w, coef = orthogonalise(w, [X, V[:, : j + 1]])
-            beta = float(torch.linalg.vector_norm(w))
-            if beta < 1e-2 * wnorm:
-                # Most of A v was in the basis: one more pass, as twice is enough only when
-                # the result is not tiny (Giraud et al. 2005).
-                w, more = orthogonalise(w, [X, V[:, : j + 1]])
-                coef = coef + more
+            on_estimates = False  # whether the loop below stopped because the estimates passed
+            while True:
+                if j == m:
+                    # Thick restart: keep the best Ritz vectors of both ends (_keep_counts).
+                    vals, res = union()
+                    ok = passes(vals, res)
+                    t_u, b_u = _pick(vals, top, bottom)
+                    kt, kb = _keep_counts(
+                        theta,
+                        top,
+                        bottom,
+                        top > 0 and not bool(ok[t_u].all()),
+                        bottom > 0 and not bool(ok[b_u].all()),
+                    )
+                    t_idx, b_idx = _pick(theta, kt, kb)
+                    keep = torch.sort(torch.cat([t_idx, b_idx])).values
+                    p = keep.shape[0]
+                    Sk = S[:, keep]
+                    V[:, :p] = V[:, :m] @ Sk.to(device=bdev, dtype=dtype)
+                    V[:, p] = V[:, m]
+                    coupling = beta * Sk[m - 1, :]
+                    T.zero_()
+                    T[:p, :p] = torch.diag(theta[keep])
+                    T[p, :p] = coupling
+                    T[:p, p] = coupling
+                    j = p
+                    restarts += 1
+                w = matvec(V[:, j : j + 1], "Lanczos step")[:, 0]
+                steps += 1
+                if progress is not None:
+                    progress(steps, total, "Lanczos")
+                wnorm = float(torch.linalg.vector_norm(w))
+                scale = max(scale, wnorm)
+                w, coef = orthogonalise(w, [X, V[:, : j + 1]])
                 beta = float(torch.linalg.vector_norm(w))
-            T[j, j] = float(coef[j])
-            j += 1
-            theta, S = torch.linalg.eigh(T[:j, :j])
-            est = beta * S[j - 1, :].abs()
-            limit = max(BREAKDOWN * eps * math.sqrt(n), min(breakdown_rel, eps**0.5))
-            if beta <= limit * scale or X.shape[1] + j >= n:
-                # Invariant subspace: its Ritz pairs are exact to the estimates est.
-                if X.shape[1] + j >= n or steps >= budget:
+                if beta < 1e-2 * wnorm:
+                    # Most of A v was in the basis: one more pass, as twice is enough only when
+                    # the result is not tiny (Giraud et al. 2005).
+                    w, more = orthogonalise(w, [X, V[:, : j + 1]])
+                    coef = coef + more
+                    beta = float(torch.linalg.vector_norm(w))
+                T[j, j] = float(coef[j])
+                j += 1
+                theta, S = torch.linalg.eigh(T[:j, :j])
+                est = beta * S[j - 1, :].abs()
+                limit = max(BREAKDOWN * eps * math.sqrt(n), min(breakdown_rel, eps**0.5))
+                if beta <= limit * scale or X.shape[1] + j >= n:
+                    # Invariant subspace: its Ritz pairs are exact to the estimates est.
+                    if X.shape[1] + j >= n or steps >= budget:
+                        break
+                    vals, res = union()
+                    t_idx, b_idx = _pick(vals, top, bottom)
+                    improved = not had_breakdown or _improves(
+                        x_vals, vals, top, bottom, resolution_tol, eps, n
+                    )
+                    if not improved:
+                        break
+                    # Lock the best pairs of both ends that pass the test (a breakdown declared on a
+                    # beta above round-off leaves some inexact), then search the complement afresh.
+                    fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(bdev, dtype)
+                    fresh, _ = orthogonalise(fresh, [X, V[:, :j]])
+                    fnorm = float(torch.linalg.vector_norm(fresh))
+                    if fnorm <= math.sqrt(eps):
+                        break  # nothing is left outside the subspaces found
+                    keep = torch.cat([t_idx, b_idx])
+                    keep = keep[passes(vals, res)[keep]]
+                    off = x_vals.shape[0]
+                    cols = []
+                    for i in keep.tolist():
+                        if i < off:
+                            cols.append(X[:, i])
+                        else:
+                            cols.append(V[:, :j] @ S[:, i - off].to(device=bdev, dtype=dtype))
+                    X = torch.stack(cols).T if cols else X[:, :0]  # column-major, as V
+                    x_vals, x_est = vals[keep], res[keep]
+                    V[:, 0] = fresh / torch.linalg.vector_norm(fresh)
+                    T.zero_()
+                    j = 0
+                    theta = torch.zeros(0, dtype=torch.float64)
+                    est = theta.clone()
+                    had_breakdown = True
+                    restarts += 1
+                    continue
+                V[:, j] = w / beta
+                if j < m:
+                    T[j - 1, j] = T[j, j - 1] = beta
+                if steps >= budget:
                     break
-                vals, res = union()
-                t_idx, b_idx = _pick(vals, top, bottom)
-                improved = not had_breakdown or _improves(
-                    x_vals, vals, top, bottom, resolution_tol, eps, n
-                )
-                if not improved:
+                if converged_now() or (next_check is not None and steps >= next_check):
+                    on_estimates = True
                     break
-                # Lock the best pairs of both ends that pass the test (a breakdown declared on a
-                # beta above round-off leaves some inexact), then search the complement afresh.
-                fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(bdev, dtype)
-                fresh, _ = orthogonalise(fresh, [X, V[:, :j]])
-                fnorm = float(torch.linalg.vector_norm(fresh))
-                if fnorm <= math.sqrt(eps):
-                    break  # nothing is left outside the subspaces found
-                keep = torch.cat([t_idx, b_idx])
-                keep = keep[passes(vals, res)[keep]]
-                off = x_vals.shape[0]
-                cols = []
-                for i in keep.tolist():
-                    if i < off:
-                        cols.append(X[:, i])
-                    else:
-                        cols.append(V[:, :j] @ S[:, i - off].to(device=bdev, dtype=dtype))
-                X = torch.stack(cols).T if cols else X[:, :0]  # column-major, as V
-                x_vals, x_est = vals[keep], res[keep]
-                V[:, 0] = fresh / torch.linalg.vector_norm(fresh)
-                T.zero_()
-                j = 0
-                theta = torch.zeros(0, dtype=torch.float64)
-                est = theta.clone()
-                had_breakdown = True
-                restarts += 1
-                continue
-            V[:, j] = w / beta
-            if j < m:
-                T[j - 1, j] = T[j, j - 1] = beta
-            if steps >= budget:
-                break
-            if converged_now() or (next_check is not None and steps >= next_check):
-                on_estimates = True
-                break
 
-        results, worst = _finish(
-            A,
-            matvec,
-            progress,
-            top=top,
-            bottom=bottom,
-            tol=tol,
-            rtol=rtol,
-            X=X,
-            x_vals=x_vals,
-            x_est=x_est,
-            V=V[:, :j],
-            theta=theta,
-            S=S,
-            est=est,
-            complete=X.shape[1] + j >= n,
-            steps=steps,
-            total=total,
-            restarts=restarts,
-            checks=checks,
-            est_scale=est_scale,
+            results, worst = _finish(
+                A,
+                matvec,
+                progress,
+                top=top,
+                bottom=bottom,
+                tol=tol,
+                rtol=rtol,
+                X=X,
+                x_vals=x_vals,
+                x_est=x_est,
+                V=V[:, :j],
+                theta=theta,
+                S=S,
+                est=est,
+                complete=X.shape[1] + j >= n,
+                steps=steps,
+                total=total,
+                restarts=restarts,
+                checks=checks,
+                est_scale=est_scale,
+            )
+            if worst is None or not on_estimates or steps >= budget:
+                return results
+            # The measured residuals of the final check contradict the Lanczos relation's
+            # estimates (seen on a float32 ResNet-18: 7e-4 ||A|| measured where the estimates
+            # passed 1e-4; on an operator that is not quite symmetric they never meet). Trust the
+            # estimates that much less and go on, measuring again after at most one basis cycle,
+            # for as long as each check at least halves the worst measured residual: what round-off
+            # or asymmetry puts out of reach costs one cycle, not the budget.
+            failing = max(
+                float(r.residual_norms.max() / (r.tol * r.norm_estimate)) for r in results
+            )
+            if last_failing is not None and failing > 0.5 * last_failing:
+                return results
+            last_failing = failing
+            est_scale *= 2.0 * worst
+            checks += k
+            budget -= k
+            next_check = steps + m
+            if steps >= budget:
+                return results
+    except KeyboardInterrupt:
+        # Ctrl-C (or a budget's stop): the current Ritz pairs with their residual estimates,
+        # not converged, instead of nothing (hours of products kept no eigenvalue before)
+        raise Interrupted(
+            _current_results(
+                top, bottom, tol, X, x_vals, x_est * est_scale, V, j, theta, S,
+                est * est_scale, steps + checks, restarts,
+            )
+        ) from None
+
+
+def _current_results(
+    top: int,
+    bottom: int,
+    tol: float,
+    X: torch.Tensor,
+    x_vals: torch.Tensor,
+    x_est: torch.Tensor,
+    V: torch.Tensor,
+    j: int,
+    theta: torch.Tensor,
+    S: torch.Tensor,
+    est: torch.Tensor,
+    num: int,
+    restarts: int,
+) -> list[EigenResult]:
+    """The Ritz pairs at hand when the iteration stops early, all marked not converged.
+
+    No product is taken: residuals are the Lanczos estimates (``beta |s_last|``), bounds are
+    absent (``None``), and there may be fewer pairs than asked for.
+    """
+    j = min(j, S.shape[0])
+    vals = torch.cat([x_vals, theta[: S.shape[1]]])
+    res = torch.cat([x_est, est[: S.shape[1]]])
+    if vals.shape[0] == 0:
+        return []
+    kt = min(top, vals.shape[0])
+    kb = min(bottom, vals.shape[0] - kt)
+    t_idx, b_idx = _pick(vals, kt, kb)
+    off = x_vals.shape[0]
+    norm = max(float(vals.abs().max()), 1e-300)
+    out = []
+    for which, idx, descending in (("top", t_idx, True), ("bottom", b_idx, False)):
+        if idx.numel() == 0:
+            continue
+        idx = idx[torch.argsort(vals[idx], descending=descending)]
+        cols = [
+            X[:, i] if i < off else V[:, :j] @ S[:j, i - off].to(device=V.device, dtype=V.dtype)
+            for i in idx.tolist()
+        ]
+        Y = torch.stack(cols, dim=1)
+        Y = Y / torch.linalg.vector_norm(Y, dim=0, keepdim=True).clamp_min(1e-300)
+        out.append(
+            EigenResult(
+                which, "lanczos", vals[idx], Y, res[idx],
+                torch.zeros(idx.numel(), dtype=torch.bool), num, norm, tol, num,
+                error_bounds=None, restarts=restarts,
+            )
         )
-        if worst is None or not on_estimates or steps >= budget:
-            return results
-        # The measured residuals of the final check contradict the Lanczos relation's
-        # estimates (seen on a float32 ResNet-18: 7e-4 ||A|| measured where the estimates
-        # passed 1e-4; on an operator that is not quite symmetric they never meet). Trust the
-        # estimates that much less and go on, measuring again after at most one basis cycle,
-        # for as long as each check at least halves the worst measured residual: what round-off
-        # or asymmetry puts out of reach costs one cycle, not the budget.
-        failing = max(float(r.residual_norms.max() / (r.tol * r.norm_estimate)) for r in results)
-        if last_failing is not None and failing > 0.5 * last_failing:
-            return results
-        last_failing = failing
-        est_scale *= 2.0 * worst
-        checks += k
-        budget -= k
-        next_check = steps + m
-        if steps >= budget:
-            return results
+    return out
 
 
 KEEP_FRACTION = 0.65
