@@ -745,10 +745,12 @@ MARKER_IGNORED_STATES = ("complete",)
 
 
 def _reset_run_state() -> None:
-    from ..io import set_current_run
+    import sys
 
     RUN_STATE.update(created=None, run=None, out=None, previous=None, fingerprints={})
-    set_current_run(None)
+    io = sys.modules.get(f"{__package__.rpartition('.')[0]}.io")
+    if io is not None:  # never imported (torch with it) only to say there is no run
+        io.set_current_run(None)
 
 
 def _command_name(depth: int = 2) -> str:
@@ -882,13 +884,13 @@ def _end_run(outcome: str) -> None:
     """
     import shutil
 
-    from ..io import MARKER
-
     try:
         if outcome == "refused":
             created = RUN_STATE.get("created")
             out = RUN_STATE.get("out")
-            if out is not None:
+            if out is not None:  # a run started: its marker goes, the one found comes back
+                from ..io import MARKER
+
                 path = Path(out) / MARKER
                 previous = RUN_STATE.get("previous")
                 if previous is None:
