@@ -184,8 +184,9 @@ def one_run(
             odd = _fingerprint(doc)[0] != _fingerprint(ref)[0]
         if odd:
             raise CurvscopeError(
-                f"{arg('from_dir')} renders one run, and {paths[name]} ({_describe(doc)}) is not "
-                f"of the run of {paths[ref_name]} ({_describe(ref)}): move one of them to "
-                "another folder, or rerun the report into a new --out."
+                f"{arg('from_dir')} renders the documents of one run, and {paths[name]} "
+                f"({_describe(doc)}) is not of the run of {paths[ref_name]} "
+                f"({_describe(ref)}): move one of them to another folder, or rerun the report "
+                "into a new --out."
             )
     return ref_id
