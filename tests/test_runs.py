@@ -270,3 +270,17 @@ def test_a_refusal_into_an_existing_folder_leaves_it_as_it_was(examples, tmp_pat
     _refused(["density", model, *SMALL, "--max-memory", "1KB", "--out", str(out)])
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     shutil.rmtree(out)
+
+
+def test_a_tracker_writes_every_measurement_under_one_run(tmp_path):
+    import curvscope as cs
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    data = [(torch.randn(8, 3), torch.randint(0, 2, (8,)))]
+    tracker = cs.Tracker(model, "cross_entropy", data, every=1, top=1, out=tmp_path)
+    tracker(0)
+    first = _doc(tmp_path / "track.json")["run"]
+    tracker(1)
+    doc = _doc(tmp_path / "track.json")
+    assert len(doc["results"]["track"]) == 2 and doc["run"]["id"] == first["id"]

@@ -950,6 +950,7 @@ class Tracker:
         self._copy: nn.Module | None = None
         self._ptrs: list[int] = []
         self._started = time.perf_counter()
+        self._run = Run("tracker")  # one run id for every rewrite of the document
         self.rows: list[dict[str, Any]] = []
         self.document: dict[str, Any] | None = None
         self.path: Path | None = None
@@ -1035,6 +1036,7 @@ class Tracker:
             started=self._started,
             matvecs=sum(int(r["num_matvecs"]) for r in self.rows),
             notes=["measured inside the training loop by curvscope.Tracker."],
+            run=self._run,
         )
         doc["counts"]["data_passes"] = sum(int(r.get("data_passes", 0)) for r in self.rows)
         self.document = doc
