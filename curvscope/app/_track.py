@@ -560,8 +560,8 @@ def _resumable(
         if resume:
             raise OptionError(
                 f"{path} is an interrupted track {reason}; rerun it with the same checkpoints "
-                "and flags to resume it, give another --out, or add --overwrite to start "
-                "afresh.",
+                f"and options to resume it, give another {arg('out')}, or {arg('resume=False')} "
+                "to start afresh.",
                 option="out",
             )
         return []

@@ -1216,6 +1216,8 @@ FLAG_NAMES = {
     "max_matvecs": "--max-matvecs (or --max-iter)",
     "checkpoints": "CKPT",
     "load_strict=False": "--no-load-strict",
+    "resume=False": "add --overwrite",
+    "out_dir": "--out",
 }
 """Library argument names whose command-line flag is not ``--`` plus the dashed name."""
 

@@ -187,6 +187,6 @@ def one_run(
                 f"{arg('from_dir')} renders the documents of one run, and {paths[name]} "
                 f"({_describe(doc)}) is not of the run of {paths[ref_name]} "
                 f"({_describe(ref)}): move one of them to another folder, or rerun the report "
-                "into a new --out."
+                f"into a new {arg('out_dir')}."
             )
     return ref_id
