@@ -184,6 +184,18 @@ OPTIONS: tuple[Option, ...] = (
         load=False,
     ),
     Option(
+        "overwrite",
+        "--overwrite",
+        "bool",
+        False,
+        (
+            "Write into an --out folder that another run left interrupted (another command or "
+            "model): its documents are removed first, and track starts afresh instead of "
+            "resuming."
+        ),
+        "Output",
+    ),
+    Option(
         "max_iter",
         "--max-iter",
         "int",

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io import make_document, versions, write_document
+from ..io import Run, current_run, make_document, versions, write_document
 from ..problem import Problem
 
 __all__ = ["describe", "document", "save_document"]
@@ -60,6 +60,8 @@ def document(
     timings: dict[str, float] | None = None,
     counts: dict[str, int] | None = None,
     complete: bool = True,
+    state: str | None = None,
+    run: Run | None = None,
 ) -> dict[str, Any]:
     """A result document for ``command`` (docs/DESIGN.md "Result document").
 
@@ -75,6 +77,9 @@ def document(
         timings: extra timings.
         counts: extra counts (e.g. gradients).
         complete: ``False`` for a partial document written on interruption.
+        state: the ``run`` section's state (default ``complete``, or ``interrupted`` for a
+            partial document; ``running`` for a track's rows written as it goes).
+        run: the run (default: the current one; see :func:`curvscope.io.active_run`).
     """
     mode_note = problem.mode_note() if hasattr(problem, "mode_note") else None
     all_notes = [
@@ -94,6 +99,9 @@ def document(
             **(counts or {}),
         },
         notes=list(dict.fromkeys(all_notes)),
+        run=(run or current_run() or Run(command)).section(
+            state or ("complete" if complete else "interrupted")
+        ),
     )
     record = getattr(problem, "hvp_record", None)
     if record:  # how Hessian products were taken: backend, fallback, FD errors, kept graphs

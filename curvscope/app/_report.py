@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .._errors import CurvscopeError, OptionError, UnsupportedModelError, arg
-from ..io import write_atomic, write_document
+from ..io import active_run, run_of, write_atomic, write_document
 from ..linalg import EigenResult
 from ..operators import build_operators, report_matrices
 from ..problem import Problem
@@ -584,6 +584,10 @@ def run_report(
             Reductions are notes of the part's document.
         progress: ``progress(completed, total, description)``.
 
+    Every document of the report records one run (the command's, or a new one); before the
+    first part, the documents of report parts in ``out_dir`` written by another run are
+    removed, so the folder never holds a stale part beside the new ones.
+
     Returns:
         A :class:`ReportRun` with the paths written and what was skipped.
 
@@ -605,6 +609,40 @@ def run_report(
         # one real product, timed, prices every part's plan in seconds
         started, work = time.perf_counter(), problem.work_done
         ctx.budget = _Budget(budget_s, started, _measure_product(problem), problem, work)
+    with active_run("report") as run:
+        _remove_stale_parts(out, run.id)
+        return _run_parts(ctx, out, parts, run.id, plotly_js, figure_formats)
+
+
+def _remove_stale_parts(out: Path, run_id: str) -> list[Path]:
+    """Remove ``out/<part>.json`` of every report part written by another run.
+
+    A report rewrites the parts it runs; one it does not reach (interrupted, left out) would
+    otherwise stay beside the new ones as if it belonged to this run.
+    """
+    removed = []
+    for part in PARTS:
+        path = out / f"{part}.json"
+        if not path.is_file():
+            continue
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours to judge: rendering refuses it if it is in the way
+        if isinstance(doc, dict) and doc.get("schema") and run_of(doc).get("id") != run_id:
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _run_parts(
+    ctx: _Context,
+    out: Path,
+    parts: tuple[str, ...],
+    run_id: str,
+    plotly_js: str,
+    figure_formats: tuple[str, ...],
+) -> ReportRun:
     documents: dict[str, dict] = {}
     paths: dict[str, Path] = {}
     timings: dict[str, float] = {}
@@ -635,7 +673,9 @@ def run_report(
         documents, out, plotly_js=plotly_js, figure_formats=figure_formats, skipped=ctx.skipped
     )
     # what was skipped and why, so that `report --from DIR` can say it again
-    write_atomic(out / SKIPPED_FILE, json.dumps({"skipped": ctx.skipped}, indent=1) + "\n")
+    write_atomic(
+        out / SKIPPED_FILE, json.dumps({"run": run_id, "skipped": ctx.skipped}, indent=1) + "\n"
+    )
     if interrupted:
         raise KeyboardInterrupt
     return ReportRun(html, paths, figures, ctx.skipped, timings)

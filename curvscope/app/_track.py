@@ -47,12 +47,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._errors import CheckpointError, OptionError, arg
+from .._errors import CheckpointError, CurvscopeError, OptionError, arg
 from .._load import load
-from ..io import checkpoint_step, load_checkpoint, write_atomic, write_document
+from ..io import (
+    Run,
+    active_run,
+    checkpoint_step,
+    file_sha256,
+    load_checkpoint,
+    now_iso,
+    read_document,
+    rename_marker,
+    run_of,
+    to_jsonable,
+    write_atomic,
+    write_document,
+)
 from ..linalg import DEFAULT_TOL, eigsh, hutchinson_trace, hutchpp_trace
 from ..operators import build_operators, resolve_matrices
 from ..problem import Problem
+from ..report import TRACK_FIGURES, remove_stale_figures
 from ._documents import document
 
 __all__ = [
@@ -467,6 +481,106 @@ def _results(
     }
 
 
+# ---------------------------------------------------------------------------- resuming
+RESUME_IGNORED = frozenset(
+    {
+        "out",
+        "overwrite",
+        "threads",
+        "max_memory",
+        "hvp_cache",
+        "basis_device",
+        "world_size",
+        "figures",
+        "checkpoints",
+    }
+)
+"""Settings that do not change a track's rows: a resumed run may differ in them."""
+
+
+def _resume_mismatch(
+    doc: dict[str, Any],
+    settings: Mapping[str, Any],
+    ordered: Sequence[_Checkpoint],
+    problem: Problem,
+) -> str | None:
+    """How an unfinished track document differs from this run, in words, or ``None``."""
+    old = doc.get("settings") or {}
+    new = to_jsonable(dict(settings))
+    for key in sorted((set(old) | set(new)) - RESUME_IGNORED):
+        if old.get(key) != new.get(key):
+            return f"with other settings ({key} was {old.get(key)!r}, now {new.get(key)!r})"
+    info = problem.input_info or {}
+    for what in ("data", "model"):
+        then = ((doc.get("input") or {}).get(what) or {}).get(
+            "sha256" if what == "data" else "param_names"
+        )
+        now = (info.get(what) or {}).get("sha256" if what == "data" else "param_names")
+        if then is not None and now is not None and then != now:
+            return f"of other {'data' if what == 'data' else 'parameters'}"
+    rows = (doc.get("results") or {}).get("track") or []
+    for i, row in enumerate(rows):
+        if i >= len(ordered):
+            return f"of more checkpoints ({len(rows)} rows, {len(ordered)} checkpoints now)"
+        ckpt = ordered[i]
+        if row.get("checkpoint") != str(ckpt.path) or row.get("sha256") != file_sha256(ckpt.path):
+            return (
+                f"whose checkpoint {i + 1} was {row.get('checkpoint')} (sha256 "
+                f"{str(row.get('sha256'))[:12]}), not {ckpt.path}"
+            )
+    return None
+
+
+def _resumable(
+    out: str | Path | None,
+    resume: bool | None,
+    settings: Mapping[str, Any],
+    ordered: Sequence[_Checkpoint],
+    problem: Problem,
+    run: Run,
+) -> list[dict[str, Any]]:
+    """The rows of an interrupted track in ``out`` this run takes over (``[]``: none).
+
+    The run then takes the interrupted run's id and records ``resumed``.
+
+    Raises:
+        OptionError: with ``resume=True``, for an unfinished track that differs from this run.
+    """
+    if out is None or resume is False:
+        return []
+    path = Path(out) / "track.json"
+    if not path.is_file():
+        return []
+    try:
+        doc = read_document(path)
+    except CurvscopeError:
+        return []
+    if doc.get("command") != "track" or doc.get("complete", True) is not False:
+        return []
+    reason = _resume_mismatch(doc, settings, ordered, problem)
+    if reason is not None:
+        if resume:
+            raise OptionError(
+                f"{path} is an interrupted track {reason}; rerun it with the same checkpoints "
+                f"and options to resume it, give another {arg('out')}, or {arg('resume=False')} "
+                "to start afresh.",
+                option="out",
+            )
+        return []
+    rows = [dict(r) for r in (doc.get("results") or {}).get("track") or []]
+    if not rows:
+        return []
+    old = run_of(doc)
+    fresh = run.id
+    if old.get("id"):
+        run.id = str(old["id"])
+        run.started = str(old.get("started") or run.started)
+        run.resumed = [dict(r) for r in old.get("resumed") or []]
+    run.resumed.append({"at": now_iso(), "rows_kept": len(rows)})
+    rename_marker(out, fresh, run.id)
+    return rows
+
+
 # ---------------------------------------------------------------------------- the command
 @dataclass(frozen=True)
 class TrackRun:
@@ -505,6 +619,7 @@ def track(
     out: str | Path | None = None,
     settings: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
+    resume: bool | None = None,
     **load_options: Any,
 ) -> TrackRun:
     r"""Measure curvature at every checkpoint of a training run (``curvscope track``).
@@ -540,6 +655,12 @@ def track(
         out: folder for ``track.json`` (rewritten after every checkpoint); ``None``: not written.
         settings: more settings to record (the command line's own).
         progress: ``progress(done, total, description)``.
+        resume: what to do with an unfinished ``out/track.json`` (``complete: false``, left
+            by an interrupted run): ``None`` resumes it when it is a track of the same
+            settings, data and checkpoints (its rows are kept and not measured again; the
+            document keeps its run id and records ``run.resumed``), else starts afresh;
+            ``True`` resumes it or refuses one that differs (the command line); ``False``
+            always starts afresh (``--overwrite``).
         **load_options: what :func:`curvscope.load` takes besides model and data
             (``loss``, ``batch_size``, ``samples``, ``dtype``, ``model``, ``state_key``...).
 
@@ -598,51 +719,70 @@ def track(
             order=order_by,
         ),
     }
-    rows: list[dict[str, Any]] = []
-    out_path: Path | None = None
+    with active_run("track") as run:
+        kept = _resumable(out, resume, all_settings, ordered, problem, run)
+        if out is not None and not kept:
+            # a fresh track: figures of an earlier one would sit beside its first rows
+            remove_stale_figures(Path(out) / "figures", [], TRACK_FIGURES)
+        if kept:
+            notes.append(
+                f"resumed run {run.id}: the {len(kept)} checkpoint(s) it had finished were kept, "
+                "not measured again; the first new one started from a random vector (no Ritz "
+                "vectors were kept)."
+            )
+        rows: list[dict[str, Any]] = list(kept)
+        out_path: Path | None = None
 
-    def write(complete: bool) -> dict[str, Any]:
-        nonlocal out_path
-        doc = document(
-            problem,
-            "track",
-            settings=all_settings,
-            results=_results(rows, measurer, stability, order=order_by),
-            started=started,
-            passes_before=passes_before,
-            matvecs=sum(int(r["num_matvecs"]) for r in rows),
-            notes=notes,
-            complete=complete,
-        )
-        if out is not None:
-            out_path = write_document(doc, out)
-        return doc
+        def write(complete: bool, state: str | None = None) -> dict[str, Any]:
+            nonlocal out_path
+            doc = document(
+                problem,
+                "track",
+                settings=all_settings,
+                results=_results(rows, measurer, stability, order=order_by),
+                started=started,
+                passes_before=passes_before,
+                matvecs=sum(int(r["num_matvecs"]) for r in rows),
+                notes=notes,
+                complete=complete,
+                state=state,
+                run=run,
+            )
+            if out is not None:
+                out_path = write_document(doc, out)
+            return doc
 
-    first_loaded = problem.loaded
-    for i, ckpt in enumerate(ordered):
-        if i == 0:
-            loaded = first_loaded
-        else:
-            loaded = load_checkpoint(ckpt.path, **ckpt_options)
-            with torch.no_grad():
-                # copy_ converts to the analysis dtype and device; the problem's parameter
-                # views share storage with the model, so they see the new weights
-                problem.model.load_state_dict(loaded.model.state_dict())
-        if progress is not None:
-            progress(i, len(ordered), "checkpoints")
-        row = {
-            "index": i,
-            "step": ckpt.step,
-            "step_source": ckpt.step_source,
-            "checkpoint": str(ckpt.path),
-            "sha256": loaded.sha256 or None,
-            **measurer.measure(problem, progress),
-        }
-        rows.append(row)
-        write(complete=False)
-        if progress is not None:
-            progress(i + 1, len(ordered), "checkpoints")
-    doc = write(complete=True)
+        first_loaded = problem.loaded
+        try:
+            for i, ckpt in enumerate(ordered):
+                if i < len(kept):
+                    continue
+                if i == 0:
+                    loaded = first_loaded
+                else:
+                    loaded = load_checkpoint(ckpt.path, **ckpt_options)
+                    with torch.no_grad():
+                        # copy_ converts to the analysis dtype and device; the problem's
+                        # parameter views share storage with the model: they see the weights
+                        problem.model.load_state_dict(loaded.model.state_dict())
+                if progress is not None:
+                    progress(i, len(ordered), "checkpoints")
+                row = {
+                    "index": i,
+                    "step": ckpt.step,
+                    "step_source": ckpt.step_source,
+                    "checkpoint": str(ckpt.path),
+                    "sha256": loaded.sha256 or None,
+                    **measurer.measure(problem, progress),
+                }
+                rows.append(row)
+                write(complete=False, state="running")
+                if progress is not None:
+                    progress(i + 1, len(ordered), "checkpoints")
+        except KeyboardInterrupt:
+            write(complete=False, state="interrupted")
+            raise
+        doc = write(complete=True)
     return TrackRun(doc, out_path)
 
 
@@ -815,6 +955,7 @@ class Tracker:
         self._copy: nn.Module | None = None
         self._ptrs: list[int] = []
         self._started = time.perf_counter()
+        self._run = Run("tracker")  # one run id for every rewrite of the document
         self.rows: list[dict[str, Any]] = []
         self.document: dict[str, Any] | None = None
         self.path: Path | None = None
@@ -900,6 +1041,7 @@ class Tracker:
             started=self._started,
             matvecs=sum(int(r["num_matvecs"]) for r in self.rows),
             notes=["measured inside the training loop by curvscope.Tracker."],
+            run=self._run,
         )
         doc["counts"]["data_passes"] = sum(int(r.get("data_passes", 0)) for r in self.rows)
         self.document = doc

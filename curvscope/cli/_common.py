@@ -52,6 +52,10 @@ __all__ = [
     "keep_partial",
     "load_kwargs",
     "open_session",
+    "refuse_other_run",
+    "remove_run_documents",
+    "start_run",
+    "write_marker",
     "parse_floats",
     "parse_list",
     "print_batch_line",
@@ -241,7 +245,8 @@ def check_out_dir(out: Path, flag: str = "--out") -> Path:
     """Make sure results can be written to folder ``out``, before any computation.
 
     The folder is created if needed, and a probe file is written and removed (``os.access``
-    says yes to root even on a read-only file system).
+    says yes to root even on a read-only file system). A folder created here is removed again
+    when the command is refused (:func:`guarded`), so a refusal leaves no new folder behind.
 
     Raises:
         OptionError: when ``out`` names a file, lies under a file, or cannot be written.
@@ -254,8 +259,12 @@ def check_out_dir(out: Path, flag: str = "--out") -> Path:
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise OptionError(f"{flag} {out} cannot be a folder: {parent} is a file.")
+    # the topmost folder this command creates: a refusal removes it again (see guarded)
+    created = next((p for p in [*reversed(out.parents), out] if not p.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        if created is not None and RUN_STATE["created"] is None:
+            RUN_STATE["created"] = created
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as exc:
@@ -263,6 +272,177 @@ def check_out_dir(out: Path, flag: str = "--out") -> Path:
             f"{flag} {out} cannot be created or written ({exc.strerror or exc})."
         ) from None
     return out
+
+# ---------------------------------------------------------------------- runs
+RUN_STATE: dict[str, Any] = {"created": None, "run": None, "out": None, "previous": None}
+"""The command's run: the folder it created, its run, its ``--out`` and the marker it found."""
+
+MARKER_IGNORED_STATES = ("complete",)
+"""A folder whose marker is in one of these states takes any run."""
+
+
+def _reset_run_state() -> None:
+    import sys
+
+    RUN_STATE.update(created=None, run=None, out=None, previous=None, fingerprints={})
+    io = sys.modules.get(f"{__package__.rpartition('.')[0]}.io")
+    if io is not None:  # never imported (torch with it) only to say there is no run
+        io.set_current_run(None)
+
+
+def _command_name(depth: int = 2) -> str:
+    """The command calling: ``spectrum`` for a call from ``curvscope.cli.spectrum``."""
+    import sys
+
+    module = str(sys._getframe(depth).f_globals.get("__name__", ""))
+    package, _, name = module.rpartition(".")
+    return name if package == __package__ and not name.startswith("_") else "curvscope"
+
+
+def refuse_other_run(
+    out: Path, command: str, overwrite: bool, model_sha256: str | None = None
+) -> dict[str, Any] | None:
+    """Refuse an ``--out`` folder that another, unfinished run left (unless ``--overwrite``).
+
+    The folder's marker (:data:`curvscope.io.MARKER`) says which run wrote it last. When that
+    run was interrupted (or is still running) and was another command, or the same command
+    on another model, the folder is refused: the new documents would sit beside the other
+    run's partial ones. The same command on the same model takes the folder over (``track``
+    resumes). Returns the marker found (``None`` when there is none).
+
+    Raises:
+        OptionError: naming the folder, the other run's command and ``--overwrite``.
+    """
+    from ..io import read_marker
+
+    marker = read_marker(out)
+    if marker is None or marker.get("state") in MARKER_IGNORED_STATES or overwrite:
+        return marker
+    other = str(marker.get("command") or "?")
+    theirs = marker.get("model_sha256")
+    differs = other != command or (
+        model_sha256 is not None and theirs is not None and theirs != model_sha256
+    )
+    if differs:
+        what = "another model" if other == command else f"curvscope {other}"
+        how = "was interrupted" if marker.get("state") == "interrupted" else "did not finish"
+        raise OptionError(
+            f"--out {out} holds the run {marker.get('id')} of {what}, which {how}; give "
+            "another --out, rerun that command to finish it, or add --overwrite to replace it.",
+            option="out",
+        )
+    return marker
+
+
+def start_run(
+    common: CommonArgs,
+    command: str,
+    *,
+    model_sha256: str | None = None,
+    data_sha256: str | None = None,
+):
+    """Begin the command's run: a new run id, and the marker ``running`` in ``--out``.
+
+    Called when the work starts (after loading). With ``--overwrite`` the documents of the
+    interrupted run the folder held are removed first. The marker becomes ``complete`` or
+    ``interrupted`` when the command ends (:func:`guarded`).
+    """
+    from ..io import MARKER, Run, set_current_run
+
+    out = Path(common.out)
+    marker = refuse_other_run(out, command, common.overwrite, model_sha256)
+    run = Run(command)
+    set_current_run(run)
+    if not RANK_STATE["main"]:
+        return run
+    path = out / MARKER
+    previous = path.read_text(encoding="utf-8") if path.is_file() else None
+    RUN_STATE.update(
+        run=run,
+        out=out,
+        previous=previous,
+        fingerprints={"model_sha256": model_sha256, "data_sha256": data_sha256},
+    )
+    if common.overwrite and marker is not None and marker.get("state") != "complete":
+        remove_run_documents(out, marker)
+    write_marker("running")
+    return run
+
+
+def write_marker(state: str) -> None:
+    """Write the current run's marker into its ``--out`` folder in ``state``."""
+    import json
+
+    from ..io import MARKER, write_atomic
+
+    run, out = RUN_STATE.get("run"), RUN_STATE.get("out")
+    if run is None or out is None:
+        return
+    marker = {
+        "id": run.id,
+        "command": run.command,
+        "started": run.started,
+        "state": state,
+        **(RUN_STATE.get("fingerprints") or {}),
+    }
+    write_atomic(Path(out) / MARKER, json.dumps(marker, indent=1) + "\n")
+
+
+def remove_run_documents(out: Path, marker: dict[str, Any]) -> list[Path]:
+    """Remove the result documents of the run ``marker`` names (and its report page)."""
+    import json
+
+    from ..io import run_of
+
+    removed = []
+    for path in sorted(Path(out).glob("*.json")):
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and run_of(doc).get("id") == marker.get("id"):
+            path.unlink()
+            removed.append(path)
+    if marker.get("command") == "report":
+        from ..report import SKIPPED_FILE
+
+        for name in ("report.html", SKIPPED_FILE):
+            if (Path(out) / name).is_file():
+                (Path(out) / name).unlink()
+                removed.append(Path(out) / name)
+    return removed
+
+
+def _end_run(outcome: str) -> None:
+    """Close the command's run: ``complete``, ``interrupted`` or ``refused``.
+
+    A refused run leaves the folder as it found it: a folder this command created is
+    removed when nothing but the marker is in it, and the marker found is put back.
+    """
+    import shutil
+
+    try:
+        if outcome == "refused":
+            created = RUN_STATE.get("created")
+            out = RUN_STATE.get("out")
+            if out is not None:  # a run started: its marker goes, the one found comes back
+                from ..io import MARKER
+
+                path = Path(out) / MARKER
+                previous = RUN_STATE.get("previous")
+                if previous is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    path.write_text(previous, encoding="utf-8")
+            if created is not None and Path(created).is_dir():
+                if not any(p.is_file() or p.is_symlink() for p in Path(created).rglob("*")):
+                    shutil.rmtree(created, ignore_errors=True)
+        elif RUN_STATE.get("run") is not None:
+            write_marker(outcome)
+    except OSError:
+        pass  # the folder went away or became read-only: nothing more to say about it
+    finally:
+        _reset_run_state()
 
 
 def _near(path: str, base: Path | None) -> bool:
@@ -418,8 +598,11 @@ def load_kwargs(common: CommonArgs) -> dict[str, Any]:
     return {name: getattr(common, name) for name in LOAD_OPTIONS}
 
 
-def open_session(common: CommonArgs) -> Session:
+def open_session(common: CommonArgs, command: str | None = None) -> Session:
     """Check the output folder and every input path, then load checkpoint and data.
+
+    The command's run starts after loading (:func:`start_run`): its id goes into every
+    document, and ``--out`` is marked as the run's.
 
     Everything a user can get wrong on the command line is refused here, before loading
     and before any product: ``--out`` (a folder that can be created or written), the input
@@ -437,12 +620,21 @@ def open_session(common: CommonArgs) -> Session:
         raise OptionError(f"--threads must be at least 1, got {common.threads}.")
     check_inputs(common)
     check_out_dir(common.out)
+    command = command or _command_name()
+    refuse_other_run(common.out, command, common.overwrite)
     prepare_torch(common)
     from .._load import load
 
     group = join_ranks(common)
     started = time.perf_counter()
     problem = load(common.model_path, **load_kwargs(common), process_group=group)
+    info = problem.input_info or {}
+    start_run(
+        common,
+        command,
+        model_sha256=(info.get("model") or {}).get("sha256"),
+        data_sha256=(info.get("data") or {}).get("sha256"),
+    )
     return Session(problem, common, started, problem.data_passes)
 
 
@@ -551,6 +743,8 @@ FLAG_NAMES = {
     "max_matvecs": "--max-matvecs (or --max-iter)",
     "checkpoints": "CKPT",
     "load_strict=False": "--no-load-strict",
+    "resume=False": "add --overwrite",
+    "out_dir": "--out",
 }
 """Library argument names whose command-line flag is not ``--`` plus the dashed name."""
 
@@ -564,23 +758,35 @@ def flag_name(name: str) -> str:
 def guarded() -> Iterator[None]:
     """Turn a :class:`CurvscopeError` into one red sentence and exit code 1.
 
-    Ctrl-C exits with 130 after saying so.
+    Ctrl-C exits with 130 after saying so. The command's run ends here: its marker becomes
+    ``complete`` or ``interrupted``; a refusal leaves the ``--out`` folder as it was (a
+    folder the command created and left empty is removed).
     """
     # off a terminal (a pipe, a log) sentences are not broken at 80 columns
     console.soft_wrap = not console.is_terminal
+    _reset_run_state()
     try:
         yield
     except CurvscopeError as exc:
         from rich.markup import escape
 
+        _end_run("refused")
         # soft wrap: a path in the sentence is never broken over lines (a terminal wraps it)
         err_console.print(
             f"[bold red]error:[/] {escape(exc.render(flag_name))}", highlight=False, soft_wrap=True
         )
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
+        _end_run("interrupted")
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(code=130) from None
+    except typer.Exit:
+        _end_run("complete")
+        raise
+    except BaseException:
+        _end_run("interrupted")  # a crash: the run did not finish
+        raise
+    _end_run("complete")
 
 
 # ---------------------------------------------------------------------- tables

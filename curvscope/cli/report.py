@@ -123,8 +123,6 @@ def report_cli(
                 raise OptionError(f"--preset {preset!r} is not known; choose quick or full.")
             session = open_session(common)
             from ..app import run_report
-
-            _ensure_plotly(Path(common.out), plotly_js)
             from .spectrum import lanczos_basis
 
             plan_memory(
@@ -139,6 +137,8 @@ def report_cli(
                 report_plan(session, preset),
                 session,
             )
+            # after every check: a refused report writes nothing
+            _ensure_plotly(Path(common.out), plotly_js)
             with progress_bar(session=session, planned=planned) as update:
                 run = run_report(
                     session.problem,

@@ -15,11 +15,13 @@ from rich.table import Table
 from ._common import (
     CommonArgs,
     batch_line,
+    check_out_dir,
     common_options,
     console,
     guarded,
     load_kwargs,
     progress_bar,
+    start_run,
 )
 from ._names import MATRIX_NAMES, matrix_help
 
@@ -120,7 +122,7 @@ def track_cli(
     with guarded():
         from .._errors import OptionError
         from ..app import TRACE_ESTIMATORS, track
-        from ..report import save_figures
+        from ..report import TRACK_FIGURES, remove_stale_figures, save_figures
         from ._common import parse_list, prepare_torch
 
         prepare_torch(common)  # --threads (and the default threads) as every command
@@ -150,6 +152,11 @@ def track_cli(
             "trace_estimator": trace_estimator if trace else None,
             "figures": formats,
         }
+        check_out_dir(common.out)
+        prepare_torch(common)
+        # the run starts here: an interrupted track of the same command resumes (track()
+        # keeps its finished rows), another command's unfinished folder is refused
+        start_run(common, "track")
         with progress_bar() as update:
             run = track(
                 checkpoints,
@@ -174,9 +181,12 @@ def track_cli(
                 out=common.out,
                 settings=settings,
                 progress=update,
+                resume=not common.overwrite,
                 **kwargs,
             )
+        # figures from every row, kept ones included; a figure this run did not make goes
         paths = save_figures(run.document, common.out / "figures", tuple(formats))
+        remove_stale_figures(common.out / "figures", paths, TRACK_FIGURES)
         _print(run, paths, time.perf_counter() - t0)
 
 

@@ -27,6 +27,19 @@ from ._results import (
     write_atomic,
     write_document,
 )
+from ._runs import (
+    MARKER,
+    RUN_STATES,
+    Run,
+    active_run,
+    current_run,
+    new_run_id,
+    now_iso,
+    read_marker,
+    rename_marker,
+    run_of,
+    set_current_run,
+)
 from ._steps import STEP_KEYS, checkpoint_step
 from ._tokens import TokenBatches, TokenWindows, load_tokens, shipped_text
 
@@ -57,6 +70,17 @@ __all__ = [
     "canonical_sign",
     "load_eigenvectors",
     "save_eigenvectors",
+    "MARKER",
+    "RUN_STATES",
+    "Run",
+    "active_run",
+    "current_run",
+    "new_run_id",
+    "now_iso",
+    "read_marker",
+    "rename_marker",
+    "run_of",
+    "set_current_run",
     "SCHEMA",
     "file_sha256",
     "make_document",

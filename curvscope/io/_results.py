@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .._errors import CurvscopeError
+from ._runs import Run, current_run
 
 __all__ = [
     "SCHEMA",
@@ -107,6 +108,7 @@ def make_document(
     timings: dict[str, float],
     counts: dict[str, int],
     notes: list[str] | None = None,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble a result document; non-finite numbers become null with a note each.
 
@@ -118,6 +120,8 @@ def make_document(
         timings: seconds, at least ``total_s``.
         counts: at least ``matvecs`` and ``data_passes``.
         notes: sentences for the reader.
+        run: the ``run`` section (default: the current run's, complete; a run of its own
+            when there is none, see :class:`curvscope.io.Run`).
     """
     from .. import __version__
 
@@ -127,6 +131,7 @@ def make_document(
         "command": command,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "curvscope_version": __version__,
+        "run": dict(run) if run is not None else (current_run() or Run(command)).section(),
         "input": to_jsonable(input, "$.input", nan_notes),
         "settings": to_jsonable(settings, "$.settings", nan_notes),
         "results": to_jsonable(results, "$.results", nan_notes),

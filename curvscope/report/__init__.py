@@ -8,6 +8,7 @@ from ._html import plotly_js_text, render_report
 from ._plots import (
     FIGURE_STEMS,
     SURFACE_FIGURES,
+    TRACK_FIGURES,
     figures_for,
     plot_check_taylor,
     plot_compare,
@@ -32,6 +33,7 @@ __all__ = [
     "SKIPPED_FILE",
     "Rendered",
     "SURFACE_FIGURES",
+    "TRACK_FIGURES",
     "figures_for",
     "plot_check_taylor",
     "plot_compare",

@@ -729,6 +729,9 @@ def plot_track_layers(doc: dict[str, Any], ax=None) -> Figure | None:
 # ----------------------------------------------------------------------------- all figures
 SURFACE_FIGURES = ("surface_contour", "surface_3d", "surface_slices", "surface_line")
 """File stems of the surface figures (2-D: contour, 3-D, slices; 1-D: line)."""
+TRACK_FIGURES = ("track_eigenvalues", "track_loss", "track_trace", "track_layers")
+"""The figures of a ``track`` document, by file stem."""
+
 FIGURE_STEMS = (*SURFACE_FIGURES, "spectrum", "density", "compare", "taylor", "solver_loss")
 """Every file stem :func:`figures_for` can give."""
 FIGURE_FORMATS = ("png", "pdf", "svg")
@@ -785,12 +788,13 @@ def figures_for(doc: dict[str, Any]) -> dict[str, Figure]:
     if results.get("solves"):
         makers.append(("solver_loss", plot_solver_curves))
     if command == "track" and results.get("track"):
-        makers += [
-            ("track_eigenvalues", plot_track),
-            ("track_loss", plot_track_loss),
-            ("track_trace", plot_track_trace),
-            ("track_layers", plot_track_layers),
-        ]
+        makers += list(
+            zip(
+                TRACK_FIGURES,
+                (plot_track, plot_track_loss, plot_track_trace, plot_track_layers),
+                strict=True,
+            )
+        )
     for name, make in makers:
         fig = make(doc)
         if fig is not None:
