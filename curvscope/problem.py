@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch import nn
 
 from ._distributed import as_group
 from ._errors import DataError, DeterminismError, NonFiniteError, OptionError, arg
-from ._losses import IGNORE_INDEX, CausalLM, Loss, ModelLoss, get_loss
+from ._losses import IGNORE_INDEX, CallableLoss, CausalLM, Loss, ModelLoss, get_loss
 from ._sampling import as_generator, subset_indices
 
 __all__ = ["Batch", "Inputs", "Problem", "batch_seed", "map_tensors"]
@@ -176,7 +176,9 @@ class Problem:
             values swapped in and restored), and its train/eval flags are restored after
             every pass.
         loss: a loss name (``cross_entropy``, ``causal_lm``, ``mse``, ``bce_with_logits``,
-            ``nll``, ``chen_nonconvex``, ``model``) or a :class:`~curvscope._losses.Loss`.
+            ``nll``, ``chen_nonconvex``, ``model``), a :class:`~curvscope._losses.Loss`, or a
+            function ``fn(output, target)`` returning the batch loss as ``reduction`` says or
+            ``(mean over its terms, number of terms)`` (as ``cs.load`` takes it).
         data: a re-iterable of batches (a list, a ``DataLoader``...), iterated once per pass,
             in order. It must give the same batches every time (see
             :meth:`check_deterministic`).
@@ -213,7 +215,7 @@ class Problem:
     def __init__(
         self,
         model: nn.Module,
-        loss: str | Loss,
+        loss: str | Loss | Callable[..., Any],
         data: Iterable,
         *,
         reduction: str = "mean",
@@ -232,6 +234,9 @@ class Problem:
         if weight_decay < 0:
             raise OptionError(f"{arg('weight_decay')} must be non-negative, got {weight_decay}.")
         self.model = model
+        if callable(loss) and not isinstance(loss, (str, Loss)):
+            # a function of (output, target), as cs.load and --loss FILE.py:FN take it
+            loss = CallableLoss(loss, name=getattr(loss, "__name__", "loss"), reduction=reduction)
         self.loss_fn = get_loss(loss)
         self.loss_name = self.loss_fn.name
         self.data = data

@@ -113,3 +113,23 @@ def test_load_takes_the_options_under_their_flag_names(tiny):  # noqa: F811
     old = cs.load(tiny / "plain.pt", tiny / "data.npz", builder=f"{tiny / 'net.py'}:build",
                   loss="cross_entropy", groups={"first": ["0.*"]}, graph_cache=0)
     assert set(old.groups) == {"first"}
+
+
+def test_problem_takes_a_loss_callable_as_load_does():
+    """cs.Problem(model, fn, data) with fn(output, target), as cs.load(..., loss=fn)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(5, 3, generator=g), torch.randint(0, 2, (5,), generator=g)),
+            (torch.randn(3, 3, generator=g), torch.randint(0, 2, (3,), generator=g))]
+
+    def my_loss(out, target):
+        return torch.nn.functional.cross_entropy(out, target)
+
+    own = cs.Problem(net, my_loss, data)
+    ref = cs.Problem(net, "cross_entropy", data)
+    assert own.loss_name == "my_loss"
+    assert torch.allclose(own.loss(), ref.loss(), rtol=1e-6)
+    v = torch.randn(own.num_params, generator=g)
+    assert torch.allclose(cs.hessian(own) @ v, cs.hessian(ref) @ v, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(cs.load(net, data, loss=my_loss).loss(), ref.loss(), rtol=1e-6)
