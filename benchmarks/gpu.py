@@ -143,7 +143,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device, repeats: int = 3) -> float:
+REPEATS = 3  # timed repeats after the warm-up (--quick: 1)
+
+
+def timed(fn, device, repeats: int | None = None) -> float:
+    repeats = repeats or REPEATS
     fn()  # warm-up (kernels, allocator)
     times = []
     for _ in range(repeats):
@@ -298,6 +302,8 @@ def main() -> None:
             print("skip benchmarks/gpu.py: no CUDA device (name --device cpu to run it on the "
                   "CPU: hours for the ResNet)")
             return
+    global REPEATS
+    REPEATS = 1 if args.quick else REPEATS
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
