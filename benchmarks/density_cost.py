@@ -5,6 +5,8 @@ Model 64-128-64-10 tanh (17,226 parameters), 1797 samples of 64 features and 10 
 cross-entropy, mean reduction, float32 by default. Usage:
 
     .venv/bin/python benchmarks/density_cost.py [--dtype float64] [--exact] [--threads 1]
+
+--quick: 256 samples, SLQ 4 x 20, 30 trace products, no repeats (seconds).
 """
 
 from __future__ import annotations
@@ -28,14 +30,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--exact", action="store_true", help="also time the exact trace (P products)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a check (seconds)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1797, 64, generator=g)
-    y = torch.randint(0, 10, (1797,), generator=g)
+    n = 256 if args.quick else 1797
+    x = torch.randn(n, 64, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
     model = nn.Sequential(
         nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64), nn.Tanh(), nn.Linear(64, 10)
     ).to(device=args.device, dtype=dtype)
@@ -44,7 +48,7 @@ def main() -> None:
             x[i : i + args.batch_size].to(args.device, dtype),
             y[i : i + args.batch_size].to(args.device),
         )
-        for i in range(0, 1797, args.batch_size)
+        for i in range(0, n, args.batch_size)
     ]
     problem = Problem(model, "cross_entropy", data, reduction="mean")
     print(f"P = {problem.num_params}, N = {problem.num_samples}, {args.dtype} on {args.device}")
@@ -63,14 +67,21 @@ def main() -> None:
         print(f"{label:<44s} {dt:8.3f} s")
         return out, dt
 
-    _, t_grad = timed("gradient (one pass)", lambda: problem.loss_and_grad(), reps=5)
+    reps = 1 if args.quick else 5
+    _, t_grad = timed("gradient (one pass)", lambda: problem.loss_and_grad(), reps=reps)
     H = HessianOperator(problem)
     V = torch.randn(problem.num_params, 20, generator=g).to(args.device, dtype)
-    _, t_hvp = timed("Hessian @ V, 20 columns (one pass)", lambda: H @ V, reps=3)
+    _, t_hvp = timed("Hessian @ V, 20 columns (one pass)", lambda: H @ V, reps=min(reps, 3))
+    sizes = dict(num_probes=4, num_steps=20, trace_probes=30) if args.quick else {}
     print(f"  per column: {t_hvp / 20:.4f} s = {t_hvp / 20 / t_grad:.2f} gradients")
     res, t_all = timed(
-        "density() defaults (SLQ 20x80, Hutchinson 100, Hutch++ 100)",
-        lambda: density(problem, exact_trace_max=0),
+        "density() "
+        + (
+            "SLQ 4x20, 30 trace products"
+            if args.quick
+            else "defaults (SLQ 20x80, Hutchinson 100, Hutch++ 100)"
+        ),
+        lambda: density(H, exact_trace_max=0, **sizes),
         warm=False,
     )
     d = res.densities[0]

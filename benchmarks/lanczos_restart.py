@@ -14,12 +14,14 @@ products), the one-shot ``curvscope.linalg.eigenpairs`` it replaces, and hessian
 Lanczos if it imports (fed ONE full batch: with several batches it weights them equally, not
 by size, and is off by 8% on digits-mlp; shared/peer-baselines.md).
 
-Usage:  OMP_NUM_THREADS=1 python benchmarks/lanczos_restart.py
-Prints markdown tables.
+Usage:  OMP_NUM_THREADS=1 python benchmarks/lanczos_restart.py [--quick]
+Prints markdown tables. --quick: (a) on 128 samples, (b) 50 Adam steps on 200 samples, for a
+check that it runs (seconds; the figures mean nothing then).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import tempfile
 import time
@@ -48,15 +50,18 @@ def digits():
     return model, torch.as_tensor(ds.x), torch.as_tensor(ds.y)
 
 
-def model_a():
+def model_a(quick=False):
     model, x, y = digits()
+    if quick:
+        x, y = x[:128], y[:128]
     batches = [(x[i : i + 512], y[i : i + 512]) for i in range(0, x.shape[0], 512)]
     return "(a) digits-mlp, float32", model, batches
 
 
-def model_b():
+def model_b(quick=False):
     _, x, y = digits()
-    x, y = x[:1000].double(), y[:1000]
+    n = 200 if quick else 1000
+    x, y = x[:n].double(), y[:n]
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
@@ -64,7 +69,7 @@ def model_b():
     # lr 3e-3 and 800 steps: ||H|| = 0.132, the tolerance 1.3e-5 of the run where the one-shot
     # eigenpairs(top=1, bottom=1) was seen to stop unconverged at 100 steps.
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(800):
+    for _ in range(50 if quick else 800):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
@@ -156,7 +161,10 @@ def run_model(name, model, batches):
         from hessian_eigenthings import HessianOperator as ETH
         from hessian_eigenthings import lanczos as et_lanczos
         from hessian_eigenthings import supervised_loss
-
+    except ImportError as exc:
+        print(f"skip hessian-eigenthings: not installed ({exc}); see benchmarks/install-peers.sh")
+        rows.append(("hessian-eigenthings", "-", None, None, None, None, f"missing: {exc}"))
+    else:
         xs = torch.cat([x for x, _ in batches])
         ys = torch.cat([y for _, y in batches])
         op = ETH(model, [(xs, ys)], supervised_loss(nn.CrossEntropyLoss()), full_dataset=True)
@@ -180,8 +188,6 @@ def run_model(name, model, batches):
                 add(f"hessian-eigenthings lanczos ({label})", end, count["n"], wall, vals, "")
         for p in model.parameters():
             p.grad = None
-    except ImportError as exc:
-        rows.append(("hessian-eigenthings", "-", None, None, None, None, f"missing: {exc}"))
 
     print(f"\n### {name}: P = {P}\n")
     print(
@@ -226,9 +232,12 @@ def old_vs_new_both_ends(H):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a check (seconds)")
+    quick = ap.parse_args().quick
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    run_model(*model_a())
-    H = run_model(*model_b())
+    run_model(*model_a(quick))
+    H = run_model(*model_b(quick))
     old_vs_new_both_ends(H)
 
 

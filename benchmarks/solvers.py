@@ -7,7 +7,10 @@ float64. The target is ``L* + 1e-3 (L0 - L*)`` with ``L*`` from a long scipy L-B
 For every method: loss evaluations + gradients ("gradients"), Hessian/GGN products
 ("products") and wall time until the loss first reaches the target (from the traces).
 
-    .venv/bin/python benchmarks/solvers.py [--max-iter 300] [--threads N]
+    .venv/bin/python benchmarks/solvers.py [--max-iter 300] [--threads N] [--quick]
+
+--quick: 256 samples, 5 iterations per method and the target halfway to L*, for a check
+that it runs (seconds).
 
 Prints a markdown table (paste into benchmarks/RESULTS.md).
 """
@@ -28,16 +31,16 @@ from curvscope.operators import HessianOperator
 from curvscope.solvers import ProblemObjective, run_solver
 
 
-def build():
+def build(n: int = 1797):
     """The model, a problem on it and the data batches."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1797, 64, generator=g, dtype=torch.float64)
+    x = torch.randn(n, 64, generator=g, dtype=torch.float64)
     teacher = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).double()
     with torch.no_grad():
         y = teacher(x).argmax(1)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).double()
-    data = [(x[i : i + 512], y[i : i + 512]) for i in range(0, 1797, 512)]
+    data = [(x[i : i + 512], y[i : i + 512]) for i in range(0, n, 512)]
     return model, data, Problem(model, "cross_entropy", data, weight_decay=1e-3)
 
 
@@ -128,17 +131,21 @@ class _Rows(list):
 
 def main() -> None:
     """Run every method and print the table."""
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-iter", type=int, default=150)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="256 samples, 5 iterations (seconds)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, data, problem = build()
-    ref = scipy_run(problem, "L-BFGS-B", 1000)
+    if args.quick:
+        args.max_iter = 5
+    model, data, problem = build(256 if args.quick else 1797)
+    ref = scipy_run(problem, "L-BFGS-B", 100 if args.quick else 1000)
     l_star = min(h[0] for h in ref)
     l0 = float(problem.loss())
-    target = l_star + 1e-3 * (l0 - l_star)
+    # --quick: a loose target (halfway), so that the rows that reach it are exercised too
+    target = l_star + (0.5 if args.quick else 1e-3) * (l0 - l_star)
     print(
         f"\nL0 = {l0:.6f}, L* = {l_star:.6f}, target = {target:.6f} "
         f"({problem.num_params} parameters, {problem.num_samples} samples, float64)\n"

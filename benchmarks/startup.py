@@ -17,6 +17,10 @@ curvscope's modules are byte-compiled first, as an installed package is. CPU tim
 median of ``--repeats`` runs. Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/startup.py [--repeats 5] [--importtime]
+
+A help call that exits non-zero, or a spectrum run that stops before its first product,
+fails the benchmark. --quick: one repeat and no byte-compiling (seconds; figures not
+comparable with the limits then).
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_CLI = """
 import runpy, sys
 sys.argv = ["curvscope", *sys.argv[1:]]
+code = 0
 try:
     runpy.run_module("curvscope", run_name="__main__")
-except SystemExit:
-    pass
+except SystemExit as exc:
+    code = exc.code
 print("TORCH", "torch" in sys.modules, file=sys.stderr)
+sys.exit(code)
 """
 
 # stop at the first curvature product: everything before it is the start-up being measured
@@ -108,12 +114,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--importtime", action="store_true", help="print the import breakdowns")
+    ap.add_argument("--quick", action="store_true", help="one repeat, no byte-compiling")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats = 1
     py = sys.executable
     # byte-compiled, as an installed package is: with PYTHONDONTWRITEBYTECODE set (as on the
     # development machine) edited modules are otherwise compiled from source on every run
-    subprocess.run([py, "-m", "compileall", "-q", str(ROOT / "curvscope")], check=True,
-                   capture_output=True)
+    if not args.quick:
+        subprocess.run([py, "-m", "compileall", "-q", str(ROOT / "curvscope")], check=True,
+                       capture_output=True)
 
     print("help and version (limit 0.5 s CPU, no torch):")
     worst = 0.0
@@ -124,6 +134,8 @@ def main() -> None:
     ]
     for call in calls:
         t, res = median_cpu([py, "-c", RUN_CLI, *call], args.repeats)
+        if res.returncode != 0:
+            raise SystemExit(f"curvscope {' '.join(call)} exited {res.returncode}:\n{res.stderr}")
         torch_loaded = "TORCH True" in res.stderr
         worst = max(worst, t)
         print(f"  curvscope {' '.join(call):<18} {t:6.3f} s  torch imported: {torch_loaded}")

@@ -14,12 +14,14 @@ eigenvalue of a cluster. By Cauchy interlacing the k-th largest Ritz value never
 k-th largest eigenvalue (and the k-th smallest never falls below the k-th smallest), so where
 the runs disagree, the more extreme value is the better one; the table says which run had it.
 
-Usage:  OMP_NUM_THREADS=1 python benchmarks/track_warm_start.py
-Prints a markdown table.
+Usage:  OMP_NUM_THREADS=1 python benchmarks/track_warm_start.py [--quick]
+Prints a markdown table. --quick: 30 training steps (3 checkpoints), for a check that it runs
+(seconds; the figures mean little then).
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +47,7 @@ SETTINGS = [
 ]
 
 
-def train(folder: Path) -> list[Path]:
+def train(folder: Path, steps: int = STEPS) -> list[Path]:
     """Full-batch Adam on digits; a checkpoint every EVERY steps (20 in all)."""
     data = load_dataset("digits")
     x, y = torch.as_tensor(data.x), torch.as_tensor(data.y)
@@ -53,7 +55,7 @@ def train(folder: Path) -> list[Path]:
     model = build_arch(ARCH)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     paths = []
-    for step in range(STEPS):
+    for step in range(steps):
         if step % EVERY == 0:
             meta = {"data": "digits", "loss": "cross_entropy", "reduction": "mean",
                     "step": step, "created_by": "benchmarks/track_warm_start.py"}
@@ -65,10 +67,13 @@ def train(folder: Path) -> list[Path]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 checkpoints (seconds)")
+    steps = 30 if ap.parse_args().quick else STEPS
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp())
     t0 = time.perf_counter()
-    paths = train(folder)
+    paths = train(folder, steps)
     print(f"trained {len(paths)} checkpoints in {time.perf_counter() - t0:.1f} s "
           f"(curvscope {__version__}, torch {torch.__version__}, 1 thread)\n")
     print("| setting | start | Lanczos products | per checkpoint (first, median of the rest) "
@@ -110,7 +115,7 @@ def main() -> None:
               f"{100 * (1 - runs[True][1] / runs[False][1]):.0f}% | | |")
     top = [r["eigenvalues"]["hessian"]["top"][0] for r in runs[True][0].rows]
     print(f"\nsharpness (top Hessian eigenvalue) from {top[0]:.3g} at step 0 to "
-          f"{top[-1]:.3g} at step {STEPS - EVERY}.")
+          f"{top[-1]:.3g} at step {steps - EVERY}.")
 
 
 if __name__ == "__main__":

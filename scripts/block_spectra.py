@@ -29,7 +29,10 @@ Heterogeneity numbers (per model, over its blocks, with and without the normalis
   two halves of one block's probes, the estimator's noise floor (what "identical spectra"
   reads as with this many probes).
 
-Usage:  python scripts/block_spectra.py [--dir reports/block-spectra]
+Usage:  python scripts/block_spectra.py [--dir reports/block-spectra] [--out DIR] [--quick]
+Reads the documents under ``--dir`` and writes the figures and ``summary.json`` to ``--out``
+(default: ``--dir``). ``--quick``: the same from the committed documents, written to ``--out`` or
+a fresh temporary folder (never into the repository), for a check that it runs (seconds).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import argparse
 import fnmatch
 import itertools
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -361,8 +365,17 @@ def table(model: str, blocks: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("reports/block-spectra"))
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="the documents (default reports/block-spectra of this checkout)")
+    parser.add_argument("--out", type=Path, default=None, help="default: --dir")
+    parser.add_argument("--quick", action="store_true", help="write to a temporary folder")
     args = parser.parse_args()
+    if args.dir is None:
+        # --quick runs from any folder (the test runs it from a temporary one)
+        here = Path(__file__).resolve().parents[1] / "reports" / "block-spectra"
+        args.dir = here if args.quick else Path("reports/block-spectra")
+    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else args.dir)
+    out.mkdir(parents=True, exist_ok=True)
     models: dict[str, list[dict]] = {}
     summary: dict[str, dict] = {}
     for model in MODELS:
@@ -377,8 +390,8 @@ def main() -> None:
                 {k: v for k, v in b.items() if k not in ("nodes", "weights")} for b in blocks
             ],
         }
-    plot(models, args.dir)
-    (args.dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(models, out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     for model in MODELS:
         print(table(model, models[model]))
         print()
@@ -408,6 +421,7 @@ def main() -> None:
                 f"| {model} | {which} ({h['blocks']}) | {h['std_log10_top']:.2f} | "
                 f"{h['ratio_top']:.0f} | {js} | {jl} |"
             )
+    print(f"wrote {out / 'summary.json'}, {out / 'block-spectra.png'}, {out / 'block-js.png'}")
 
 
 if __name__ == "__main__":

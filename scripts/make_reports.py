@@ -7,8 +7,10 @@ pages share one copy of plotly's JavaScript, ``reports/plotly.min.js`` (``--plot
 ../plotly.min.js``), so the repository holds it once instead of once per page; users get
 self-contained pages by default.
 
-Usage: python scripts/make_reports.py [--preset quick|full] [NAME ...]
-(default presets per example: PRESETS below)
+Usage: python scripts/make_reports.py [--preset quick|full] [--out DIR] [NAME ...]
+(default presets per example: PRESETS below; --out defaults to reports/ of this checkout)
+``--quick``: sinus-mlp only, the quick preset on 64 samples with a 10 s budget, written to
+``--out`` or a fresh temporary folder (never into the repository), for a check (seconds).
 """
 
 from __future__ import annotations
@@ -43,12 +45,17 @@ def run(args: list[str], env: dict[str, str], cwd: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=EXAMPLES)
+    parser.add_argument("names", nargs="*", default=None, help=f"default: {EXAMPLES}")
     parser.add_argument(
         "--preset", choices=["quick", "full"], help="one preset for all (default: PRESETS)"
     )
     parser.add_argument("--seed", default="0")
+    parser.add_argument("--out", type=Path, default=None, help="default: reports/")
+    parser.add_argument("--quick", action="store_true", help="sinus-mlp, tiny, a temp folder")
     opts = parser.parse_args()
+    opts.names = opts.names or (["sinus-mlp"] if opts.quick else EXAMPLES)
+    reports = opts.out or (Path(tempfile.mkdtemp()) if opts.quick else REPORTS)
+    extra = ["--samples", "64", "--budget-s", "10"] if opts.quick else []
     unknown = [n for n in opts.names if n not in EXAMPLES]
     if unknown:
         parser.error(f"unknown example(s) {unknown}; choose from {EXAMPLES}")
@@ -56,13 +63,13 @@ def main() -> int:
     # One thread: on a loaded 2-core machine OpenMP threads spin against each other and a
     # Hessian product took 100x longer with two threads than with one (22:37 UTC, load 6.5).
     env.setdefault("OMP_NUM_THREADS", "1")
-    REPORTS.mkdir(exist_ok=True)
+    reports.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="curvscope-examples-") as tmp:
         for name in opts.names:
             t0 = time.perf_counter()
             # relative paths, so the documents record "digits-mlp/model.pt", not a temp folder
             run(["example", name, "--out", name, "--seed", opts.seed], env, tmp)
-            out = REPORTS / name
+            out = reports / name
             if out.exists():
                 shutil.rmtree(out)
             run(
@@ -74,7 +81,8 @@ def main() -> int:
                     "--out",
                     str(out),
                     "--preset",
-                    opts.preset or PRESETS[name],
+                    "quick" if opts.quick else opts.preset or PRESETS[name],
+                    *extra,
                     "--plotly-js",
                     "../plotly.min.js",
                     "--seed",
@@ -88,7 +96,7 @@ def main() -> int:
     # matches the installed plotly.
     from curvscope.cli.report import write_plotly_js
 
-    write_plotly_js(REPORTS / "plotly.min.js")
+    write_plotly_js(reports / "plotly.min.js")
     return 0
 
 

@@ -15,11 +15,15 @@ not orthogonal, so only the inertia survives, by Sylvester's law); this script s
 outcome the numbers give.
 
 Run:  python scripts/mehouachi_spectrum.py   (writes reports/mehouachi/README.md and results.json)
+``--out DIR`` writes there instead; ``--quick``: the same (it takes a second) into ``--out`` or a
+temporary folder, never into the repository.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -90,6 +94,11 @@ def inertia(vals, tol):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help=f"default {OUT}")
+    ap.add_argument("--quick", action="store_true", help="write to a temporary folder")
+    args = ap.parse_args()
+    out = args.out or (Path(tempfile.mkdtemp()) if args.quick else OUT)
     torch.manual_seed(0)
     rows = []
     for sizes in MODELS:
@@ -121,8 +130,8 @@ def main():
                 "input_norm_squared": float(x0 @ x0),
             }
         )
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "results.json").write_text(json.dumps(rows, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=1))
     lines = [
         "# Mehouachi & Kasmi: the claimed Hessian spectrum (eqs. 60-62), measured",
         "",
@@ -163,8 +172,9 @@ def main():
         f"claim; inertia {'matches' if ok_inertia else 'does NOT match'} the prediction.",
         "",
     ]
-    (OUT / "README.md").write_text("\n".join(lines))
+    (out / "README.md").write_text("\n".join(lines))
     print("\n".join(lines))
+    print(f"wrote {out / 'README.md'} and {out / 'results.json'}")
 
 
 if __name__ == "__main__":
