@@ -12,7 +12,7 @@ from torch import nn
 from curvscope._errors import OptionError
 from curvscope.diagnostics import filter_normalized_direction, surface
 from curvscope.io import to_jsonable
-from curvscope.linalg import eigenpairs
+from curvscope.linalg import eigsh
 from curvscope.operators import HessianOperator
 from curvscope.problem import Problem
 
@@ -80,7 +80,7 @@ def test_grid_values_match_direct_losses(case, kind):
 
 def test_one_dim_and_accuracy_and_precomputed_eigen():
     problem, (model, loss, data, red) = _problem(CASES[0])
-    eig = eigenpairs(HessianOperator(problem), top=1, seed=torch.Generator().manual_seed(0))
+    eig = eigsh(HessianOperator(problem), top=1, seed=torch.Generator().manual_seed(0))
     res = surface(problem, dims=1, eigen=eig[0], steps=7, range_=(-2, 2))
     assert res.dims == 1 and len(res.axes) == 1 and len(res.loss) == 7
     assert res.num_matvecs == 1  # only the quadratic model's product

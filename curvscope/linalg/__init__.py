@@ -7,7 +7,7 @@ knows about models or data.
 """
 
 from ._cg import CGResult, MinresResult, cg, minres
-from ._lanczos import DEFAULT_TOL, EigenResult, LanczosResult, eigenpairs, lanczos
+from ._lanczos import DEFAULT_TOL, EigenResult
 from ._operator import (
     DENSE_LIMIT,
     AdjointOperator,
@@ -56,9 +56,6 @@ __all__ = [
     "minres",
     "DEFAULT_TOL",
     "EigenResult",
-    "LanczosResult",
-    "eigenpairs",
-    "lanczos",
     "power_iteration",
     "default_basis_size",
     "eigsh",

@@ -12,8 +12,8 @@ spectral density :math:`\frac1P \sum_j \delta(t - \lambda_j)` (Lin, Saad & Yang 
 Ubaru, Chen & Saad 2017; Ghorbani, Krishnan & Xiao 2019 for neural-network Hessians).
 
 All probes run *together*: every Lanczos step is one product ``A @ V`` with one column per
-probe still running, so one pass over the data serves all probes (which is why this module
-does not call :func:`curvscope.linalg.lanczos`, which advances one vector per product). The
+probe still running, so one pass over the data serves all probes (an eigensolver advances one
+vector per product; this is quadrature, not an eigensolver). The
 bases take ``num_probes * num_steps * P`` values of the operator's dtype (20 x 80 probes and
 steps of a 17k-parameter float32 model: 110 MB). Each probe keeps its own
 fully reorthogonalised basis (classical Gram-Schmidt after the three-term
