@@ -67,7 +67,7 @@ _API: dict[str, tuple[str, str]] = {
     "density": (".diagnostics", "density"),
     "compare": (".diagnostics", "compare"),
     "check": (".diagnostics", "check"),
-    "surface": (".diagnostics", "surface"),
+    "surface": ("._api", "surface"),
     # solvers
     "run_solver": (".solvers", "run_solver"),
     # documents and reports

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -154,3 +155,23 @@ def _command_of(result: Any) -> str:
     return {"spectrum": "spectrum", "density": "density", "compare": "compare",
             "check": "check", "surface": "surface"}.get(name, name)
 
+
+def surface(problem: Problem, *, directions: Any = "eigen", model_sha256: str | None = None,
+            **kwargs: Any):
+    """The loss surface around the weights (:func:`curvscope.diagnostics.surface`).
+
+    ``directions`` may also be a file, read here: an eigenvector file of ``spectrum
+    --save-eigenvectors`` (checked against the model's parameters and, with
+    ``model_sha256``, its checkpoint) or a ``.pt``/``.npy`` tensor ``[P]``/``[P, k]``.
+    """
+    from .diagnostics import DIRECTION_KINDS
+    from .diagnostics import surface as _surface
+
+    if isinstance(directions, (str, os.PathLike)) and str(directions) not in DIRECTION_KINDS:
+        from .io import read_directions
+
+        sha = model_sha256 or ((getattr(problem, "input_info", None) or {}).get("model") or {}).get(
+            "sha256"
+        )
+        directions = read_directions(directions, problem.names, problem.shapes, model_sha256=sha)
+    return _surface(problem, directions=directions, **kwargs)

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "curvscope"
 
-BASE = {"_errors", "_sampling", "_losses", "_device", "_options"}
+BASE = {"_errors", "_sampling", "_losses", "_device", "_options", "_signs"}
 """Modules every layer may use: errors, the one subset routine, losses, device memory, the
 shared options and their flag-string parsers."""
 
@@ -25,6 +25,7 @@ LAYERS: dict[str, set[str]] = {
     "_losses": {"_errors"},
     "_device": set(),
     "_options": {"_errors"},
+    "_signs": set(),
     "_precision": set(),
     "models": {"_errors"},
     "linalg": BASE,
@@ -34,7 +35,9 @@ LAYERS: dict[str, set[str]] = {
     "problem": BASE | {"_distributed", "_precision"},
     "_load": BASE | {"io", "problem", "models", "_distributed"},
     "operators": BASE | {"linalg", "problem", "_distributed"},
-    "diagnostics": BASE | {"linalg", "operators", "problem", "io", "_distributed"},
+    # diagnostics read no files: eigenvector and direction files are read by io, for the
+    # command line, the report and the flat curvscope.surface
+    "diagnostics": BASE | {"linalg", "operators", "problem", "_distributed"},
     "solvers": BASE | {"linalg", "operators", "problem", "_distributed"},
     "report": BASE | {"io"},
     "_examples": BASE | {"io", "models"},

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import curvscope as cs
 from curvscope._errors import OptionError
 from curvscope.diagnostics import filter_normalized_direction, surface
 from curvscope.io import to_jsonable
@@ -160,18 +161,18 @@ def _eigen_file(problem, tmp_path, *, sha="abc123", names=None, shapes=None, vec
 def test_directions_from_eigenvector_file(tmp_path):
     problem, _ = _problem(CASES[0])
     path, V = _eigen_file(problem, tmp_path)
-    res = surface(problem, dims=2, directions=path, steps=3, model_sha256="abc123")
+    res = cs.surface(problem, dims=2, directions=path, steps=3, model_sha256="abc123")
     assert res.directions.kind == "eigen" and res.eigenvalues == [3.0, 2.0]
     assert res.directions.matrix == "hessian"
     w = problem.param_vector()
     assert_close(res.loss[0][2], problem.loss(w - V[:, 0] + V[:, 1]), what="file direction")
     # .npy and .pt tensors
     np.save(tmp_path / "d.npy", V[:, 0].numpy())
-    res = surface(problem, dims=1, directions=str(tmp_path / "d.npy"), steps=3)
+    res = cs.surface(problem, dims=1, directions=str(tmp_path / "d.npy"), steps=3)
     assert res.directions.kind == "file"
     assert_close(res.loss[2], problem.loss(w + V[:, 0]), what="npy direction")
     torch.save(V, tmp_path / "d.pt")
-    res = surface(problem, dims=2, directions=tmp_path / "d.pt", steps=3)
+    res = cs.surface(problem, dims=2, directions=tmp_path / "d.pt", steps=3)
     assert_close(res.loss[2][0], problem.loss(w + V[:, 0] - V[:, 1]), what="pt direction")
 
 
@@ -179,29 +180,32 @@ def test_direction_file_errors(tmp_path):
     problem, _ = _problem(CASES[0])
     path, _ = _eigen_file(problem, tmp_path)
     with pytest.raises(OptionError, match="computed for another model"):
-        surface(problem, dims=2, directions=path, steps=3, model_sha256="fff000")
+        cs.surface(problem, dims=2, directions=path, steps=3, model_sha256="fff000")
     path, _ = _eigen_file(problem, tmp_path, names=["a.weight", *problem.names[1:]])
     with pytest.raises(OptionError, match="belongs to another model or parameter selection"):
-        surface(problem, dims=2, directions=path, steps=3)
+        cs.surface(problem, dims=2, directions=path, steps=3)
     shapes = [list(s) for s in problem.shapes]
     shapes[0] = [7, 7]
     path, _ = _eigen_file(problem, tmp_path, shapes=shapes)
     with pytest.raises(OptionError, match=r"parameter 0.weight has shape \[7, 7\] there"):
-        surface(problem, dims=2, directions=path, steps=3)
+        cs.surface(problem, dims=2, directions=path, steps=3)
     torch.save(torch.zeros(problem.num_params + 1), tmp_path / "big.pt")
     with pytest.raises(OptionError, match=f"does not fit the {problem.num_params} selected"):
-        surface(problem, dims=1, directions=tmp_path / "big.pt", steps=3)
+        cs.surface(problem, dims=1, directions=tmp_path / "big.pt", steps=3)
     np.save(tmp_path / "one.npy", np.ones(problem.num_params))
     with pytest.raises(OptionError, match="^dims 2 needs 2 directions"):
-        surface(problem, dims=2, directions=str(tmp_path / "one.npy"), steps=3)
+        cs.surface(problem, dims=2, directions=str(tmp_path / "one.npy"), steps=3)
     with pytest.raises(OptionError, match="does not exist"):
-        surface(problem, dims=1, directions=str(tmp_path / "missing.pt"), steps=3)
+        cs.surface(problem, dims=1, directions=str(tmp_path / "missing.pt"), steps=3)
     torch.save({"x": torch.ones(2)}, tmp_path / "dict.pt")
     with pytest.raises(OptionError, match="not a curvscope eigenvector file"):
-        surface(problem, dims=1, directions=tmp_path / "dict.pt", steps=3)
+        cs.surface(problem, dims=1, directions=tmp_path / "dict.pt", steps=3)
+    # the diagnostic itself reads no file: the flat cs.surface (and the CLI) read them
+    with pytest.raises(OptionError, match="takes the directions as a tensor"):
+        surface(problem, dims=1, directions=tmp_path / "d.pt", steps=3)
     (tmp_path / "junk.pt").write_bytes(b"not a pickle")
     with pytest.raises(OptionError, match="neither an eigenvector file nor a tensor"):
-        surface(problem, dims=1, directions=tmp_path / "junk.pt", steps=3)
+        cs.surface(problem, dims=1, directions=tmp_path / "junk.pt", steps=3)
 
 
 @pytest.mark.parametrize(

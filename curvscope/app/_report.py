@@ -438,7 +438,6 @@ def _surface(ctx: _Context) -> dict:
         steps=steps,
         eigen=ctx.eigen,
         seed=ctx.seed,
-        model_sha256=(getattr(p, "input_info", None) or {}).get("model", {}).get("sha256"),
         tol=ctx.tol,
         max_iter=ctx.max_iter,
         progress=ctx.progress,

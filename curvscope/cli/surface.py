@@ -116,15 +116,22 @@ def surface_cli(
             "plots": formats,
             "plotly_js": plotly_js,
         }
+        given = directions
+        if named:  # an eigenvector file or a tensor file, read and checked against the model
+            from ..io import read_directions
+
+            given = read_directions(
+                directions, session.problem.names, session.problem.shapes,
+                model_sha256=session.input_info["model"]["sha256"],
+            )
         with computing(session, "surface", settings, planned, lambda r: {"surface": r}) as update:
             result = surface(
                 session.problem,
                 dims=dims,
-                directions=directions,
+                directions=given,
                 range_=lo_hi,
                 steps=steps,
                 seed=common.seed,
-                model_sha256=session.input_info["model"]["sha256"],
                 tol=common.tol,
                 max_iter=common.max_iter,
                 progress=update,

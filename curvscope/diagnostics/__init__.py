@@ -14,10 +14,10 @@ from ._derivatives import STEPS as DERIVATIVE_STEPS
 from ._derivatives import DirectionResult, gradient_test, taylor_test
 from ._spectrum import BlockMode, Method, SpectrumEntry, SpectrumResult, spectrum
 from ._surface import (
+    DIRECTION_KINDS,
     SurfaceDirections,
     SurfaceResult,
     filter_normalized_direction,
-    load_directions,
     surface,
 )
 
@@ -49,7 +49,7 @@ __all__ = [
     "spectrum",
     "SurfaceDirections",
     "SurfaceResult",
+    "DIRECTION_KINDS",
     "filter_normalized_direction",
-    "load_directions",
     "surface",
 ]

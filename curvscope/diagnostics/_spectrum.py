@@ -10,8 +10,14 @@ import torch
 
 from .._errors import Interrupted, OptionError, arg
 from .._sampling import as_generator
-from ..io import canonical_sign
-from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, eigsh, power_iteration
+from ..linalg import (
+    DEFAULT_TOL,
+    EigenResult,
+    LinearOperator,
+    canonical_sign,
+    eigsh,
+    power_iteration,
+)
 from ._common import (
     MatrixSkips,
     Progress,

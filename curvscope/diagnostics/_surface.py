@@ -35,15 +35,13 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .._errors import CurvscopeError, Interrupted, OptionError, arg
+from .._errors import Interrupted, OptionError, arg
 from .._losses import is_classification
 from .._sampling import as_generator
-from ..io import canonical_sign, load_eigenvectors
-from ..linalg import EigenResult, eigsh
+from ..linalg import EigenResult, canonical_sign, eigsh
 from ..operators import HessianOperator
 from ..problem import Problem
 
@@ -52,7 +50,6 @@ __all__ = [
     "SurfaceDirections",
     "SurfaceResult",
     "filter_normalized_direction",
-    "load_directions",
     "surface",
 ]
 
@@ -175,98 +172,6 @@ def filter_normalized_direction(
     return vec
 
 
-def _check_eigen_file(obj: dict, problem: Problem, path: Path, model_sha256: str | None) -> None:
-    names = list(obj.get("param_names") or [])
-    shapes = [tuple(s) for s in (obj.get("param_shapes") or [])]
-    if model_sha256 and obj.get("model_sha256") and obj["model_sha256"] != model_sha256:
-        raise OptionError(
-            f"eigenvector file {path} was computed for another model (its model_sha256 "
-            f"{str(obj['model_sha256'])[:12]}... differs from this checkpoint's "
-            f"{model_sha256[:12]}...); recompute it with spectrum {arg('save_eigenvectors')}."
-        )
-    if names != problem.names:
-        raise OptionError(
-            f"eigenvector file {path} belongs to another model or parameter selection: its "
-            f"parameters are {', '.join(names[:6]) or 'not listed'}"
-            f"{'...' if len(names) > 6 else ''}, the selected ones "
-            f"{', '.join(problem.names[:6])}{'...' if len(problem.names) > 6 else ''}."
-        )
-    if shapes != [tuple(s) for s in problem.shapes]:
-        bad = next(
-            (n, s, t) for n, s, t in zip(names, shapes, problem.shapes, strict=False) if s != t
-        )
-        raise OptionError(
-            f"eigenvector file {path} belongs to another model: parameter {bad[0]} has shape "
-            f"{list(bad[1])} there and {list(bad[2])} here."
-        )
-
-
-def load_directions(
-    path: str | os.PathLike,
-    problem: Problem,
-    *,
-    model_sha256: str | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Read directions from a file: an eigenvector file, or a ``.pt``/``.npy`` tensor.
-
-    Eigenvector files (``spectrum --save-eigenvectors``, docs/DESIGN.md "Eigenvector file") must
-    come from the same model: same parameter names and shapes and, when both are known, the
-    same checkpoint hash. The entry used is the top Hessian entry for block ``all`` (else the
-    first ``all`` entry). A plain tensor must have shape ``[P]`` or ``[P, k]``.
-
-    Args:
-        path: the file.
-        problem: the selected parameters the directions must fit.
-        model_sha256: SHA-256 of the analysed checkpoint, checked against the file's.
-
-    Returns:
-        ``(directions [P, k], info)`` with ``info`` holding ``kind``, ``source`` and, for
-        eigenvector files, ``matrix`` and ``eigenvalues``.
-
-    Raises:
-        OptionError: for a missing or unreadable file, another model's file, or a size that
-            does not fit the selected parameters.
-    """
-    path = Path(path)
-    info: dict = {"kind": "file", "source": str(path)}
-    try:
-        obj = load_eigenvectors(path, allow_tensor=True)
-    except CurvscopeError as exc:
-        raise OptionError(f"{arg('directions')}: {exc}", option="directions") from None
-    if isinstance(obj, torch.Tensor):
-        vec = obj
-    else:
-        _check_eigen_file(obj, problem, path, model_sha256)
-        entries = [e for e in obj.get("entries", []) if e.get("block") == "all"]
-        if not entries:
-            blocks = sorted({str(e.get("block")) for e in obj.get("entries", [])})
-            raise OptionError(
-                f"eigenvector file {path} has no entry for block 'all' (it has "
-                f"{', '.join(blocks) or 'no entries'}); compute the spectrum of the whole "
-                "model, not per layer."
-            )
-        entries.sort(key=lambda e: (e.get("matrix") != "hessian", e.get("which") != "top"))
-        entry = entries[0]
-        vec = torch.as_tensor(entry["vectors"]).to(torch.float64)
-        info.update(
-            kind="eigen",
-            matrix=str(entry.get("matrix")),
-            which=str(entry.get("which")),
-            eigenvalues=[float(v) for v in torch.as_tensor(entry["eigenvalues"]).reshape(-1)],
-        )
-    if vec.dim() == 1:
-        vec = vec.unsqueeze(1)
-    if vec.dim() != 2 or vec.shape[0] != problem.num_params:
-        raise OptionError(
-            f"{arg('directions')} file {path} holds a tensor of shape {list(vec.shape)}, which "
-            f"does not fit the {problem.num_params} selected parameters (expected "
-            f"[{problem.num_params}] or [{problem.num_params}, k])."
-        )
-    if not torch.isfinite(vec).all():
-        raise OptionError(f"{arg('directions')} file {path} holds NaN or Inf values.")
-    return vec, info
-
-
 def _resolve_directions(
     problem: Problem,
     directions,
@@ -274,7 +179,6 @@ def _resolve_directions(
     *,
     eigen: EigenResult | None,
     gen: torch.Generator,
-    model_sha256: str | None,
     tol: float | None,
     max_iter: int | None,
     progress: Progress | None,
@@ -282,12 +186,19 @@ def _resolve_directions(
     notes: list[str] = []
     matvecs = 0
     P = problem.num_params
-    if isinstance(directions, torch.Tensor) or (
-        isinstance(directions, (str, os.PathLike))
-        and str(directions) not in DIRECTION_KINDS
-        and (isinstance(directions, os.PathLike) or any(c in str(directions) for c in "./\\"))
+    if isinstance(directions, (str, os.PathLike)) and str(directions) not in DIRECTION_KINDS and (
+        isinstance(directions, os.PathLike) or any(c in str(directions) for c in "./\\")
     ):
-        if isinstance(directions, torch.Tensor):
+        # diagnostics read no files: cs.surface, the command line and the report read it
+        raise OptionError(
+            f"{arg('directions')} {directions}: this function takes the directions as a "
+            "tensor; read a file with curvscope.io.read_directions (cs.surface does it for you)."
+        )
+    if isinstance(directions, torch.Tensor) or isinstance(directions, tuple):
+        if isinstance(directions, tuple):  # (tensor, info) from io.read_directions
+            D, info = directions
+            D = D.to(torch.float64)
+        elif isinstance(directions, torch.Tensor):
             D = directions.detach().to(torch.float64)
             D = D.unsqueeze(1) if D.dim() == 1 else D
             if D.dim() != 2 or D.shape[0] != P:
@@ -296,8 +207,6 @@ def _resolve_directions(
                     f"parameters (expected [{P}] or [{P}, k])."
                 )
             info = {"kind": "tensor", "source": None}
-        else:
-            D, info = load_directions(directions, problem, model_sha256=model_sha256)
         if D.shape[1] < dims:
             raise OptionError(
                 f"{arg('dims')} {dims} needs {dims} directions but "
@@ -544,12 +453,11 @@ def surface(
     problem: Problem,
     *,
     dims: int = 2,
-    directions: str | torch.Tensor | os.PathLike = "eigen",
+    directions: str | torch.Tensor | tuple[torch.Tensor, dict] = "eigen",
     range_: tuple[float, float] | tuple[tuple[float, float], tuple[float, float]] = (-1.0, 1.0),
     steps: int | tuple[int, int] = 41,
     eigen: EigenResult | None = None,
     seed: int | torch.Generator = 0,
-    model_sha256: str | None = None,
     quadratic: bool = True,
     tol: float | None = None,
     max_iter: int | None = None,
@@ -563,13 +471,13 @@ def surface(
         dims: 1 (a line) or 2 (a grid).
         directions: ``"eigen"`` (top Hessian eigenvectors, unit norm), ``"random"`` (Gaussian,
             unit norm), ``"filter-normalized"`` (Li et al. 2018, biases and BatchNorm zeroed),
-            a tensor ``[P]``/``[P, k]``, or a file (eigenvector file or ``.pt``/``.npy``
-            tensor).
+            a tensor ``[P]``/``[P, k]``, or ``(tensor, info)`` from
+            :func:`curvscope.io.read_directions` (this function reads no file:
+            ``curvscope.surface`` and the command line read eigenvector files).
         range_: ``(lo, hi)`` of the grid coordinates, or one pair per direction.
         steps: points per axis (one int, or one per direction).
         eigen: precomputed top eigenpairs (``eigsh(...)[0]``) for ``"eigen"``.
         seed: random source (Lanczos start vector, random directions): an int or a generator.
-        model_sha256: the checkpoint's hash, checked against an eigenvector file's.
         quadratic: also evaluate the second-order Taylor model (one gradient and one Hessian
             product with the directions).
         tol: eigenpair tolerance (default that of :func:`curvscope.linalg.eigsh`).
@@ -582,7 +490,7 @@ def surface(
 
     Raises:
         OptionError: for ``dims`` other than 1 or 2, a bad range or step count, unknown
-            directions, or direction files that do not fit (see :func:`load_directions`).
+            directions, or directions that do not fit.
     """
     if dims not in (1, 2):
         raise OptionError(
@@ -608,7 +516,6 @@ def surface(
         dims,
         eigen=eigen,
         gen=as_generator(seed),
-        model_sha256=model_sha256,
         tol=tol,
         max_iter=max_iter,
         progress=progress,

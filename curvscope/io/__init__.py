@@ -13,6 +13,7 @@ from ._eigenvectors import (
     EIGENVECTOR_FORMAT,
     canonical_sign,
     load_eigenvectors,
+    read_directions,
     save_eigenvectors,
 )
 from ._hf import is_hf_folder, load_hf
@@ -68,6 +69,7 @@ __all__ = [
     "save_safetensors",
     "EIGENVECTOR_FORMAT",
     "canonical_sign",
+    "read_directions",
     "load_eigenvectors",
     "save_eigenvectors",
     "MARKER",

@@ -6,6 +6,7 @@ matrix, a scipy operator, a callable with a size, another library's operator); n
 knows about models or data.
 """
 
+from .._signs import canonical_sign
 from ._cg import CGResult, MinresResult, cg, minres
 from ._lanczos import DEFAULT_TOL, EigenResult
 from ._operator import (
@@ -36,6 +37,7 @@ from ._trace import (
 )
 
 __all__ = [
+    "canonical_sign",
     "KEEP_FRACTION",
     "DENSE_LIMIT",
     "AdjointOperator",
