@@ -45,8 +45,10 @@ LAYERS: dict[str, set[str]] = {
     | {"io", "problem", "_load", "linalg", "operators", "diagnostics", "solvers", "report"}
     | {"_examples", "_distributed", "models"},
     "_api": BASE | {"io", "problem", "_load", "linalg", "operators", "diagnostics", "app"},
+    # the engine (app) builds the problem and the operators: a command declares options,
+    # calls the engine or a library function, and prints
     "cli": BASE
-    | {"io", "problem", "_load", "linalg", "operators", "diagnostics", "solvers", "report"}
+    | {"io", "_load", "linalg", "diagnostics", "solvers", "report"}
     | {"app", "_examples", "_api", "models", "_distributed"},
     "__main__": {"cli"},
     "__init__": set(),  # names are resolved lazily (PEP 562): importing curvscope is cheap

@@ -49,19 +49,13 @@ def compare_cli(
         matrices = matrix_names(matrix, approximations_only=True)
         session = open_session(common)
         from ..diagnostics import compare
-        from ..operators import build_operators
-
-        candidates, skipped = build_operators(
-            session.problem, matrices, seed=common.seed, skip_unsupported=True
-        )
+        candidates, skipped = session.operators(matrices, skip_unsupported=True)
         if not candidates:
             raise OptionError(
                 "no requested matrix applies to this model, so nothing is compared: "
                 + "; ".join(f"{s['matrix']}: {s['reason']}" for s in skipped)
             )
-        (hessian,) = build_operators(
-            session.problem, ["hessian"], seed=common.seed, hvp=common.hvp
-        )[0].values()
+        (hessian,) = session.operators(["hessian"])[0].values()
         from .spectrum import block_sizes, lanczos_products
 
         sizes = block_sizes(session.problem, "per-layer")

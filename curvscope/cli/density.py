@@ -86,9 +86,7 @@ def density_cli(
             raise OptionError(f"--grid-points must be at least 2, got {grid_points}.")
         session = open_session(common)
         from ..diagnostics import density
-        from ..operators import build_operators
-
-        ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
+        ops, _ = session.operators(matrices)
         from .spectrum import block_sizes
 
         sizes = block_sizes(session.problem, blocks)

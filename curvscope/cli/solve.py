@@ -29,7 +29,6 @@ from ._common import (
 from ._names import SOLVER_NAMES
 
 if TYPE_CHECKING:
-    from ..problem import Problem
     from ..solvers import Finding, SolveRun
 
 __all__ = ["register", "solve_cli", "solve_results"]
@@ -47,14 +46,6 @@ def solve_results(runs: list[SolveRun]) -> dict[str, Any]:
     for row in rows:
         row.pop("loss_curve", None)
     return {"solves": solves, "comparison": rows}
-
-
-def _test_problem(session, spec: str) -> Problem:
-    """The test data through the same loading and preprocessing as the training data."""
-    from .._load import load_like
-
-    split = "test" if session.common.split == "train" else session.common.split
-    return load_like(session.problem, spec, split=split)
 
 
 def _save_weights(session, run: SolveRun, out: Path) -> Path:
@@ -139,7 +130,7 @@ def solve_cli(
         from ..solvers import run_solver
         from .spectrum import lanczos_products
 
-        test_problem = _test_problem(session, test_data) if test_data else None
+        test_problem = session.test_problem(test_data) if test_data else None
         max_iter = common.max_iter or DEFAULT_MAX_ITER
         from ..solvers import PRODUCTS_PER_ITERATION
 

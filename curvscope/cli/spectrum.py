@@ -118,9 +118,7 @@ def spectrum_cli(
             repeat_samples, common.samples = common.samples, None
         session = open_session(common)
         from ..diagnostics import spectrum
-        from ..operators import build_operators
-
-        ops, _ = build_operators(session.problem, matrices, seed=common.seed, hvp=common.hvp)
+        ops, _ = session.operators(matrices)
         plan_memory(
             session,
             matrices=matrices,
