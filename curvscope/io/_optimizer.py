@@ -393,8 +393,8 @@ def _build(
         if wd and kind in ("Adam", "RMSprop", "Adagrad", "SGD"):
             notes.append(
                 f"{kind} adds weight_decay {wd:g} times the weights to the gradient (group "
-                f"{gi}): the matrix its step sees is the Hessian plus {wd:g} I; give the "
-                f"analysis {arg('weight_decay')} {wd:g} to include it."
+                f"{gi}): the matrix its step sees is the Hessian plus {wd:g} I; analyse with "
+                f"that weight decay ({wd:g}) to include it."
             )
         elif wd and kind == "AdamW":
             notes.append(
