@@ -89,11 +89,11 @@ class OptimizerGroup:
     threshold: float | None
     formula: str
 
-    def to_dict(self) -> dict[str, Any]:
-        """For the result document."""
+    def to_dict(self, params: bool = True) -> dict[str, Any]:
+        """For the result document (``params=False``: the count of parameters, not names)."""
         return {
             "index": self.index,
-            "params": list(self.params),
+            **({"params": list(self.params)} if params else {"num_params": len(self.params)}),
             "lr": self.lr,
             **{k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hyper.items()},
             "threshold": self.threshold,
@@ -162,8 +162,17 @@ class Preconditioner:
             )
         return torch.cat([self.diagonals[n].reshape(-1) for n in names])
 
-    def to_dict(self) -> dict[str, Any]:
-        """The document's record: source, optimiser, step, per-group hyper-parameters."""
+    @property
+    def applies_to(self) -> str:
+        """What the thresholds bound: ``preconditioned`` matrices, or the ``raw`` ones (SGD)."""
+        return "preconditioned" if self.preconditions else "raw"
+
+    def to_dict(self, params: bool = True) -> dict[str, Any]:
+        """The document's record: source, optimiser, step, per-group hyper-parameters.
+
+        Args:
+            params: list each group's parameter names (else their count, for track rows).
+        """
         lrs = [g.lr for g in self.groups]
         return {
             "source": self.source,
@@ -177,7 +186,8 @@ class Preconditioner:
             "eps": _common(g.hyper.get("eps") for g in self.groups),
             "weight_decay": _common(g.hyper.get("weight_decay") for g in self.groups),
             "thresholds": self.thresholds,
-            "groups": [g.to_dict() for g in self.groups],
+            "threshold_applies_to": self.applies_to,
+            "groups": [g.to_dict(params) for g in self.groups],
             "notes": list(self.notes),
         }
 
@@ -412,6 +422,7 @@ def _build(
                 "parameters.",
                 option="preconditioner",
                 layer=missing[0],
+                missing="state",
             )
     if diagonals is not None and not diagonals:
         raise OptionError(
