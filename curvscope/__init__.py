@@ -52,6 +52,8 @@ _API: dict[str, tuple[str, str]] = {
     "pch": ("._api", "pch"),
     "kfac": ("._api", "kfac"),
     "ekfac": ("._api", "ekfac"),
+    "preconditioned": (".operators", "preconditioned"),
+    "preconditioner": ("._api", "preconditioner"),
     # algorithms
     "lanczos": ("._api", "lanczos"),
     "power_iteration": (".linalg", "power_iteration"),

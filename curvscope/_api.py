@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from .io import (
+    Preconditioner,
+    preconditioner_from_optimizer,
+    preconditioner_from_state,
+    read_preconditioner,
+)
 from .linalg import as_operator, eigsh
 from .operators import (
     EKFACOperator,
@@ -28,6 +37,7 @@ __all__ = [
     "kfac",
     "lanczos",
     "pch",
+    "preconditioner",
 ]
 
 
@@ -175,3 +185,39 @@ def surface(problem: Problem, *, directions: Any = "eigen", model_sha256: str | 
         )
         directions = read_directions(directions, problem.names, problem.shapes, model_sha256=sha)
     return _surface(problem, directions=directions, **kwargs)
+
+
+def preconditioner(
+    source: Any,
+    model: Problem | torch.nn.Module,
+    *,
+    optimizer_key: str | None = None,
+) -> Preconditioner:
+    r"""The diagonal preconditioner :math:`P` of an adaptive optimiser, for a model's parameters.
+
+    ``cs.preconditioned(cs.hessian(prob), cs.preconditioner(opt, prob))`` is
+    :math:`P^{-1/2} H P^{-1/2}`, whose top eigenvalue is the preconditioned sharpness of Cohen
+    et al. 2022 (docs/DESIGN.md "Preconditioned sharpness").
+
+    Args:
+        source: a live ``torch.optim`` optimiser (Adam, AdamW, RMSprop, Adagrad, or SGD for
+            its threshold), an optimiser's ``state_dict()``, or a file: a checkpoint holding
+            the state under ``optimizer``, ``optim``, ``opt`` or ``optimizer_state_dict``
+            (or ``optimizer_key``), a bare ``opt.state_dict()``, or a dict parameter name ->
+            tensor of :math:`P`'s diagonal.
+        model: the problem (its selected parameters must be covered) or the module.
+        optimizer_key: the key of the optimiser state in a checkpoint.
+
+    Raises:
+        CurvscopeError: one sentence naming what is missing or does not match.
+    """
+    module = model.model if isinstance(model, Problem) else model
+    needed = list(model.names) if isinstance(model, Problem) else None
+    named = [(n, tuple(p.shape)) for n, p in module.named_parameters()]
+    if isinstance(source, torch.optim.Optimizer):
+        return preconditioner_from_optimizer(source, module, needed=needed)
+    if isinstance(source, dict) and "param_groups" in source:
+        return preconditioner_from_state(source, named, needed=needed, source="state")
+    return read_preconditioner(
+        Path(source), named, optimizer_key=optimizer_key, needed=needed
+    )

@@ -113,23 +113,32 @@ class Session:
         return load_like(self.problem, spec, split=split)
 
     def operators(
-        self, names: str | list[str], *, skip_unsupported: bool = False
+        self,
+        names: str | list[str],
+        *,
+        skip_unsupported: bool = False,
+        preconditioner: Any = None,
     ) -> tuple[dict[str, Any], list[dict[str, str]]]:
         """The curvature operators ``names`` of the session's problem, with its options.
 
-        Monte-Carlo matrices draw with ``--seed``, Hessian products follow ``--hvp``.
-        Returns ``({name: operator}, skipped)``; see
+        Monte-Carlo matrices draw with ``--seed``, Hessian products follow ``--hvp``; with a
+        ``preconditioner`` (an optimiser's diagonal P) each is ``P^-1/2 A P^-1/2``, named
+        ``preconditioned <name>``. Returns ``({name: operator}, skipped)``; see
         :func:`curvscope.operators.build_operators`.
         """
-        from ..operators import build_operators
+        from ..operators import build_operators, preconditioned
 
-        return build_operators(
+        ops, skipped = build_operators(
             self.problem,
             names,
             seed=self.common.seed,
             hvp=self.common.hvp,
             skip_unsupported=skip_unsupported,
         )
+        if preconditioner is not None:
+            ops = {f"preconditioned {k}": preconditioned(op, preconditioner)
+                   for k, op in ops.items()}
+        return ops, skipped
 
 
 def check_out_dir(out: Path, flag: str = "--out") -> Path:

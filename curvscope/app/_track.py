@@ -50,13 +50,16 @@ from torch import nn
 from .._errors import CheckpointError, CurvscopeError, OptionError, arg
 from .._load import load
 from ..io import (
+    Preconditioner,
     Run,
     active_run,
     checkpoint_step,
     file_sha256,
     load_checkpoint,
     now_iso,
+    preconditioner_from_optimizer,
     read_document,
+    read_preconditioner,
     rename_marker,
     run_of,
     to_jsonable,
@@ -64,7 +67,7 @@ from ..io import (
     write_document,
 )
 from ..linalg import DEFAULT_TOL, eigsh, hutchinson_trace, hutchpp_trace
-from ..operators import build_operators, resolve_matrices
+from ..operators import build_operators, preconditioned, resolve_matrices
 from ..problem import Problem
 from ..report import TRACK_FIGURES, remove_stale_figures
 from ._documents import document
@@ -92,6 +95,9 @@ STABILITY_SOURCE = (
 )
 
 _GLOB = re.compile(r"[*?\[]")
+
+PRECONDITIONED = "preconditioned"
+"""Prefix of a preconditioned matrix's name in rows (``preconditioned hessian``)."""
 
 
 def stability_threshold(lr: float, momentum: float = 0.0) -> float:
@@ -304,10 +310,30 @@ class _Measurer:
         self.vectors[key] = torch.cat([r.eigenvectors for r in results], dim=1).detach().clone()
         return results, used, cold, diff
 
-    def measure(self, problem: Problem, progress: Progress | None = None) -> dict[str, Any]:
-        """One row (without its step and checkpoint) at the problem's current weights."""
+    def measure(
+        self,
+        problem: Problem,
+        progress: Progress | None = None,
+        preconditioner: Preconditioner | None = None,
+        unavailable: str | None = None,
+    ) -> dict[str, Any]:
+        """One row (without its step and checkpoint) at the problem's current weights.
+
+        With a ``preconditioner`` that preconditions (not SGD's), each matrix ``A`` is
+        measured twice: as it is and as ``preconditioned A`` (:math:`P^{-1/2} A P^{-1/2}`);
+        the row's ``optimizer`` records the optimiser, its hyper-parameters and thresholds.
+        ``unavailable`` says why a row that should have had one has none.
+        """
         loss, grad = problem.loss_and_grad()
         ops, _ = build_operators(problem, self.matrices, seed=self.seed, hvp=self.hvp)
+        if preconditioner is not None and preconditioner.preconditions:
+            ops = {
+                **ops,
+                **{
+                    f"{PRECONDITIONED} {name}": preconditioned(op, preconditioner)
+                    for name, op in ops.items()
+                },
+            }
         row: dict[str, Any] = {
             "loss": float(loss),
             "grad_norm": float(torch.linalg.vector_norm(grad.to(torch.float64))),
@@ -367,6 +393,10 @@ class _Measurer:
                         "converged": bool(res.converged[0]),
                     }
                 row.setdefault("per_layer_top", {})[name] = layers
+        if preconditioner is not None:
+            row["optimizer"] = preconditioner.to_dict(params=False)
+        elif unavailable is not None:
+            row["optimizer"] = {"preconditioned": False, "reason": unavailable}
         row["num_matvecs"] = total + eigen
         row["num_matvecs_eigen"] = eigen
         if cold_total is not None:
@@ -581,6 +611,47 @@ def _resumable(
     return rows
 
 
+# ---------------------------------------------------------------------------- preconditioners
+def _preconditioners(
+    problem: Problem,
+    ordered: Sequence[_Checkpoint],
+    spec: str | Path | None,
+    optimizer_key: str | None,
+) -> Callable[[Path], Preconditioner | None]:
+    """The row's preconditioner for a checkpoint path; every one is checked here, up front.
+
+    Raises:
+        CurvscopeError: a checkpoint without an optimiser state, or one that does not match
+            the parameters (naming the checkpoint and what is missing).
+    """
+    if spec is None:
+        if optimizer_key is not None:
+            raise OptionError(
+                f"{arg('optimizer_key')} needs {arg('preconditioner')} (checkpoint or a file).",
+                option="optimizer_key",
+            )
+        return lambda path: None
+    named = [(n, tuple(p.shape)) for n, p in problem.model.named_parameters()]
+    own = str(spec) == "checkpoint"
+
+    def read(path: Path) -> Preconditioner:
+        return read_preconditioner(
+            path,
+            named,
+            optimizer_key=optimizer_key,
+            needed=list(problem.names),
+            source="checkpoint" if own else "file",
+            diagonals=not own,
+        )
+
+    if not own:
+        fixed = read(Path(spec))
+        return lambda path: fixed
+    for c in ordered:
+        read(c.path)  # refuse before the first row, not after hours of them
+    return read
+
+
 # ---------------------------------------------------------------------------- the command
 @dataclass(frozen=True)
 class TrackRun:
@@ -620,6 +691,8 @@ def track(
     settings: Mapping[str, Any] | None = None,
     progress: Progress | None = None,
     resume: bool | None = None,
+    preconditioner: str | Path | None = None,
+    optimizer_key: str | None = None,
     **load_options: Any,
 ) -> TrackRun:
     r"""Measure curvature at every checkpoint of a training run (``curvscope track``).
@@ -661,6 +734,13 @@ def track(
             document keeps its run id and records ``run.resumed``), else starts afresh;
             ``True`` resumes it or refuses one that differs (the command line); ``False``
             always starts afresh (``--overwrite``).
+        preconditioner: ``"checkpoint"``: each checkpoint's own optimiser state (Adam,
+            AdamW, RMSprop, Adagrad; SGD for its threshold) gives the row's preconditioner
+            :math:`P`, and every matrix is also measured as ``preconditioned <matrix>``
+            (:math:`P^{-1/2} A P^{-1/2}`, docs/DESIGN.md "Preconditioned sharpness"); a path:
+            one file's (an optimiser state or a dict of diagonals) for every row. Every
+            checkpoint's state is checked before the first row.
+        optimizer_key: the key of the optimiser state in the checkpoints.
         **load_options: what :func:`curvscope.load` takes besides model and data
             (``loss``, ``batch_size``, ``samples``, ``dtype``, ``model``, ``state_key``...).
 
@@ -689,6 +769,7 @@ def track(
     _check_architectures(ordered, ckpt_options)
     problem = load(ordered[0].path, data, seed=seed, **load_options)
     passes_before = problem.data_passes
+    precondition = _preconditioners(problem, ordered, preconditioner, optimizer_key)
     measurer = _Measurer(
         names,
         top,
@@ -717,6 +798,8 @@ def track(
                 for c in ([checkpoints] if isinstance(checkpoints, (str, Path)) else checkpoints)
             ],
             order=order_by,
+            preconditioner=None if preconditioner is None else str(preconditioner),
+            optimizer_key=optimizer_key,
         ),
     }
     with active_run("track") as run:
@@ -773,7 +856,7 @@ def track(
                     "step_source": ckpt.step_source,
                     "checkpoint": str(ckpt.path),
                     "sha256": loaded.sha256 or None,
-                    **measurer.measure(problem, progress),
+                    **measurer.measure(problem, progress, precondition(ckpt.path)),
                 }
                 rows.append(row)
                 write(complete=False, state="running")
@@ -890,6 +973,11 @@ class Tracker:
         warm_start: start from the previous measurement's Ritz vectors.
         compare_cold: also solve from a random start and record both product counts.
         dtype: analyse in this dtype (``"float64"``) on a copy of the model.
+        optimizer: the training loop's ``torch.optim`` optimiser (Adam, AdamW, RMSprop,
+            Adagrad; SGD for its threshold): every row also records each matrix preconditioned
+            by its current :math:`P` (``preconditioned <matrix>``) and its hyper-parameters and
+            thresholds, read without touching it (rows before its first step say why they
+            have none).
         **load_options: what :func:`curvscope.load` takes besides model, data, loss, dtype
             and device (``reduction``, ``batch_size``, ``samples``, ``params``...).
     """
@@ -918,8 +1006,22 @@ class Tracker:
         warm_start: bool = True,
         compare_cold: bool = False,
         dtype: str | torch.dtype | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         **load_options: Any,
     ) -> None:
+        if optimizer is not None:
+            if not isinstance(optimizer, torch.optim.Optimizer):
+                raise OptionError(
+                    f"{arg('optimizer')} must be a torch.optim optimiser, not a "
+                    f"{type(optimizer).__name__}.",
+                    option="optimizer",
+                )
+            try:  # the optimiser's kind and parameters are checked now, not at step 1000
+                preconditioner_from_optimizer(optimizer, model)
+            except OptionError as exc:
+                if getattr(exc, "missing", None) != "state":
+                    raise
+        self.optimizer = optimizer
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise OptionError(f"{arg('every')} must be a positive number of steps, not {every}.")
         for key in ("dtype", "device"):
@@ -965,6 +1067,7 @@ class Tracker:
             momentum=momentum,
             every=every,
             dtype=None if dtype is None else str(dtype),
+            optimizer=None if optimizer is None else type(optimizer).__name__,
         )
 
     def _target(self) -> nn.Module:
@@ -1015,6 +1118,7 @@ class Tracker:
             with preserved(target):
                 problem = self._problem_for(target)
                 passes = problem.data_passes
+                pre, why = self._preconditioner(problem)
                 row = {
                     "index": len(self.rows),
                     "step": int(step),
@@ -1022,7 +1126,7 @@ class Tracker:
                     "checkpoint": None,
                     "sha256": None,
                     "weights_sha256": _weights_sha256(self.model),
-                    **self._measurer.measure(problem),
+                    **self._measurer.measure(problem, None, pre, why),
                 }
                 row["data_passes"] = problem.data_passes - passes
         self.rows.append(row)
@@ -1030,6 +1134,19 @@ class Tracker:
         return row
 
     __call__ = step
+
+    def _preconditioner(self, problem: Problem) -> tuple[Preconditioner | None, str | None]:
+        """The optimiser's preconditioner now, or why there is none yet."""
+        if self.optimizer is None:
+            return None, None
+        try:
+            return preconditioner_from_optimizer(
+                self.optimizer, self.model, needed=list(problem.names)
+            ), None
+        except OptionError as exc:
+            if getattr(exc, "missing", None) != "state":
+                raise
+            return None, str(exc)
 
     def _write(self) -> None:
         problem = self._problem

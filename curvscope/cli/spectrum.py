@@ -25,6 +25,13 @@ from ._common import (
     table,
 )
 from ._names import MATRIX_NAMES, matrix_help, matrix_names
+from ._precond import (
+    OptimizerKeyOption,
+    PreconditionerOption,
+    check_preconditioner_flag,
+    describe_preconditioner,
+    read_cli_preconditioner,
+)
 
 __all__ = ["register", "spectrum_cli"]
 
@@ -94,6 +101,8 @@ def spectrum_cli(
             "instead of --tol.",
         ),
     ] = None,
+    preconditioner: PreconditionerOption = None,
+    optimizer_key: OptimizerKeyOption = None,
 ) -> None:
     """Extreme eigenvalues of the Hessian (or GGN, Fisher, PCH, KFAC), each with its residual."""
     with guarded():
@@ -116,9 +125,28 @@ def spectrum_cli(
             if common.samples is None:
                 raise OptionError("--repeats R needs --samples N, the size of each subset.")
             repeat_samples, common.samples = common.samples, None
+        check_preconditioner_flag(preconditioner, optimizer_key)
         session = open_session(common)
         from ..diagnostics import spectrum
-        ops, _ = session.operators(matrices)
+
+        pre, pre_record = None, None
+        if preconditioner is not None:
+            pre = read_cli_preconditioner(
+                preconditioner,
+                common.model_path,
+                session.problem.model,
+                session.problem.names,
+                optimizer_key,
+            )
+            if not pre.preconditions:
+                raise OptionError(
+                    f"--preconditioner {preconditioner}: the optimiser state is {pre.optimizer}'s, "
+                    "which divides its step by nothing, so there is no preconditioned matrix; "
+                    "its threshold applies to the plain spectrum (curvscope track "
+                    "--preconditioner checkpoint draws it)."
+                )
+            pre_record = pre.to_dict()
+        ops, _ = session.operators(matrices, preconditioner=pre)
         plan_memory(
             session,
             matrices=matrices,
@@ -143,6 +171,8 @@ def spectrum_cli(
             "rtol": rtol,
             "save_eigenvectors": save_eigenvectors_,
             "strict": strict,
+            "preconditioner": preconditioner,
+            "optimizer_key": optimizer_key,
         }
         with computing(
             session, "spectrum", settings, planned,
@@ -165,6 +195,15 @@ def spectrum_cli(
                 progress=update,
             )
         notes = list(result.notes)
+        results = result.to_results()
+        if pre_record is not None:
+            results["preconditioner"] = pre_record
+            notes += pre_record["notes"]
+            notes.append(
+                "the matrices are P^-1/2 A P^-1/2, whose eigenvalues are those of P^-1 A "
+                "(Cohen et al. 2022, arXiv 2207.14484); an eigenvector u of it gives P^-1/2 u, "
+                "one of P^-1 A."
+            )
         if save_eigenvectors_:
             from ..io import save_eigenvectors
 
@@ -189,12 +228,14 @@ def spectrum_cli(
             session,
             "spectrum",
             settings=settings,
-            results=result.to_results(),
+            results=results,
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},
             notes=notes,
         )
         _print(result, session, doc_path, save_eigenvectors_)
+        if pre_record is not None:
+            _print_threshold(pre_record, result)
     if strict and not result.all_converged:
         raise typer.Exit(code=3)
 
@@ -328,6 +369,23 @@ def _print(result, session, doc_path, saved) -> None:
     )
     if saved:
         console.print(f"Eigenvectors: {doc_path.parent / 'eigenvectors.pt'}")
+
+
+def _print_threshold(record, result) -> None:
+    console.print(describe_preconditioner(record), highlight=False)
+    tops = [e for e in result.spectra if e.which == "top" and e.block == "all" and e.eigenvalues]
+    for t in record.get("thresholds") or []:
+        if t is None:
+            continue
+        for e in tops:
+            lam = float(e.eigenvalues[0])
+            console.print(
+                f"{e.matrix}: lambda_1 = {lam:.5g} is {100 * lam / t:.0f}% of the threshold "
+                f"{t:.5g}" + (" (above: unstable on a quadratic)." if lam > t else "."),
+                highlight=False,
+            )
+        if len(set(record["thresholds"])) == 1:
+            break
 
 
 def register(app: typer.Typer) -> None:

@@ -24,6 +24,12 @@ from ._common import (
     start_run,
 )
 from ._names import MATRIX_NAMES, matrix_help
+from ._precond import (
+    OptimizerKeyOption,
+    PreconditionerOption,
+    check_preconditioner_flag,
+    describe_preconditioner,
+)
 
 __all__ = ["register", "track_cli"]
 
@@ -117,6 +123,8 @@ def track_cli(
             help="Figure formats written to OUT/figures (png, pdf, svg; comma-separated), or none.",
         ),
     ] = "png",
+    preconditioner: PreconditionerOption = None,
+    optimizer_key: OptimizerKeyOption = None,
 ) -> None:
     """Curvature across training: eigenvalues, trace and per-layer sharpness at every checkpoint."""
     with guarded():
@@ -141,6 +149,7 @@ def track_cli(
             if figures.strip().lower() == "none"
             else parse_list(figures, "--figures", ["png", "pdf", "svg"])
         )
+        check_preconditioner_flag(preconditioner, optimizer_key)
         t0 = time.perf_counter()
         checkpoints = [str(c) for c in common.model_path]
         common.model_path = Path(checkpoints[0]) if checkpoints else Path()
@@ -182,6 +191,8 @@ def track_cli(
                 settings=settings,
                 progress=update,
                 resume=not common.overwrite,
+                preconditioner=preconditioner,
+                optimizer_key=optimizer_key,
                 **kwargs,
             )
         # figures from every row, kept ones included; a figure this run did not make goes
@@ -194,7 +205,11 @@ def _print(run, figures, seconds) -> None:
     doc = run.document
     res = doc["results"]
     rows = res["track"]
-    matrices = doc["settings"]["matrix"]
+    matrices = list(doc["settings"]["matrix"])
+    matrices += [
+        m for r in rows for m in r.get("eigenvalues") or {} if m not in matrices
+    ]
+    matrices = list(dict.fromkeys(matrices))
     table = Table(
         title=f"{len(rows)} checkpoints, {doc['input']['data']['num_samples']} "
         f"samples, {doc['input']['dtype']}",
@@ -217,6 +232,11 @@ def _print(run, figures, seconds) -> None:
             f"{r['grad_norm']:.3g}",
         ]
         for m in matrices:
+            if m not in r["eigenvalues"]:
+                cells += ["-"] * (
+                    1 + bool(doc["settings"]["bottom"]) + bool(doc["settings"]["trace"])
+                )
+                continue
             ev = r["eigenvalues"][m]
             conv = all(all(v) for v in r["converged"][m].values())
             top = ev.get("top") or []
@@ -238,6 +258,14 @@ def _print(run, figures, seconds) -> None:
         console.print(
             f"Stability threshold 2(1+momentum)/lr = {stab['threshold']:.5g} "
             f"(lr {stab['lr']:g}, momentum {stab['momentum']:g})."
+        )
+    last = next((r["optimizer"] for r in reversed(rows) if "optimizer" in r), None)
+    if last is not None and last.get("optimizer") is not None or (
+        last is not None and last.get("source") == "file"
+    ):
+        console.print(
+            escape(describe_preconditioner(last)).replace("Preconditioner:", "Last row:", 1),
+            highlight=False,
         )
     ws = res["warm_start"]
     if ws.get("matvecs_cold"):

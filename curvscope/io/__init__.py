@@ -18,6 +18,17 @@ from ._eigenvectors import (
 )
 from ._hf import is_hf_folder, load_hf
 from ._imports import import_callable
+from ._optimizer import (
+    OPTIMIZER_KEYS,
+    PRECONDITIONED_OPTIMIZERS,
+    OptimizerGroup,
+    Preconditioner,
+    find_optimizer_state,
+    optimizer_threshold,
+    preconditioner_from_optimizer,
+    preconditioner_from_state,
+    read_preconditioner,
+)
 from ._results import (
     SCHEMA,
     file_sha256,
@@ -45,6 +56,15 @@ from ._steps import STEP_KEYS, checkpoint_step
 from ._tokens import TokenBatches, TokenWindows, load_tokens, shipped_text
 
 __all__ = [
+    "OPTIMIZER_KEYS",
+    "PRECONDITIONED_OPTIMIZERS",
+    "OptimizerGroup",
+    "Preconditioner",
+    "find_optimizer_state",
+    "optimizer_threshold",
+    "preconditioner_from_optimizer",
+    "preconditioner_from_state",
+    "read_preconditioner",
     "is_hf_folder",
     "load_hf",
     "shipped_text",

@@ -689,7 +689,14 @@ def _load_safetensors(path, sha, files, model, state_key, strip_prefix, strict) 
     return LoadedModel(net, path, fmt, sha, info.get("arch"), meta, notes=notes, files=files)
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, arch: dict, meta: dict) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    arch: dict,
+    meta: dict,
+    *,
+    optimizer: torch.optim.Optimizer | dict | None = None,
+) -> Path:
     """Write a ``curvscope/1`` checkpoint atomically.
 
     Args:
@@ -697,6 +704,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: dict, meta: dict) 
         model: the module (its state dict is saved).
         arch: the architecture description (:func:`build_arch` must rebuild it).
         meta: ``{"data", "loss", "reduction", "input_shape", "normalize", "created_by"}``.
+        optimizer: an optimiser (or its ``state_dict()``), saved under ``"optimizer"`` for
+            the preconditioned sharpness (docs/DESIGN.md "Preconditioned sharpness").
     """
     doc = {
         "format": CHECKPOINT_FORMAT,
@@ -704,9 +713,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, arch: dict, meta: dict) 
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": meta,
     }
+    if optimizer is not None:
+        state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+        doc["optimizer"] = _cpu_copy(state)
     buf = io.BytesIO()
     torch.save(doc, buf)
     return write_atomic(path, buf.getvalue())
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """Tensors of a nested state copied to the CPU (lists, tuples and dicts kept)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
 
 
 def save_safetensors(path: str | Path, model: nn.Module, arch: dict, meta: dict) -> Path:

@@ -19,6 +19,7 @@ from ._pch import (
     activation_derivatives,
     mlp_chain,
 )
+from ._preconditioned import PreconditionedOperator, preconditioned
 from ._registry import (
     MATRICES,
     MATRIX_NAMES,
@@ -53,11 +54,13 @@ __all__ = [
     "PCHApproximation",
     "PCHMode",
     "PCHOperator",
+    "PreconditionedOperator",
     "ScaledOperator",
     "SumOperator",
     "activation_derivatives",
     "build_operators",
     "compare_defaults",
+    "preconditioned",
     "make_operator",
     "matrix_help",
     "mlp_chain",

@@ -21,6 +21,7 @@ __all__ = [
     "trace_columns",
     "track_eigen_series",
     "track_layer_series",
+    "track_optimizer_thresholds",
     "track_thresholds",
     "track_trace_series",
     "track_x",
@@ -214,6 +215,48 @@ def track_layer_series(doc: dict[str, Any]) -> list[dict[str, Any]]:
                     "y": np.array([_nan(e.get("eigenvalue")) for e in es]),
                     "err": np.nan_to_num(np.array([_nan(e.get("error_bound")) for e in es])),
                     "ok": np.array([bool(e.get("converged", True)) for e in es])})
+    return out
+
+
+def track_optimizer_thresholds(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The thresholds the rows' own optimiser records give: ``{label, y, applies_to}``.
+
+    One series per parameter group where the groups' thresholds differ (the label names the
+    group), else one; ``y`` holds each row's value (NaN where a row has none), so a learning
+    rate that changes across checkpoints draws a line that follows it. ``applies_to`` is
+    ``preconditioned`` (Adam, AdamW, RMSprop, Adagrad) or ``raw`` (SGD).
+    """
+    rows = _rows(doc)
+    records = [r.get("optimizer") or {} for r in rows]
+    groups = max((len(rec.get("thresholds") or []) for rec in records), default=0)
+    if not groups:
+        return []
+    per_row = [
+        [None if t is None else float(t) for t in (rec.get("thresholds") or [])]
+        for rec in records
+    ]
+    differ = any(len({t for t in ts if t is not None}) > 1 for ts in per_row)
+    kinds = [rec.get("optimizer") for rec in records if rec.get("optimizer")]
+    kind = kinds[-1] if kinds else ""
+    applies = next(
+        (rec.get("threshold_applies_to") for rec in records if rec.get("threshold_applies_to")),
+        "preconditioned",
+    )
+    out = []
+    for g in range(groups if differ else 1):
+        y = np.array([_nan(ts[g]) if g < len(ts) else np.nan for ts in per_row])
+        if not np.isfinite(y).any():
+            continue
+        lrs = [(rec.get("lrs") or [None] * groups)[g] if g < len(rec.get("lrs") or []) else None
+               for rec in records]
+        coef = [t * lr for t, lr in zip(y, lrs, strict=True) if lr and np.isfinite(t)]
+        finite = y[np.isfinite(y)]
+        what = f"{fmt(coef[-1])}/η" if coef and np.allclose(coef, coef[-1]) else "threshold"
+        value = f" = {fmt(finite[-1])}" if np.allclose(finite, finite[-1]) else ""
+        where = f", group {g}" if differ else ""
+        target = "λ1(P⁻¹H)" if applies == "preconditioned" else "λ1"
+        out.append({"label": f"{kind} {what}{value} ({target}{where})".strip(), "y": y,
+                    "applies_to": applies, "group": g if differ else None})
     return out
 
 

@@ -23,6 +23,7 @@ from ._figures import (
     trace_columns,
     track_eigen_series,
     track_layer_series,
+    track_optimizer_thresholds,
     track_thresholds,
     track_trace_series,
     track_x,
@@ -492,6 +493,14 @@ def _add_thresholds(fig: go.Figure, doc: dict[str, Any]) -> None:
         fig.add_hline(y=value, line={"color": "#404040", "width": 1.2,
                                      "dash": "dash" if k == 0 else "dot"},
                       annotation_text=label, annotation_position="top left")
+    x, _ = track_x(doc)
+    for k, s in enumerate(track_optimizer_thresholds(doc)):
+        # the checkpoint's own optimiser: one line per parameter group where they differ
+        fig.add_trace(go.Scatter(
+            x=x.tolist(), y=_nan_to_none(s["y"]), mode="lines", name=s["label"],
+            line={"color": "#7A0019", "width": 1.4, "shape": "hv",
+                  "dash": _DASHES[(k + 1) % len(_DASHES)]},
+        ))
 
 
 def track_chart(doc: dict[str, Any]) -> go.Figure:

@@ -30,6 +30,7 @@ from ._figures import (
     trace_columns,
     track_eigen_series,
     track_layer_series,
+    track_optimizer_thresholds,
     track_thresholds,
     track_trace_series,
     track_x,
@@ -618,6 +619,12 @@ def _thresholds(ax, doc: dict[str, Any]) -> None:
     for k, (value, label) in enumerate(track_thresholds(doc)):
         ax.axhline(value, color="0.25", lw=1.1, ls="--" if k == 0 else ":", label=label,
                    zorder=1)
+    x, _ = track_x(doc)
+    series = track_optimizer_thresholds(doc)
+    for k, s in enumerate(series):
+        # the checkpoint's own optimiser: one line per parameter group where they differ
+        ax.plot(x, s["y"], color="#7A0019", lw=1.2, ls=_LINESTYLES[(k + 1) % len(_LINESTYLES)],
+                drawstyle="steps-post", label=s["label"], zorder=1)
 
 
 def _hollow(ax, x, y, ok, marker: str) -> None:
@@ -655,7 +662,10 @@ def plot_track(doc: dict[str, Any], ax=None) -> Figure:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eigenvalue")
         name = matrices[0] if len(matrices) == 1 else "curvature"
-        ax.set_title(f"{'Hessian' if name == 'hessian' else name} eigenvalues during training")
+        title = f"{'Hessian' if name == 'hessian' else name} eigenvalues during training"
+        if any(t["group"] is not None for t in track_optimizer_thresholds(doc)):
+            title += "\n(the parameter groups' thresholds differ: one line per group)"
+        ax.set_title(title)
         ax.legend(loc="best", ncol=2 if len(series) > 4 else 1)
     return fig
 
