@@ -68,6 +68,7 @@ _API: dict[str, tuple[str, str]] = {
     "compare": (".diagnostics", "compare"),
     "check": (".diagnostics", "check"),
     "surface": (".diagnostics", "surface"),
+    "gradient_overlap": (".diagnostics", "gradient_overlap"),
     # solvers
     "run_solver": (".solvers", "run_solver"),
     # documents and reports

@@ -12,6 +12,7 @@ from ._convexity import ConvexityLayer, ConvexityResult, convexity_certificate
 from ._density import DensityEntry, DensityResult, TraceEntry, density
 from ._derivatives import STEPS as DERIVATIVE_STEPS
 from ._derivatives import DirectionResult, gradient_test, taylor_test
+from ._overlap import GradientOverlap, block_gradient, gradient_overlap, overlap_from_ritz
 from ._spectrum import BlockMode, Method, SpectrumEntry, SpectrumResult, spectrum
 from ._surface import (
     SurfaceDirections,
@@ -42,6 +43,10 @@ __all__ = [
     "DensityResult",
     "TraceEntry",
     "density",
+    "GradientOverlap",
+    "block_gradient",
+    "gradient_overlap",
+    "overlap_from_ritz",
     "BlockMode",
     "Method",
     "SpectrumEntry",
