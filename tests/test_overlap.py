@@ -78,8 +78,9 @@ def test_loose_tolerance_interval_still_contains_the_truth():
 def test_spectrum_entries_per_block_and_top_raised():
     model, data = _tiny()
     problem = Problem(model, "cross_entropy", data)
-    res = spectrum(operators(problem), blocks="per-layer", top=2, bottom=0, tol=TOL,
-                   gradient_overlap=3)
+    res = spectrum(
+        operators(problem), blocks="per-layer", top=2, bottom=0, tol=TOL, gradient_overlap=3
+    )
     assert [e.block for e in res.gradient_overlap] == ["0", "2"]
     assert all(len(e.eigenvalues) == 4 for e in res.spectra)  # top raised to k + 1
     assert any("top raised from 2 to 4" in n for n in res.notes)
@@ -103,3 +104,105 @@ def test_plain_operator_needs_a_gradient():
         spectrum({"dense": H}, top=2, bottom=0, gradient_overlap=1)
     res = spectrum({"dense": H}, top=2, bottom=0, gradient_overlap=1, gradient=g, tol=TOL)
     assert abs(res.gradient_overlap[0].fraction - _fraction(H, g, 1)) < 1e-8
+
+
+def test_tracker_rows_carry_the_overlap_of_every_measurement(tmp_path):
+    model, data = _tiny(seed=2)
+    tracker = cs.Tracker(
+        model,
+        "cross_entropy",
+        data,
+        every=2,
+        top=2,
+        tol=TOL,
+        gradient_overlap=3,
+        out=tmp_path / "t.json",
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = (torch.cat(t) for t in zip(*data, strict=True))
+    for step in range(5):
+        row = tracker.step(step)
+        if row is not None:
+            H, g = _truth(model, data)
+            entry = row["gradient_overlap"]["hessian"]
+            truth = _fraction(H, g, 3)
+            assert entry["k"] == 3 and abs(entry["fraction"] - truth) < 1e-8
+            assert entry["lower"] <= truth <= entry["upper"] and entry["error_bound"] < 1e-6
+            assert len(row["eigenvalues"]["hessian"]["top"]) == 4
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert tracker.settings["gradient_overlap"] == 3
+    with pytest.raises(OptionError, match="gradient_overlap"):
+        cs.Tracker(model, "cross_entropy", data, gradient_overlap=-1)
+
+
+def test_cli_spectrum_and_track_gradient_overlap(tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from curvscope.cli import app
+    from curvscope.io import build_arch, save_checkpoint
+
+    arch = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "data.npz",
+        x=rng.normal(size=(23, 4)).astype(np.float32),
+        y=rng.integers(0, 3, size=23),
+    )
+    meta = {"data": "data.npz", "loss": "cross_entropy", "reduction": "mean"}
+    for step in (0, 1):
+        torch.manual_seed(step)
+        save_checkpoint(
+            tmp_path / f"ckpt-{step}.pt", build_arch(arch), arch, {**meta, "step": step}
+        )
+    runner = CliRunner()
+    common = ["--dtype", "float64", "--tol", "1e-10"]
+    res = runner.invoke(
+        app,
+        [
+            "spectrum",
+            str(tmp_path / "ckpt-0.pt"),
+            *common,
+            "--top",
+            "2",
+            "--bottom",
+            "0",
+            "--gradient-overlap",
+            "3",
+            "--matrix",
+            "hessian,ggn",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "Gradient in the top-k eigenspace" in res.output
+    doc = json.loads((tmp_path / "s" / "spectrum.json").read_text())
+    entries = doc["results"]["gradient_overlap"]
+    assert [(e["matrix"], e["k"]) for e in entries] == [("hessian", 3), ("ggn", 3)]
+    assert doc["settings"]["gradient_overlap"] == 3
+    assert all(e["lower"] <= e["fraction"] <= e["upper"] for e in entries)
+    res = runner.invoke(
+        app,
+        [
+            "track",
+            str(tmp_path / "ckpt-*.pt"),
+            *common,
+            "--top",
+            "1",
+            "--gradient-overlap",
+            "2",
+            "--figures",
+            "none",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "t" / "track.json").read_text())["results"]["track"]
+    assert [r["gradient_overlap"]["hessian"]["k"] for r in rows] == [2, 2]
+    assert "grad in top-2" in res.output
