@@ -69,6 +69,8 @@ _API: dict[str, tuple[str, str]] = {
     "check": (".diagnostics", "check"),
     "surface": (".diagnostics", "surface"),
     "gradient_overlap": (".diagnostics", "gradient_overlap"),
+    "classes": (".diagnostics", "classes"),
+    "class_structure": (".operators", "class_structure"),
     # solvers
     "run_solver": (".solvers", "run_solver"),
     # documents and reports

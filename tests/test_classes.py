@@ -118,3 +118,99 @@ def test_losses_without_classes_are_refused():
     y = torch.randn(10, 2, generator=g, dtype=torch.float64)
     with pytest.raises(UnsupportedModelError, match="mse loss has no classes"):
         class_structure(Problem(model, "mse", [(x, y)]))
+
+
+ARCH = {"type": "mlp", "sizes": [5, 8, 4], "activation": "tanh", "bias": True}  # 84 params
+
+
+def _checkpoint(tmp_path, loss="cross_entropy"):
+    import numpy as np
+
+    from curvscope.io import build_arch, save_checkpoint
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)).astype(np.float32)
+    if loss == "mse":
+        arch = {**ARCH, "sizes": [5, 8, 2]}
+        y = rng.normal(size=(30, 2)).astype(np.float32)
+    else:
+        arch = ARCH
+        y = np.arange(30) % 4
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    meta = {"data": "data.npz", "loss": loss, "reduction": "mean"}
+    save_checkpoint(tmp_path / "model.pt", build_arch(arch), arch, meta)
+    return tmp_path / "model.pt"
+
+
+def test_cli_classes_end_to_end_against_hand_truth(tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from curvscope.cli import app
+    from curvscope.io import load_checkpoint
+
+    path = _checkpoint(tmp_path)
+    res = CliRunner().invoke(
+        app,
+        [
+            "classes",
+            str(path),
+            "--dtype",
+            "float64",
+            "--tol",
+            "1e-10",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "class means" in res.output and "Principal angles" in res.output
+    doc = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert doc["command"] == "classes" and doc["schema"] == "curvscope.result/1"
+    r = doc["results"]["classes"]
+    assert r["num_classes"] == 4 and r["class_counts"] == [8, 8, 7, 7]
+    model = load_checkpoint(path).model.double()
+    with np.load(tmp_path / "data.npz") as f:
+        x, y = torch.from_numpy(f["x"]).double(), torch.from_numpy(f["y"]).long()
+    G_class, G_cross, _, ggn = _hand(model, [(x, y)], "mean")
+    scale = float(torch.linalg.eigvalsh(ggn).abs().max())
+    assert_close(
+        r["class_eigenvalues"],
+        torch.linalg.eigvalsh(G_class).flip(0)[:4],
+        rtol=1e-9,
+        what="class eigenvalues",
+    )
+    assert_close(
+        r["cross_eigenvalues"],
+        torch.linalg.eigvalsh(G_cross).flip(0)[:12],
+        rtol=1e-9,
+        what="cross eigenvalues",
+    )
+    evals, evecs = torch.linalg.eigh(ggn)
+    assert np.allclose(r["ggn"]["eigenvalues"], evals.flip(0)[:16], atol=1e-8 * scale)
+    assert r["class_trace"] == pytest.approx(float(torch.trace(G_class)), rel=1e-9)
+    # principal angles between range(G_class) and the GGN's top-4 eigenvectors, densely
+    U = torch.linalg.eigh(G_class)[1][:, -4:]
+    cos = torch.linalg.svdvals(U.T @ evecs[:, -4:])
+    (cls,) = [a for a in r["angles"] if a["part"] == "class"]
+    assert cls["ggn_pairs"] == [1, 4] and cls["dimension"] == 4
+    assert np.allclose(cls["cosines"], cos, atol=max(cls["error_bound"], 1e-7))
+    assert cls["error_bound"] < 1e-6
+    assert {a["part"] for a in r["angles"]} == {"class", "cross", "means"}
+
+
+def test_cli_classes_refuses_mse_in_one_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from curvscope.cli import app
+
+    path = _checkpoint(tmp_path, loss="mse")
+    res = CliRunner().invoke(app, ["classes", str(path), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "mse loss has no classes" in res.output
+    assert "Traceback" not in res.output

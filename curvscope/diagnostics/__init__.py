@@ -6,6 +6,7 @@ certificate and loss surfaces take a problem. Each returns a result object whose
 """
 
 from ._check import CheckResult, check
+from ._classes import ClassAngles, ClassesResult, classes
 from ._common import BLOCK_MODES, named_operators, resolve_blocks
 from ._compare import COMPARE_MATRICES, CompareResult, Comparison, compare
 from ._convexity import ConvexityLayer, ConvexityResult, convexity_certificate
@@ -27,6 +28,9 @@ __all__ = [
     "COMPARE_MATRICES",
     "DERIVATIVE_STEPS",
     "CheckResult",
+    "ClassAngles",
+    "ClassesResult",
+    "classes",
     "CompareResult",
     "Comparison",
     "ConvexityLayer",

@@ -17,7 +17,13 @@ import torch
 from .._errors import OptionError, arg
 from ..linalg import DEFAULT_TOL, EigenResult, LinearOperator, as_operator, eigsh
 
-__all__ = ["GradientOverlap", "block_gradient", "gradient_overlap", "overlap_from_ritz"]
+__all__ = [
+    "GradientOverlap",
+    "block_gradient",
+    "gradient_overlap",
+    "overlap_from_ritz",
+    "ritz_subspace_bound",
+]
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,48 @@ class GradientOverlap:
     residual_norm: float
     grad_norm: float
     components: list[float]
+
+
+def ritz_subspace_bound(
+    eigenvalues: torch.Tensor,
+    residual_norms: torch.Tensor,
+    error_bounds: torch.Tensor | None,
+    converged: torch.Tensor,
+    lo: int,
+    hi: int,
+) -> tuple[float, float | None, float]:
+    r"""A bound on :math:`\lVert VV^T - XX^T\rVert_2` for top Ritz vectors ``lo..hi-1``.
+
+    ``eigenvalues`` are the top Ritz values, descending (0-based). ``V`` holds the Ritz
+    vectors ``lo..hi-1``, ``X`` the exact eigenvectors of eigenvalues ``lo..hi-1``. Davis-Kahan
+    (residual form): :math:`\lVert\sin\Theta\rVert_2 \le \lVert R\rVert_F / \delta` with
+    :math:`\delta` the separation of the Ritz values :math:`[\theta_{hi-1}, \theta_{lo}]` from
+    the other eigenvalues. Above: :math:`\lambda_{lo-1} \ge \theta_{lo-1}` (Cauchy interlacing
+    of Rayleigh-Ritz values), so :math:`\theta_{lo-1} - \theta_{lo}`; below:
+    :math:`\lambda_{hi} \le \theta_{hi} + e_{hi}` when pair ``hi`` converged (no eigenvalue
+    missed, as for every Krylov bound), so :math:`\theta_{hi-1} - \theta_{hi} - e_{hi}`.
+
+    Returns:
+        ``(bound, gap, residual)``: ``min(1, ||R||_F / gap)`` (1 when the gap is unknown or
+        not positive), the gap (``None`` when unknown) and :math:`\lVert R\rVert_F`.
+    """
+    m = int(eigenvalues.shape[0])
+    theta = eigenvalues.detach().to("cpu", torch.float64)
+    resid = residual_norms.detach().to("cpu", torch.float64)
+    bounds = resid if error_bounds is None else error_bounds.detach().to("cpu", torch.float64)
+    r_f = float(torch.linalg.vector_norm(resid[lo:hi]))
+    gaps = []
+    if lo > 0:
+        gaps.append(float(theta[lo - 1] - theta[lo]))
+    if hi < m and bool(converged[hi]):
+        gaps.append(float(theta[hi - 1] - theta[hi] - bounds[hi]))
+    else:
+        gaps.append(None)
+    gap = None if None in gaps else min(gaps)
+    if gap is not None and not math.isfinite(gap):
+        gap = None
+    bound = 1.0 if gap is None or not gap > 0 else min(1.0, r_f / gap)
+    return bound, gap, r_f
 
 
 def overlap_from_ritz(
@@ -117,23 +165,17 @@ def overlap_from_ritz(
             f"{V.shape[0]} rows.",
             option="gradient",
         )
-    theta = eigenvalues.detach().to("cpu", torch.float64)
-    resid = residual_norms.detach().to("cpu", torch.float64)
-    bounds = resid if error_bounds is None else error_bounds.detach().to("cpu", torch.float64)
     gnorm = float(torch.linalg.vector_norm(g))
-    r_f = float(torch.linalg.vector_norm(resid[:k]))
     if gnorm == 0.0:
         comps = [0.0] * k
     else:
         comps = ((V.T @ g) / gnorm).pow(2).tolist()
     fraction = float(sum(comps))
-    gap = None
-    if m > k and bool(converged[k]):
-        gap = float(theta[k - 1] - theta[k] - bounds[k])
-    if gnorm == 0.0 or gap is None or not gap > 0:
+    bound, gap, r_f = ritz_subspace_bound(
+        eigenvalues, residual_norms, error_bounds, converged, 0, k
+    )
+    if gnorm == 0.0:
         bound = 1.0
-    else:
-        bound = min(1.0, r_f / gap)
     fraction_c = min(max(fraction, 0.0), 1.0)
     return GradientOverlap(
         matrix=matrix,
@@ -143,7 +185,7 @@ def overlap_from_ritz(
         error_bound=bound,
         lower=max(0.0, fraction_c - bound),
         upper=min(1.0, fraction_c + bound),
-        gap=gap if gap is None or math.isfinite(gap) else None,
+        gap=gap,
         residual_norm=r_f,
         grad_norm=gnorm,
         components=[float(c) for c in comps],

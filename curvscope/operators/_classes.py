@@ -52,7 +52,7 @@ from ..problem import Problem
 from ._ggn import GGNOperator
 from ._outputs import LossView, param_columns, refuse_train_mode
 
-__all__ = ["ClassStructure", "LowRankOperator", "class_structure"]
+__all__ = ["ClassStructure", "LowRankOperator", "check_classifier", "class_structure"]
 
 MATRIX = "classes"
 
@@ -138,6 +138,31 @@ class ClassStructure:
         return op
 
 
+def check_classifier(problem: Problem) -> int:
+    """The number of classes ``C`` of a softmax classifier (one forward pass of one batch).
+
+    Raises:
+        UnsupportedModelError: for a loss without classes or outputs not ``[N, C]``.
+    """
+    view = LossView(problem, MATRIX)
+    _refuse(problem, view)
+    batch = next(iter(problem.batches()))
+    with torch.no_grad(), problem.mode():
+        out = view.forward(dict(problem.params), batch.narrow(0, 1).inputs)
+    _check_shape(out)
+    return int(out.shape[1])
+
+
+def _check_shape(out: torch.Tensor) -> None:
+    if out.dim() != 2:
+        raise UnsupportedModelError(
+            f"the class decomposition needs logits of shape [N, C], one class per sample; this "
+            f"model's outputs are {tuple(out.shape)} (a sequence model's tokens are not split by "
+            "class here).",
+            matrix=MATRIX,
+        )
+
+
 def _refuse(problem: Problem, view: LossView) -> None:
     if not isinstance(view.loss, CrossEntropy):
         raise UnsupportedModelError(
@@ -172,13 +197,7 @@ def class_structure(problem: Problem, *, chunk_entries: int = 1 << 24) -> ClassS
 
         with p.mode():
             out, vjp_fn = torch.func.vjp(f, params)
-            if out.dim() != 2:
-                raise UnsupportedModelError(
-                    f"the class decomposition needs logits of shape [N, C], one class per "
-                    f"sample; this model's outputs are {tuple(out.shape)} (a sequence model's "
-                    f"tokens are not split by class here).",
-                    matrix=MATRIX,
-                )
+            _check_shape(out)
             n, C = out.shape
             y = torch.as_tensor(batch.y, device=out.device).reshape(-1).long()
             keep = (y != view.loss.ignore_index).to(out.dtype)
