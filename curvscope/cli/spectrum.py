@@ -307,7 +307,7 @@ def _print(result, session, doc_path, saved) -> None:
     print_table(t)
     if result.gradient_overlap:
         o = table(
-            "Gradient in the top-k eigenspace: ||Pi_k g||^2 / ||g||^2 (Gur-Ari et al. 2018)",
+            "Gradient in the top-k eigenspace, ||Pi_k g||^2 / ||g||^2",
             ["matrix", "block", "k", "fraction", "interval", "gap", "||g||"],
             numbers=["k", "fraction", "interval", "gap", "||g||"],
         )
