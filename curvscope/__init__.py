@@ -70,6 +70,9 @@ _API: dict[str, tuple[str, str]] = {
     "compare": (".diagnostics", "compare"),
     "check": (".diagnostics", "check"),
     "surface": ("._api", "surface"),
+    "gradient_overlap": (".diagnostics", "gradient_overlap"),
+    "classes": (".diagnostics", "classes"),
+    "class_structure": (".operators", "class_structure"),
     # solvers
     "run_solver": (".solvers", "run_solver"),
     # documents and reports

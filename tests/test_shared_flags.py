@@ -40,6 +40,7 @@ COMMANDS = {
     "surface": ["--dims", "1", "--steps", "3"],
     "solve": ["--solver", "gd", "--max-iter", "2"],
     "track": ["--top", "1"],
+    "classes": ["--top", "2"],
     "report": ["--preset", "quick", "--budget-s", "30"],
 }
 

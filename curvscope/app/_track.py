@@ -49,6 +49,7 @@ from torch import nn
 
 from .._errors import CheckpointError, CurvscopeError, OptionError, arg
 from .._load import load
+from ..diagnostics import overlap_from_ritz
 from ..io import (
     Preconditioner,
     Run,
@@ -271,6 +272,7 @@ class _Measurer:
     compare_cold: bool
     hvp: str = "auto"
     basis_device: str | None = None
+    gradient_overlap: int = 0
     vectors: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     def _generator(self) -> torch.Generator:
@@ -345,9 +347,11 @@ class _Measurer:
         total = eigen = 0
         cold_total: int | None = 0 if self.compare_cold else None
         max_diff = 0.0
+        k = self.gradient_overlap
+        top = max(self.top, k + 1) if k else self.top  # the (k+1)-th pair gives the gap
         for name, op in ops.items():
             tick = _labelled(progress, name)
-            results, used, cold, diff = self._solve(op, (name, "all"), self.top, self.bottom, tick)
+            results, used, cold, diff = self._solve(op, (name, "all"), top, self.bottom, tick)
             eigen += used
             if cold_total is not None:
                 cold_total += int(cold)
@@ -364,6 +368,26 @@ class _Measurer:
                         for v in getattr(r, attr).tolist()
                     ]
                     for r in results
+                }
+            if k:
+                res = next(r for r in results if r.which == "top")
+                ov = overlap_from_ritz(
+                    res.eigenvalues,
+                    res.eigenvectors,
+                    res.residual_norms,
+                    res.error_bounds,
+                    res.converged,
+                    grad,
+                    k,
+                    matrix=name,
+                )
+                row.setdefault("gradient_overlap", {})[name] = {
+                    "k": ov.k,
+                    "fraction": ov.fraction,
+                    "error_bound": ov.error_bound,
+                    "lower": ov.lower,
+                    "upper": ov.upper,
+                    "gap": ov.gap,
                 }
             if self.trace:
                 estimate = (hutchpp_trace if self.trace == "hutchpp" else hutchinson_trace)(
@@ -453,9 +477,23 @@ def _stability(lr: float | None, momentum: float | None) -> dict[str, Any] | Non
 
 
 def _validate(
-    matrices, top: int, bottom: int, trace: bool | str, trace_probes: int, tol: float
+    matrices,
+    top: int,
+    bottom: int,
+    trace: bool | str,
+    trace_probes: int,
+    tol: float,
+    gradient_overlap: int = 0,
 ) -> tuple[list[str], str | None]:
     names = resolve_matrices(matrices)
+    if isinstance(gradient_overlap, bool) or not isinstance(gradient_overlap, int) or (
+        gradient_overlap < 0
+    ):
+        raise OptionError(
+            f"{arg('gradient_overlap')} must be a number of eigenvectors >= 0, not "
+            f"{gradient_overlap!r}.",
+            option="gradient_overlap",
+        )
     if top < 0 or bottom < 0 or top + bottom == 0:
         raise OptionError(
             f"{arg('top')} {top} and {arg('bottom')} {bottom}: ask for at least one eigenvalue "
@@ -489,6 +527,7 @@ def _settings(measurer: _Measurer, **extra: Any) -> dict[str, Any]:
         "trace": measurer.trace,
         "trace_probes": measurer.trace_probes if measurer.trace else None,
         "per_layer": measurer.per_layer,
+        "gradient_overlap": measurer.gradient_overlap or None,
         "tol": measurer.tol,
         "rtol": measurer.rtol,
         "max_matvecs": measurer.max_matvecs,
@@ -676,6 +715,7 @@ def track(
     trace: bool | str = False,
     trace_probes: int = 99,
     per_layer: bool = False,
+    gradient_overlap: int = 0,
     lr: float | None = None,
     momentum: float | None = None,
     tol: float = DEFAULT_TOL,
@@ -714,6 +754,9 @@ def track(
             its standard error.
         trace_probes: products of each trace estimate.
         per_layer: record each module's top eigenvalue (its own diagonal block).
+        gradient_overlap: K > 0 records, per matrix, the fraction of the full-data gradient
+            in the top-K eigenspace with its Davis-Kahan interval (``gradient_overlap`` of a
+            row; Gur-Ari et al. 2018); the Lanczos runs then find ``max(top, K + 1)`` pairs.
         lr: the step size of training, for the stability threshold ``2(1+momentum)/lr``.
         momentum: heavy-ball momentum of training.
         tol: relative residual tolerance of the eigenpairs.
@@ -755,7 +798,9 @@ def track(
             different architectures, bad options), with one sentence.
     """
     started = time.perf_counter()
-    names, estimator = _validate(matrices, top, bottom, trace, trace_probes, tol)
+    names, estimator = _validate(
+        matrices, top, bottom, trace, trace_probes, tol, gradient_overlap
+    )
     stability = _stability(lr, momentum)
     paths = expand_checkpoints(checkpoints)
     ordered, order_by, notes = order_checkpoints(paths)
@@ -786,6 +831,7 @@ def track(
         compare_cold,
         hvp,
         basis_device,
+        gradient_overlap=gradient_overlap,
     )
     all_settings = {
         **dict(settings or {}),  # the caller's own (the command line's flags) first
@@ -961,6 +1007,8 @@ class Tracker:
         trace: ``True``, ``"hutchpp"`` or ``"hutchinson"``.
         trace_probes: products per trace estimate.
         per_layer: each module's top eigenvalue.
+        gradient_overlap: K > 0: the gradient's fraction in the top-K eigenspace per matrix,
+            with its interval (see :func:`track`).
         lr: training step size (stability threshold in the document and figures).
         momentum: heavy-ball momentum of training.
         out: folder (or ``.json`` file) for the document; ``None`` keeps rows in memory only.
@@ -995,6 +1043,7 @@ class Tracker:
         trace: bool | str = False,
         trace_probes: int = 99,
         per_layer: bool = False,
+        gradient_overlap: int = 0,
         lr: float | None = None,
         momentum: float | None = None,
         out: str | Path | None = None,
@@ -1027,7 +1076,9 @@ class Tracker:
         for key in ("dtype", "device"):
             if key in load_options:
                 raise OptionError(f"{arg(key)} is the model's own; the tracker takes no {key}.")
-        names, estimator = _validate(matrices, top, bottom, trace, trace_probes, tol)
+        names, estimator = _validate(
+            matrices, top, bottom, trace, trace_probes, tol, gradient_overlap
+        )
         self.stability = _stability(lr, momentum)
         seed_int = seed if isinstance(seed, int) else int(seed.initial_seed())
         self.model = model
@@ -1047,6 +1098,7 @@ class Tracker:
             seed_int,
             warm_start,
             compare_cold,
+            gradient_overlap=gradient_overlap,
         )
         self._loss = loss
         self._data = data

@@ -28,6 +28,7 @@ COMMANDS = [
     "report",
     "track",
     "diff",
+    "classes",
 ]
 
 app = typer.Typer(

@@ -103,6 +103,16 @@ def spectrum_cli(
     ] = None,
     preconditioner: PreconditionerOption = None,
     optimizer_key: OptimizerKeyOption = None,
+    gradient_overlap: Annotated[
+        int,
+        typer.Option(
+            "--gradient-overlap",
+            metavar="K",
+            help="Also the fraction of the full-data gradient in the top-K eigenspace of each "
+            "matrix and block, with its Davis-Kahan interval (Gur-Ari et al. 2018); --top is "
+            "raised to K+1 where smaller.",
+        ),
+    ] = 0,
 ) -> None:
     """Extreme eigenvalues of the Hessian (or GGN, Fisher, PCH, KFAC), each with its residual."""
     with guarded():
@@ -118,6 +128,9 @@ def spectrum_cli(
                 f"--top {top} --bottom {bottom}: ask for at least one eigenvalue (and none "
                 "negative)."
             )
+        if gradient_overlap < 0:
+            raise OptionError(f"--gradient-overlap {gradient_overlap} must be >= 0.")
+        solve_top = max(top, gradient_overlap + 1) if gradient_overlap else top
         repeat_samples = None
         if repeats:
             # With --repeats, --samples is the size of each random subset; the reported
@@ -150,13 +163,14 @@ def spectrum_cli(
         plan_memory(
             session,
             matrices=matrices,
-            vectors=2 * (top + bottom),
-            basis=lanczos_basis(session, blocks, top + bottom, basis_size)
+            vectors=2 * (solve_top + bottom),
+            basis=lanczos_basis(session, blocks, solve_top + bottom, basis_size)
             if method != "power"
             else 0,
         )
         planned = announce(
-            *spectrum_plan(session, matrices, blocks, top, bottom, method, repeats), session
+            *spectrum_plan(session, matrices, blocks, solve_top, bottom, method, repeats),
+            session,
         )
         settings = {
             "matrix": matrices,
@@ -169,6 +183,7 @@ def spectrum_cli(
             "max_matvecs": max_matvecs,
             "basis_size": basis_size,
             "rtol": rtol,
+            "gradient_overlap": gradient_overlap or None,
             "save_eigenvectors": save_eigenvectors_,
             "strict": strict,
             "preconditioner": preconditioner,
@@ -193,6 +208,7 @@ def spectrum_cli(
                 basis_size=basis_size,
                 basis_device=common.basis_device,
                 progress=update,
+                gradient_overlap=gradient_overlap,
             )
         notes = list(result.notes)
         results = result.to_results()
@@ -328,6 +344,23 @@ def _print(result, session, doc_path, saved) -> None:
             t.add_row(*row)
         t.add_section()
     print_table(t)
+    if result.gradient_overlap:
+        o = table(
+            "Gradient in the top-k eigenspace, ||Pi_k g||^2 / ||g||^2",
+            ["matrix", "block", "k", "fraction", "interval", "gap", "||g||"],
+            numbers=["k", "fraction", "interval", "gap", "||g||"],
+        )
+        for e in result.gradient_overlap:
+            o.add_row(
+                e.matrix,
+                e.block,
+                str(e.k),
+                f"{e.fraction:.4f}",
+                f"[{e.lower:.4f}, {e.upper:.4f}]",
+                "-" if e.gap is None else f"{e.gap:.3g}",
+                f"{e.grad_norm:.3g}",
+            )
+        print_table(o)
     print_batch_line(session)
     print_findings(result.notes)
     unconverged = sum(not c for e in result.spectra for c in e.converged)

@@ -79,6 +79,15 @@ def track_cli(
     per_layer: Annotated[
         bool, typer.Option("--per-layer", help="Each module's top eigenvalue (its own block).")
     ] = False,
+    gradient_overlap: Annotated[
+        int,
+        typer.Option(
+            "--gradient-overlap",
+            metavar="K",
+            help="Record the fraction of the gradient in the top-K eigenspace of each matrix, "
+            "with its Davis-Kahan interval (Gur-Ari et al. 2018; K: the number of classes).",
+        ),
+    ] = 0,
     lr: Annotated[
         float | None,
         typer.Option("--lr", help="Training step size: draws the stability threshold 2/lr."),
@@ -176,6 +185,7 @@ def track_cli(
                 trace=trace_estimator if trace else False,
                 trace_probes=trace_probes,
                 per_layer=per_layer,
+                gradient_overlap=gradient_overlap,
                 lr=lr,
                 momentum=momentum,
                 tol=common.tol,
@@ -224,6 +234,10 @@ def _print(run, figures, seconds) -> None:
             table.add_column(f"{m} bottom", justify="right")
         if doc["settings"]["trace"]:
             table.add_column(f"{m} trace ± se", justify="right")
+        if doc["settings"].get("gradient_overlap"):
+            table.add_column(
+                f"{m} grad in top-{doc['settings']['gradient_overlap']}", justify="right"
+            )
     table.add_column("products", justify="right")
     for r in rows:
         cells = [
@@ -247,6 +261,11 @@ def _print(run, figures, seconds) -> None:
             if doc["settings"]["trace"]:
                 t = r["trace"][m]
                 cells.append(f"{t['estimate']:.5g} ± {t['stderr']:.2g}")
+            if doc["settings"].get("gradient_overlap"):
+                o = (r.get("gradient_overlap") or {}).get(m)
+                cells.append(
+                    f"{o['fraction']:.3f} [{o['lower']:.3f}, {o['upper']:.3f}]" if o else "-"
+                )
         cells.append(str(r["num_matvecs"]))
         table.add_row(*cells)
     console.print(table)

@@ -6,12 +6,14 @@ certificate and loss surfaces take a problem. Each returns a result object whose
 """
 
 from ._check import CheckResult, check
+from ._classes import ClassAngles, ClassesResult, check_classifier, classes
 from ._common import BLOCK_MODES, named_operators, resolve_blocks
 from ._compare import COMPARE_MATRICES, CompareResult, Comparison, compare
 from ._convexity import ConvexityLayer, ConvexityResult, convexity_certificate
 from ._density import DensityEntry, DensityResult, TraceEntry, density
 from ._derivatives import STEPS as DERIVATIVE_STEPS
 from ._derivatives import DirectionResult, gradient_test, taylor_test
+from ._overlap import GradientOverlap, block_gradient, gradient_overlap, overlap_from_ritz
 from ._spectrum import BlockMode, Method, SpectrumEntry, SpectrumResult, spectrum
 from ._surface import (
     DIRECTION_KINDS,
@@ -26,6 +28,10 @@ __all__ = [
     "COMPARE_MATRICES",
     "DERIVATIVE_STEPS",
     "CheckResult",
+    "ClassAngles",
+    "ClassesResult",
+    "check_classifier",
+    "classes",
     "CompareResult",
     "Comparison",
     "ConvexityLayer",
@@ -42,6 +48,10 @@ __all__ = [
     "DensityResult",
     "TraceEntry",
     "density",
+    "GradientOverlap",
+    "block_gradient",
+    "gradient_overlap",
+    "overlap_from_ritz",
     "BlockMode",
     "Method",
     "SpectrumEntry",

@@ -27,6 +27,7 @@ from ._common import (
     named_operators,
     resolve_blocks,
 )
+from ._overlap import GradientOverlap, block_gradient, overlap_from_ritz
 
 __all__ = [
     "BlockMode",
@@ -83,16 +84,22 @@ class SpectrumResult:
         eigenvectors: ``[P_block, k]`` tensors aligned with ``spectra`` (not serialised).
         notes: sentences for the result document.
         num_matvecs: products used in total (repeats included).
+        gradient_overlap: with ``gradient_overlap`` K, one entry per matrix and block: the
+            gradient's fraction in the top-K eigenspace with its bound.
     """
 
     spectra: list[SpectrumEntry]
     eigenvectors: list[torch.Tensor] = field(repr=False)
     notes: list[str]
     num_matvecs: int
+    gradient_overlap: list[GradientOverlap] = field(default_factory=list)
 
     def to_results(self) -> dict:
         """The ``results`` part of the result document."""
-        return {"spectra": self.spectra}
+        out: dict = {"spectra": self.spectra}
+        if self.gradient_overlap:
+            out["gradient_overlap"] = self.gradient_overlap
+        return out
 
     @property
     def all_converged(self) -> bool:
@@ -168,6 +175,8 @@ def spectrum(
     basis_size: int | None = None,
     basis_device: str | None = None,
     progress: Progress | None = None,
+    gradient_overlap: int = 0,
+    gradient: torch.Tensor | None = None,
 ) -> SpectrumResult:
     r"""Extreme eigenpairs of each operator and block, each with its measured residual.
 
@@ -205,6 +214,13 @@ def spectrum(
         basis_device: where the Lanczos basis lives (``cpu`` keeps it in host memory when the
             device is short; default the operator's device).
         progress: ``progress(completed, total, description)``.
+        gradient_overlap: K > 0 adds, per matrix and block, the fraction of the gradient in
+            the span of the top-K eigenvectors with its Davis-Kahan interval
+            (:func:`~curvscope.diagnostics.overlap_from_ritz`); ``top`` is raised to K + 1
+            where smaller (the (K+1)-th pair gives the gap), and a note says so.
+        gradient: ``[P]`` the whole operator's gradient for ``gradient_overlap`` (default:
+            ``problem.loss_and_grad()`` of curvature operators, computed once per problem);
+            each block takes its part.
 
     Raises:
         OptionError: for invalid counts, methods or blocks.
@@ -226,17 +242,34 @@ def spectrum(
         raise OptionError(
             f"{arg('repeats')} needs {arg('samples')} N, the size of each random subset."
         )
+    if gradient_overlap < 0:
+        raise OptionError(
+            f"{arg('gradient_overlap')} must be >= 0, got {gradient_overlap}.",
+            option="gradient_overlap",
+        )
     operators = named_operators(ops)
+    overlaps: list[GradientOverlap] = []
+    gradients: dict[int, torch.Tensor] = {}
+    if gradient_overlap and top < gradient_overlap + 1:
+        top_note = (
+            f"top raised from {top} to {gradient_overlap + 1} for the gradient overlap: the "
+            f"({gradient_overlap}+1)-th eigenvalue gives the gap of its bound."
+        )
+        top = gradient_overlap + 1
+    else:
+        top_note = None
     base_seed = seed if isinstance(seed, int) else int(as_generator(seed).initial_seed())
     entries: list[SpectrumEntry] = []
     vectors: list[torch.Tensor] = []
     notes: list[str] = []
     total = 0
+    if top_note:
+        notes.append(top_note)
     skips = MatrixSkips(list(operators), notes)
     with keep_finished(
         notes,
         "the matrices and blocks listed",
-        lambda: SpectrumResult(entries, vectors, notes, total),
+        lambda: SpectrumResult(entries, vectors, notes, total, overlaps),
     ):
         for name, full in operators.items():
             with skips.guard(name):
@@ -299,6 +332,21 @@ def spectrum(
                             )
                         )
                         vectors.append(canonical_sign(res.eigenvectors.detach()))
+                        if gradient_overlap and res.which == "top" and not stopped:
+                            g = _gradient(full, gradient, gradients)
+                            overlaps.append(
+                                overlap_from_ritz(
+                                    res.eigenvalues,
+                                    res.eigenvectors,
+                                    res.residual_norms,
+                                    res.error_bounds,
+                                    res.converged,
+                                    block_gradient(full, block, g),
+                                    gradient_overlap,
+                                    matrix=name,
+                                    block=block,
+                                )
+                            )
                     if stopped:
                         raise KeyboardInterrupt
                     if repeats:
@@ -319,7 +367,35 @@ def spectrum(
                         if line not in notes:
                             notes.append(line)
     skips.check()
-    return SpectrumResult(entries, vectors, notes, total)
+    if overlaps:
+        notes.append(OVERLAP_NOTE)
+    return SpectrumResult(entries, vectors, notes, total, overlaps)
+
+
+OVERLAP_NOTE = (
+    "gradient_overlap: fraction = ||V^T g||^2/||g||^2 with the top-k Ritz vectors V; the "
+    "fraction with the exact top-k eigenspace lies within error_bound = min(1, ||R||_F/gap) "
+    "(Davis-Kahan; R the residuals, gap = theta_k - theta_{k+1} - e_{k+1}), in [lower, upper]."
+)
+
+
+def _gradient(
+    full: LinearOperator, given: torch.Tensor | None, cache: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """The whole operator's gradient: the one given, or its problem's (computed once)."""
+    if given is not None:
+        return given
+    problem = getattr(full, "problem", None)
+    if problem is None:
+        raise OptionError(
+            f"{arg('gradient_overlap')} needs {arg('gradient')} for the {full.name} operator, "
+            "which has no problem to compute it from.",
+            option="gradient",
+        )
+    key = id(problem)
+    if key not in cache:
+        cache[key] = problem.loss_and_grad()[1].detach()
+    return cache[key]
 
 
 def _repeats(

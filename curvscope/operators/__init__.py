@@ -7,6 +7,7 @@ Fisher, PCH, KFAC and EKFAC derive from it. :data:`MATRICES` is the one registry
 
 from ..linalg import DenseOperator, IdentityOperator, LinearOperator, ScaledOperator, SumOperator
 from ._base import CurvatureOperator
+from ._classes import ClassStructure, LowRankOperator, check_classifier, class_structure
 from ._fisher import EmpiricalFisherOperator, FisherKind, FisherOperator
 from ._ggn import GGNOperator
 from ._hessian import GRAPH_CACHE_SHARE, HessianOperator, HVPMode
@@ -36,7 +37,11 @@ __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
     "MATRICES",
     "MATRIX_NAMES",
+    "ClassStructure",
     "CurvatureOperator",
+    "LowRankOperator",
+    "check_classifier",
+    "class_structure",
     "DenseOperator",
     "EKFACOperator",
     "EmpiricalFisherOperator",

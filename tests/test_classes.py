@@ -1,0 +1,216 @@
+"""The class / cross-class decomposition of the GGN (Papyan 2019, 2020) against dense truth.
+
+The truth is built here from per-sample Jacobians by torch.autograd, never by curvscope.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from curvscope import Problem
+from curvscope.operators import GGNOperator, class_structure
+
+from .truth import assert_close
+
+
+def _tiny(seed=0, classes=4, n=40, reduction="mean"):
+    """A 6-8-C tanh MLP (92 parameters for C = 4) on n samples in two batches, float64."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, classes)).double()
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, classes, (n,), generator=g)
+    y[:classes] = torch.arange(classes)  # every class present
+    return model, [(x[:25], y[:25]), (x[25:], y[25:])], reduction
+
+
+def _hand(model, data, reduction):
+    """G_class, G_cross, G_within and the GGN from per-sample Jacobians, summed by hand."""
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    params = list(model.parameters())
+    n = x.shape[0]
+    out = model(x)
+    C = out.shape[1]
+    s = 1.0 / n if reduction == "mean" else 1.0
+    q = []  # q[i][c'] = sqrt(p_ic') J_i^T (p_i - e_c')
+    ggn = 0
+    for i in range(n):
+        rows = []
+        for c in range(C):
+            gs = torch.autograd.grad(out[i, c], params, retain_graph=True)
+            rows.append(torch.cat([t.reshape(-1) for t in gs]))
+        J = torch.stack(rows)  # [C, P]
+        p = torch.softmax(out[i].detach(), 0)
+        H = torch.diag(p) - torch.outer(p, p)
+        ggn = ggn + s * J.T @ H @ J
+        q.append(
+            torch.stack(
+                [p[c].sqrt() * J.T @ (p - torch.eye(C, dtype=p.dtype)[c]) for c in range(C)]
+            )
+        )
+    q = torch.stack(q)  # [n, C, P]
+    P = q.shape[-1]
+    G_class = torch.zeros(P, P, dtype=torch.float64)
+    G_cross = torch.zeros_like(G_class)
+    G_within = torch.zeros_like(G_class)
+    for c in range(C):
+        members = q[y == c]  # [N_c, C, P]
+        Nc = members.shape[0]
+        for c2 in range(C):
+            mu = members[:, c2].mean(0)
+            part = s * Nc * torch.outer(mu, mu)
+            if c2 == c:
+                G_class += part
+            else:
+                G_cross += part
+            d = members[:, c2] - mu
+            G_within += s * d.T @ d
+    return G_class, G_cross, G_within, ggn.detach()
+
+
+@pytest.mark.parametrize("classes,reduction", [(4, "mean"), (3, "sum")])
+def test_class_and_cross_parts_match_per_sample_jacobians(classes, reduction):
+    model, data, reduction = _tiny(classes=classes, reduction=reduction)
+    G_class, G_cross, G_within, ggn = _hand(model, data, reduction)
+    # the decomposition is exact: class + cross + within is the GGN, summed by hand
+    assert_close(G_class + G_cross + G_within, ggn, what="class + cross + within vs GGN")
+    problem = Problem(model, "cross_entropy", data, reduction=reduction)
+    st = class_structure(problem)
+    assert st.num_classes == classes
+    assert_close(GGNOperator(problem).dense(), ggn, what="curvscope GGN vs hand GGN")
+    assert_close(st.class_part.dense(), G_class, what="G_class")
+    assert_close(st.cross_part.dense(), G_cross, what="G_cross")
+    assert_close(st.within_part.dense(), G_within, what="G_within")
+    assert_close(
+        st.class_part.dense() + st.cross_part.dense() + st.within_part.dense(),
+        ggn,
+        what="sum of curvscope parts vs GGN",
+    )
+    # ranks C and C(C-1); exact eigenpairs from the small Gram matrices
+    for op, dense, rank in (
+        (st.class_part, G_class, classes),
+        (st.cross_part, G_cross, classes * (classes - 1)),
+    ):
+        vals, vecs = op.eigh()
+        assert vals.shape[0] == rank
+        truth = torch.linalg.eigvalsh(dense).flip(0)[:rank]
+        assert_close(vals, truth, rtol=1e-10, what="low-rank eigenvalues")
+        assert_close(dense @ vecs, vecs * vals, rtol=1e-10, what="low-rank eigenvectors")
+    assert_close(st.weights.sum(), 1.0 if reduction == "mean" else 40.0, what="weights")
+
+
+def test_weight_decay_lands_in_the_within_part():
+    model, data, _ = _tiny()
+    G_class, G_cross, G_within, ggn = _hand(model, data, "mean")
+    problem = Problem(model, "cross_entropy", data, weight_decay=0.01)
+    st = class_structure(problem)
+    eye = torch.eye(ggn.shape[0], dtype=torch.float64)
+    assert_close(st.within_part.dense(), G_within + 0.01 * eye, what="within with decay")
+
+
+def test_losses_without_classes_are_refused():
+    from curvscope import UnsupportedModelError
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(10, 2, generator=g, dtype=torch.float64)
+    with pytest.raises(UnsupportedModelError, match="mse loss has no classes"):
+        class_structure(Problem(model, "mse", [(x, y)]))
+
+
+ARCH = {"type": "mlp", "sizes": [5, 8, 4], "activation": "tanh", "bias": True}  # 84 params
+
+
+def _checkpoint(tmp_path, loss="cross_entropy"):
+    import numpy as np
+
+    from curvscope.io import build_arch, save_checkpoint
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 5)).astype(np.float32)
+    if loss == "mse":
+        arch = {**ARCH, "sizes": [5, 8, 2]}
+        y = rng.normal(size=(30, 2)).astype(np.float32)
+    else:
+        arch = ARCH
+        y = np.arange(30) % 4
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    meta = {"data": "data.npz", "loss": loss, "reduction": "mean"}
+    save_checkpoint(tmp_path / "model.pt", build_arch(arch), arch, meta)
+    return tmp_path / "model.pt"
+
+
+def test_cli_classes_end_to_end_against_hand_truth(tmp_path):
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from curvscope.cli import app
+    from curvscope.io import load_checkpoint
+
+    path = _checkpoint(tmp_path)
+    res = CliRunner().invoke(
+        app,
+        [
+            "classes",
+            str(path),
+            "--dtype",
+            "float64",
+            "--tol",
+            "1e-10",
+            "--batch-size",
+            "16",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "class means" in res.output and "Principal angles" in res.output
+    doc = json.loads((tmp_path / "out" / "classes.json").read_text())
+    assert doc["command"] == "classes" and doc["schema"] == "curvscope.result/1"
+    r = doc["results"]["classes"]
+    assert r["num_classes"] == 4 and r["class_counts"] == [8, 8, 7, 7]
+    model = load_checkpoint(path).model.double()
+    with np.load(tmp_path / "data.npz") as f:
+        x, y = torch.from_numpy(f["x"]).double(), torch.from_numpy(f["y"]).long()
+    G_class, G_cross, _, ggn = _hand(model, [(x, y)], "mean")
+    scale = float(torch.linalg.eigvalsh(ggn).abs().max())
+    assert_close(
+        r["class_eigenvalues"],
+        torch.linalg.eigvalsh(G_class).flip(0)[:4],
+        rtol=1e-9,
+        what="class eigenvalues",
+    )
+    assert_close(
+        r["cross_eigenvalues"],
+        torch.linalg.eigvalsh(G_cross).flip(0)[:12],
+        rtol=1e-9,
+        what="cross eigenvalues",
+    )
+    evals, evecs = torch.linalg.eigh(ggn)
+    assert np.allclose(r["ggn"]["eigenvalues"], evals.flip(0)[:16], atol=1e-8 * scale)
+    assert r["class_trace"] == pytest.approx(float(torch.trace(G_class)), rel=1e-9)
+    # principal angles between range(G_class) and the GGN's top-4 eigenvectors, densely
+    U = torch.linalg.eigh(G_class)[1][:, -4:]
+    cos = torch.linalg.svdvals(U.T @ evecs[:, -4:])
+    (cls,) = [a for a in r["angles"] if a["part"] == "class"]
+    assert cls["ggn_pairs"] == [1, 4] and cls["dimension"] == 4
+    assert np.allclose(cls["cosines"], cos, atol=max(cls["error_bound"], 1e-7))
+    assert cls["error_bound"] < 1e-6
+    assert {a["part"] for a in r["angles"]} == {"class", "cross", "means"}
+
+
+def test_cli_classes_refuses_mse_in_one_sentence(tmp_path):
+    from typer.testing import CliRunner
+
+    from curvscope.cli import app
+
+    path = _checkpoint(tmp_path, loss="mse")
+    res = CliRunner().invoke(app, ["classes", str(path), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1
+    assert "mse loss has no classes" in res.output
+    assert "Traceback" not in res.output
