@@ -263,6 +263,8 @@ class Problem:
         self._work = [0]
         # bytes held by kept Hessian graphs of every view, against one graph_cache budget
         self._kept_bytes = [0]
+        # the product meter installed by :meth:`metered` (one slot for every view)
+        self._meter: list[Any] = [None]
         self.graph_cache = None if graph_cache is None else max(0.0, float(graph_cache))
         self.hvp_record: dict[str, Any] = {}
         self.notes: list[str] = []
@@ -291,6 +293,22 @@ class Problem:
     def add_work(self, amount: int) -> None:
         """Count ``amount`` more units of :attr:`work_done`."""
         self._work[0] += int(amount)
+
+    @property
+    def product_meter(self) -> Any:
+        """The :class:`~curvscope._meter.ProductMeter` installed by :meth:`metered`, or None."""
+        slot = self.__dict__.get("_meter")
+        return None if slot is None else slot[0]
+
+    @contextlib.contextmanager
+    def metered(self, meter: Any) -> Iterator[Any]:
+        """Record every curvature product of this problem and its views in ``meter``."""
+        slot = self.__dict__.setdefault("_meter", [None])
+        before, slot[0] = slot[0], meter
+        try:
+            yield meter
+        finally:
+            slot[0] = before
 
     @property
     def kept_graph_bytes(self) -> int:

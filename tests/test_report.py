@@ -624,34 +624,3 @@ def test_interrupted_report_keeps_what_finished(tmp_path, monkeypatch):
     assert (tmp_path / "spectrum.json").is_file() and not (tmp_path / "surface.json").exists()
     html = (tmp_path / "report.html").read_text()
     assert "interrupted (Ctrl-C) while running" in html and "not run: interrupted" in html
-
-
-def test_quick_report_plans_from_its_budget(tmp_path, monkeypatch):
-    import curvscope.app._report as report_module
-    from curvscope.app import report_plan
-
-    problem = _problem()
-    # price every product at 1 s, so the plan (not this machine's speed) decides
-    monkeypatch.setattr(report_module, "_measure_product", lambda p: 1.0)
-    plan = report_plan(problem, "quick")
-    budget = plan["spectrum"] + plan["check"] + plan["density"] / 2
-    run = run_report(problem, out_dir=tmp_path, budget_s=budget,
-                     parts=("spectrum", "check", "density"))
-    assert set(run.documents) == {"spectrum", "check", "density"}
-    dens = read_document(tmp_path / "density.json")
-    assert dens["settings"]["budget_s"] == budget
-    assert dens["settings"]["probes"] < 20 and dens["settings"]["lanczos_steps"] < 30
-    assert any("probes 20 ->" in n and "budget" in n for n in dens["notes"])
-    # a surface needs at least 7 x 7 points (and its eigenvectors): 5 s left do not hold it
-    small = plan["check"] + 5
-    run = run_report(problem, out_dir=tmp_path / "s", budget_s=small, parts=("check", "surface"))
-    assert set(run.documents) == {"check"}
-    reasons = {s["part"]: s["reason"] for s in run.skipped}
-    assert f"left out to stay within the budget of {small:.0f} s" in reasons["surface"]
-    # a budget that covers everything changes nothing
-    run = run_report(problem, out_dir=tmp_path / "all", budget_s=10 * sum(plan.values()),
-                     parts=("density", "surface"))
-    assert set(run.documents) == {"density", "surface"}
-    assert read_document(tmp_path / "all" / "density.json")["settings"]["probes"] == 20
-    with pytest.raises(OptionError, match="budget_s must be positive"):
-        run_report(problem, out_dir=tmp_path, budget_s=0)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .._errors import CurvscopeError, OptionError, UnsupportedModelError, arg
+from .._meter import Product, ProductMeter
 from ..io import active_run, run_of, write_atomic, write_document
 from ..linalg import EigenResult
 from ..operators import build_operators, report_matrices
@@ -68,82 +69,394 @@ def _block_sizes(problem: Problem) -> list[int]:
     ]
 
 
-def _compare_cost(m: int, candidates: int) -> int:
-    return (1 + candidates) * (m if m <= 2048 else 64) + lanczos_products(5, m)
-
-
 def _derivative_steps() -> int:
     from ..diagnostics import DERIVATIVE_STEPS
 
     return len(DERIVATIVE_STEPS)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ------------------------------------------------------------------------------ plans
+@dataclass
+class _Plan:
+    """Everything a part will take, in the units its cost is measured in.
+
+    ``products[(matrix, dtype, dim)] = [columns, operators]``: products of that matrix (of
+    that size and dtype) and how many operators the part builds for them (each operator's
+    first product is priced apart: a Hessian's builds the first-order graphs later products
+    reuse). ``passes[dtype]``: passes over the data outside products (loss and gradient
+    evaluations). ``points``: surface grid points (a forward pass per batch each, vmapped).
+    """
+
+    products: dict[tuple[str, str, int], list[int]] = field(default_factory=dict)
+    passes: dict[str, int] = field(default_factory=dict)
+    points: int = 0
+
+    def add(self, matrix: str, dtype: str, dim: int, products: int, operators: int = 1) -> None:
+        if products <= 0 or dim <= 0:
+            return
+        entry = self.products.setdefault((matrix, dtype, int(dim)), [0, 0])
+        entry[0] += int(products)
+        entry[1] += int(operators)
+
+    def add_passes(self, dtype: str, passes: int) -> None:
+        if passes > 0:
+            self.passes[dtype] = self.passes.get(dtype, 0) + int(passes)
+
+    def total(self) -> int:
+        """Products, passes and points together (the plan line's count)."""
+        return sum(c for c, _ in self.products.values()) + sum(self.passes.values()) + self.points
+
+    def describe(self, dtype: str) -> dict[str, Any]:
+        """The plan as a document records it: products and first products per matrix."""
+        products: dict[str, int] = {}
+        firsts: dict[str, int] = {}
+        for (matrix, dt, _), (cols, ops) in self.products.items():
+            key = matrix if dt == dtype else f"{matrix} ({dt})"
+            products[key] = products.get(key, 0) + cols
+            firsts[key] = firsts.get(key, 0) + ops
+        return {
+            "products": products,
+            "first_products": firsts,
+            "passes": sum(self.passes.values()),
+            "points": self.points,
+        }
+
+
+def _spectrum_plan(problem: Problem, names: list[str], blocks: list[str]) -> _Plan:
+    plan, dt = _Plan(), _dtype_name(problem.dtype)
+    sizes = _named_sizes(problem)
+    for name in names:
+        for block in blocks:
+            dim = sizes.get(block, problem.num_params)
+            plan.add(name, dt, dim, lanczos_products(7, dim))
+    return plan
+
+
+def _density_plan(problem: Problem, names: list[str], knobs: dict, exact: int) -> _Plan:
+    plan, dt, n = _Plan(), _dtype_name(problem.dtype), problem.num_params
+    for name in names:
+        slq = knobs["probes"] * min(knobs["lanczos_steps"], n)
+        traces = 2 * knobs["trace_probes"]  # Hutchinson and Hutch++, each trace_probes
+        plan.add(name, dt, n, slq + traces + (n if exact and n <= exact else 0))
+    return plan
+
+
+def _check_plan(problem: Problem) -> _Plan:
+    plan, n = _Plan(), problem.num_params
+    # the derivative checks run in float64 (evaluation_problem): the top eigenvector, two
+    # products a Taylor direction (3 directions), the loss and gradient at every step
+    dt64 = "float64" if problem.dtype.is_floating_point else _dtype_name(problem.dtype)
+    plan.add("hessian", dt64, n, lanczos_products(1, n) + 6, operators=4)
+    plan.add_passes(dt64, 3 * (4 * _derivative_steps() + 6))
+    # the convexity certificate: the smallest eigenvalue of every layer block
+    dt = _dtype_name(problem.dtype)
+    for m in _block_sizes(problem) or [n]:
+        plan.add("hessian", dt, m, 2 * lanczos_products(1, m))
+    return plan
+
+
+def _compare_plan(problem: Problem, candidates: list[str], blocks: list[str]) -> _Plan:
+    plan, dt = _Plan(), _dtype_name(problem.dtype)
+    sizes = _named_sizes(problem)
+    slices = problem.param_slices()
+    for block in blocks:
+        m = sizes.get(block, problem.num_params)
+        names = problem.block_param_names(block) if block != "all" else list(problem.names)
+        bias = next((p for p in names if p.endswith("bias")), None)
+        b = 0 if bias is None else slices[bias].stop - slices[bias].start
+        reference = (m if m <= 2048 else 64) + lanczos_products(5, m)
+        plan.add("hessian", dt, m, reference)
+        plan.add("hessian", dt, b, b)
+        for name in candidates:  # top-5 and the smallest eigenvalue of each candidate
+            plan.add(name, dt, m, (m if m <= 2048 else 64) + lanczos_products(6, m))
+            plan.add(name, dt, b, b)
+    return plan
+
+
+def _surface_plan(problem: Problem, steps: int, eigen: bool) -> _Plan:
+    plan, dt, n = _Plan(), _dtype_name(problem.dtype), problem.num_params
+    plan.points = steps**2
+    if not eigen:
+        plan.add("hessian", dt, n, lanczos_products(2, n))
+    plan.add("hessian", dt, n, 2)  # the quadratic model along the two directions
+    return plan
+
+
+def _solve_plan(problem: Problem, names: list[str]) -> _Plan:
+    from ..solvers import PRODUCTS_PER_ITERATION
+
+    plan, dt, n = _Plan(), _dtype_name(problem.dtype), problem.num_params
+    for name in names:
+        plan.add("hessian", dt, n, SOLVE_MAX_ITER * PRODUCTS_PER_ITERATION.get(name, 3))
+        plan.add_passes(dt, 2 * SOLVE_MAX_ITER)
+    return plan
+
+
+def _named_sizes(problem: Problem) -> dict[str, int]:
+    layers = dict(zip(problem.module_blocks(), _block_sizes(problem), strict=True))
+    return {"all": problem.num_params, **layers}
+
+
+def _plans(problem: Problem, preset: str) -> dict[str, _Plan]:
+    """Each part's plan at the preset's settings (the registry's matrices, not yet built)."""
+    from ..solvers import SOLVERS
+
+    full = preset == "full"
+    layers = list(problem.module_blocks())
+    spectrum_names = report_matrices(preset) if full else ["hessian"]
+    density_names = ["hessian"] + (
+        [n for n in report_matrices("full") if n in ("ggn", "pch-abs")] if full else []
+    )
+    compare_names = [n for n in report_matrices(preset) if n != "hessian"]
+    if full:
+        from ..operators import compare_defaults
+
+        compare_names = list(compare_defaults())
+    knobs = {
+        "probes": 20,
+        "lanczos_steps": 80 if full else 30,
+        "trace_probes": 100 if full else 30,
+    }
+    blocks = ["all", *layers] if full and len(layers) > 1 else ["all"]
+    return {
+        "spectrum": _spectrum_plan(problem, spectrum_names, blocks),
+        "density": _density_plan(problem, density_names, knobs, 2000 if full else 0),
+        "check": _check_plan(problem),
+        "compare": _compare_plan(problem, compare_names, layers or ["all"]),
+        "surface": _surface_plan(problem, 41 if full else 21, eigen=True),
+        "solve": _solve_plan(problem, [n for n in SOLVE_FULL if n in SOLVERS]) if full else _Plan(),
+    }
+
+
 def report_plan(problem: Problem, preset: str) -> dict[str, int]:
     """About how many products each part of the report takes at the preset's settings.
 
-    Surface points count as products (a point is one forward pass per batch, about what a
-    product costs per column when vmap batches the points).
+    Every product counts: density's SLQ, Hutchinson, Hutch++ and exact-trace products,
+    check's Lanczos and Taylor products and its loss and gradient evaluations, compare's
+    reference, candidate and bias products. A pass over the data outside a product counts
+    one, and so does a surface point (one forward pass per batch, vmapped). The budget prices
+    the same plans with each matrix's measured cost.
     """
-    from ..solvers import PRODUCTS_PER_ITERATION
+    return {part: plan.total() for part, plan in _plans(problem, preset).items()}
 
-    full = preset == "full"
-    n = problem.num_params
-    layers = _block_sizes(problem)
-    matrices = 4 if full else 1
-    candidates = 8 if full else 2
-    plan = {
-        "spectrum": matrices * lanczos_products(7, n) * (1 + (len(layers) if full else 0)),
-        "density": 20 * min(80 if full else 30, n)
-        + 2 * (100 if full else 30)
-        + (n if full and n <= 2000 else 0),
-        "check": 2 * lanczos_products(1, n) + 3 * (4 * _derivative_steps() + 6),
-        "compare": sum(_compare_cost(m, candidates) for m in layers),
-        "surface": (41 if full else 21) ** 2,
-        "solve": sum(SOLVE_MAX_ITER * v for v in PRODUCTS_PER_ITERATION.values()) if full else 0,
-    }
-    return plan
+
+# ------------------------------------------------------------------------------ costs
+@dataclass
+class _Costs:
+    """What products, passes and surface points have cost so far, measured as they ran.
+
+    Products come from the problem's :class:`~curvscope._meter.ProductMeter`, per matrix,
+    dtype and size; an operator's first product is kept apart (its extra over a later
+    product is priced once per operator a plan builds). Passes over the data outside products
+    and surface points are measured per part from its wall time.
+    """
+
+    # (matrix, dtype, dim) -> [seconds, columns] of products after an operator's first
+    steady_time: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
+    # (matrix, dtype, dim) -> [(seconds, columns)] of operators' first products
+    first_time: dict[tuple[str, str, int], list[tuple[float, int]]] = field(default_factory=dict)
+    pass_time: dict[str, list[float]] = field(default_factory=dict)  # dtype -> [s, passes]
+    point_time: list[float] = field(default_factory=lambda: [0.0, 0.0])  # [s, points]
+
+    def add(self, products: list[Product]) -> None:
+        for p in products:
+            key = (p.matrix, p.dtype, p.dim)
+            if p.first:
+                self.first_time.setdefault(key, []).append((p.seconds, p.columns))
+            else:
+                acc = self.steady_time.setdefault(key, [0.0, 0.0])
+                acc[0] += p.seconds
+                acc[1] += p.columns
+
+    def _steady(self, matrix: str, dtype: str, dim: int) -> tuple[float, str] | None:
+        """Seconds a column of the nearest measured matrix: same name and dtype first."""
+        for want_matrix, want_dtype in (
+            (matrix, dtype),
+            (matrix, None),
+            ("hessian", dtype),
+            ("hessian", None),
+        ):
+            table: dict[int, list[float]] = {}
+            for only_first in (False, True):  # first products only: they bound later ones
+                source = self.steady_time
+                if only_first:
+                    source = {
+                        k: [sum(s for s, _ in v), sum(c for _, c in v)]
+                        for k, v in self.first_time.items()
+                    }
+                for (m, dt, d), (s, cols) in source.items():
+                    if m == want_matrix and (want_dtype is None or dt == want_dtype) and cols:
+                        acc = table.setdefault(d, [0.0, 0.0])
+                        acc[0] += s
+                        acc[1] += cols
+                if table:
+                    break
+            if not table:
+                continue
+            # the same size, else the nearest larger one, else the largest measured
+            larger = [d for d in table if d >= dim]
+            d = min(larger) if larger else max(table)
+            s, cols = table[d]
+            label = want_matrix if want_matrix == matrix else f"{want_matrix}'s cost"
+            return s / cols, f"{label} ({want_dtype or 'another dtype'}, {d} rows)"
+        return None
+
+    def steady(self, matrix: str, dtype: str, dim: int) -> float:
+        found = self._steady(matrix, dtype, dim)
+        return 0.0 if found is None else found[0]
+
+    def first_extra(self, matrix: str, dtype: str, dim: int) -> float:
+        """Seconds an operator's first product takes beyond a later one (measured, >= 0)."""
+        for want in (matrix, "hessian"):
+            for same_dtype in (True, False):
+                extras = [
+                    max(0.0, s - cols * self.steady(*key))
+                    for key, firsts in self.first_time.items()
+                    if key[0] == want and (key[1] == dtype or not same_dtype)
+                    for s, cols in firsts
+                ]
+                if extras:
+                    return sum(extras) / len(extras)
+        return 0.0
+
+    def pass_rate(self, dtype: str) -> float:
+        """Seconds a pass over the data outside products (at most a Hessian product's)."""
+        s, n = self.pass_time.get(dtype, [0.0, 0.0])
+        if n:
+            return s / n
+        if self.pass_time:
+            return max(s / n for s, n in self.pass_time.values() if n)
+        return self.steady("hessian", dtype, 1 << 62)
+
+    def point_rate(self, dtype: str) -> float:
+        """Seconds a surface point: measured, else a pass or a Hessian product, the less.
+
+        A vmapped point is one forward pass per batch: less than a gradient evaluation and
+        less than a Hessian product, so either measured cost bounds it.
+        """
+        s, n = self.point_time
+        if n:
+            return s / n
+        bounds = [self.steady("hessian", dtype, 1 << 62)]
+        if self.pass_time:
+            bounds.append(self.pass_rate(dtype))
+        return min(b for b in bounds if b > 0) if any(b > 0 for b in bounds) else 0.0
+
+    def price(self, plan: _Plan, dtype: str) -> float:
+        """Seconds ``plan`` takes at the costs measured so far."""
+        total = 0.0
+        for (matrix, dt, dim), (cols, ops) in plan.products.items():
+            total += cols * self.steady(matrix, dt, dim) + ops * self.first_extra(matrix, dt, dim)
+        total += sum(n * self.pass_rate(dt) for dt, n in plan.passes.items())
+        return total + plan.points * self.point_rate(dtype)
+
+    def rates(self, plan: _Plan, dtype: str) -> dict[str, Any]:
+        """The measured costs that priced ``plan``, for the record and the reasons."""
+        out: dict[str, Any] = {}
+        for matrix, dt, dim in plan.products:
+            found = self._steady(matrix, dt, dim)
+            key = matrix if dt == dtype else f"{matrix} ({dt})"
+            entry = out.setdefault(key, {})
+            if found is None:
+                continue
+            rate = found[0]
+            if rate >= entry.get("s_per_product", -1.0):
+                entry.update(
+                    s_per_product=rate,
+                    first_extra_s=self.first_extra(matrix, dt, dim),
+                    measured_on=found[1],
+                )
+        if plan.passes:
+            out["pass"] = {"s_per_pass": max(self.pass_rate(dt) for dt in plan.passes)}
+        if plan.points:
+            out["point"] = {"s_per_point": self.point_rate(dtype)}
+        return out
+
+    def learn(
+        self, products: list[Product], wall: float, passes: int, plan: _Plan, dtype: str
+    ) -> dict:
+        """Take in what a part did; returns its measured seconds, products and passes."""
+        self.add(products)
+        inside = sum(p.passes for p in products)
+        outside_s = max(0.0, wall - sum(p.seconds for p in products))
+        outside = max(0, passes - inside)
+        if plan.points:  # the surface: its passes evaluate the grid
+            self.point_time[0] += outside_s
+            self.point_time[1] += plan.points
+        elif outside and plan.passes:
+            dt = max(plan.passes, key=plan.passes.get)
+            acc = self.pass_time.setdefault(dt, [0.0, 0.0])
+            acc[0] += outside_s
+            acc[1] += outside
+        counted: dict[str, int] = {}
+        firsts: dict[str, int] = {}
+        for p in products:  # keyed as the plan is (describe)
+            key = p.matrix if p.dtype == dtype else f"{p.matrix} ({p.dtype})"
+            counted[key] = counted.get(key, 0) + p.columns
+            firsts[key] = firsts.get(key, 0) + int(p.first)
+        return {
+            "seconds": wall,
+            "products": counted,
+            "first_products": firsts,
+            "product_seconds": sum(p.seconds for p in products),
+            "passes": outside,
+        }
 
 
 @dataclass
 class _Budget:
-    """Seconds the report may take, and the measured cost of one product."""
+    """Seconds the report may take, what they bought so far and what each part was priced at."""
 
-    total_s: float | None
+    total_s: float
     started: float
-    s_per_product: float = 0.0
-    problem: Problem | None = None
-    work_at_start: int = 0
+    costs: _Costs = field(default_factory=_Costs)
+    meter: ProductMeter = field(default_factory=ProductMeter)
     reductions: list[str] = field(default_factory=list)
+    parts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration_s: float = 0.0
 
     def spent(self) -> float:
-        """Seconds spent: the wall time, or the products done at the measured price if more."""
-        wall = time.perf_counter() - self.started
-        done = 0 if self.problem is None else self.problem.work_done - self.work_at_start
-        return max(wall, done * self.s_per_product)
+        """Seconds since the report started (the wall clock: what the budget is about)."""
+        return time.perf_counter() - self.started
 
-    def left(self) -> float | None:
-        if self.total_s is None:
-            return None
+    def left(self) -> float:
         return self.total_s - self.spent()
 
-    def products_left(self) -> float | None:
-        left = self.left()
-        if left is None:
-            return None
-        return max(0.0, left) / max(self.s_per_product, 1e-9)
+    def record(self) -> dict[str, Any]:
+        """The budget section of ``report-skipped.json``."""
+        return {
+            "budget_s": self.total_s,
+            "calibration_s": self.calibration_s,
+            "spent_s": self.spent(),
+            "parts": self.parts,
+        }
 
 
-def _measure_product(problem: Problem) -> float:
-    """Seconds of one Hessian product on all the data (one real product, timed)."""
+def _calibrate(problem: Problem, budget: _Budget) -> None:
+    """Two products of a fresh Hessian, timed: its first (graphs built) and a later one.
+
+    They price the first part; every part then adds what its own products cost.
+    """
     from ..operators import HessianOperator
 
+    t0 = time.perf_counter()
     v = torch.randn(
         problem.num_params, 1, generator=torch.Generator().manual_seed(0), dtype=problem.dtype
     ).to(problem.device)
     H = HessianOperator(problem)
-    t0 = time.perf_counter()
-    H @ v
-    return time.perf_counter() - t0
+    start = len(budget.meter.products)
+    with problem.metered(budget.meter):
+        H @ v
+        H @ v
+    release = getattr(H, "release", None)
+    if release is not None:
+        release()
+    budget.costs.add(budget.meter.since(start))
+    budget.calibration_s = time.perf_counter() - t0
 
 
 ReportRun = Rendered
@@ -152,6 +465,38 @@ ReportRun = Rendered
 
 class _OverBudget(CurvscopeError):
     """A part that does not fit the time left (recorded as skipped with the reason)."""
+
+    def __init__(self, message: str, budget: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.budget = budget or {}
+
+
+def _needs(plan: _Plan, dtype: str) -> str:
+    """``it needs about 70 products of the hessian and 12 passes over the data``."""
+    d = plan.describe(dtype)
+    items = [f"{n} products of the {m}" for m, n in d["products"].items()]
+    if d["passes"]:
+        items.append(f"{d['passes']} passes over the data")
+    if d["points"]:
+        items.append(f"{d['points']} surface points")
+    return "it needs about " + (", ".join(items) or "nothing")
+
+
+def _rates_text(rates: dict[str, Any]) -> str:
+    """``0.0051 s a hessian product (+0.09 s an operator's first), 0.008 s a pass``."""
+    items = []
+    for key, r in rates.items():
+        if "s_per_product" in r:
+            extra = r.get("first_extra_s") or 0.0
+            items.append(
+                f"{r['s_per_product']:.2g} s a {key} product"
+                + (f" (+{extra:.2g} s an operator's first)" if extra >= 0.0005 else "")
+            )
+        elif "s_per_pass" in r:
+            items.append(f"{r['s_per_pass']:.2g} s a pass")
+        elif "s_per_point" in r:
+            items.append(f"{r['s_per_point']:.2g} s a surface point")
+    return ", ".join(items) or "cost"
 
 
 @dataclass
@@ -169,36 +514,65 @@ class _Context:
     eigen: EigenResult | None = None
     budget: _Budget | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
+    plan: _Plan | None = None  # the plan the running part was priced with
 
-    def fit(self, part: str, cost: Callable[[dict], float], shrink: Callable[[dict], bool]):
-        """Shrink the part's settings (``knobs``) until its cost fits the budget left.
+    def fit(self, part: str, plan: Callable[[dict], _Plan], shrink: Callable[[dict], bool]):
+        """Shrink the part's settings (``knobs``) until its priced plan fits the time left.
 
-        ``cost(knobs)`` is the part's products; ``shrink(knobs)`` makes the part smaller and
-        returns ``False`` when it cannot. Raises :class:`_OverBudget` when even the smallest
-        does not fit; records every reduction.
+        ``plan(knobs)`` is everything the part will take (:class:`_Plan`), priced with the
+        costs measured so far (:class:`_Costs`); ``shrink(knobs)`` makes the part smaller and
+        returns ``False`` when it cannot. The time left is the budget less the wall time
+        since the report started. Raises :class:`_OverBudget` when even the smallest does not
+        fit (the reason names the measured cost); records every reduction and the plan.
         """
-        if self.budget is None or self.budget.total_s is None:
+        if self.budget is None:
             return
+        b, dtype = self.budget, _dtype_name(self.problem.dtype)
         before = dict(self.knobs)
-        left = self.budget.products_left() or 0.0
+        left = b.left()
         if self.problem.group.active:  # every rank takes the same decision: the least time
             left = -self.problem.reduce(-left, op="max")
-        while cost(self.knobs) > left:
+
+        def price() -> float:
+            seconds = b.costs.price(plan(self.knobs), dtype)
+            if self.problem.group.active:  # and the dearest price
+                seconds = self.problem.reduce(seconds, op="max")
+            return seconds
+
+        seconds = price()
+        while seconds > left:
             if not shrink(self.knobs):
+                smallest = plan(self.knobs)
+                entry = {
+                    "decision": "left out",
+                    "left_before_s": left,
+                    "planned": {"seconds": seconds, **smallest.describe(dtype)},
+                    "rates": b.costs.rates(smallest, dtype),
+                }
+                b.parts[part] = entry
                 self.knobs.update(before)
                 raise _OverBudget(
-                    f"left out to stay within the budget of {self.budget.total_s:.0f} s: it "
-                    f"needs about {cost(self.knobs):.0f} products "
-                    f"({cost(self.knobs) * self.budget.s_per_product:.0f} s at the measured "
-                    f"{self.budget.s_per_product:.2g} s a product) and "
-                    f"{max(0.0, self.budget.left() or 0.0):.0f} s were left."
+                    f"left out to stay within the budget of {b.total_s:.0f} s: "
+                    f"{_needs(smallest, dtype)} ({seconds:.1f} s at the measured "
+                    f"{_rates_text(entry['rates'])}) and {max(0.0, left):.1f} s were left.",
+                    budget=entry,
                 )
+            seconds = price()
         changed = {k: (before[k], v) for k, v in self.knobs.items() if before.get(k) != v}
+        final = plan(self.knobs)
+        b.parts[part] = {
+            "decision": "reduced" if changed else "planned",
+            "left_before_s": left,
+            "planned": {"seconds": seconds, **final.describe(dtype)},
+            "rates": b.costs.rates(final, dtype),
+        }
+        self.plan = final
         if changed:
-            self.budget.reductions.append(
+            b.reductions.append(
                 f"{part}: "
-                + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-                + f" to stay within the budget of {self.budget.total_s:.0f} s"
+                + ", ".join(f"{k} {a} -> {bb}" for k, (a, bb) in changed.items())
+                + f" to stay within the budget of {b.total_s:.0f} s ({seconds:.1f} s at the "
+                f"measured {_rates_text(b.parts[part]['rates'])}, {max(0.0, left):.1f} s left)"
             )
 
     @property
@@ -231,7 +605,7 @@ class _Context:
         budget = {} if self.budget is None else {"budget_s": self.budget.total_s}
         if self.budget is not None:
             notes = [*notes, *(r for r in self.budget.reductions if r.startswith(part + ":"))]
-        return document(
+        doc = document(
             self.problem,
             part,
             settings={**self.base_settings, "preset": self.preset, **budget, **settings},
@@ -241,6 +615,10 @@ class _Context:
             matvecs=matvecs,
             notes=notes,
         )
+        if self.budget is not None and part in self.budget.parts:
+            # filled with the measured side when the part returns (see _run_parts)
+            doc["budget"] = {"budget_s": self.budget.total_s, **self.budget.parts[part]}
+        return doc
 
 
 # ---------------------------------------------------------------------------------- parts
@@ -254,8 +632,7 @@ def _spectrum(ctx: _Context) -> dict:
     ops = ctx.operators(names, "spectrum")
     per_layer = ctx.full and len(p.module_blocks()) > 1
     blocks = ["all", *p.module_blocks()] if per_layer else ["all"]
-    n = p.num_params
-    ctx.fit("spectrum", lambda k: len(ops) * len(blocks) * lanczos_products(7, n), _fixed)
+    ctx.fit("spectrum", lambda k: _spectrum_plan(p, list(ops), blocks), _fixed)
     t0, passes = time.perf_counter(), p.data_passes
     res = spectrum(
         ops,
@@ -290,15 +667,10 @@ def _density(ctx: _Context) -> dict:
         [n for n in report_matrices("full") if n in ("ggn", "pch-abs")] if ctx.full else []
     )
     ops = ctx.operators(names, "density")
-    n = p.num_params
     ctx.knobs.update(
         probes=20, lanczos_steps=80 if ctx.full else 30, trace_probes=100 if ctx.full else 30
     )
     exact = 2000 if ctx.full else 0
-
-    def cost(k: dict) -> float:
-        per = k["probes"] * min(k["lanczos_steps"], n) + 2 * k["trace_probes"]
-        return len(ops) * (per + (n if exact and n <= exact else 0))
 
     def shrink(k: dict) -> bool:
         if (k["probes"], k["lanczos_steps"]) <= DENSITY_MIN:
@@ -308,7 +680,7 @@ def _density(ctx: _Context) -> dict:
         k["trace_probes"] = max(10, int(k["trace_probes"] * 0.8))
         return True
 
-    ctx.fit("density", cost, shrink)
+    ctx.fit("density", lambda k: _density_plan(p, list(ops), k, exact), shrink)
     settings = {
         "matrix": list(ops),
         "blocks": ["all"],
@@ -337,10 +709,7 @@ def _check(ctx: _Context) -> dict:
     from ..diagnostics import check
 
     p = ctx.problem
-    n = p.num_params
-    ctx.fit(
-        "check", lambda k: 2 * lanczos_products(1, n) + 3 * (4 * _derivative_steps() + 6), _fixed
-    )
+    ctx.fit("check", lambda k: _check_plan(p), _fixed)
     t0, passes = time.perf_counter(), p.data_passes
     res = check(p, seed=ctx.seed, progress=ctx.progress)
     return ctx.document(
@@ -372,23 +741,32 @@ def _compare(ctx: _Context) -> dict:
     if not sizes:
         sizes = {"all": p.num_params}
 
-    def cost(k: dict) -> float:
-        return sum(_compare_cost(sizes[b], len(candidates)) for b in k["blocks"])
+    def plan(k: dict) -> _Plan:
+        return _compare_plan(p, list(candidates), k["blocks"])
+
+    dtype = _dtype_name(p.dtype)
+
+    def block_price(block: str) -> float:
+        return ctx.budget.costs.price(plan({"blocks": [block]}), dtype)
 
     def shrink(k: dict) -> bool:  # the costliest block goes first
         if len(k["blocks"]) <= 1:
             return False
-        costliest = max(k["blocks"], key=lambda b: _compare_cost(sizes[b], 1))
+        costliest = max(k["blocks"], key=block_price)
         k["blocks"] = [b for b in k["blocks"] if b != costliest]
         return True
 
-    ctx.fit("compare", cost, shrink)
-    left_out = [b for b in sizes if b not in ctx.knobs["blocks"]]
-    for b in left_out:
+    ctx.fit("compare", plan, shrink)
+    for b in [b for b in sizes if b not in ctx.knobs["blocks"]]:
+        one = plan({"blocks": [b]})
+        rates = ctx.budget.costs.rates(one, dtype)
         ctx.skipped.append(
             {
                 "part": f"compare [{b}]",
-                "reason": f"left out to stay within the budget of {ctx.budget.total_s:.0f} s.",
+                "reason": f"left out to stay within the budget of {ctx.budget.total_s:.0f} s: "
+                f"{_needs(one, dtype)} ({block_price(b):.1f} s at the measured "
+                f"{_rates_text(rates)}).",
+                "planned_s": block_price(b),
             }
         )
     t0, passes = time.perf_counter(), p.data_passes
@@ -419,7 +797,6 @@ def _surface(ctx: _Context) -> dict:
 
     p = ctx.problem
     ctx.knobs["steps"] = 41 if ctx.full else 21
-    eigen = 0 if ctx.eigen is not None else lanczos_products(2, p.num_params)
 
     def shrink(k: dict) -> bool:
         if k["steps"] <= SURFACE_MIN_STEPS:
@@ -427,7 +804,7 @@ def _surface(ctx: _Context) -> dict:
         k["steps"] = max(SURFACE_MIN_STEPS, k["steps"] - 4)
         return True
 
-    ctx.fit("surface", lambda k: k["steps"] ** 2 + eigen + 2, shrink)
+    ctx.fit("surface", lambda k: _surface_plan(p, k["steps"], ctx.eigen is not None), shrink)
     steps = ctx.knobs["steps"]
     t0, passes = time.perf_counter(), p.data_passes
     res = surface(
@@ -462,7 +839,7 @@ def _solve(ctx: _Context) -> dict | None:
 
     p = ctx.problem
     names = [n for n in SOLVE_FULL if n in SOLVERS]
-    ctx.fit("solve", lambda k: report_plan(p, "full")["solve"], _fixed)
+    ctx.fit("solve", lambda k: _solve_plan(p, names), _fixed)
     t0, passes = time.perf_counter(), p.data_passes
     runs, notes = [], []
     for name in names:
@@ -576,11 +953,16 @@ def run_report(
         figure_formats: matplotlib figure formats written to ``figures/``.
         parts: which parts to attempt (default all).
         budget_s: seconds the report plans for (default: :data:`QUICK_BUDGET_S` for
-            ``quick``, none for ``full``). One timed Hessian product prices each part's
-            products; before each part the time left decides: density probes and steps,
-            surface steps and compare's blocks shrink to fit, and a part that does not fit
-            even at its smallest is left out and recorded in ``skipped`` with the reason.
-            Reductions are notes of the part's document.
+            ``quick``, none for ``full``). Products are timed as they run (per matrix, dtype
+            and size, an operator's first product apart; two Hessian products before the
+            first part), and so are passes over the data and surface points; each part's
+            plan (every product it takes) is priced with those costs. Before each part the
+            wall time left decides: density probes and steps, surface steps and compare's
+            blocks shrink to fit, and a part that does not fit even at its smallest is left
+            out and recorded in ``skipped`` with the reason and the measured cost. The
+            report ends within the budget plus the overrun of one part. Reductions are notes
+            of the part's document; each document's ``budget`` section and
+            ``report-skipped.json``'s record the planned and measured seconds and products.
         progress: ``progress(completed, total, description)``.
 
     Every document of the report records one run (the command's, or a new one); before the
@@ -605,9 +987,8 @@ def run_report(
     if budget_s is None and preset == "quick":
         budget_s = QUICK_BUDGET_S
     if budget_s is not None:
-        # one real product, timed, prices every part's plan in seconds
-        started, work = time.perf_counter(), problem.work_done
-        ctx.budget = _Budget(budget_s, started, _measure_product(problem), problem, work)
+        ctx.budget = _Budget(budget_s, time.perf_counter())
+        _calibrate(problem, ctx.budget)
     with active_run("report") as run:
         _remove_stale_parts(out, run.id)
         return _run_parts(ctx, out, parts, run.id, plotly_js, figure_formats)
@@ -651,12 +1032,22 @@ def _run_parts(
             ctx.skipped.append({"part": part, "reason": "not run: interrupted (Ctrl-C)."})
             continue
         t0 = time.perf_counter()
+        budget = ctx.budget
+        if budget is not None:
+            start, passes, ctx.plan = len(budget.meter.products), ctx.problem.data_passes, None
         try:
-            doc = _RUNNERS[part](ctx)
+            if budget is not None:
+                with ctx.problem.metered(budget.meter):
+                    doc = _RUNNERS[part](ctx)
+            else:
+                doc = _RUNNERS[part](ctx)
         except KeyboardInterrupt:
             # keep what finished: the page is rendered below, then the interrupt goes on
             interrupted = True
             ctx.skipped.append({"part": part, "reason": "interrupted (Ctrl-C) while running."})
+            doc = None
+        except _OverBudget as exc:
+            ctx.skipped.append({"part": part, "reason": str(exc), "budget": exc.budget})
             doc = None
         except CurvscopeError as exc:
             ctx.skipped.append({"part": part, "reason": str(exc)})
@@ -664,17 +1055,29 @@ def _run_parts(
         except Exception as exc:  # noqa: BLE001 - one broken part must not lose the others
             ctx.skipped.append(_internal(part, exc))
             doc = None
+        timings[part] = time.perf_counter() - t0
+        if budget is not None and ctx.plan is not None:  # it ran (or began): learn its costs
+            measured = budget.costs.learn(
+                budget.meter.since(start),
+                timings[part],
+                ctx.problem.data_passes - passes,
+                ctx.plan,
+                _dtype_name(ctx.problem.dtype),
+            )
+            budget.parts[part]["measured"] = measured
+            if doc is not None:
+                doc["budget"] = {"budget_s": budget.total_s, **budget.parts[part]}
         if doc is not None:
             documents[part] = doc
             paths[part] = write_document(doc, out)
-        timings[part] = time.perf_counter() - t0
     html, figures = render_documents(
         documents, out, plotly_js=plotly_js, figure_formats=figure_formats, skipped=ctx.skipped
     )
     # what was skipped and why, so that `report --from DIR` can say it again
-    write_atomic(
-        out / SKIPPED_FILE, json.dumps({"run": run_id, "skipped": ctx.skipped}, indent=1) + "\n"
-    )
+    record: dict[str, Any] = {"run": run_id, "skipped": ctx.skipped}
+    if ctx.budget is not None:
+        record["budget"] = ctx.budget.record()
+    write_atomic(out / SKIPPED_FILE, json.dumps(record, indent=1) + "\n")
     if interrupted:
         raise KeyboardInterrupt
     return ReportRun(html, paths, figures, ctx.skipped, timings)

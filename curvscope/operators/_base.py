@@ -12,6 +12,7 @@ over fewer parameters.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -111,6 +112,37 @@ class CurvatureOperator(LinearOperator):
 
     # --------------------------------------------------------------- products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        meter = self.problem.product_meter
+        if meter is not None and not meter.depth:
+            return self._metered_matmat(V, meter)
+        return self._counted_matmat(V)
+
+    def _metered_matmat(self, V: torch.Tensor, meter: Any) -> torch.Tensor:
+        """The product, timed into ``meter`` (see :mod:`curvscope._meter`)."""
+        from .._meter import Product
+
+        first = not self.__dict__.get("_metered", False)
+        passes, t0 = self.problem.data_passes, time.perf_counter()
+        meter.depth += 1
+        try:
+            out = self._counted_matmat(V)
+        finally:
+            meter.depth -= 1
+        self._metered = True
+        meter.record(
+            Product(
+                matrix=getattr(self, "name", type(self).__name__),
+                dtype=str(self.dtype).removeprefix("torch."),
+                dim=int(V.shape[0]),
+                columns=int(V.shape[1]),
+                seconds=time.perf_counter() - t0,
+                passes=self.problem.data_passes - passes,
+                first=first,
+            )
+        )
+        return out
+
+    def _counted_matmat(self, V: torch.Tensor) -> torch.Tensor:
         before = self.problem.work_done
         out = self._data_matmat(V)
         # progress counts k columns as k products, however many passes they took
