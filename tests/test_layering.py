@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "curvscope"
 
-BASE = {"_errors", "_sampling", "_losses", "_device", "_options", "_signs"}
+BASE = {"_errors", "_sampling", "_losses", "_device", "_options", "_signs", "_meter"}
 """Modules every layer may use: errors, the one subset routine, losses, device memory, the
 shared options and their flag-string parsers."""
 
@@ -26,6 +26,7 @@ LAYERS: dict[str, set[str]] = {
     "_device": set(),
     "_options": {"_errors"},
     "_signs": set(),
+    "_meter": set(),
     "_precision": set(),
     "models": {"_errors"},
     "linalg": BASE,
