@@ -10,7 +10,8 @@ copy of the same model and data), on
       800 steps, seed 0) on the first 1000 digits samples (one batch).
 
 Peers: scipy ``eigsh(which="LA" / "SA", tol=1e-4)`` on ``HessianOperator.to_scipy()`` (the same
-products), the one-shot ``curvscope.linalg.eigenpairs`` it replaces, and hessian-eigenthings'
+products; the one-shot ``eigenpairs`` it replaced is gone, its figures stay in RESULTS.md),
+and hessian-eigenthings'
 Lanczos if it imports (fed ONE full batch: with several batches it weights them equally, not
 by size, and is off by 8% on digits-mlp; shared/peer-baselines.md).
 
@@ -34,7 +35,7 @@ from torch import nn
 from curvscope import Problem
 from curvscope._examples import make_example
 from curvscope.io import load_checkpoint, load_dataset
-from curvscope.linalg import eigenpairs, eigsh
+from curvscope.linalg import eigsh
 from curvscope.operators import HessianOperator
 
 # Same setting as the curvscope command line (benchmarks/spectrum.py): float32 subnormals from
@@ -129,22 +130,6 @@ def run_model(name, model, batches):
             extra = f"restarts {res.restarts}; " if res.restarts else ""
             add(f"curvscope {label}", res.which, n, wall, res.eigenvalues, extra + conv_note(res))
 
-    # the one-shot Lanczos it replaces
-    gen = torch.Generator().manual_seed(0)
-    for top, bottom in ((5, 0), (0, 2)):
-        out, n, wall = counted(
-            lambda t=top, b=bottom: eigenpairs(H, top=t, bottom=b, seed=gen)
-        )
-        for res in out:
-            add(
-                "curvscope eigenpairs (one-shot)",
-                res.which,
-                n,
-                wall,
-                res.eigenvalues,
-                f"{res.num_iters} steps; " + conv_note(res),
-            )
-
     # scipy ARPACK on the same operator
     from scipy.sparse.linalg import eigsh as sp_eigsh
 
@@ -218,9 +203,7 @@ def old_vs_new_both_ends(H):
     print("\n### (b) top=1, bottom=1 at the defaults\n")
     print("| method | products | steps | end | eigenvalue | residual | tol x ||A|| | converged |")
     print("|---|---:|---:|---|---:|---:|---:|---|")
-    gen = torch.Generator().manual_seed(0)
     for label, fn in (
-        ("eigenpairs (one-shot)", lambda: eigenpairs(H, top=1, bottom=1, seed=gen)),
         ("eigsh (thick restart)", lambda: eigsh(H, top=1, bottom=1)),
     ):
         for res in fn():
