@@ -490,6 +490,9 @@ def load(
             "the model's own loss: HuggingFace may compute it in float32 (logits.float()) even "
             f"in a float64 run; {arg('loss')} {better} computes the same loss in float64."
         )
+    stored = {p.dtype for p in loaded.model.parameters() if p.is_floating_point()}
+    half = sorted(str(d).replace("torch.", "") for d in stored
+                  if d in (torch.bfloat16, torch.float16))
     net = loaded.model.to(device=device_t, dtype=dtype_t)
     direct = not isinstance(data_spec, (str, Path, Mapping)) or ".py:" in str(data_spec)
     problem = Problem(
@@ -517,6 +520,12 @@ def load(
     problem.check_data(source=src.source, classes=_classes(problem, out),
                        vocabulary=_embedding_size(net))
     notes = list(loaded.notes) + list(problem.notes)
+    if half:  # a bf16/fp16 checkpoint (as HuggingFace LLMs ship): products from its values
+        notes.append(
+            f"the checkpoint stores {', '.join(half)} weights; they are analysed in "
+            f"{str(dtype_t).replace('torch.', '')} (cast exactly from the stored values), so "
+            "products and bounds carry the run's round-off, not the storage format's."
+        )
     precision = problem.precision
     if precision.note():
         notes.append(precision.note())

@@ -323,3 +323,16 @@ def test_cli_says_what_the_model_computes_in(root, tmp_path):
     doc = json.loads((tmp_path / "spectrum.json").read_text())
     assert doc["input"]["precision"]["computes_in"] == "float32"
     assert any("float32" in n for n in doc["notes"])
+
+
+def test_a_bfloat16_checkpoint_is_analysed_in_float32_from_its_stored_values(root, tmp_path):
+    """HuggingFace LLMs ship bf16 weights: the run casts them exactly and says so."""
+    model = transformers.GPT2LMHeadModel.from_pretrained(root / "gpt2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    batches = hm.batches("gpt2", seed=7)
+    prob = cs.load(tmp_path / "bf16", batches, loss="causal_lm")
+    assert prob.dtype == torch.float32
+    assert any("stores bfloat16 weights" in n for n in prob.notes)
+    stored = {n: p.float() for n, p in model.named_parameters()}
+    for name, value in prob.params.items():
+        assert torch.equal(value, stored[name]), name  # bf16 -> float32 is exact
