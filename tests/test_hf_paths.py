@@ -336,3 +336,24 @@ def test_a_bfloat16_checkpoint_is_analysed_in_float32_from_its_stored_values(roo
     stored = {n: p.float() for n, p in model.named_parameters()}
     for name, value in prob.params.items():
         assert torch.equal(value, stored[name]), name  # bf16 -> float32 is exact
+
+
+def test_a_nan_product_names_its_batch_and_parameters():
+    """A product that turns NaN on one batch is named as such (batch, parameters)."""
+    torch.manual_seed(0)
+
+    class Sqrt(torch.nn.Module):  # sqrt'' is infinite at 0: the second derivative blows up
+        def forward(self, x):
+            return torch.sqrt(x)
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), Sqrt(),
+                              torch.nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        net[0].weight.zero_()
+        net[0].bias.copy_(torch.tensor([0.0, 1.0, 2.0]))  # unit 0 sits at sqrt(0)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 2, generator=g, dtype=torch.float64),
+             torch.randint(0, 2, (4,), generator=g)) for _ in range(2)]
+    prob = cs.Problem(net, "cross_entropy", data)
+    with pytest.raises(cs.NonFiniteError, match=r"product is NaN or Inf for batch 0, in 0\."):
+        cs.hessian(prob) @ torch.ones(prob.num_params, dtype=torch.float64)

@@ -147,9 +147,42 @@ class CurvatureOperator(LinearOperator):
         out = self._data_matmat(V)
         # progress counts k columns as k products, however many passes they took
         self.problem.add_work(V.shape[1] - (self.problem.work_done - before))
+        if not bool(torch.isfinite(out).all()):
+            self._name_nonfinite(V)
         if self.problem.weight_decay:
             out = out + self.problem.weight_decay * V
         return out
+
+    def _name_nonfinite(self, V: torch.Tensor) -> None:
+        """A product came out NaN or Inf: find the first batch and parameters, and say so.
+
+        One more pass, batch by batch, only on this failure path (it is no nondeterminism,
+        and a solver fed NaN would report nonsense).
+
+        Raises:
+            NonFiniteError: naming the matrix, the batch and the parameters.
+        """
+        from .._errors import NonFiniteError
+
+        p = self.problem
+        name = getattr(self, "name", type(self).__name__)
+        for batch in p.batches():
+            part = self._batch_matmat(batch, V)
+            bad = ~torch.isfinite(part)
+            if bool(bad.any()):
+                rows = bad.any(dim=1) if bad.dim() > 1 else bad
+                names = [n for n, piece in zip(p.names, p.unflatten(rows.to(torch.int8)).values(),
+                                               strict=True) if bool(piece.any())]
+                raise NonFiniteError(
+                    f"the {name} product is NaN or Inf for batch {batch.index}, in "
+                    f"{', '.join(names[:4])}{'...' if len(names) > 4 else ''}: the model's "
+                    "second derivatives overflow there (saturated units in float16/bfloat16, "
+                    "or a NaN the forward hides)."
+                )
+        raise NonFiniteError(
+            f"the {name} product is NaN or Inf, though no single batch's is: the sum over "
+            "batches overflows (use --dtype float64)."
+        )
 
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         """The data term: the sum of per-batch products over one pass."""
