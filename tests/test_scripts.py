@@ -38,6 +38,12 @@ def _written_since(t0: float) -> list[str]:
                     found.append(str(path.relative_to(ROOT)))
             except FileNotFoundError:
                 pass
+    if found:  # files git ignores are no part of the repository (CI's own .ci-test.log)
+        ignored = subprocess.run(
+            ["git", "check-ignore", "--stdin"], cwd=ROOT, input="\n".join(found),
+            capture_output=True, text=True, check=False,
+        ).stdout.split()
+        found = [f for f in found if f not in set(ignored)]
     return found
 
 
