@@ -124,7 +124,8 @@ def analyse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path) -> di
     V = eig.eigenvectors.detach().to(torch.float64)
     parts = papyan_split(st)
     # the library's G_cross is Papyan's G1 + G2: check on random vectors
-    z = torch.randn(prob.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(prob.num_params, 4, dtype=torch.float64, generator=gen)
     lib_cross = st.cross_part.factor.to(torch.float64)
     lhs = lib_cross @ (lib_cross.T @ z)
     rhs = parts["G1"].factor @ (parts["G1"].factor.T @ z) + parts["G2"].factor @ (
@@ -247,9 +248,11 @@ def main() -> None:
                             "loss": _r(loss), "accuracy": _r(acc), "analysis": a,
                             "seconds": round(time.perf_counter() - t0, 1)})
             ang = a["angles"]
+            ev = a["ggn_eigenvalues"]
+            next_ev = ev[10] if len(ev) > 10 else float("nan")
             print(f"{name} {steps} steps: loss {loss:.3g}, acc {acc:.3f}; GGN top-10 "
                   f"{a['ggn_eigenvalues'][0]:.3g}..{a['ggn_eigenvalues'][9]:.3g}, "
-                  f"lambda_11 {a['ggn_eigenvalues'][10] if len(a['ggn_eigenvalues']) > 10 else float('nan'):.3g}; "
+                  f"lambda_11 {next_ev:.3g}; "
                   f"top eigenvalue G0 {a['spectra']['G0'][0]:.3g}, G1 {a['spectra']['G1'][0]:.3g}, "
                   f"G2 {a['spectra']['G2'][0]:.3g}; mean cos^2 with GGN 1..10: "
                   f"G0 {ang['G0 vs GGN 1..10']['mean_squared_cosine']:.2f}, "

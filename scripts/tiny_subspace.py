@@ -1,4 +1,4 @@
-"""Reproduce the shape of Gur-Ari, Roberts and Dyer 2018 ("Gradient Descent Happens in a Tiny Subspace").
+"""Reproduce the shape of Gur-Ari et al. 2018 ("Gradient Descent Happens in a Tiny Subspace").
 
 G. Gur-Ari, D. A. Roberts, E. Dyer, arXiv 1812.04754. During SGD training of a C-class
 classifier the fraction of the gradient that lies in the span of the top-C Hessian eigenvectors,
