@@ -25,7 +25,7 @@ Writes ``OUT/adaptive-eos.png`` (loss, preconditioned sharpness with 38/eta, raw
 quotes).
 
 Usage:  OMP_NUM_THREADS=1 python scripts/adaptive_eos.py [--out reports/adaptive-eos]
-About 1 to 2 minutes on one core. ``--quick``: 200 samples, 30 steps per run, written to
+About 40 seconds on one core. ``--quick``: 200 samples, 30 steps per run, written to
 ``--out`` or a fresh temporary folder (never into the repository), for a check that it runs.
 """
 

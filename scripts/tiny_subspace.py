@@ -25,7 +25,7 @@ direction would have a fraction of about 10/P.
 Writes ``OUT/tiny-subspace.png`` and ``OUT/summary.json`` (every measurement with its interval).
 
 Usage:  OMP_NUM_THREADS=1 python scripts/tiny_subspace.py [--out reports/tiny-subspace]
-About 2 to 3 minutes on one core. ``--quick``: 200 samples, 20 steps, written to ``--out`` or a
+About 20 seconds on one core. ``--quick``: 200 samples, 20 steps, written to ``--out`` or a
 fresh temporary folder (never into the repository), for a check that it runs.
 """
 
