@@ -51,46 +51,54 @@ def _hand(model, data, reduction):
         )
     q = torch.stack(q)  # [n, C, P]
     P = q.shape[-1]
-    G_class = torch.zeros(P, P, dtype=torch.float64)
-    G_cross = torch.zeros_like(G_class)
-    G_within = torch.zeros_like(G_class)
+    # Papyan's split (his released code's G0, G1, G2), written out here
+    G_self = torch.zeros(P, P, dtype=torch.float64)
+    G_class = torch.zeros_like(G_self)
+    G_cross = torch.zeros_like(G_self)
+    G_within = torch.zeros_like(G_self)
     for c in range(C):
         members = q[y == c]  # [N_c, C, P]
         Nc = members.shape[0]
+        mus = [members[:, c2].mean(0) for c2 in range(C)]
+        delta = sum(mus[c2] for c2 in range(C) if c2 != c) / (C - 1)
+        G_class += s * Nc * (C - 1) * torch.outer(delta, delta)
         for c2 in range(C):
-            mu = members[:, c2].mean(0)
-            part = s * Nc * torch.outer(mu, mu)
             if c2 == c:
-                G_class += part
+                G_self += s * Nc * torch.outer(mus[c2], mus[c2])
             else:
-                G_cross += part
-            d = members[:, c2] - mu
+                dev = mus[c2] - delta
+                G_cross += s * Nc * torch.outer(dev, dev)
+            d = members[:, c2] - mus[c2]
             G_within += s * d.T @ d
-    return G_class, G_cross, G_within, ggn.detach()
+    G_class_all = (G_class, G_self)
+    return G_class_all, G_cross, G_within, ggn.detach()
 
 
 @pytest.mark.parametrize("classes,reduction", [(4, "mean"), (3, "sum")])
 def test_class_and_cross_parts_match_per_sample_jacobians(classes, reduction):
     model, data, reduction = _tiny(classes=classes, reduction=reduction)
-    G_class, G_cross, G_within, ggn = _hand(model, data, reduction)
-    # the decomposition is exact: class + cross + within is the GGN, summed by hand
-    assert_close(G_class + G_cross + G_within, ggn, what="class + cross + within vs GGN")
+    (G_class, G_self), G_cross, G_within, ggn = _hand(model, data, reduction)
+    # the decomposition is exact: self + class + cross + within is the GGN, summed by hand
+    assert_close(G_self + G_class + G_cross + G_within, ggn, what="Papyan's split vs GGN")
     problem = Problem(model, "cross_entropy", data, reduction=reduction)
     st = class_structure(problem)
     assert st.num_classes == classes
     assert_close(GGNOperator(problem).dense(), ggn, what="curvscope GGN vs hand GGN")
-    assert_close(st.class_part.dense(), G_class, what="G_class")
-    assert_close(st.cross_part.dense(), G_cross, what="G_cross")
+    assert_close(st.class_part.dense(), G_class, what="G_class (Papyan's G1)")
+    assert_close(st.cross_part.dense(), G_cross, what="G_cross (Papyan's G2)")
+    assert_close(st.self_part.dense(), G_self, what="G_self (Papyan's G0)")
     assert_close(st.within_part.dense(), G_within, what="G_within")
     assert_close(
-        st.class_part.dense() + st.cross_part.dense() + st.within_part.dense(),
+        st.self_part.dense() + st.class_part.dense() + st.cross_part.dense()
+        + st.within_part.dense(),
         ggn,
         what="sum of curvscope parts vs GGN",
     )
-    # ranks C and C(C-1); exact eigenpairs from the small Gram matrices
+    # ranks C and C(C-2) (the cross deviations of each class sum to zero); exact eigenpairs
+    # from the small Gram matrices
     for op, dense, rank in (
         (st.class_part, G_class, classes),
-        (st.cross_part, G_cross, classes * (classes - 1)),
+        (st.cross_part, G_cross, classes * (classes - 2)),
     ):
         vals, vecs = op.eigh()
         assert vals.shape[0] == rank
@@ -102,7 +110,7 @@ def test_class_and_cross_parts_match_per_sample_jacobians(classes, reduction):
 
 def test_weight_decay_lands_in_the_within_part():
     model, data, _ = _tiny()
-    G_class, G_cross, G_within, ggn = _hand(model, data, "mean")
+    _, _, G_within, ggn = _hand(model, data, "mean")
     problem = Problem(model, "cross_entropy", data, weight_decay=0.01)
     st = class_structure(problem)
     eye = torch.eye(ggn.shape[0], dtype=torch.float64)
@@ -177,7 +185,7 @@ def test_cli_classes_end_to_end_against_hand_truth(tmp_path):
     model = load_checkpoint(path).model.double()
     with np.load(tmp_path / "data.npz") as f:
         x, y = torch.from_numpy(f["x"]).double(), torch.from_numpy(f["y"]).long()
-    G_class, G_cross, _, ggn = _hand(model, [(x, y)], "mean")
+    (G_class, _), G_cross, _, ggn = _hand(model, [(x, y)], "mean")
     scale = float(torch.linalg.eigvalsh(ggn).abs().max())
     assert_close(
         r["class_eigenvalues"],
@@ -187,7 +195,7 @@ def test_cli_classes_end_to_end_against_hand_truth(tmp_path):
     )
     assert_close(
         r["cross_eigenvalues"],
-        torch.linalg.eigvalsh(G_cross).flip(0)[:12],
+        torch.linalg.eigvalsh(G_cross).flip(0)[:8],  # rank C(C-2)
         rtol=1e-9,
         what="cross eigenvalues",
     )

@@ -64,6 +64,8 @@ class ClassesResult:
     angles: list[ClassAngles]
     notes: list[str] = field(default_factory=list)
     num_matvecs: int = 0
+    self_eigenvalues: list[float] = field(default_factory=list)
+    self_trace: float = 0.0
 
     def to_results(self) -> dict:
         """The ``results`` part of the result document."""
@@ -77,6 +79,8 @@ class ClassesResult:
                 "means_eigenvalues": self.means_eigenvalues,
                 "class_trace": self.class_trace,
                 "cross_trace": self.cross_trace,
+                "self_eigenvalues": self.self_eigenvalues,
+                "self_trace": self.self_trace,
                 "ggn": self.ggn,
                 "angles": self.angles,
             }
@@ -181,10 +185,12 @@ def classes(
     if empty:
         notes.append(f"classes {empty} have no sample: their means are zero.")
     notes.append(
-        "G = G_class + G_cross + G_within exactly (Papyan 2020): class_eigenvalues and "
-        "cross_eigenvalues are exact (Gram matrices of the weighted class means); angles compare "
-        "the parts' ranges with the GGN's Ritz vectors, each cosine within error_bound of the "
-        "exact one."
+        "G = G_self + G_class + G_cross + G_within exactly (Papyan 2019, 2020, as his code "
+        "splits it): G_class holds the class means (the average of each class's cross means, "
+        "rank <= C), G_cross their deviations (rank <= C(C-2)), G_self the same-class means "
+        "Papyan neglects; their eigenvalues are exact (small Gram matrices); angles compare the "
+        "parts' ranges with the GGN's Ritz vectors, each cosine within error_bound of the exact "
+        "one."
     )
     ggn_entry = {
         "eigenvalues": res.eigenvalues[:k].tolist(),
@@ -203,6 +209,9 @@ def classes(
         means_eigenvalues=mean_vals.tolist(),
         class_trace=float(st.class_part.factor.double().pow(2).sum()),
         cross_trace=float(st.cross_part.factor.double().pow(2).sum()),
+        self_eigenvalues=st.self_part.eigh()[0].tolist() if st.self_part is not None else [],
+        self_trace=float(st.self_part.factor.double().pow(2).sum())
+        if st.self_part is not None else 0.0,
         ggn=ggn_entry,
         angles=angles,
         notes=notes,

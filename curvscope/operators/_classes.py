@@ -19,24 +19,31 @@ per-logit vectors :math:`q_{i,c'} = J_i^T q^{out}_{i,c'}` (Papyan's
 
 ``s = 1/T`` (mean reduction, ``T`` the terms) or 1 (sum). Group the samples by their true
 class ``c`` (:math:`N_c` of them, :math:`\pi_c = N_c/N`) and take the means
-:math:`\mu_{c,c'} = \frac{1}{N_c}\sum_{i: y_i = c} q_{i,c'}`. Per pair :math:`(c, c')`,
-:math:`\sum_{i \in c} q q^T = N_c \mu\mu^T + \sum_{i\in c}(q - \mu)(q - \mu)^T`, hence exactly
+:math:`\mu_{c,c'} = \frac{1}{N_c}\sum_{i: y_i = c} q_{i,c'}` and, as Papyan does, the class
+means :math:`\delta_c = \frac{1}{C-1}\sum_{c' \ne c} \mu_{c,c'}` (the average of the
+*cross* means of class ``c``: at a trained network :math:`\mu_{c,c}` is second-order small,
+since :math:`p_i \to e_c`). Per pair :math:`(c, c')`, :math:`\sum_{i \in c} q q^T = N_c
+\mu\mu^T + \sum_{i\in c}(q - \mu)(q - \mu)^T`, and over :math:`c' \ne c`,
+:math:`\sum \mu\mu^T = (C-1)\delta_c\delta_c^T + \sum (\mu - \delta_c)(\mu - \delta_c)^T`;
+hence exactly, with :math:`w_c = s N_c` (:math:`= \pi_c` for the mean),
 
 .. math::
-    G = \underbrace{\sum_c w_c\, \mu_{c,c}\mu_{c,c}^T}_{G_\mathrm{class}}
-      + \underbrace{\sum_c \sum_{c' \ne c} w_c\, \mu_{c,c'}\mu_{c,c'}^T}_{G_\mathrm{cross}}
+    G = \underbrace{\sum_c w_c\, \mu_{c,c}\mu_{c,c}^T}_{G_0 \text{ (self)}}
+      + \underbrace{\sum_c w_c (C-1)\, \delta_c\delta_c^T}_{G_1 \text{ (class)}}
+      + \underbrace{\sum_c \sum_{c' \ne c} w_c (\mu_{c,c'} - \delta_c)(\mu_{c,c'} -
+        \delta_c)^T}_{G_2 \text{ (cross)}}
       + \underbrace{s \sum_{c, c'} \sum_{i \in c} (q_{i,c'} - \mu_{c,c'})
-        (q_{i,c'} - \mu_{c,c'})^T}_{G_\mathrm{within}},
-    \qquad w_c = s N_c \;(= \pi_c \text{ for the mean}).
+        (q_{i,c'} - \mu_{c,c'})^T}_{G_\mathrm{within}}.
 
-:math:`G_\mathrm{class}` has rank at most ``C`` (the class means, Papyan's ``C`` outliers),
-:math:`G_\mathrm{cross}` at most ``C(C-1)`` (the cross-class means, the smaller outliers);
-both are formed from the ``C^2`` mean vectors, one vjp per batch vmapped over ``C^2``
-cotangents, and their eigenpairs come from a ``C x C`` or ``C(C-1) x C(C-1)`` Gram matrix,
-with no large eigenproblem. :math:`G_\mathrm{within} = G - G_\mathrm{class} -
-G_\mathrm{cross}` is taken as that difference of operators (weight decay's
+These are the terms of Papyan's released code (``compute_G_decomp``, deep-lab/DeepnetHessian):
+:math:`G_1` has rank at most ``C`` (the ``C`` outliers), :math:`G_2` at most ``C(C-2)`` (the
+mini-outliers), :math:`G_0` (rank at most ``C``) is the term he neglects. All three are formed
+from the ``C^2`` mean vectors, one vjp per batch vmapped over ``C^2`` cotangents, and their
+eigenpairs come from small Gram matrices, with no large eigenproblem. :math:`G_\mathrm{within}
+= G - G_0 - G_1 - G_2` is taken as that difference of operators (weight decay's
 :math:`\lambda I` is part of it). Samples whose target is ``ignore_index`` belong to no class
-and carry no term.
+and carry no term. (An earlier version called :math:`G_0` the class part and :math:`G_1 + G_2`
+the cross part: the identity held, but those were not Papyan's levels.)
 """
 
 from __future__ import annotations
@@ -108,8 +115,9 @@ class ClassStructure:
         means: ``[P, C, C]``; ``means[:, c, c']`` is :math:`\mu_{c,c'}`.
         counts: ``[C]`` samples per true class :math:`N_c` (ignored targets excluded).
         scale: ``s``, the weight of one loss term (``1/T`` or 1).
-        class_part: :math:`G_\mathrm{class}` as a :class:`LowRankOperator`.
-        cross_part: :math:`G_\mathrm{cross}` as a :class:`LowRankOperator`.
+        self_part: :math:`G_0`, the same-class means, as a :class:`LowRankOperator`.
+        class_part: :math:`G_1`, Papyan's class means, as a :class:`LowRankOperator`.
+        cross_part: :math:`G_2`, the cross-class deviations, as a :class:`LowRankOperator`.
         ggn: the GGN operator of the same problem.
     """
 
@@ -119,6 +127,7 @@ class ClassStructure:
     class_part: LowRankOperator
     cross_part: LowRankOperator
     ggn: GGNOperator
+    self_part: LowRankOperator | None = None
 
     @property
     def num_classes(self) -> int:
@@ -132,8 +141,10 @@ class ClassStructure:
 
     @property
     def within_part(self) -> LinearOperator:
-        r""":math:`G - G_\mathrm{class} - G_\mathrm{cross}`: the within part (with weight decay)."""
+        r""":math:`G - G_0 - G_1 - G_2`: the within part (with weight decay)."""
         op = self.ggn - self.class_part - self.cross_part
+        if self.self_part is not None:
+            op = op - self.self_part
         op.name = "ggn-within"
         return op
 
@@ -226,8 +237,13 @@ def class_structure(problem: Problem, *, chunk_entries: int = 1 << 24) -> ClassS
     scaled = means * w[None, :, None]
     diag = torch.arange(C, device=sums.device)
     off = ~torch.eye(C, dtype=torch.bool, device=sums.device)
-    class_factor = scaled[:, diag, diag]  # [P, C]
-    cross_factor = scaled[:, off]  # [P, C(C-1)], (c, c') row-major
+    self_factor = scaled[:, diag, diag]  # [P, C]: sqrt(w_c) mu_cc
+    others = means.clone()
+    others[:, diag, diag] = 0
+    delta = others.sum(2) / max(C - 1, 1)  # [P, C]: Papyan's class means delta_c
+    class_factor = delta * (w * (C - 1) ** 0.5)[None, :]  # sqrt(w_c (C-1)) delta_c
+    centred = (means - delta[:, :, None]) * w[None, :, None]
+    cross_factor = centred[:, off]  # [P, C(C-1)] of rank <= C(C-2), (c, c') row-major
     return ClassStructure(
         means=means,
         counts=counts,
@@ -235,4 +251,5 @@ def class_structure(problem: Problem, *, chunk_entries: int = 1 << 24) -> ClassS
         class_part=LowRankOperator(class_factor, name="ggn-class"),
         cross_part=LowRankOperator(cross_factor, name="ggn-cross"),
         ggn=GGNOperator(p),
+        self_part=LowRankOperator(self_factor, name="ggn-self"),
     )
