@@ -123,11 +123,11 @@ def analyse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path) -> di
     theta = eig.eigenvalues.detach().to(torch.float64)
     V = eig.eigenvectors.detach().to(torch.float64)
     parts = papyan_split(st)
-    # the library's G_cross is Papyan's G1 + G2: check on random vectors
+    # the library's parts are Papyan's split: class = G1, cross = G2 (check on random vectors)
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(prob.num_params, 4, dtype=torch.float64, generator=gen)
-    lib_cross = st.cross_part.factor.to(torch.float64)
-    lhs = lib_cross @ (lib_cross.T @ z)
+    lib = [st.class_part.factor.to(torch.float64), st.cross_part.factor.to(torch.float64)]
+    lhs = lib[0] @ (lib[0].T @ z) + lib[1] @ (lib[1].T @ z)
     rhs = parts["G1"].factor @ (parts["G1"].factor.T @ z) + parts["G2"].factor @ (
         parts["G2"].factor.T @ z)
     identity_error = float((lhs - rhs).norm() / lhs.norm().clamp(min=1e-300))
@@ -174,7 +174,7 @@ def analyse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path) -> di
                         "mean_squared_cosine": _r(a.mean_squared_cosine),
                         "error_bound": _r(a.error_bound)} for a in lib["angles"]],
         },
-        "identity_G_cross_equals_G1_plus_G2_relative_error": identity_error,
+        "identity_library_class_cross_equals_G1_plus_G2_relative_error": identity_error,
     }
 
 
