@@ -257,7 +257,7 @@ def main() -> None:
                   f"G2 {a['spectra']['G2'][0]:.3g}; mean cos^2 with GGN 1..10: "
                   f"G0 {ang['G0 vs GGN 1..10']['mean_squared_cosine']:.2f}, "
                   f"G1 {ang['G1 vs GGN 1..10']['mean_squared_cosine']:.2f}; "
-                  f"identity error {a['identity_G_cross_equals_G1_plus_G2_relative_error']:.1e}; "
+                  f"identity error {a['identity_library_class_cross_equals_G1_plus_G2_relative_error']:.1e}; "
                   f"{results[-1]['seconds']} s", flush=True)
     doc = {
         "what": "Papyan 2019/2020 class and cross-class outliers of the digits classifiers: the "
