@@ -174,7 +174,7 @@ def analyse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out: Path) -> di
                         "mean_squared_cosine": _r(a.mean_squared_cosine),
                         "error_bound": _r(a.error_bound)} for a in lib["angles"]],
         },
-        "identity_library_class_cross_equals_G1_plus_G2_relative_error": identity_error,
+        "identity_class_cross_vs_G1_G2": identity_error,
     }
 
 
@@ -257,7 +257,7 @@ def main() -> None:
                   f"G2 {a['spectra']['G2'][0]:.3g}; mean cos^2 with GGN 1..10: "
                   f"G0 {ang['G0 vs GGN 1..10']['mean_squared_cosine']:.2f}, "
                   f"G1 {ang['G1 vs GGN 1..10']['mean_squared_cosine']:.2f}; "
-                  f"identity error {a['identity_library_class_cross_equals_G1_plus_G2_relative_error']:.1e}; "
+                  f"identity error {a['identity_class_cross_vs_G1_G2']:.1e}; "
                   f"{results[-1]['seconds']} s", flush=True)
     doc = {
         "what": "Papyan 2019/2020 class and cross-class outliers of the digits classifiers: the "
