@@ -162,7 +162,7 @@ class CurvatureOperator(LinearOperator):
         Raises:
             NonFiniteError: naming the matrix, the batch and the parameters.
         """
-        from .._errors import NonFiniteError
+        from .._errors import NonFiniteError, arg
 
         p = self.problem
         name = getattr(self, "name", type(self).__name__)
@@ -181,7 +181,7 @@ class CurvatureOperator(LinearOperator):
                 )
         raise NonFiniteError(
             f"the {name} product is NaN or Inf, though no single batch's is: the sum over "
-            "batches overflows (use --dtype float64)."
+            f"batches overflows (use {arg('dtype')} float64)."
         )
 
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
