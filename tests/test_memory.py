@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -59,8 +60,12 @@ def test_refusal_names_the_largest_part():
     p = _problem(16)
     est = estimate_memory(p, basis=10**6)  # a basis far beyond anything else
     held = est.parts["in use"]
-    with pytest.raises(OptionError, match="basis_size or basis_device cpu"):
+    # on the CPU the basis already lives in host memory: only a smaller basis is advice
+    with pytest.raises(OptionError, match=r"lower basis_size \(the largest part: Lanczos"):
         refuse_if_too_large(est, held + 1)
+    on_gpu = dataclasses.replace(est, device="cuda:0")
+    with pytest.raises(OptionError, match="basis_size or basis_device cpu"):
+        refuse_if_too_large(on_gpu, held + 1)
     with pytest.raises(OptionError, match="already holds"):
         refuse_if_too_large(est, held / 2)
     refuse_if_too_large(est, est.total + 1)  # fits: no error

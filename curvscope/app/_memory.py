@@ -274,8 +274,12 @@ def refuse_if_too_large(estimate: MemoryEstimate, limit: float | None) -> None:
             f"more than {arg('max_memory')} {format_bytes(limit)}; raise {arg('max_memory')}."
         )
     part = estimate.largest
+    lower = _LOWER.get(part, arg("batch_size"))
+    if part == "Lanczos basis" and str(estimate.device).startswith("cpu"):
+        # the basis already lives in host memory: moving it there is no advice
+        lower = arg("basis_size")
     raise OptionError(
         f"the run needs {estimate.describe()}, more than {arg('max_memory')} "
-        f"{format_bytes(limit)}; lower {_LOWER.get(part, arg('batch_size'))} (the largest "
-        f"part: {part}) or raise {arg('max_memory')}."
+        f"{format_bytes(limit)}; lower {lower} (the largest part: {part}) or raise "
+        f"{arg('max_memory')}."
     )
