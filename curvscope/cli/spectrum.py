@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -123,42 +124,13 @@ def spectrum_cli(
             bottom = 0 if method == "power" else 2
         matrices = matrix_names(matrix)
         blocks = block_mode(per_layer, per_param, common.group)
-        if top < 0 or bottom < 0 or top + bottom == 0:
-            raise OptionError(
-                f"--top {top} --bottom {bottom}: ask for at least one eigenvalue (and none "
-                "negative)."
-            )
-        if gradient_overlap < 0:
-            raise OptionError(f"--gradient-overlap {gradient_overlap} must be >= 0.")
-        solve_top = max(top, gradient_overlap + 1) if gradient_overlap else top
-        repeat_samples = None
-        if repeats:
-            # With --repeats, --samples is the size of each random subset; the reported
-            # eigenvalues themselves use all the data.
-            if common.samples is None:
-                raise OptionError("--repeats R needs --samples N, the size of each subset.")
-            repeat_samples, common.samples = common.samples, None
+        solve_top, repeat_samples = _check_counts(common, top, bottom, gradient_overlap, repeats)
         check_preconditioner_flag(preconditioner, optimizer_key)
         session = open_session(common)
         from ..diagnostics import spectrum
 
-        pre, pre_record = None, None
-        if preconditioner is not None:
-            pre = read_cli_preconditioner(
-                preconditioner,
-                common.model_path,
-                session.problem.model,
-                session.problem.names,
-                optimizer_key,
-            )
-            if not pre.preconditions:
-                raise OptionError(
-                    f"--preconditioner {preconditioner}: the optimiser state is {pre.optimizer}'s, "
-                    "which divides its step by nothing, so there is no preconditioned matrix; "
-                    "its threshold applies to the plain spectrum (curvscope track "
-                    "--preconditioner checkpoint draws it)."
-                )
-            pre_record = pre.to_dict()
+        pre = _preconditioner(session, preconditioner, optimizer_key)
+        pre_record = pre.to_dict() if pre is not None else None
         ops, _ = session.operators(matrices, preconditioner=pre)
         plan_memory(
             session,
@@ -221,25 +193,7 @@ def spectrum_cli(
                 "one of P^-1 A."
             )
         if save_eigenvectors_:
-            from ..io import save_eigenvectors
-
-            path = save_eigenvectors(
-                common.out / "eigenvectors.pt",
-                model_sha256=session.input_info["model"]["sha256"],
-                param_names=session.problem.names,
-                param_shapes=session.problem.shapes,
-                entries=[
-                    {
-                        "matrix": e.matrix,
-                        "block": e.block,
-                        "which": e.which,
-                        "eigenvalues": e.eigenvalues,
-                        "vectors": v,
-                    }
-                    for e, v in zip(result.spectra, result.eigenvectors, strict=True)
-                ],
-            )
-            notes.append(f"eigenvectors written to {path}")
+            notes.append(f"eigenvectors written to {_save_vectors(session, result)}")
         doc_path = finish(
             session,
             "spectrum",
@@ -254,6 +208,68 @@ def spectrum_cli(
             _print_threshold(pre_record, result)
     if strict and not result.all_converged:
         raise typer.Exit(code=3)
+
+
+def _check_counts(
+    common, top: int, bottom: int, gradient_overlap: int, repeats: int
+) -> tuple[int, int | None]:
+    """``(top pairs to solve for, subset size of --repeats)``; refuses impossible counts.
+
+    With ``--repeats``, ``--samples`` is the size of each random subset: the reported
+    eigenvalues themselves use all the data.
+    """
+    if top < 0 or bottom < 0 or top + bottom == 0:
+        raise OptionError(
+            f"--top {top} --bottom {bottom}: ask for at least one eigenvalue (and none "
+            "negative)."
+        )
+    if gradient_overlap < 0:
+        raise OptionError(f"--gradient-overlap {gradient_overlap} must be >= 0.")
+    solve_top = max(top, gradient_overlap + 1) if gradient_overlap else top
+    repeat_samples = None
+    if repeats:
+        if common.samples is None:
+            raise OptionError("--repeats R needs --samples N, the size of each subset.")
+        repeat_samples, common.samples = common.samples, None
+    return solve_top, repeat_samples
+
+
+def _preconditioner(session, preconditioner: str | None, optimizer_key: str | None):
+    """The optimiser's diagonal P of ``--preconditioner`` (``None`` without the flag)."""
+    if preconditioner is None:
+        return None
+    pre = read_cli_preconditioner(
+        preconditioner,
+        session.common.model_path,
+        session.problem.model,
+        session.problem.names,
+        optimizer_key,
+    )
+    if not pre.preconditions:
+        raise OptionError(
+            f"--preconditioner {preconditioner}: the optimiser state is {pre.optimizer}'s, "
+            "which divides its step by nothing, so there is no preconditioned matrix; "
+            "its threshold applies to the plain spectrum (curvscope track "
+            "--preconditioner checkpoint draws it)."
+        )
+    return pre
+
+
+def _save_vectors(session, result) -> Path:
+    """``--save-eigenvectors``: the eigenvector file beside the document."""
+    from ..io import save_eigenvectors
+
+    return save_eigenvectors(
+        session.common.out / "eigenvectors.pt",
+        model_sha256=session.input_info["model"]["sha256"],
+        param_names=session.problem.names,
+        param_shapes=session.problem.shapes,
+        entries=[
+            {"matrix": e.matrix, "block": e.block, "which": e.which,
+             "eigenvalues": e.eigenvalues, "vectors": v}
+            for e, v in zip(result.spectra, result.eigenvectors, strict=True)
+        ],
+    )
 
 
 def lanczos_products(k: int, n: int) -> int:
