@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .hf_models import CAUSAL
-from .truth import hessian_by_double_backward
+from .truth import hessian_by_double_backward, unflattener
 
 
 def _logits_and_targets(kind, model, params, batch):
@@ -34,17 +34,7 @@ def _logits_and_targets(kind, model, params, batch):
 
 def loss_fn(kind, model, batches):
     """``f(flat w)``: the training loss over all batches, and ``w``."""
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    shapes = [params[n].shape for n in names]
-
-    def unflat(flat):
-        ps, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = int(torch.Size(s).numel())
-            ps[n] = flat[i : i + k].reshape(s)
-            i += k
-        return ps
+    unflat, w = unflattener(model)
 
     def f(flat):
         ps = unflat(flat)
@@ -57,7 +47,6 @@ def loss_fn(kind, model, batches):
             terms += int((y != -100).sum())
         return total / terms
 
-    w = torch.cat([params[n].detach().reshape(-1) for n in names])
     return f, w, unflat
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import curvscope as cs
 
-from .truth import hessian_by_double_backward
+from .truth import hessian_by_double_backward, unflattener
 
 
 def _model(scale: float) -> nn.Module:
@@ -45,18 +45,11 @@ def _truth(net):
     data = _data(torch.float64)
     x = torch.cat([a for a, _ in data])
     y = torch.cat([b for _, b in data])
-    names = [n for n, _ in net64.named_parameters()]
-    shapes = [p.shape for _, p in net64.named_parameters()]
+    unflat, w = unflattener(net64)
 
     def f(flat):
-        ps, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            k = int(torch.Size(s).numel())
-            ps[n] = flat[i : i + k].reshape(s)
-            i += k
-        return ((torch.func.functional_call(net64, ps, (x,)) - y) ** 2).mean()
+        return ((torch.func.functional_call(net64, unflat(flat), (x,)) - y) ** 2).mean()
 
-    w = torch.cat([p.detach().reshape(-1) for p in net64.parameters()])
     return torch.linalg.eigvalsh(hessian_by_double_backward(f, w))
 
 

@@ -73,3 +73,19 @@ def hessian_by_double_backward(f, w):
     (g,) = torch.autograd.grad(f(w), w, create_graph=True)
     rows = [torch.autograd.grad(g[i], w, retain_graph=True)[0] for i in range(w.numel())]
     return torch.stack(rows).detach()
+
+
+def unflattener(model):
+    """``(unflat, w)``: ``unflat(flat)`` gives ``{name: tensor}`` of ``model``'s parameters in
+    ``named_parameters()`` order, ``w`` their current values, flat."""
+    named = list(model.named_parameters())
+    shapes = [(n, p.shape, p.numel()) for n, p in named]
+
+    def unflat(flat):
+        out, i = {}, 0
+        for n, shape, k in shapes:
+            out[n] = flat[i : i + k].reshape(shape)
+            i += k
+        return out
+
+    return unflat, torch.cat([p.detach().reshape(-1) for _, p in named])

@@ -12,6 +12,7 @@ from ._lanczos import DEFAULT_TOL, EigenResult
 from ._operator import (
     DENSE_LIMIT,
     AdjointOperator,
+    BlocksOf,
     CallableOperator,
     ComposedOperator,
     DenseOperator,
@@ -37,6 +38,7 @@ from ._trace import (
 )
 
 __all__ = [
+    "BlocksOf",
     "canonical_sign",
     "KEEP_FRACTION",
     "DENSE_LIMIT",

@@ -25,6 +25,7 @@ import torch
 from .._errors import NonFiniteError, OptionError, arg
 
 __all__ = [
+    "BlocksOf",
     "DENSE_LIMIT",
     "AdjointOperator",
     "CallableOperator",
@@ -484,7 +485,29 @@ class SumOperator(LinearOperator):
         return SumOperator(a, b)
 
 
-class ScaledOperator(LinearOperator):
+class BlocksOf:
+    """Block names of a wrapper operator: those of the operator ``a`` it wraps.
+
+    For operators that change the values of ``a`` but not its parameter layout (a scaling,
+    a diagonal preconditioning): their blocks are ``a``'s.
+    """
+
+    a: LinearOperator
+
+    def block_names(self) -> list[str]:
+        """The wrapped operator's block names."""
+        return self.a.block_names()
+
+    def named_blocks(self, mode: str) -> list[str]:
+        """The wrapped operator's block names for ``mode``."""
+        return self.a.named_blocks(mode)
+
+    def block_parts(self, name: str) -> list[str]:
+        """The wrapped operator's block parts."""
+        return self.a.block_parts(name)
+
+
+class ScaledOperator(BlocksOf, LinearOperator):
     """``alpha * A``, evaluated lazily."""
 
     def __init__(self, alpha: float, a: LinearOperator) -> None:
@@ -498,18 +521,6 @@ class ScaledOperator(LinearOperator):
 
     def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.alpha * self.a.rmatmat(V)
-
-    def block_names(self) -> list[str]:
-        """The scaled operator's block names."""
-        return self.a.block_names()
-
-    def named_blocks(self, mode: str) -> list[str]:
-        """The scaled operator's block names for ``mode``."""
-        return self.a.named_blocks(mode)
-
-    def block_parts(self, name: str) -> list[str]:
-        """The scaled operator's block parts."""
-        return self.a.block_parts(name)
 
     def on_subset(self, size: int, seed: int | torch.Generator) -> LinearOperator:
         """The scaled operator on a data subset."""

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .._errors import OptionError
-from ..linalg import LinearOperator, as_operator
+from ..linalg import BlocksOf, LinearOperator, as_operator
 
 __all__ = ["PreconditionedOperator", "preconditioned"]
 
@@ -46,7 +46,7 @@ def _param_names(A: LinearOperator) -> list[str] | None:
     return list(names)
 
 
-class PreconditionedOperator(LinearOperator):
+class PreconditionedOperator(BlocksOf, LinearOperator):
     r""":math:`P^{-1/2} A P^{-1/2}` for a positive diagonal :math:`P` and any operator :math:`A`.
 
     Args:
@@ -110,19 +110,7 @@ class PreconditionedOperator(LinearOperator):
     def _rmatmat(self, V: torch.Tensor) -> torch.Tensor:
         return self.scale * self.a.rmatmat(self.scale * V)
 
-    # --------------------------------------------------------------- blocks
-    def block_names(self) -> list[str]:
-        """``A``'s block names."""
-        return self.a.block_names()
-
-    def named_blocks(self, mode: str) -> list[str]:
-        """``A``'s block names for ``mode``."""
-        return self.a.named_blocks(mode)
-
-    def block_parts(self, name: str) -> list[str]:
-        """``A``'s block parts."""
-        return self.a.block_parts(name)
-
+    # --------------------------------------------------------------- blocks (A's: BlocksOf)
     def on_subset(self, size: int, seed: int | torch.Generator) -> LinearOperator:
         """The same preconditioner on ``A``'s data subset."""
         return PreconditionedOperator(self.a.on_subset(size, seed), self.diagonal, name=self.name)
