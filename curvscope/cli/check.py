@@ -49,30 +49,9 @@ def check_cli(
         if directions < 0 or eigen_directions < 0:
             raise OptionError("--directions and --eigen-directions must be non-negative.")
         session = open_session(common)
-        from ..diagnostics import DERIVATIVE_STEPS as STEPS
         from ..diagnostics import check
-        from .spectrum import lanczos_products
 
-        n = session.problem.num_params
-        dirs = directions + eigen_directions
-        from .spectrum import lanczos_basis
-
-        plan_memory(
-            session,
-            matrices=["hessian"],
-            vectors=2 * max(eigen_directions, 1),
-            basis=lanczos_basis(session, "all", max(eigen_directions, 1), None),
-        )
-        # eigenvectors; per direction 2 x len(STEPS) losses (gradient test), len(STEPS) losses
-        # and one product (Taylor, float64 and the float32 floor); the certificate's eigsh
-        planned = announce(
-            f"gradient and Taylor tests along {directions} random and {eigen_directions} "
-            "eigenvector directions, convexity certificate",
-            (lanczos_products(eigen_directions, n) if eigen_directions else 0)
-            + dirs * (4 * len(STEPS) + 6)
-            + lanczos_products(1, n),
-            session,
-        )
+        planned = _plan(session, directions, eigen_directions)
         settings = {"directions": directions, "eigen_directions": eigen_directions}
         with computing(session, "check", settings, planned) as update:
             result = check(
@@ -90,6 +69,38 @@ def check_cli(
             timings={"total_s": time.perf_counter() - t0},
             counts={"matvecs": result.num_matvecs},
         )
+    _print(result, session, path)
+
+
+def _plan(session, directions: int, eigen_directions: int) -> int:
+    """Plan the memory and announce the products.
+
+    Eigenvectors; per direction 2 x len(STEPS) losses (gradient test), len(STEPS) losses and
+    one product (Taylor, float64 and the float32 floor); the certificate's Lanczos.
+    """
+    from ..diagnostics import DERIVATIVE_STEPS as STEPS
+    from .spectrum import lanczos_basis, lanczos_products
+
+    n = session.problem.num_params
+    dirs = directions + eigen_directions
+    plan_memory(
+        session,
+        matrices=["hessian"],
+        vectors=2 * max(eigen_directions, 1),
+        basis=lanczos_basis(session, "all", max(eigen_directions, 1), None),
+    )
+    return announce(
+        f"gradient and Taylor tests along {directions} random and {eigen_directions} "
+        "eigenvector directions, convexity certificate",
+        (lanczos_products(eigen_directions, n) if eigen_directions else 0)
+        + dirs * (4 * len(STEPS) + 6)
+        + lanczos_products(1, n),
+        session,
+    )
+
+
+def _print(result, session, path) -> None:
+    """The derivative checks' table, their notes and the float32 floor, then the certificate."""
     evaluated_in = result.checks[0].get("evaluated_in", "float64")
     t = table(
         f"derivative checks (evaluated in {evaluated_in})",
@@ -112,7 +123,12 @@ def check_cli(
             f"float32 round-off floor: e1 reaches {f32['e1_min']:.1e}, e2 {f32['e2_min']:.1e} "
             f"and stops decreasing at h = {f32['e2_stops_decreasing_at_h']:.0e}."
         )
-    conv = result.checks[2]
+    _print_certificate(result.checks[2])
+    console.print(f"Result: {path}")
+
+
+def _print_certificate(conv: dict) -> None:
+    """The convexity certificate, one row per hidden layer."""
     ccols = [
         "layer",
         "activation",
@@ -140,7 +156,6 @@ def check_cli(
     if conv["layers"]:
         print_table(ctable)
     console.print(f"[dim]{conv['reason']}[/]")
-    console.print(f"Result: {path}")
 
 
 def register(app: typer.Typer) -> None:
