@@ -56,29 +56,7 @@ def compare_cli(
                 + "; ".join(f"{s['matrix']}: {s['reason']}" for s in skipped)
             )
         (hessian,) = session.operators(["hessian"])[0].values()
-        from .spectrum import block_sizes, lanczos_products
-
-        sizes = block_sizes(session.problem, "per-layer")
-        from .spectrum import lanczos_basis
-
-        plan_memory(
-            session,
-            matrices=["hessian", *candidates],
-            vectors=2 * (top_k + 1),
-            basis=lanczos_basis(session, "per-layer", top_k + 1, None),
-        )
-        # per block: the reference (dense up to --exact-max-dim, else probes) and each
-        # candidate alike, plus top-k Lanczos runs for eigenvalues and overlaps
-        per = [
-            (1 + len(candidates))
-            * ((n if n <= exact_max_dim else probes) + lanczos_products(top_k, n))
-            for n in sizes
-        ]
-        planned = announce(
-            f"{', '.join(candidates)} against the Hessian in {len(sizes)} layer blocks",
-            sum(per),
-            session,
-        )
+        planned = _plan(session, candidates, top_k, exact_max_dim, probes)
         settings = {
             "matrix": matrices,
             "top_k": top_k,
@@ -136,6 +114,33 @@ def compare_cli(
     for s in result.skipped:
         console.print(f"[yellow]skipped {s['matrix']}[/]: {s['reason']}")
     console.print(f"Result: {path}")
+
+
+def _plan(session, candidates: dict, top_k: int, exact_max_dim: int, probes: int) -> int:
+    """Plan the memory and announce the products.
+
+    Per block: the reference (dense up to ``--exact-max-dim``, else probes) and each candidate
+    alike, plus top-k Lanczos runs for eigenvalues and overlaps.
+    """
+    from .spectrum import block_sizes, lanczos_basis, lanczos_products
+
+    sizes = block_sizes(session.problem, "per-layer")
+    plan_memory(
+        session,
+        matrices=["hessian", *candidates],
+        vectors=2 * (top_k + 1),
+        basis=lanczos_basis(session, "per-layer", top_k + 1, None),
+    )
+    per = [
+        (1 + len(candidates))
+        * ((n if n <= exact_max_dim else probes) + lanczos_products(top_k, n))
+        for n in sizes
+    ]
+    return announce(
+        f"{', '.join(candidates)} against the Hessian in {len(sizes)} layer blocks",
+        sum(per),
+        session,
+    )
 
 
 def register(app: typer.Typer) -> None:
