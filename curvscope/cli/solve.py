@@ -128,29 +128,10 @@ def solve_cli(
         check_paths(common, {"--test-data": test_data})
         session = open_session(common)
         from ..solvers import run_solver
-        from .spectrum import lanczos_products
 
         test_problem = session.test_problem(test_data) if test_data else None
         max_iter = common.max_iter or DEFAULT_MAX_ITER
-        from ..solvers import PRODUCTS_PER_ITERATION
-
-        n = session.problem.num_params
-        plan_memory(session, matrices=["hessian"], vectors=12)
-        per_run = [
-            max_iter * PRODUCTS_PER_ITERATION.get(name, 3)
-            + (max_iter // curvature_every + 1) * 2 * lanczos_products(1, n)
-            if curvature_every
-            else max_iter * PRODUCTS_PER_ITERATION.get(name, 3)
-            for name in names
-        ]
-        if budget_matvecs is not None:
-            per_run = [min(p, budget_matvecs) for p in per_run]
-        planned = announce(
-            f"{', '.join(names)}: up to {max_iter} iterations each"
-            + (f", extreme Hessian eigenvalues every {curvature_every}" if curvature_every else ""),
-            sum(per_run),
-            session,
-        )
+        planned = _plan(session, names, max_iter, curvature_every, budget_matvecs)
         runs = []
         with progress_bar(session=session, planned=planned) as update:
             for name in names:
@@ -263,6 +244,32 @@ def _print(runs: list[SolveRun], doc_path: Path, session) -> None:
 
 def _text(f: Finding) -> str:
     return f.text
+
+
+def _plan(
+    session, names: list[str], max_iter: int, curvature_every: int, budget_matvecs: int | None
+) -> int:
+    """Plan the memory and announce the products of every solver run."""
+    from ..solvers import PRODUCTS_PER_ITERATION
+    from .spectrum import lanczos_products
+
+    n = session.problem.num_params
+    plan_memory(session, matrices=["hessian"], vectors=12)
+    per_run = [
+        max_iter * PRODUCTS_PER_ITERATION.get(name, 3)
+        + (max_iter // curvature_every + 1) * 2 * lanczos_products(1, n)
+        if curvature_every
+        else max_iter * PRODUCTS_PER_ITERATION.get(name, 3)
+        for name in names
+    ]
+    if budget_matvecs is not None:
+        per_run = [min(p, budget_matvecs) for p in per_run]
+    return announce(
+        f"{', '.join(names)}: up to {max_iter} iterations each"
+        + (f", extreme Hessian eigenvalues every {curvature_every}" if curvature_every else ""),
+        sum(per_run),
+        session,
+    )
 
 
 def register(app: typer.Typer) -> None:
