@@ -324,6 +324,7 @@ def spectrum_plan(session, matrices, blocks, top, bottom, method, repeats) -> tu
 
 
 def _print(result, session, doc_path, saved) -> None:
+    """The eigenvalue table, the gradient-overlap table, the notes and the footer."""
     p = session.problem
     title = (
         f"{p.num_params} parameters, {p.num_samples} samples, {session.input_info['loss']} "
@@ -360,25 +361,36 @@ def _print(result, session, doc_path, saved) -> None:
             t.add_row(*row)
         t.add_section()
     print_table(t)
-    if result.gradient_overlap:
-        o = table(
-            "Gradient in the top-k eigenspace, ||Pi_k g||^2 / ||g||^2",
-            ["matrix", "block", "k", "fraction", "interval", "gap", "||g||"],
-            numbers=["k", "fraction", "interval", "gap", "||g||"],
-        )
-        for e in result.gradient_overlap:
-            o.add_row(
-                e.matrix,
-                e.block,
-                str(e.k),
-                f"{e.fraction:.4f}",
-                f"[{e.lower:.4f}, {e.upper:.4f}]",
-                "-" if e.gap is None else f"{e.gap:.3g}",
-                f"{e.grad_norm:.3g}",
-            )
-        print_table(o)
+    _print_overlap(result)
     print_batch_line(session)
     print_findings(result.notes)
+    _print_footer(result, session, doc_path, saved)
+
+
+def _print_overlap(result) -> None:
+    """``--gradient-overlap``: the gradient's share of each top-k eigenspace."""
+    if not result.gradient_overlap:
+        return
+    o = table(
+        "Gradient in the top-k eigenspace, ||Pi_k g||^2 / ||g||^2",
+        ["matrix", "block", "k", "fraction", "interval", "gap", "||g||"],
+        numbers=["k", "fraction", "interval", "gap", "||g||"],
+    )
+    for e in result.gradient_overlap:
+        o.add_row(
+            e.matrix,
+            e.block,
+            str(e.k),
+            f"{e.fraction:.4f}",
+            f"[{e.lower:.4f}, {e.upper:.4f}]",
+            "-" if e.gap is None else f"{e.gap:.3g}",
+            f"{e.grad_norm:.3g}",
+        )
+    print_table(o)
+
+
+def _print_footer(result, session, doc_path, saved) -> None:
+    """Unconverged pairs and what would help, the products, how bounds are set, the paths."""
     unconverged = sum(not c for e in result.spectra for c in e.converged)
     precision = session.problem.precision
     if unconverged:
