@@ -19,6 +19,11 @@ arguments) or a dict of tensors (keyword arguments, HuggingFace style), or a dic
 whose ``labels`` entry is the target. Floating-point tensors move to the parameters' device
 and dtype; integer tensors (token ids, masks, labels) move to the device and keep their
 dtype. The data source is iterated once per pass and never held in memory.
+
+This module puts :class:`Problem` together and owns its construction, its views (``select``,
+``to``, ``distributed``, ``alone``), the analysis mode and evaluation (forward, loss, gradient,
+outputs, accuracy). The parameter layout, the data loop, the checks and the shared counters
+are mixins of the package-private :mod:`curvscope._problem`, imported by this module only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The data loop: raw batches into :class:`Batch` es, counted, weighted, moved, summed.
+"""The data loop: raw batches into :class:`Batch` objects, counted, weighted and moved.
 
 Owns how a raw batch splits into inputs and target (dict batches, ``causal_lm`` targets,
 encoder-decoder inputs), the count of samples and loss terms per batch (shared over the
