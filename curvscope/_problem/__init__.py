@@ -1,0 +1,29 @@
+"""The parts :class:`curvscope.problem.Problem` is composed of; imported by ``problem`` only.
+
+- :mod:`._batch`: the batch types (:class:`Inputs`, :class:`Batch`) and tensor-tree helpers.
+- :mod:`._counters`: the pass, work and kept-graph counters shared by every view.
+- :mod:`._params`: parameter selection, the flat layout and blocks.
+- :mod:`._data`: the data loop (splitting, counting, weighting, moving batches; ranks).
+- :mod:`._checks`: checks of weights, data and model (finite values, ids, determinism).
+
+Evaluation (mode, forward, loss, gradient, outputs) stays in :mod:`curvscope.problem`, where the
+mixins are put together.
+"""
+
+from ._batch import Batch, Inputs, batch_seed, map_tensors
+from ._checks import DataChecks, check_output_finite
+from ._counters import Counters
+from ._data import DataLoop
+from ._params import Parameters
+
+__all__ = [
+    "Batch",
+    "Counters",
+    "DataChecks",
+    "DataLoop",
+    "Inputs",
+    "Parameters",
+    "batch_seed",
+    "check_output_finite",
+    "map_tensors",
+]

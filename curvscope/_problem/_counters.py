@@ -1,0 +1,73 @@
+"""The counters every view of a problem shares: data passes, work, kept-graph bytes, meter.
+
+A view (a block, a subset, a dtype copy, a distributed copy) copies the problem's attributes,
+so each counter is a one-element list that all views hold together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+
+class Counters:
+    """Passes, work and kept-graph bytes counted over a problem and every view of it."""
+
+    def _start_counters(self) -> None:
+        # one counter shared by every view of this problem (blocks, subsets, dtype copies),
+        # so a document counts the passes its operators made on any of them
+        self._passes = [0]
+        # work for progress bars: one per pass, a k-column curvature product counts k
+        self._work = [0]
+        # bytes held by kept Hessian graphs of every view, against one graph_cache budget
+        self._kept_bytes = [0]
+        # the product meter installed by :meth:`metered` (one slot for every view)
+        self._meter: list[Any] = [None]
+
+    @property
+    def data_passes(self) -> int:
+        """Passes over the data so far, by this problem and every view of it."""
+        return self._passes[0]
+
+    @data_passes.setter
+    def data_passes(self, value: int) -> None:
+        self._passes[0] = int(value)
+
+    @property
+    def work_done(self) -> int:
+        """Products so far, for progress reports.
+
+        A pass over the data counts one, a product with k columns counts k (by this problem
+        and every view of it).
+        """
+        return self._work[0]
+
+    def add_work(self, amount: int) -> None:
+        """Count ``amount`` more units of :attr:`work_done`."""
+        self._work[0] += int(amount)
+
+    @property
+    def product_meter(self) -> Any:
+        """The :class:`~curvscope._meter.ProductMeter` installed by :meth:`metered`, or None."""
+        slot = self.__dict__.get("_meter")
+        return None if slot is None else slot[0]
+
+    @contextlib.contextmanager
+    def metered(self, meter: Any) -> Iterator[Any]:
+        """Record every curvature product of this problem and its views in ``meter``."""
+        slot = self.__dict__.setdefault("_meter", [None])
+        before, slot[0] = slot[0], meter
+        try:
+            yield meter
+        finally:
+            slot[0] = before
+
+    @property
+    def kept_graph_bytes(self) -> int:
+        """Bytes Hessian operators keep of first-order graphs, on this problem and its views."""
+        return self._kept_bytes[0]
+
+    def hold_graph_bytes(self, amount: int) -> None:
+        """Count ``amount`` more bytes of kept graphs (negative: given back)."""
+        self._kept_bytes[0] += int(amount)
