@@ -85,21 +85,27 @@ def available_memory(device: torch.device | str) -> int | None:
 _UNLIMITED = 2**60
 
 
+def _cgroups(proc: str) -> list[tuple[str, str]]:
+    """``(controllers, path)`` of each line of ``/proc/self/cgroup`` (``""``: cgroup v2)."""
+    try:
+        with open(proc) as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            out.append((parts[1], parts[2]))
+    return out
+
+
 def cgroup_free(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
     """Bytes the process's memory cgroup (v2 or v1) allows beyond its usage (``None``: no limit).
 
     v1 counts reclaimable page cache as usage, so this errs low, the safe side.
     """
-    try:
-        with open(proc) as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
+    for controllers, path in _cgroups(proc):
         if controllers == "":  # v2: one unified hierarchy
             base, files = f"{root}{path}", ("memory.max", "memory.current")
         elif "memory" in controllers.split(","):
@@ -131,16 +137,7 @@ def cgroup_cpus(proc: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -
     A container or batch job limited to 2 CPUs on a 64-core host sees 64 cores, and one
     thread per core would oversubscribe its quota 32 times.
     """
-    try:
-        with open(proc) as fh:
-            lines = fh.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
+    for controllers, path in _cgroups(proc):
         try:
             if controllers == "":
                 with open(f"{root}{path}".rstrip("/") + "/cpu.max") as fh:
