@@ -24,12 +24,14 @@ from .problem import Problem, check_output_finite
 
 __all__ = ["DTYPES", "load", "load_like", "parse_device", "parse_dtype"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-"""Dtypes an analysis runs in."""
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+"""Dtypes an analysis runs in. In ``bfloat16`` the model computes in bfloat16 while vectors,
+sums over batches and the Lanczos basis are float32, and the final residual check runs on a
+float32 copy of the model (:meth:`CurvatureOperator.accurate`)."""
 
 
 def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    """``float32`` or ``float64`` (names or torch dtypes).
+    """``float32``, ``float64`` or ``bfloat16`` (names or torch dtypes).
 
     Raises:
         OptionError: for any other value.
@@ -37,7 +39,9 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
     if isinstance(value, torch.dtype) and value in DTYPES.values():
         return value
     if str(value) not in DTYPES:
-        raise OptionError(f"{arg('dtype')} {value!r} is not supported; choose float32 or float64.")
+        raise OptionError(
+            f"{arg('dtype')} {value!r} is not supported; choose float32, float64 or bfloat16."
+        )
     return DTYPES[str(value)]
 
 
@@ -520,7 +524,17 @@ def load(
     problem.check_data(source=src.source, classes=_classes(problem, out),
                        vocabulary=_embedding_size(net))
     notes = list(loaded.notes) + list(problem.notes)
-    if half:  # a bf16/fp16 checkpoint (as HuggingFace LLMs ship): products from its values
+    if dtype_t == torch.bfloat16:
+        rounded = "" if half else (
+            " The checkpoint's weights were rounded to bfloat16: the matrix is the rounded "
+            "model's."
+        )
+        notes.append(
+            "the model computes in bfloat16 (--dtype bfloat16); vectors, sums over batches and "
+            "the Lanczos basis are float32, and the final residual checks run on a float32 copy "
+            "of the model, so residuals and bounds hold for its exact products." + rounded
+        )
+    elif half:  # a bf16/fp16 checkpoint (as HuggingFace LLMs ship): products from its values
         notes.append(
             f"the checkpoint stores {', '.join(half)} weights; they are analysed in "
             f"{str(dtype_t).replace('torch.', '')} (cast exactly from the stored values), so "

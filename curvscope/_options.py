@@ -158,7 +158,8 @@ OPTIONS: tuple[Option, ...] = (
         "--dtype",
         "str",
         "float32",
-        "float32 or float64.",
+        "float32, float64 or bfloat16 (the model in bfloat16, vectors and the final check "
+        "in float32).",
         "Numerics",
         optional=False,
         load=True,

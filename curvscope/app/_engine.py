@@ -497,6 +497,11 @@ def load_kwargs(common: RunOptions) -> dict[str, Any]:
     return {name: getattr(common, name) for name in LOAD_OPTIONS}
 
 
+BFLOAT16_COMMANDS = ("spectrum", "track")
+"""Commands that take ``--dtype bfloat16``: their eigenvalues' final residual checks run on a
+float32 copy of the model, so the bounds include what bfloat16 did to the iteration."""
+
+
 def open_session(common: RunOptions, command: str | None = None) -> Session:
     """Check the output folder and every input path, then load checkpoint and data.
 
@@ -517,9 +522,15 @@ def open_session(common: RunOptions, command: str | None = None) -> Session:
         raise OptionError(f"{arg('max_iter')} must be at least 1, got {common.max_iter}.")
     if common.threads is not None and common.threads < 1:
         raise OptionError(f"{arg('threads')} must be at least 1, got {common.threads}.")
+    command = command or _command_name()
+    if str(common.dtype) == "bfloat16" and command not in BFLOAT16_COMMANDS:
+        raise OptionError(
+            f"{arg('dtype')} bfloat16 is for {' and '.join(BFLOAT16_COMMANDS)} (Lanczos, "
+            f"whose final checks run in float32); {command}'s error bars would not include "
+            "bfloat16's round-off: use float32."
+        )
     check_inputs(common)
     check_out_dir(common.out)
-    command = command or _command_name()
     refuse_other_run(common.out, command, common.overwrite)
     prepare_torch(common)
     from .._load import load

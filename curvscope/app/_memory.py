@@ -213,7 +213,11 @@ def estimate_memory(
         limit: the memory the run may take (bytes), for the kept graphs' budget.
     """
     dev = problem.device
-    item = torch.empty((), dtype=problem.dtype).element_size()
+    from ..operators import work_dtype
+
+    # vectors and bases in the work dtype: float32 for a bfloat16 model
+    vector_dtype = work_dtype(problem.dtype)
+    item = torch.empty((), dtype=vector_dtype).element_size()
     P = problem.num_params
     acts = activation_bytes(problem)
     factors = [ACTIVATION_FACTOR.get(m, OTHER_FACTOR) for m in matrices]
@@ -231,7 +235,7 @@ def estimate_memory(
         if bdev == dev:
             parts["Lanczos basis"] = basis_bytes
             notes["Lanczos basis"] = (
-                f"{basis} x {P} {str(problem.dtype).replace('torch.', '')}"
+                f"{basis} x {P} {str(vector_dtype).replace('torch.', '')}"
                 + (f", x{keep:g} at a restart" if keep > 1 else "")
             )
         else:

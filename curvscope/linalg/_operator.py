@@ -16,6 +16,7 @@ and diagnostic takes any of them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -122,6 +123,32 @@ class LinearOperator:
             if isinstance(part, LinearOperator):
                 eps = max(eps, part.roundoff_eps)
         return eps
+
+    @property
+    def check_eps(self) -> float:
+        """The round-off of :meth:`accurate`'s products (the least precise part's)."""
+        eps = float(torch.finfo(self.dtype).eps)
+        for part in (getattr(self, "a", None), getattr(self, "b", None)):
+            if isinstance(part, LinearOperator):
+                eps = max(eps, part.check_eps)
+        return eps
+
+    def accurate(self) -> LinearOperator:
+        """The operator for final residual checks: the same matrix in its most exact products.
+
+        ``self``, unless a part computes in a lower precision than its vectors (a bfloat16
+        model) and can compute in theirs; composites rebuild themselves over their parts'.
+        """
+        parts = {
+            key: part for key in ("a", "b")
+            if isinstance(part := getattr(self, key, None), LinearOperator)
+        }
+        swapped = {key: part.accurate() for key, part in parts.items()}
+        if all(swapped[key] is parts[key] for key in parts):
+            return self
+        out = copy.copy(self)
+        out.__dict__.update(swapped)
+        return out
 
     @property
     def is_symmetric(self) -> bool:

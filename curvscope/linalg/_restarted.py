@@ -308,9 +308,27 @@ def eigsh(
     # under that floor would only stall the iteration, so it is raised to it (the results
     # carry the tolerance used)
     floor_eps = max(float(eps), float(getattr(A, "roundoff_eps", 0.0)))
+    # where final checks are exact (a bfloat16 model checked in float32), the iteration's
+    # floor is one product's round-off, ROUNDOFF eps ||A||, and its tolerance is raised only
+    # to that: the final check measures what it reached. No bound falls below it either: an
+    # iteration on bfloat16 products does not resolve eigenvalues closer than its round-off,
+    # and may pass one by (tiny MLPs whose eigenvalues lie 0.5% of ||A|| apart: a third
+    # eigenvalue missed by 1.1% of ||A||, with a residual of 0.9%; their products stall near
+    # 2e-3 ||A||). Otherwise the final check shares the floor, sqrt(n) ROUNDOFF eps ||A||.
+    check_eps = max(float(eps), float(getattr(A, "check_eps", floor_eps)))
+    iter_floor = ROUNDOFF * floor_eps * (1.0 if check_eps < floor_eps else math.sqrt(n))
+    # the gap (Kato-Temple) bound needs every value beside it resolved so finely that no
+    # eigenvalue hides between them: at the precision of the final check, never at a
+    # tolerance raised to the iteration's floor (bfloat16's 3e-2 ||A|| passed a third Ritz
+    # value 0.0275 off with a gap bound of 0.0092 on an MLP whose eigenvalues lie 0.01 apart)
+    gap_tol = max(tol, ROUNDOFF * check_eps * math.sqrt(n)) if check_eps > eps else tol
     if floor_eps > eps:
-        tol = max(tol, ROUNDOFF * floor_eps * math.sqrt(n))
+        tol = max(tol, iter_floor)
+        gap_tol = min(gap_tol, tol)
 
+    # final checks take their products from A.accurate(): a bfloat16 model's float32 copy,
+    # so bounds hold for exact products whatever round-off the iteration carried
+    checker = None
     steps = 0
     restarts = 0
     est_scale = 1.0  # raised when a final check finds the estimated residuals too small
@@ -318,8 +336,8 @@ def eigsh(
     next_check = None  # after a failed check: the step of the next one at the latest
     last_failing = None  # after a failed check: its worst residual over tol ||A||
 
-    def matvec(V: torch.Tensor, what: str) -> torch.Tensor:
-        out = A @ V.to(device=A.device)
+    def matvec(V: torch.Tensor, what: str, op: Any = A) -> torch.Tensor:
+        out = op @ V.to(device=op.device)
         out = out.reshape(n, V.shape[1]).to(device=bdev, dtype=dtype)
         if not bool(torch.isfinite(out).all()):
             raise NonFiniteError(f"a product of the operator returned NaN or Inf ({what}).")
@@ -357,10 +375,10 @@ def eigsh(
         bounds = _error_bounds(
             vals,
             res,
-            resolved=small,
+            resolved=res <= gap_tol * norm,
             side=_sides(vals.shape[0], t_idx, b_idx),
             complete=X.shape[1] + j >= n,
-            floor=ROUNDOFF * floor_eps * math.sqrt(n) * norm,
+            floor=iter_floor * norm,
         )
         return bounds <= rtol * vals.abs()
 
@@ -477,13 +495,17 @@ def eigsh(
                     on_estimates = True
                     break
 
+            if checker is None:  # built once, at the first final check
+                checker = A.accurate() if callable(getattr(A, "accurate", None)) else A
             results, worst = _finish(
-                A,
-                matvec,
+                checker,
+                lambda Y, what, op=checker: matvec(Y, what, op),
                 progress,
                 top=top,
                 bottom=bottom,
                 tol=tol,
+                gap_tol=gap_tol,
+                min_floor=iter_floor,
                 rtol=rtol,
                 X=X,
                 x_vals=x_vals,
@@ -662,6 +684,8 @@ def _finish(
     tol: float,
     rtol: float | None,
     X: torch.Tensor,
+    gap_tol: float | None = None,
+    min_floor: float = 0.0,
     x_vals: torch.Tensor,
     x_est: torch.Tensor,
     V: torch.Tensor,
@@ -710,7 +734,7 @@ def _finish(
     ).cpu()
     norm = max(float(vals.abs().max()), float(lam.abs().max()), 1e-300)
     eps = max(float(torch.finfo(Y.dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
-    floor = ROUNDOFF * eps * math.sqrt(n) * norm
+    floor = max(ROUNDOFF * eps * math.sqrt(n), min_floor) * norm
     rest = torch.ones(vals.shape[0], dtype=torch.bool)
     rest[sel] = False
     all_vals = torch.cat([lam, vals[rest]])
@@ -719,7 +743,7 @@ def _finish(
     bounds = _error_bounds(
         all_vals,
         all_res,
-        resolved=all_res <= tol * norm,
+        resolved=all_res <= (tol if gap_tol is None else gap_tol) * norm,
         side=_sides(all_vals.shape[0], torch.arange(tk), torch.arange(tk, k)),
         complete=complete,
         floor=floor,

@@ -6,7 +6,7 @@ Fisher, PCH, KFAC and EKFAC derive from it. :data:`MATRICES` is the one registry
 """
 
 from ..linalg import DenseOperator, IdentityOperator, LinearOperator, ScaledOperator, SumOperator
-from ._base import CurvatureOperator
+from ._base import CurvatureOperator, work_dtype
 from ._classes import ClassStructure, LowRankOperator, check_classifier, class_structure
 from ._fisher import EmpiricalFisherOperator, FisherKind, FisherOperator
 from ._ggn import GGNOperator
@@ -71,4 +71,5 @@ __all__ = [
     "mlp_chain",
     "report_matrices",
     "resolve_matrices",
+    "work_dtype",
 ]

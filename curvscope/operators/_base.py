@@ -21,7 +21,15 @@ from .._errors import OptionError, arg
 from ..linalg import LinearOperator
 from ..problem import Batch, Problem
 
-__all__ = ["CurvatureOperator", "autograd_nodes", "once_differentiable_functions"]
+__all__ = ["CurvatureOperator", "autograd_nodes", "once_differentiable_functions", "work_dtype"]
+
+HALF = (torch.bfloat16, torch.float16)
+"""Model dtypes whose products are summed, and solved with, in float32."""
+
+
+def work_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of vectors for a model computing in ``model_dtype``: float32 for half types."""
+    return torch.float32 if model_dtype in HALF else model_dtype
 
 
 def autograd_nodes(tensors):
@@ -93,8 +101,13 @@ class CurvatureOperator(LinearOperator):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Dtype of products (that of the parameters)."""
-        return self.problem.dtype
+        """Dtype of vectors and products: the parameters', float32 for a bfloat16 model.
+
+        A bfloat16 model computes each batch's product in bfloat16; the vectors it is given,
+        the sum over batches and everything a solver builds on them stay float32
+        (bfloat16's 8 bits would lose a Lanczos basis's orthogonality in a few steps).
+        """
+        return work_dtype(self.problem.dtype)
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +121,30 @@ class CurvatureOperator(LinearOperator):
         A float64 run through float32 operations carries float32 round-off
         (:attr:`Problem.precision`).
         """
-        return max(float(torch.finfo(self.dtype).eps), self.problem.precision.eps)
+        return max(float(torch.finfo(self.problem.dtype).eps), self.problem.precision.eps)
+
+    @property
+    def check_eps(self) -> float:
+        """The round-off of :meth:`accurate`'s products (float32's for a bfloat16 model).
+
+        The copy computes in the work dtype unless the model itself casts lower than its own
+        dtype (then that floor stays).
+        """
+        precision = self.problem.precision
+        low = precision.eps if precision.lowered else 0.0
+        return max(float(torch.finfo(self.dtype).eps), low)
+
+    def accurate(self) -> CurvatureOperator:
+        """The same matrix computed in float32 where the model computes in bfloat16, else self.
+
+        Solvers take their final residual checks with it, so that the bounds they print hold
+        for the model's exact products and include what bfloat16's round-off did to the
+        iteration. It is a float32 copy of the model, built on each call (the iteration's
+        bfloat16 model is not touched), as :meth:`Problem.to` builds it.
+        """
+        if self.problem.dtype == self.dtype:
+            return self
+        return self._with_problem(self.problem.to(self.dtype))
 
     # --------------------------------------------------------------- products
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -144,7 +180,9 @@ class CurvatureOperator(LinearOperator):
 
     def _counted_matmat(self, V: torch.Tensor) -> torch.Tensor:
         before = self.problem.work_done
-        out = self._data_matmat(V)
+        low = self.problem.dtype
+        # a bfloat16 model takes bfloat16 vectors; its sum comes back in the work dtype
+        out = self._data_matmat(V.to(low) if low != V.dtype else V).to(V.dtype)
         # progress counts k columns as k products, however many passes they took
         self.problem.add_work(V.shape[1] - (self.problem.work_done - before))
         if not bool(torch.isfinite(out).all()):
@@ -186,7 +224,8 @@ class CurvatureOperator(LinearOperator):
 
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         """The data term: the sum of per-batch products over one pass."""
-        out = torch.zeros_like(V)
+        # summed in the work dtype: float32 for a bfloat16 model's per-batch products
+        out = torch.zeros_like(V, dtype=self.dtype)
         for batch in self.problem.batches():
             out += self._batch_matmat(batch, V)
         return self.problem.reduce(out)
