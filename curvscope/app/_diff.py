@@ -341,9 +341,12 @@ def _track(doc: dict) -> Iterator[Item]:
 
 
 def _classes(doc: dict) -> Iterator[Item]:
-    """The GGN's eigenvalues with their bounds, the parts' exact eigenvalues and traces (to
-    round-off of the largest of their family: small eigenvalues of a Gram matrix are exact
-    only to eps times its largest), and each angle's cosines within its error bound."""
+    """A classes document's numbers, each with what bounds it.
+
+    The GGN's eigenvalues with their bounds, the parts' exact eigenvalues and traces to
+    round-off of the largest of their family (small eigenvalues of a Gram matrix are exact
+    only to eps times its largest), and each angle's cosines within its error bound.
+    """
     r = (doc.get("results") or {}).get("classes") or {}
     yield ("classes", "classes", r.get("num_classes"), [])
     for c, n in enumerate(r.get("class_counts") or []):
