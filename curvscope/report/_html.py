@@ -584,9 +584,8 @@ def _classes(doc: dict, page: _Page) -> str:
                 _td(bounds[i] if i < len(bounds) else None, True),
                 "<td></td>" if ok is None else
                 f'<td class="{"pass" if ok else "fail"}">{"yes" if ok else "no"}</td>',
-                _td(cls[i] if i < len(cls) else None, True) if i < C else "<td></td>",
-                _td(crs[i - C] if 0 <= i - C < len(crs) else None, True)
-                if i >= C else "<td></td>",
+                _td(cls[i], True) if i < len(cls) else "<td></td>",
+                _td(crs[i - C], True) if 0 <= i - C < len(crs) else "<td></td>",
             ]
         )
     out += "<h3>Eigenvalues: the GGN's against the parts'</h3>" + _table(
