@@ -222,3 +222,73 @@ def test_cli_classes_refuses_mse_in_one_sentence(tmp_path):
     assert res.exit_code == 1
     assert "mse loss has no classes" in res.output
     assert "Traceback" not in res.output
+
+
+def _run_classes(tmp_path, out, *extra):
+    from typer.testing import CliRunner
+
+    from curvscope.cli import app
+
+    path = tmp_path / "model.pt" if (tmp_path / "model.pt").is_file() else _checkpoint(tmp_path)
+    return CliRunner().invoke(
+        app,
+        ["classes", str(path), "--dtype", "float64", "--tol", "1e-10", "--batch-size", "16",
+         "--out", str(out), *extra],
+    )
+
+
+def test_classes_figure_and_report_from_its_folder(tmp_path):
+    """`classes` writes classes.png beside its document; `report --from` renders the section."""
+    from typer.testing import CliRunner
+
+    from curvscope.cli import app
+
+    out = tmp_path / "out"
+    res = _run_classes(tmp_path, out)
+    assert res.exit_code == 0, res.output
+    assert (out / "classes.png").is_file() and "classes.png" in res.output
+    res = CliRunner().invoke(app, ["report", "--from", str(out)])
+    assert res.exit_code == 0, res.output
+    html = (out / "report.html").read_text()
+    assert 'id="classes"' in html and "Principal angles" in html
+    assert "class means G_class" in html  # the plotly chart's trace
+    assert (out / "figures" / "classes.png").is_file()
+    assert 'id="skipped"' not in html  # a classes folder is no report with parts missing
+    import json
+
+    doc = json.loads((out / "classes.json").read_text())
+    r = doc["results"]["classes"]
+    assert f"{r['ggn']['eigenvalues'][0]:.6g}" in html
+    assert f"{r['class_eigenvalues'][0]:.6g}" in html
+
+
+def test_ctrl_c_during_classes_keeps_parts_ritz_values_and_figure(tmp_path, monkeypatch):
+    import json
+
+    import curvscope.linalg._restarted as restarted
+
+    real, calls = restarted.orthogonalise, []
+
+    def stop_at_eight(*args, **kwargs):  # Ctrl-C during the GGN's eighth Lanczos step
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(restarted, "orthogonalise", stop_at_eight)
+    out = tmp_path / "out"
+    res = _run_classes(tmp_path, out)
+    assert res.exit_code == 130, res.output
+    doc = json.loads((out / "classes.json").read_text())
+    assert doc["complete"] is False and doc["run"]["state"] in ("running", "interrupted")
+    r = doc["results"]["classes"]
+    assert len(r["class_eigenvalues"]) == 4 and r["cross_eigenvalues"]  # the parts: exact
+    g = r["ggn"]
+    assert 0 < len(g["eigenvalues"]) <= 16 and not any(g["converged"])
+    assert g["error_bounds"] is None
+    assert all(a["error_bound"] == 1.0 for a in r["angles"])
+    assert "interrupted (Ctrl-C) during the GGN's Lanczos" in " ".join(doc["notes"])
+    assert (out / "classes.png").is_file()
+    assert "Principal angles" in res.output  # the partial tables were printed
+    marker = json.loads((out / ".curvscope-run.json").read_text())
+    assert marker["state"] == "interrupted"

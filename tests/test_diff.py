@@ -230,3 +230,43 @@ def test_near_zero_numbers_use_the_scale_of_their_family():
     assert diff_documents(compare(4.9e-5), compare(2e-3)).counts["different"] == 1
     eigen = {**surface(0.0), "results": {"surface": {"directions": {"kind": "eigen"}}}}
     assert "eigenvectors found from another start" in diff_documents(eigen, eigen).notes[0]
+
+
+def test_diff_of_two_classes_runs(tmp_path):
+    """Two `classes` runs of one model with other Lanczos seeds agree within their bounds;
+    a moved class eigenvalue or cosine is different, and the table pairs them by part."""
+    from .test_classes import _checkpoint
+
+    model = _checkpoint(tmp_path)
+    outs = []
+    for seed in (0, 1):
+        out = tmp_path / f"c{seed}"
+        res = runner.invoke(
+            app,
+            ["classes", str(model), "--dtype", "float64", "--tol", "1e-9", "--seed", str(seed),
+             "--out", str(out)],
+        )
+        assert res.exit_code == 0, res.output
+        outs.append(out / "classes.json")
+    a, b = (json.loads(p.read_text()) for p in outs)
+    d = diff_documents(a, b)
+    assert d.command == "classes" and not d.changed, [e for e in d.changed][:3]
+    keys = {e.key for e in d.entries}
+    assert {"ggn #1", "class part #1", "cross part #1", "tr G_class"} <= keys
+    assert any(k.startswith("angles class vs ggn 1..4 cos #") for k in keys)
+    ggn1 = next(e for e in d.entries if e.key == "ggn #1")
+    assert ggn1.basis == "error bound" and ggn1.uncertainty > 0
+    cos1 = next(e for e in d.entries if e.key == "angles class vs ggn 1..4 cos #1")
+    assert cos1.basis == "angle bound"
+    moved = copy.deepcopy(b)
+    r = moved["results"]["classes"]
+    r["class_eigenvalues"][0] *= 1.001
+    cls = next(x for x in r["angles"] if x["part"] == "class")
+    cls["cosines"][-1] -= 10 * cls["error_bound"] + 1e-6
+    changed = {e.key for e in diff_documents(a, moved).changed}
+    assert changed == {"class part #1", f"angles class vs ggn 1..4 cos #{len(cls['cosines'])}"}
+    path = tmp_path / "moved" / "classes.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(moved))
+    res = runner.invoke(app, ["diff", str(outs[0]), str(path), "--fail-on-change"])
+    assert res.exit_code == 4, res.output

@@ -206,3 +206,30 @@ def test_cli_spectrum_and_track_gradient_overlap(tmp_path):
     rows = json.loads((tmp_path / "t" / "track.json").read_text())["results"]["track"]
     assert [r["gradient_overlap"]["hessian"]["k"] for r in rows] == [2, 2]
     assert "grad in top-2" in res.output
+
+
+def test_tracker_per_layer_overlap_matches_dense_block_hessians(tmp_path):
+    """`track --per-layer --gradient-overlap K`: each module's fraction of its own gradient
+    part in the top-K eigenspace of its own Hessian block, against dense float64 truth."""
+    model, data = _tiny(seed=3)
+    problem = Problem(model, "cross_entropy", data)
+    blocks = problem.module_blocks()
+    tracker = cs.Tracker(
+        model, "cross_entropy", data, every=1, top=1, tol=TOL, per_layer=True,
+        gradient_overlap=2, out=tmp_path / "t.json",
+    )
+    row = tracker.step(0)
+    per = row["per_layer_gradient_overlap"]["hessian"]
+    assert set(per) == set(blocks) == {"0", "2"}
+    for block, names in blocks.items():
+        H, g = _truth(model, data, names)
+        truth = _fraction(H, g, 2)
+        entry = per[block]
+        assert entry["k"] == 2 and abs(entry["fraction"] - truth) < 1e-8, (block, entry, truth)
+        assert entry["lower"] <= truth <= entry["upper"] and entry["error_bound"] < 1e-6
+        top = float(torch.linalg.eigvalsh(H)[-1])
+        assert abs(row["per_layer_top"]["hessian"][block]["eigenvalue"] - top) < 1e-8
+    # without --per-layer there is none
+    plain = cs.Tracker(model, "cross_entropy", data, every=1, top=1, tol=TOL,
+                       gradient_overlap=2, out=tmp_path / "p.json").step(0)
+    assert "per_layer_gradient_overlap" not in plain

@@ -624,3 +624,33 @@ def test_interrupted_report_keeps_what_finished(tmp_path, monkeypatch):
     assert (tmp_path / "spectrum.json").is_file() and not (tmp_path / "surface.json").exists()
     html = (tmp_path / "report.html").read_text()
     assert "interrupted (Ctrl-C) while running" in html and "not run: interrupted" in html
+
+
+def test_full_report_runs_classes_for_a_classifier_and_skips_it_otherwise(tmp_path):
+    """The full preset's classes part: run (budgeted) for softmax cross-entropy, left out
+    with its one-sentence reason for mse; the quick preset leaves it out silently."""
+    from .test_classes import _tiny
+
+    model, data, red = _tiny(classes=3, n=30)
+    problem = Problem(model, "cross_entropy", data, reduction=red)
+    run = run_report(problem, out_dir=tmp_path / "f", preset="full", parts=("classes",),
+                     budget_s=120, tol=1e-8)
+    assert "classes" in run.documents, run.skipped
+    doc = read_document(tmp_path / "f" / "classes.json")
+    r = doc["results"]["classes"]
+    assert r["num_classes"] == 3 and len(r["ggn"]["eigenvalues"]) == 9
+    assert doc["budget"]["planned"]["products"]["ggn"] > 0
+    assert doc["settings"]["preset"] == "full" and doc["settings"]["top"] == 9
+    html = run.html.read_text()
+    assert 'id="classes"' in html and (tmp_path / "f" / "figures" / "classes.png").is_file()
+    quick = run_report(
+        problem, out_dir=tmp_path / "q", preset="quick", parts=("spectrum", "classes")
+    )
+    assert set(quick.documents) == {"spectrum"} and not quick.skipped
+    model, loss, data, red = build(CASES[2])  # mse
+    mse = Problem(model, loss, data, reduction=red)
+    skipped = run_report(
+        mse, out_dir=tmp_path / "m", preset="full", parts=("spectrum", "classes")
+    ).skipped
+    assert [s["part"] for s in skipped] == ["classes"]
+    assert "has no classes" in skipped[0]["reason"]

@@ -49,7 +49,9 @@ ROUNDOFF_REL = {"float32": 10 * 2.0**-23, "float64": 10 * 2.0**-52}
 round-off (sums over thousands of samples in float32 agree to a few 1e-7, measured on the
 digits examples between runs with different batch sizes)."""
 
-DIFF_COMMANDS = ("spectrum", "density", "check", "compare", "surface", "solve", "track")
+DIFF_COMMANDS = (
+    "spectrum", "density", "check", "compare", "surface", "solve", "track", "classes"
+)
 """Commands whose documents :func:`diff_documents` compares."""
 
 
@@ -338,6 +340,46 @@ def _track(doc: dict) -> Iterator[Item]:
                 )
 
 
+def _classes(doc: dict) -> Iterator[Item]:
+    """A classes document's numbers, each with what bounds it.
+
+    The GGN's eigenvalues with their bounds, the parts' exact eigenvalues and traces to
+    round-off of the largest of their family (small eigenvalues of a Gram matrix are exact
+    only to eps times its largest), and each angle's cosines within its error bound.
+    """
+    r = (doc.get("results") or {}).get("classes") or {}
+    yield ("classes", "classes", r.get("num_classes"), [])
+    for c, n in enumerate(r.get("class_counts") or []):
+        yield ("classes", f"samples of class {c}", n, [])
+    g = r.get("ggn") or {}
+    for i, v in enumerate(g.get("eigenvalues") or []):
+        yield (
+            "classes",
+            f"ggn #{i + 1}",
+            v,
+            _eigen_uncertainty(g.get("error_bounds"), g.get("residual_norms"), None, i),
+        )
+    for part in ("class", "cross", "means", "self"):
+        values = r.get(f"{part}_eigenvalues") or []
+        for i, v in enumerate(values):
+            yield ("classes", f"{part} part #{i + 1}", v, [(SCALE, _norm(values))])
+    traces = [r.get(f"{p}_trace") for p in ("class", "cross", "self")]
+    for part in ("class", "cross", "self"):
+        if f"{part}_trace" in r:
+            yield ("classes", f"tr G_{part}", r.get(f"{part}_trace"), [(SCALE, _norm(traces))])
+    for a in r.get("angles") or []:
+        pairs = "..".join(str(p) for p in a.get("ggn_pairs") or [])
+        head = f"angles {a.get('part')} vs ggn {pairs}"
+        e = _num(a.get("error_bound"))
+        bound = [("angle bound", e)] if e is not None else []
+        yield ("classes", f"{head} dimension", a.get("dimension"), [])
+        for i, c in enumerate(a.get("cosines") or []):
+            yield ("classes", f"{head} cos #{i + 1}", c, bound)
+        # every cosine within e: each cos^2 within 2e + e^2, and so is their mean
+        sq = [("angle bound", min(1.0, 2 * e + e * e))] if e is not None else []
+        yield ("classes", f"{head} mean cos^2", a.get("mean_squared_cosine"), sq)
+
+
 _COLLECT = {
     "spectrum": _spectrum,
     "density": _density,
@@ -346,6 +388,7 @@ _COLLECT = {
     "surface": _surface,
     "solve": _solve,
     "track": _track,
+    "classes": _classes,
 }
 
 

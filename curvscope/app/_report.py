@@ -32,6 +32,7 @@ __all__ = [
     "PARTS",
     "PRESETS",
     "QUICK_BUDGET_S",
+    "REPORT_PARTS",
     "SKIPPED_FILE",
     "ReportRun",
     "lanczos_products",
@@ -42,6 +43,10 @@ __all__ = [
 Progress = Callable[[int, int, str], None]
 
 PRESETS = ("quick", "full")
+REPORT_PARTS = (*PARTS, "classes")
+"""The parts ``run_report`` attempts: the page's parts and, in the full preset for a softmax
+classifier, the class decomposition (rendered as an optional document, see
+:data:`curvscope.report.OPTIONAL_PARTS`)."""
 SOLVE_FULL = ("gd", "lbfgs", "nlcg", "newton-cg", "hf", "eacg", "mk")
 SOLVE_MAX_ITER = 30
 
@@ -196,6 +201,23 @@ def _solve_plan(problem: Problem, names: list[str]) -> _Plan:
     return plan
 
 
+def _classes_plan(problem: Problem, classes: int, top: int) -> _Plan:
+    """The class means (C² vjp columns a batch, priced as GGN products) and GGN top+1."""
+    plan, dt, n = _Plan(), _dtype_name(problem.dtype), problem.num_params
+    plan.add("ggn", dt, n, classes * classes + lanczos_products(top + 1, n))
+    return plan
+
+
+def _num_classes(problem: Problem) -> int | None:
+    """``C`` of a softmax classifier, else ``None`` (one forward pass of one sample)."""
+    from ..diagnostics import check_classifier
+
+    try:
+        return check_classifier(problem)
+    except CurvscopeError:
+        return None
+
+
 def _named_sizes(problem: Problem) -> dict[str, int]:
     layers = dict(zip(problem.module_blocks(), _block_sizes(problem), strict=True))
     return {"all": problem.num_params, **layers}
@@ -229,6 +251,9 @@ def _plans(problem: Problem, preset: str) -> dict[str, _Plan]:
         "compare": _compare_plan(problem, compare_names, layers or ["all"]),
         "surface": _surface_plan(problem, 41 if full else 21, eigen=True),
         "solve": _solve_plan(problem, [n for n in SOLVE_FULL if n in SOLVERS]) if full else _Plan(),
+        "classes": _classes_plan(problem, C, min(C * C, problem.num_params - 1))
+        if full and (C := _num_classes(problem))
+        else _Plan(),
     }
 
 
@@ -874,6 +899,38 @@ def _solve(ctx: _Context) -> dict | None:
     )
 
 
+def _classes(ctx: _Context) -> dict | None:
+    """Papyan's class decomposition of the GGN, in the full preset, for softmax classifiers.
+
+    Refused (skipped with its one-sentence reason) for other losses and outputs. Under a
+    budget the GGN pairs shrink from C² (outliers and mini-outliers) to C (the outliers).
+    """
+    if not ctx.full:
+        return None
+    from ..diagnostics import check_classifier, classes
+
+    p = ctx.problem
+    C = check_classifier(p)
+    ctx.knobs["top"] = min(C * C, p.num_params - 1)
+
+    def shrink(k: dict) -> bool:
+        if k["top"] <= C:
+            return False
+        k["top"] = min(C, k["top"])
+        return True
+
+    ctx.fit("classes", lambda k: _classes_plan(p, C, k["top"]), shrink)
+    top = ctx.knobs["top"]
+    t0, passes = time.perf_counter(), p.data_passes
+    res = classes(
+        p, top=top, tol=ctx.tol, max_matvecs=ctx.max_iter, seed=ctx.seed, progress=ctx.progress
+    )
+    settings = {"top": top, "max_matvecs": ctx.max_iter, "basis_size": None, "rtol": None}
+    return ctx.document(
+        "classes", settings, res.to_results(), t0, passes, res.num_matvecs, list(res.notes)
+    )
+
+
 def _fixed(_: dict) -> bool:
     """A part whose settings cannot shrink: it runs whole or is left out."""
     return False
@@ -886,6 +943,7 @@ _RUNNERS: dict[str, Callable[[_Context], dict | None]] = {
     "compare": _compare,
     "surface": _surface,
     "solve": _solve,
+    "classes": _classes,
 }
 
 
@@ -928,7 +986,7 @@ def run_report(
     max_iter: int | None = None,
     plotly_js: str = "inline",
     figure_formats: tuple[str, ...] = ("png",),
-    parts: tuple[str, ...] = PARTS,
+    parts: tuple[str, ...] = REPORT_PARTS,
     budget_s: float | None = None,
     progress: Progress | None = None,
 ) -> ReportRun:
@@ -977,9 +1035,11 @@ def run_report(
     """
     if preset not in PRESETS:
         raise OptionError(f"{arg('preset')} {preset!r} is not known; choose quick or full.")
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in REPORT_PARTS]
     if unknown:
-        raise OptionError(f"report parts {unknown} are not known; choose from {', '.join(PARTS)}.")
+        raise OptionError(
+            f"report parts {unknown} are not known; choose from {', '.join(REPORT_PARTS)}."
+        )
     if budget_s is not None and not budget_s > 0:
         raise OptionError(f"{arg('budget_s')} must be positive, got {budget_s}.")
     out = Path(out_dir)
@@ -1001,7 +1061,7 @@ def _remove_stale_parts(out: Path, run_id: str) -> list[Path]:
     otherwise stay beside the new ones as if it belonged to this run.
     """
     removed = []
-    for part in PARTS:
+    for part in REPORT_PARTS:
         path = out / f"{part}.json"
         if not path.is_file():
             continue

@@ -381,14 +381,7 @@ class _Measurer:
                     k,
                     matrix=name,
                 )
-                row.setdefault("gradient_overlap", {})[name] = {
-                    "k": ov.k,
-                    "fraction": ov.fraction,
-                    "error_bound": ov.error_bound,
-                    "lower": ov.lower,
-                    "upper": ov.upper,
-                    "gap": ov.gap,
-                }
+                row.setdefault("gradient_overlap", {})[name] = _overlap_record(ov)
             if self.trace:
                 estimate = (hutchpp_trace if self.trace == "hutchpp" else hutchinson_trace)(
                     op, num_matvecs=self.trace_probes, seed=self._generator()
@@ -401,11 +394,27 @@ class _Measurer:
                 }
                 total += int(estimate.num_matvecs)
             if self.per_layer:
-                layers = {}
+                layers, overlaps = {}, {}
                 for block in op.named_blocks("per-layer"):
+                    size = op.block(block).shape[0]
+                    # K + 1 pairs of the block for its overlap (the gap), where it has them
+                    kb = min(k, size - 1) if k else 0
                     (res,), used_b, cold_b, diff_b = self._solve(
-                        op.block(block), (name, block), 1, 0, None
+                        op.block(block), (name, block), kb + 1 if kb else 1, 0, None
                     )
+                    if kb:
+                        ov = overlap_from_ritz(
+                            res.eigenvalues,
+                            res.eigenvectors,
+                            res.residual_norms,
+                            res.error_bounds,
+                            res.converged,
+                            _block_part(problem, block, grad),
+                            kb,
+                            matrix=name,
+                            block=block,
+                        )
+                        overlaps[block] = _overlap_record(ov)
                     eigen += used_b
                     if cold_total is not None:
                         cold_total += int(cold_b)
@@ -417,6 +426,8 @@ class _Measurer:
                         "converged": bool(res.converged[0]),
                     }
                 row.setdefault("per_layer_top", {})[name] = layers
+                if overlaps:
+                    row.setdefault("per_layer_gradient_overlap", {})[name] = overlaps
         if preconditioner is not None:
             row["optimizer"] = preconditioner.to_dict(params=False)
         elif unavailable is not None:
@@ -427,6 +438,29 @@ class _Measurer:
             row["num_matvecs_cold"] = cold_total
             row["warm_cold_max_diff"] = max_diff
         return row
+
+
+def _overlap_record(ov) -> dict[str, Any]:
+    """A row's record of one :class:`~curvscope.diagnostics.GradientOverlap`."""
+    return {
+        "k": ov.k,
+        "fraction": ov.fraction,
+        "error_bound": ov.error_bound,
+        "lower": ov.lower,
+        "upper": ov.upper,
+        "gap": ov.gap,
+    }
+
+
+def _block_part(problem: Problem, block: str, grad: torch.Tensor) -> torch.Tensor:
+    """The entries of the whole-model gradient that belong to module ``block``.
+
+    In the order of the block's operator: the problem's parameter order.
+    """
+    slices = problem.param_slices()
+    parts = set(problem.block_param_names(block))
+    g = grad.reshape(-1)
+    return torch.cat([g[slices[n]] for n in problem.names if n in parts])
 
 
 def _labelled(progress: Progress | None, label: str) -> Progress | None:

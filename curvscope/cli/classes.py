@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -22,6 +23,7 @@ from ._common import (
     print_table,
     table,
 )
+from .spectrum import lanczos_basis, lanczos_products
 
 __all__ = ["classes_cli", "register"]
 
@@ -58,21 +60,15 @@ def classes_cli(
             raise OptionError(f"--top {top} must be at least 1.")
         session = open_session(common)
         from ..diagnostics import check_classifier, classes
-        from .spectrum import lanczos_products
 
         problem = session.problem
         C = check_classifier(problem)  # refuses mse, bce... in one sentence, before any work
         k = min(C * C if top is None else top, problem.num_params - 1)
-        from ..linalg import default_basis_size
-
-        item = 8 if problem.dtype.itemsize == 8 else 4
         plan_memory(
             session,
             matrices=["ggn"],
             vectors=2 * (k + 1) + 2 * C * C,
-            basis=min(problem.num_params, basis_size)
-            if basis_size
-            else default_basis_size(k + 1, problem.num_params, itemsize=item),
+            basis=lanczos_basis(session, "all", k + 1, basis_size),
         )
         planned = announce(
             f"{C} classes: {C * C} class-mean vectors and ggn top-{k + 1} by Lanczos",
@@ -80,7 +76,13 @@ def classes_cli(
             session,
         )
         settings = {"top": top, "max_matvecs": max_matvecs, "basis_size": basis_size, "rtol": rtol}
-        with computing(session, "classes", settings, planned) as update:
+        with computing(
+            session,
+            "classes",
+            settings,
+            planned,
+            show=lambda part, path: _show(part, session, path),
+        ) as update:
             result = classes(
                 problem,
                 top=top,
@@ -101,13 +103,31 @@ def classes_cli(
             counts={"matvecs": result.num_matvecs},
             notes=list(result.notes),
         )
-        _print(result, session, doc_path)
+        _show(result, session, doc_path)
+
+
+def _show(result, session, doc_path: Path) -> None:
+    """The figure beside the document (complete or partial), then the tables."""
+    figures = write_figures(doc_path)
+    _print(result, session, doc_path)
+    if figures:
+        console.print("Figure: " + ", ".join(str(p) for p in figures))
+
+
+def write_figures(doc_path: Path) -> list[Path]:
+    """``classes.png`` beside a written classes document (as ``surface`` writes its own)."""
+    from ..io import read_document
+    from ..report import CLASSES_FIGURES, remove_stale_figures, save_figures
+
+    paths = save_figures(read_document(doc_path), doc_path.parent, ("png",))
+    remove_stale_figures(doc_path.parent, paths, CLASSES_FIGURES)
+    return paths
 
 
 def _print(result, session, doc_path) -> None:
     p = session.problem
     C = result.num_classes
-    g = result.ggn
+    g = {"eigenvalues": [], "converged": [], "error_bounds": None, **(result.ggn or {})}
     t = table(
         f"GGN of {p.num_params} parameters, {p.num_samples} samples, {C} classes "
         f"({session.input_info['dtype']})",

@@ -133,7 +133,7 @@ def report_cli(
             )
             planned = announce(
                 f"report ({preset}): spectrum, density, check, compare and surface"
-                + (", solvers" if preset == "full" else ""),
+                + (", solvers and, for a softmax classifier, classes" if preset == "full" else ""),
                 report_plan(session, preset),
                 session,
             )

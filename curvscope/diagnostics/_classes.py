@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._errors import OptionError, arg
+from .._errors import Interrupted, OptionError, arg
 from ..linalg import DEFAULT_TOL, eigsh
 from ..operators import LowRankOperator, check_classifier, class_structure
 from ._common import Progress, add_notes
@@ -145,30 +145,70 @@ def classes(
     if k + 1 > P:
         notes.append(f"only {P - 1} GGN eigenpairs of {k} asked for: the model has {P} parameters.")
         k = P - 1
-    ggn = st.ggn
-    (res,) = eigsh(
-        ggn,
-        top=k + 1,
-        tol=tol,
-        rtol=rtol,
-        basis_size=basis_size,
-        max_matvecs=max_matvecs,
-        basis_device=basis_device,
-        seed=seed,
-        progress=progress,
-    )
-    add_notes(notes, ggn)
+    # the parts first: exact and cheap (small Gram matrices), so Ctrl-C in the GGN's Lanczos
+    # below keeps them
     cls_vals, cls_vecs = st.class_part.eigh()
     crs_vals, crs_vecs = st.cross_part.eigh()
     both = LowRankOperator(torch.cat([st.class_part.factor, st.cross_part.factor], dim=1))
     mean_vals, mean_vecs = both.eigh()
-    V = res.eigenvectors.detach().to("cpu", torch.float64)
     cls_vecs, crs_vecs, mean_vecs = (t.to("cpu") for t in (cls_vecs, crs_vecs, mean_vecs))
+    parts = {
+        "num_classes": C,
+        "class_counts": [int(c) for c in st.counts],
+        "weights": st.weights.tolist(),
+        "class_eigenvalues": cls_vals.tolist(),
+        "cross_eigenvalues": crs_vals.tolist(),
+        "means_eigenvalues": mean_vals.tolist(),
+        "class_trace": float(st.class_part.factor.double().pow(2).sum()),
+        "cross_trace": float(st.cross_part.factor.double().pow(2).sum()),
+        "self_eigenvalues": st.self_part.eigh()[0].tolist() if st.self_part is not None else [],
+        "self_trace": float(st.self_part.factor.double().pow(2).sum())
+        if st.self_part is not None
+        else 0.0,
+    }
+    ggn = st.ggn
+    stopped = False
+    try:
+        (res,) = eigsh(
+            ggn,
+            top=k + 1,
+            tol=tol,
+            rtol=rtol,
+            basis_size=basis_size,
+            max_matvecs=max_matvecs,
+            basis_device=basis_device,
+            seed=seed,
+            progress=progress,
+        )
+    except Interrupted as stop:  # Lanczos keeps the Ritz pairs at hand
+        found = [r for r in (stop.partial or []) if r.which == "top"]
+        if not found:
+            notes.append(
+                "interrupted (Ctrl-C) during the GGN's Lanczos before any Ritz value: the "
+                "parts' eigenvalues are kept, the GGN's eigenvalues and the angles are not."
+            )
+            raise Interrupted(
+                ClassesResult(**parts, ggn={}, angles=[], notes=notes, num_matvecs=C * C)
+            ) from None
+        res, stopped = found[0], True
+        notes.append(
+            f"interrupted (Ctrl-C) during the GGN's Lanczos: its {len(res.eigenvalues)} current "
+            "Ritz values are kept with their residual estimates (not measured, no bound), "
+            "marked not converged; the angles use those Ritz vectors (error bound 1)."
+        )
+    except KeyboardInterrupt:
+        notes.append("interrupted (Ctrl-C): the parts' eigenvalues are kept, the GGN's are not.")
+        raise Interrupted(
+            ClassesResult(**parts, ggn={}, angles=[], notes=notes, num_matvecs=C * C)
+        ) from None
+    add_notes(notes, ggn)
+    V = res.eigenvectors.detach().to("cpu", torch.float64)
+    got = int(res.eigenvalues.shape[0])
     angles = []
     for part, U, lo, hi in (
-        ("class", cls_vecs, 0, min(C, k)),
-        ("cross", crs_vecs, C, min(C * C, k)),
-        ("means", mean_vecs, 0, min(C * C, k)),
+        ("class", cls_vecs, 0, min(C, k, got)),
+        ("cross", crs_vecs, C, min(C * C, k, got)),
+        ("means", mean_vecs, 0, min(C * C, k, got)),
     ):
         if hi <= lo:
             continue
@@ -192,28 +232,22 @@ def classes(
         "parts' ranges with the GGN's Ritz vectors, each cosine within error_bound of the exact "
         "one."
     )
+    kept = min(k, got)
     ggn_entry = {
-        "eigenvalues": res.eigenvalues[:k].tolist(),
-        "residual_norms": res.residual_norms[:k].tolist(),
-        "error_bounds": None if res.error_bounds is None else res.error_bounds[:k].tolist(),
-        "converged": [bool(c) for c in res.converged[:k]],
-        "next_eigenvalue": float(res.eigenvalues[k]),
+        "eigenvalues": res.eigenvalues[:kept].tolist(),
+        "residual_norms": res.residual_norms[:kept].tolist(),
+        "error_bounds": None if res.error_bounds is None else res.error_bounds[:kept].tolist(),
+        "converged": [bool(c) for c in res.converged[:kept]],
+        "next_eigenvalue": float(res.eigenvalues[k]) if got > k else None,
         "num_matvecs": int(res.num_matvecs),
     }
-    return ClassesResult(
-        num_classes=C,
-        class_counts=[int(c) for c in st.counts],
-        weights=st.weights.tolist(),
-        class_eigenvalues=cls_vals.tolist(),
-        cross_eigenvalues=crs_vals.tolist(),
-        means_eigenvalues=mean_vals.tolist(),
-        class_trace=float(st.class_part.factor.double().pow(2).sum()),
-        cross_trace=float(st.cross_part.factor.double().pow(2).sum()),
-        self_eigenvalues=st.self_part.eigh()[0].tolist() if st.self_part is not None else [],
-        self_trace=float(st.self_part.factor.double().pow(2).sum())
-        if st.self_part is not None else 0.0,
+    result = ClassesResult(
+        **parts,
         ggn=ggn_entry,
         angles=angles,
         notes=notes,
         num_matvecs=int(res.num_matvecs) + C * C,
     )
+    if stopped:
+        raise Interrupted(result)
+    return result

@@ -6,11 +6,13 @@ package draws what their documents say (matplotlib figures, plotly charts, the H
 
 from ._html import plotly_js_text, render_report
 from ._plots import (
+    CLASSES_FIGURES,
     FIGURE_STEMS,
     SURFACE_FIGURES,
     TRACK_FIGURES,
     figures_for,
     plot_check_taylor,
+    plot_classes,
     plot_compare,
     plot_density,
     plot_solver_curves,
@@ -28,6 +30,7 @@ from ._plots import (
 from ._render import PARTS, SKIPPED_FILE, Rendered, render_directory, render_documents
 
 __all__ = [
+    "CLASSES_FIGURES",
     "FIGURE_STEMS",
     "PARTS",
     "SKIPPED_FILE",
@@ -36,6 +39,7 @@ __all__ = [
     "TRACK_FIGURES",
     "figures_for",
     "plot_check_taylor",
+    "plot_classes",
     "plot_compare",
     "plot_density",
     "plot_solver_curves",

@@ -14,6 +14,7 @@ __all__ = [
     "PALETTE",
     "as_array",
     "block_label",
+    "classes_series",
     "fmt",
     "results_of",
     "surface_axis_label",
@@ -270,3 +271,37 @@ def track_thresholds(doc: dict[str, Any]) -> list[tuple[float, str]]:
     if beta:
         lines.append((float(stab["threshold"]), f"2(1+β)/η = {fmt(stab['threshold'])}"))
     return lines
+
+
+# ----------------------------------------------------------------------------- classes
+def classes_series(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the classes figures draw: the GGN's top pairs and the parts' eigenvalues.
+
+    ``{C, ggn: {x, y, err, ok}, class: {x, y}, cross: {x, y}, positive}``: the GGN's
+    eigenvalues at their 1-based index (``err`` the error bound, else the residual; ``ok``
+    converged), the class part's ``C`` eigenvalues at indices ``1..C`` (Papyan's outliers)
+    and the cross part's at ``C+1..`` (the mini-outliers), so a part's eigenvalue sits beside
+    the GGN eigenvalue it should match. ``positive``: every value is positive (log axis).
+    """
+    r = results_of(doc, "classes")
+    C = int(r.get("num_classes") or 0)
+    g = r.get("ggn") or {}
+    ev = [_nan(v) for v in g.get("eigenvalues") or []]
+    bounds = g.get("error_bounds") or g.get("residual_norms") or [0.0] * len(ev)
+    conv = g.get("converged") or [True] * len(ev)
+    cls = [_nan(v) for v in r.get("class_eigenvalues") or []][:C]
+    crs = [_nan(v) for v in r.get("cross_eigenvalues") or []][: max(0, C * C - C)]
+    every = np.array([*ev, *cls, *crs], dtype=float)
+    every = every[np.isfinite(every)]
+    return {
+        "C": C,
+        "ggn": {
+            "x": np.arange(1, len(ev) + 1),
+            "y": np.array(ev, dtype=float),
+            "err": np.nan_to_num(np.array([_nan(b) for b in bounds][: len(ev)], dtype=float)),
+            "ok": np.array([bool(c) for c in conv][: len(ev)], dtype=bool),
+        },
+        "class": {"x": np.arange(1, len(cls) + 1), "y": np.array(cls, dtype=float)},
+        "cross": {"x": np.arange(C + 1, C + len(crs) + 1), "y": np.array(crs, dtype=float)},
+        "positive": bool(every.size) and bool((every > 0).all()),
+    }

@@ -31,7 +31,9 @@ CSP = (
 )
 _URL = re.compile(r"(https?:)//", re.IGNORECASE)
 
-SECTION_ORDER = ["spectrum", "density", "check", "compare", "surface", "solve", "track"]
+SECTION_ORDER = [
+    "spectrum", "density", "check", "compare", "surface", "solve", "classes", "track"
+]
 
 TITLES = {
     "spectrum": "Spectrum",
@@ -40,6 +42,7 @@ TITLES = {
     "compare": "How well the approximations match the Hessian",
     "surface": "Loss surface",
     "solve": "Solver runs",
+    "classes": "Class structure: where the GGN's outliers come from",
     "track": "Training: curvature across checkpoints",
 }
 
@@ -50,6 +53,7 @@ NAV = {
     "compare": "Comparison",
     "surface": "Surface",
     "solve": "Solvers",
+    "classes": "Classes",
     "track": "Training",
 }
 
@@ -92,6 +96,15 @@ HOW_TO_READ = {
         "Each solver's loss and gradient norm per iteration, started from the same weights. "
         "The findings list what the curvature trace explains: negative curvature met, "
         "damping changes, line-search failures, stalls."
+    ),
+    "classes": (
+        "The GGN of a softmax classifier split as Papyan (2019, 2020) does: G_class, built "
+        "from the C class means, should carry the C outliers of the spectrum, G_cross, built "
+        "from the cross-class means, the next C(C−1) mini-outliers; the rest is the bulk. The "
+        "parts' eigenvalues are exact; each GGN eigenvalue carries its error bound. The "
+        "principal-angle cosines say how well a part's range matches the GGN eigenvectors of "
+        "those indices: 1 is the same space, 0 orthogonal; each cosine lies within its bound "
+        "of the exact one."
     ),
     "track": (
         "The same measurements at every checkpoint of a training run, on the same samples with "
@@ -551,6 +564,62 @@ def _track(doc: dict, page: _Page) -> str:
     return out
 
 
+def _classes(doc: dict, page: _Page) -> str:
+    r = (doc.get("results") or {}).get("classes") or {}
+    C = int(r.get("num_classes") or 0)
+    g = r.get("ggn") or {}
+    ev = g.get("eigenvalues") or []
+    bounds = g.get("error_bounds") or g.get("residual_norms") or []
+    conv = g.get("converged") or []
+    cls = (r.get("class_eigenvalues") or [])[:C]
+    crs = r.get("cross_eigenvalues") or []
+    out = page.chart(charts.classes_chart(doc))
+    rows = []
+    for i in range(max(len(ev), len(cls), C + len(crs) if crs else 0)):
+        ok = conv[i] if i < len(conv) else None
+        rows.append(
+            [
+                _td(i + 1, True),
+                _td(ev[i] if i < len(ev) else None, True),
+                _td(bounds[i] if i < len(bounds) else None, True),
+                "<td></td>" if ok is None else
+                f'<td class="{"pass" if ok else "fail"}">{"yes" if ok else "no"}</td>',
+                _td(cls[i], True) if i < len(cls) else "<td></td>",
+                _td(crs[i - C], True) if 0 <= i - C < len(crs) else "<td></td>",
+            ]
+        )
+    out += "<h3>Eigenvalues: the GGN's against the parts'</h3>" + _table(
+        ["#", "GGN eigenvalue", "error bound", "converged", "class means", "cross-class"], rows
+    )
+    angles = r.get("angles") or []
+    if angles:
+        out += "<h3>Principal angles between each part's range and the GGN eigenvectors</h3>"
+        out += _table(
+            ["part", "GGN pairs", "dimension", "mean cos²", "cosines", "± bound"],
+            (
+                [
+                    _td(a.get("part")),
+                    _td("{}..{}".format(*(a.get("ggn_pairs") or ["?", "?"]))),
+                    _td(a.get("dimension"), True),
+                    _td(a.get("mean_squared_cosine"), True),
+                    _td(a.get("cosines") or []),
+                    _td(a.get("error_bound"), True),
+                ]
+                for a in angles
+            ),
+        )
+    facts = [
+        ("classes", C),
+        ("samples per class", ", ".join(str(c) for c in r.get("class_counts") or [])),
+        ("tr G_class, tr G_cross, tr G_self",
+         ", ".join(_num(r.get(k)) for k in ("class_trace", "cross_trace", "self_trace"))),
+        ("next GGN eigenvalue (for the gap)", _num(g.get("next_eigenvalue"))),
+        ("GGN products", g.get("num_matvecs")),
+    ]
+    out += _table(None, ([_td(k), _td(v)] for k, v in facts), "kv")
+    return out
+
+
 def _finding_text(f: Any) -> str:
     if isinstance(f, str):
         return f
@@ -566,6 +635,7 @@ _RENDER = {
     "compare": _compare,
     "surface": _surface,
     "solve": _solve,
+    "classes": _classes,
     "track": _track,
 }
 

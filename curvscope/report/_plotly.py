@@ -17,6 +17,7 @@ from ._figures import (
     PALETTE,
     as_array,
     block_label,
+    classes_series,
     results_of,
     surface_axis_label,
     taylor_series,
@@ -31,6 +32,7 @@ from ._figures import (
 )
 
 __all__ = [
+    "classes_chart",
     "compare_heatmap",
     "density_chart",
     "figure_json",
@@ -406,6 +408,57 @@ def compare_heatmap(doc: dict[str, Any]) -> go.Figure:
             xaxis={"title": {"text": "approximation"}},
             yaxis={"title": {"text": "layer block"}, "autorange": "reversed"},
             height=max(300, 60 * len(blocks) + 180),
+        )
+    )
+    return fig
+
+
+def classes_chart(doc: dict[str, Any]) -> go.Figure | None:
+    """The GGN's top eigenvalues with the class and cross-class parts' overlaid.
+
+    As :func:`curvscope.report._plots.plot_classes`; ``None`` without any eigenvalue.
+    """
+    s = classes_series(doc)
+    g, cls, crs, C = s["ggn"], s["class"], s["cross"], s["C"]
+    if not (len(g["y"]) or len(cls["y"]) or len(crs["y"])):
+        return None
+    fig = go.Figure()
+    if len(g["y"]):
+        ok = g["ok"]
+        for mask, name, marker in (
+            (ok, "GGN (Lanczos)", {"color": "#262626", "size": 7}),
+            (~ok, "GGN, not converged",
+             {"color": "white", "size": 8, "line": {"color": "#B00020", "width": 1.5}}),
+        ):
+            if mask.any():
+                fig.add_trace(go.Scatter(
+                    x=g["x"][mask].tolist(), y=_nan_to_none(g["y"][mask]), mode="markers",
+                    name=name, marker=marker,
+                    error_y={"type": "data", "array": g["err"][mask].tolist(), "visible": True,
+                             "color": "#555555", "thickness": 1},
+                    hovertemplate="GGN λ%{x}: %{y:.6g}<extra></extra>",
+                ))
+    for part, name, colour, size in (
+        (cls, "class means G_class", PALETTE[0], 22),
+        (crs, "cross-class G_cross", PALETTE[1], 14),
+    ):
+        if len(part["y"]):
+            fig.add_trace(go.Scatter(
+                x=part["x"].tolist(), y=_nan_to_none(part["y"]), mode="markers", name=name,
+                marker={"symbol": "line-ew", "size": size, "line": {"color": colour, "width": 3}},
+                hovertemplate=name + " at %{x}: %{y:.6g}<extra></extra>",
+            ))
+    shapes = []
+    if C:
+        shapes.append({"type": "line", "x0": C + 0.5, "x1": C + 0.5, "yref": "paper", "y0": 0,
+                       "y1": 1, "line": {"color": "#888888", "width": 1, "dash": "dash"}})
+    fig.update_layout(
+        _layout(
+            "GGN outliers and the class / cross-class parts",
+            xaxis={"title": {"text": f"eigenvalue index (C = {C}: 1..C outliers, "
+                                     "C+1..C² mini-outliers)"}},
+            yaxis={"title": {"text": "eigenvalue"}, "type": "log" if s["positive"] else "linear"},
+            shapes=shapes,
         )
     )
     return fig

@@ -24,6 +24,7 @@ from ._figures import (
     PALETTE,
     as_array,
     block_label,
+    classes_series,
     results_of,
     surface_axis_label,
     taylor_series,
@@ -40,6 +41,7 @@ from ._figures import (
 __all__ = [
     "figures_for",
     "plot_check_taylor",
+    "plot_classes",
     "plot_compare",
     "plot_density",
     "plot_solver_curves",
@@ -472,6 +474,46 @@ def plot_compare(doc: dict[str, Any], ax=None) -> Figure:
     return fig
 
 
+def plot_classes(doc: dict[str, Any], ax=None) -> Figure | None:
+    """The GGN's top eigenvalues with the class and cross-class parts' eigenvalues overlaid.
+
+    Papyan's picture: the ``C`` class-part eigenvalues sit beside the GGN's ``C`` outliers
+    (indices ``1..C``), the cross part's beside the next ``C(C-1)`` (the mini-outliers).
+    ``None`` when the document holds no eigenvalue at all.
+    """
+    s = classes_series(doc)
+    g, cls, crs, C = s["ggn"], s["class"], s["cross"], s["C"]
+    if not (len(g["y"]) or len(cls["y"]) or len(crs["y"])):
+        return None
+    with _style():
+        fig, ax = _new(ax, figsize=(7.2, 4.6))
+        if len(g["y"]):
+            ok = g["ok"]
+            ax.errorbar(g["x"], g["y"], yerr=g["err"], fmt="none", ecolor="0.25", elinewidth=1)
+            ax.scatter(g["x"][ok], g["y"][ok], marker="o", s=30, color="0.15", zorder=3,
+                       label="GGN (Lanczos)")
+            if (~ok).any():
+                ax.scatter(g["x"][~ok], g["y"][~ok], marker="o", s=36, facecolor="white",
+                           edgecolor="#B00020", lw=1.3, zorder=3, label="GGN, not converged")
+        if len(cls["y"]):
+            ax.scatter(cls["x"], cls["y"], marker="_", s=260, lw=2.4, color=PALETTE[0],
+                       zorder=4, label="class means $G_{class}$")
+        if len(crs["y"]):
+            ax.scatter(crs["x"], crs["y"], marker="_", s=140, lw=2.0, color=PALETTE[1],
+                       zorder=4, label="cross-class $G_{cross}$")
+        if C:
+            ax.axvline(C + 0.5, color="0.5", lw=0.8, ls="--")
+            if C * C <= max(len(g["y"]), C + len(crs["y"])):
+                ax.axvline(C * C + 0.5, color="0.5", lw=0.8, ls=":")
+        if s["positive"]:
+            ax.set_yscale("log")
+        ax.set_xlabel(f"eigenvalue index (C = {C}: 1..C outliers, C+1..C² mini-outliers)")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title("GGN outliers and the class / cross-class parts")
+        ax.legend(loc="upper right")
+    return fig
+
+
 # ----------------------------------------------------------------------------- checks
 def plot_check_taylor(doc: dict[str, Any], ax=None) -> Figure | None:
     """Taylor-test errors e1(h) ~ h^2 and e2(h) ~ h^3 on log-log axes, one line per direction.
@@ -742,7 +784,12 @@ SURFACE_FIGURES = ("surface_contour", "surface_3d", "surface_slices", "surface_l
 TRACK_FIGURES = ("track_eigenvalues", "track_loss", "track_trace", "track_layers")
 """The figures of a ``track`` document, by file stem."""
 
-FIGURE_STEMS = (*SURFACE_FIGURES, "spectrum", "density", "compare", "taylor", "solver_loss")
+CLASSES_FIGURES = ("classes",)
+"""The figure of a ``classes`` document, by file stem."""
+
+FIGURE_STEMS = (
+    *SURFACE_FIGURES, "spectrum", "density", "compare", "taylor", "solver_loss", *CLASSES_FIGURES
+)
 """Every file stem :func:`figures_for` can give."""
 FIGURE_FORMATS = ("png", "pdf", "svg")
 """Formats :func:`save_figures` writes."""
@@ -797,6 +844,8 @@ def figures_for(doc: dict[str, Any]) -> dict[str, Figure]:
         makers.append(("taylor", plot_check_taylor))
     if results.get("solves"):
         makers.append(("solver_loss", plot_solver_curves))
+    if results.get("classes"):
+        makers.append(("classes", plot_classes))
     if command == "track" and results.get("track"):
         makers += list(
             zip(

@@ -26,9 +26,10 @@ __all__ = [
 PARTS = ("spectrum", "density", "check", "compare", "surface", "solve")
 """The report's parts, in page order; each is the document ``<part>.json``."""
 
-OPTIONAL_PARTS = ("track",)
-"""Documents a folder may hold besides the report's parts (``track.json`` from ``curvscope
-track``): rendered when present, never listed as skipped when absent."""
+OPTIONAL_PARTS = ("classes", "track")
+"""Documents a folder may hold besides the report's parts (``classes.json`` from ``curvscope
+classes`` or a full report of a classifier, ``track.json`` from ``curvscope track``): rendered
+when present, never listed as skipped when absent."""
 
 SKIPPED_FILE = "report-skipped.json"
 """What a report run left out and why, so ``report --from`` can say it again."""
