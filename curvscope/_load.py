@@ -759,11 +759,14 @@ def _make_loss(spec: Any, reduction: str, ignore_index: int) -> Loss:
     return get_loss(text, ignore_index=ignore_index)
 
 
-def load_like(problem: Problem, data: Any, *, split: str | None = None) -> Problem:
+def load_like(
+    problem: Problem, data: Any, *, split: str | None = None, graph_cache: Any = "same"
+) -> Problem:
     """The same model, loss and preprocessing as ``problem`` on other data (e.g. test data).
 
     The input shape, normalisation and other file options of the first load apply, so test
-    data are preprocessed exactly as the training data were.
+    data are preprocessed exactly as the training data were. ``graph_cache``: the kept-graph
+    budget of the new problem (default: the one ``problem`` was built with).
     """
     opts = getattr(problem, "load_options", None) or {"batch_size": 512, "options": {}}
     options = dict(opts["options"])
@@ -781,7 +784,7 @@ def load_like(problem: Problem, data: Any, *, split: str | None = None) -> Probl
         forward_kwargs=opts.get("forward_kwargs"),
         output=opts.get("output"),
         group=problem.group,
-        graph_cache=problem.graph_cache,
+        graph_cache=problem.graph_cache if graph_cache == "same" else graph_cache,
         record=InputRecord(source=src),
     )
     out = _check_fit(new, src.source)

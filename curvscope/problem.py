@@ -99,7 +99,9 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
             copies together (:class:`~curvscope.operators.HessianOperator`). A product over
             kept graphs runs only the second backward: about 2 gradients instead of 3.5 on
             a transformer. ``None``: half of what the device has free at the first product;
-            ``0``: keep none (the data are streamed at every product).
+            ``0``: keep none (the data are streamed at every product). The budget the
+            problem's kept-graph account starts with; the account, not the problem, holds
+            the budget in force (the memory plan sets it) and the bytes kept.
         record: what the problem was loaded from (:class:`InputRecord`: the document's
             ``input`` section, the load's notes, the file read, the data source, the
             options to load other data alike), read back as ``input_info``, ``notes``,
@@ -107,9 +109,10 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
             with :meth:`recorded`; ``None`` for a problem built directly.
 
     Attributes:
-        hvp_record: how Hessian products were taken (backend, fallback, finite-difference
-            step and errors, kept graphs), shared by every view of the problem; result
-            documents carry it as ``hvp``.
+        family: the token this problem shares with every view of it (blocks, subsets, dtype
+            and distributed copies); the Hessian keeps its kept-graph account by it
+            (:func:`curvscope.operators.graph_account`: the budget in force, the bytes held,
+            and the record of how products were taken, the document's ``hvp``).
     """
 
     def __init__(
@@ -159,7 +162,6 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
             self.block_param_names(name)  # every group must select something
         self._start_counters()
         self.graph_cache = None if graph_cache is None else max(0.0, float(graph_cache))
-        self.hvp_record: dict[str, Any] = {}
         self.notes: list[str] = []
         self.record: InputRecord | None = None
         self._count()

@@ -1,7 +1,7 @@
 """The parts :class:`curvscope.problem.Problem` is composed of; imported by ``problem`` only.
 
 - :mod:`._batch`: the batch types (:class:`Inputs`, :class:`Batch`) and tensor-tree helpers.
-- :mod:`._counters`: the pass, work and kept-graph counters shared by every view.
+- :mod:`._counters`: the pass and work counters and the family token shared by every view.
 - :mod:`._params`: parameter selection, the flat layout and blocks.
 - :mod:`._data`: the data loop (splitting, counting, weighting, moving batches; ranks).
 - :mod:`._checks`: checks of weights, data and model (finite values, ids, determinism).
