@@ -38,10 +38,6 @@ class Counters:
         """Passes over the data so far, by this problem and every view of it."""
         return self._passes[0]
 
-    @data_passes.setter
-    def data_passes(self, value: int) -> None:
-        self._passes[0] = int(value)
-
     @property
     def work_done(self) -> int:
         """Products so far, for progress reports.

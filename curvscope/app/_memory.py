@@ -69,14 +69,11 @@ def _on_largest_batch(problem: Problem, measure: Callable[[Problem, Batch], int]
     """``measure(problem, batch)`` on the largest batch, in this process, not counted as a pass."""
     largest = max(range(len(problem.batch_sizes)), key=problem.batch_sizes.__getitem__)
     local = problem.alone()
-    try:
-        for i, batch in enumerate(local.batches()):
-            if i == largest:
-                return int(measure(local, batch))
-        return 0
-    finally:  # the measurement is not one of the command's passes
-        local.data_passes -= 1
-        local.add_work(-1)
+    # the measurement is not one of the command's passes
+    for i, batch in enumerate(local.batches(counted=False)):
+        if i == largest:
+            return int(measure(local, batch))
+    return 0
 
 
 def activation_bytes(problem: Problem) -> int:
