@@ -38,7 +38,7 @@ import torch
 from curvscope import Problem
 from curvscope._device import peak_in_use
 from curvscope.models import TinyGPT
-from curvscope.operators import GGNOperator, HessianOperator
+from curvscope.operators import GGNOperator, HessianOperator, graph_account
 
 torch.set_flush_denormal(True)
 
@@ -77,7 +77,7 @@ def _first_product(p: Problem, v: torch.Tensor) -> None:
 def ratios(n: int = 256, bs: int = 64, rounds: int = 7) -> dict:
     p = _problem(65, n, 2, bs)
     streamed = _problem(65, n, 2, bs)
-    streamed.graph_cache = 0
+    graph_account(streamed).budget = 0
     v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
     H, G, S = HessianOperator(p), GGNOperator(p), HessianOperator(streamed)
     r = _rounds({"grad": lambda: p.loss_and_grad(), "first": lambda: _first_product(p, v),
@@ -128,7 +128,7 @@ def top5(n: int = 256, bs: int = 64, top: int = 5) -> dict:
     out: dict = {"kept": [], "streamed": []}
     for name in ("kept", "streamed", "streamed", "kept"):
         p = _problem(65, n, 2, bs)
-        p.graph_cache = None if name == "kept" else 0
+        graph_account(p).budget = None if name == "kept" else 0
         t0 = time.perf_counter()
         (res,) = eigsh(HessianOperator(p), top=top, tol=1e-4, seed=0)
         out[name].append({"products": int(res.num_matvecs), "seconds": time.perf_counter() - t0,

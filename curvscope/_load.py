@@ -4,8 +4,9 @@ The one loading routine the command line, ``solve``'s test data, the report pipe
 scripts share: it reads the model (a checkpoint file of any supported format, a HuggingFace
 folder, or a module), the data (a built-in set, a file, a token file, a Python data source,
 or batches given directly), falls back on what the checkpoint records (its data, loss,
-reduction, input shape and normalisation), checks that the data fit the model, and records
-the ``input`` section of the result document on the problem (``problem.input_info``).
+reduction, input shape and normalisation), checks that the data fit the model, and gives the
+problem its input record (:class:`~curvscope.problem.InputRecord`: the result document's
+``input`` section, read back as ``problem.input_info``) with ``Problem.recorded``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from ._errors import CurvscopeError, DataError, OptionError, arg
 from ._losses import Loss, ModelLoss, get_loss
-from .problem import Problem, check_output_finite
+from .problem import InputRecord, Problem, check_output_finite
 
 __all__ = ["DTYPES", "load", "load_like", "parse_device", "parse_dtype"]
 
@@ -407,8 +408,9 @@ def load(
             given as ``group``.
 
     Returns:
-        The problem, with ``input_info`` (the result document's ``input`` section),
-        ``notes``, ``loaded`` (what was read) and ``data_source``.
+        The problem with its input record: ``input_info`` (the result document's ``input``
+        section), ``notes``, ``loaded`` (what was read), ``data_source`` and
+        ``load_options``.
 
     Raises:
         CurvscopeError: for every user mistake, with one sentence naming the file or argument.
@@ -551,10 +553,7 @@ def load(
     if loaded.sha256 and str(loaded.path) not in files:
         files[str(loaded.path)] = loaded.sha256
     files.update(src.files)
-    problem.notes = notes
-    problem.loaded = loaded
-    problem.data_source = src
-    problem.input_info = {
+    info = {
         "model": {
             "path": str(loaded.path),
             "sha256": loaded.sha256 or None,
@@ -584,12 +583,14 @@ def load(
         "files": files,
         "versions": io.versions(),
     }
-    problem.load_options = {
+    load_options = {
         "batch_size": batch_size, "options": options, "base_dir": base_dir,
         "ignore_index": ignore_index, "forward_kwargs": dict(forward_kwargs or {}),
         "output": output, "groups": dict(groups or {}),
     }
-    return problem
+    return problem.recorded(InputRecord(
+        info=info, notes=notes, loaded=loaded, source=src, load_options=load_options
+    ))
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
@@ -772,11 +773,14 @@ def _make_loss(spec: Any, reduction: str, ignore_index: int) -> Loss:
     return get_loss(text, ignore_index=ignore_index)
 
 
-def load_like(problem: Problem, data: Any, *, split: str | None = None) -> Problem:
+def load_like(
+    problem: Problem, data: Any, *, split: str | None = None, graph_cache: Any = "same"
+) -> Problem:
     """The same model, loss and preprocessing as ``problem`` on other data (e.g. test data).
 
     The input shape, normalisation and other file options of the first load apply, so test
-    data are preprocessed exactly as the training data were.
+    data are preprocessed exactly as the training data were. ``graph_cache``: the kept-graph
+    budget of the new problem (default: the one ``problem`` was built with).
     """
     opts = getattr(problem, "load_options", None) or {"batch_size": 512, "options": {}}
     options = dict(opts["options"])
@@ -794,10 +798,10 @@ def load_like(problem: Problem, data: Any, *, split: str | None = None) -> Probl
         forward_kwargs=opts.get("forward_kwargs"),
         output=opts.get("output"),
         group=problem.group,
-        graph_cache=problem.graph_cache,
+        graph_cache=problem.graph_cache if graph_cache == "same" else graph_cache,
+        record=InputRecord(source=src),
     )
     out = _check_fit(new, src.source)
     new.check_data(source=src.source, classes=_classes(new, out),
                    vocabulary=_embedding_size(problem.model))
-    new.data_source = src
     return new

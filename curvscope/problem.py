@@ -44,14 +44,16 @@ from ._problem import (
     Counters,
     DataChecks,
     DataLoop,
+    InputRecord,
     Inputs,
     Parameters,
+    Recorded,
     batch_seed,
     check_output_finite,  # noqa: F401 (re-exported: curvscope._load imports it from here)
     map_tensors,
 )
 
-__all__ = ["Batch", "Inputs", "Problem", "batch_seed", "map_tensors"]
+__all__ = ["Batch", "InputRecord", "Inputs", "Problem", "batch_seed", "map_tensors"]
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -60,7 +62,7 @@ def _is_scripted(model: nn.Module) -> bool:
     return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
 
 
-class Problem(Counters, Parameters, DataLoop, DataChecks):
+class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
     r"""A model, a loss and a fixed sample set, seen as a function of the selected parameters.
 
     Args:
@@ -97,12 +99,20 @@ class Problem(Counters, Parameters, DataLoop, DataChecks):
             copies together (:class:`~curvscope.operators.HessianOperator`). A product over
             kept graphs runs only the second backward: about 2 gradients instead of 3.5 on
             a transformer. ``None``: half of what the device has free at the first product;
-            ``0``: keep none (the data are streamed at every product).
+            ``0``: keep none (the data are streamed at every product). The budget the
+            problem's kept-graph account starts with; the account, not the problem, holds
+            the budget in force (the memory plan sets it) and the bytes kept.
+        record: what the problem was loaded from (:class:`InputRecord`: the document's
+            ``input`` section, the load's notes, the file read, the data source, the
+            options to load other data alike), read back as ``input_info``, ``notes``,
+            ``loaded``, ``data_source`` and ``load_options``. ``curvscope.load`` gives it
+            with :meth:`recorded`; ``None`` for a problem built directly.
 
     Attributes:
-        hvp_record: how Hessian products were taken (backend, fallback, finite-difference
-            step and errors, kept graphs), shared by every view of the problem; result
-            documents carry it as ``hvp``.
+        family: the token this problem shares with every view of it (blocks, subsets, dtype
+            and distributed copies); the Hessian keeps its kept-graph account by it
+            (:func:`curvscope.operators.graph_account`: the budget in force, the bytes held,
+            and the record of how products were taken, the document's ``hvp``).
     """
 
     def __init__(
@@ -121,6 +131,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks):
         check_deterministic: bool = False,
         group: Any = None,
         graph_cache: float | None = None,
+        record: InputRecord | None = None,
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise OptionError(f"{arg('reduction')} {reduction!r} is not known; choose mean or sum.")
@@ -151,11 +162,29 @@ class Problem(Counters, Parameters, DataLoop, DataChecks):
             self.block_param_names(name)  # every group must select something
         self._start_counters()
         self.graph_cache = None if graph_cache is None else max(0.0, float(graph_cache))
-        self.hvp_record: dict[str, Any] = {}
         self.notes: list[str] = []
+        self.record: InputRecord | None = None
         self._count()
         if check_deterministic:
             self.check_deterministic()
+        if record is not None:
+            self._take_record(record)
+
+    def _take_record(self, record: InputRecord) -> None:
+        self.record = record
+        if record.notes is not None:
+            self.notes = list(record.notes)
+
+    def recorded(self, record: InputRecord) -> Problem:
+        """This problem (a view sharing its counters) carrying the input record ``record``.
+
+        ``curvscope.load`` describes a problem only once it is built, checked and
+        subsampled; it hands the description over here rather than setting attributes.
+        The record's notes, when given, replace the view's notes.
+        """
+        new = self._copy()
+        new._take_record(record)
+        return new
 
     def _copy(self) -> Problem:
         new = object.__new__(Problem)

@@ -10,6 +10,7 @@ from curvscope import Problem
 from curvscope.cli import app
 from curvscope.cli import density as density_cmd
 from curvscope.cli._common import Session
+from curvscope.problem import InputRecord
 
 from .cases import CASES, build
 from .truth import dense_hessian
@@ -25,15 +26,14 @@ def patched(monkeypatch):
 
     def fake_open(common, **_):
         seen["common"] = common
-        problem = Problem(model, loss, data, reduction=reduction)
         info = {
             "model": {"path": str(common.model_path), "sha256": "0" * 64},
             "loss": loss,
             "reduction": reduction,
             "dtype": "float64",
         }
-        problem.input_info = info
-        problem.notes = []
+        problem = Problem(model, loss, data, reduction=reduction,
+                          record=InputRecord(info=info, notes=[]))
         return Session(problem, common)
 
     monkeypatch.setattr(density_cmd, "open_session", fake_open)

@@ -11,6 +11,7 @@ from curvscope import Problem
 from curvscope.cli import app
 from curvscope.cli import solve as solve_cmd
 from curvscope.cli._common import Session
+from curvscope.problem import InputRecord
 
 runner = CliRunner()
 
@@ -27,15 +28,13 @@ def patched(monkeypatch):
 
     def fake_open(common, **_):
         seen["common"] = common
-        problem = Problem(model, "cross_entropy", data)
         info = {
             "model": {"path": str(common.model_path), "sha256": "0" * 64},
             "loss": "cross_entropy",
             "reduction": "mean",
             "dtype": "float64",
         }
-        problem.input_info = info
-        problem.notes = []
+        problem = Problem(model, "cross_entropy", data, record=InputRecord(info=info, notes=[]))
         return Session(problem, common)
 
     monkeypatch.setattr(solve_cmd, "open_session", fake_open)

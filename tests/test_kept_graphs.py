@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from curvscope import Problem
-from curvscope.operators import HessianOperator
+from curvscope.operators import HessianOperator, graph_account
 
 from .cases import CASES, build
 from .test_sequences import _gpt, _gpt_batches, _gpt_truth, _lstm_case, _lstm_truth
@@ -35,13 +35,13 @@ def test_products_over_kept_graphs_match_dense_truth(case):
     assert_close(H @ v, truth @ v, what="first product (keeps the graphs)")
     kept = H.info["kept_graphs"]
     assert kept["batches"] == kept["of_batches"] == len(problem.batch_sizes)
-    assert kept["bytes"] > 0 and problem.kept_graph_bytes == kept["bytes"]
+    assert kept["bytes"] > 0 and graph_account(problem).held == kept["bytes"]
     passes = problem.data_passes
     assert_close(H @ V, truth @ V, what="products over kept graphs")
     assert_close(H @ v, truth @ v, what="a third product")
     assert problem.data_passes == passes  # the data are not read again
     assert H.num_matvecs == 1 + 4 + 1
-    assert problem.hvp_record["kept_graphs"] == kept
+    assert graph_account(problem).record["kept_graphs"] == kept
 
 
 def test_transformer_and_lstm_products_over_kept_graphs():
@@ -105,18 +105,18 @@ def test_kept_bytes_are_shared_by_views_and_given_back():
     problem = Problem(model, loss, data, reduction=reduction)
     H = HessianOperator(problem)
     H @ _columns(H.shape[0], 1, 1)
-    held = problem.kept_graph_bytes
+    held = graph_account(problem).held
     assert held == H.info["kept_graphs"]["bytes"] > 0
     name = problem.names[0]
     block = H.block(name)
     block @ _columns(block.shape[0], 1, 2)
     part = block.info["kept_graphs"]["bytes"]
-    assert problem.kept_graph_bytes == held + part  # the block's graphs count on one account
+    assert graph_account(problem).held == held + part  # the block's graphs count on one account
     H.release()
-    assert problem.kept_graph_bytes == part
+    assert graph_account(problem).held == part
     del block
     gc.collect()
-    assert problem.kept_graph_bytes == 0
+    assert graph_account(problem).held == 0
 
     # a budget already spent by one view leaves nothing for the next
     problem = Problem(model, loss, data, reduction=reduction, graph_cache=held)
@@ -137,4 +137,4 @@ def test_graph_cache_zero_streams_every_product():
     assert_close(H @ V, truth @ V, what="streamed")
     assert_close(H @ V, truth @ V, what="streamed again")
     assert problem.data_passes == passes + 2
-    assert "kept_graphs" not in H.info and problem.kept_graph_bytes == 0
+    assert "kept_graphs" not in H.info and graph_account(problem).held == 0

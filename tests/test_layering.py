@@ -211,3 +211,130 @@ def test_flat_api_names_resolve(name):
     import curvscope
 
     assert callable(getattr(curvscope, name))
+
+
+MAX_BODY_LINES = 80
+"""Issue 21: no function of the command line or the engine is longer than this (its body
+without the docstring; a command's option declarations sit in its signature, not counted)."""
+
+
+def _body_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    body = fn.body
+    first = body[0]
+    if (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Constant)
+        and isinstance(first.value.value, str)
+    ):
+        body = body[1:]
+    return body[-1].end_lineno - body[0].lineno + 1 if body else 0
+
+
+def test_no_long_function_in_cli_or_app():
+    """Split a function over the limit by responsibility into named helpers."""
+    long = []
+    for path in _files():
+        if _unit(path) not in ("cli", "app"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = _body_lines(node)
+                if n > MAX_BODY_LINES:
+                    long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {node.name} {n}")
+    assert not long, f"functions over {MAX_BODY_LINES} lines:\n" + "\n".join(long)
+
+
+PROBLEM_MAKERS = ("Problem", "load", "load_like", "recorded", "subsample", "distributed", "alone")
+"""Calls whose result is a problem (besides any function whose name ends in ``problem``)."""
+
+
+def _problem_names(scope: ast.AST) -> set[str]:
+    """Names bound to a problem in ``scope``: ``problem``/``prob``, ``x: Problem``,
+    ``p = session.problem``, or the result of a call that makes one (``Problem(...)``,
+    ``load(...)``, ``p.subsample(...)``...)."""
+    names = {"problem", "prob"}
+    for node in ast.walk(scope):
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            if "Problem" in ast.unparse(node.annotation):
+                names.add(node.arg)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if "Problem" in ast.unparse(node.annotation):
+                names.add(node.target.id)
+        elif isinstance(node, ast.Assign) and _is_problem(node.value, set()):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            func = node.value.func
+            called = getattr(func, "id", getattr(func, "attr", ""))
+            if called in PROBLEM_MAKERS or called.lower().endswith("problem"):
+                names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+    return names
+
+
+def _is_problem(node: ast.AST, names: set[str]) -> bool:
+    """``node`` is a problem: a problem name, or ``<anything>.problem``."""
+    return (isinstance(node, ast.Name) and node.id in names) or (
+        isinstance(node, ast.Attribute) and node.attr in ("problem", "_problem")
+    )
+
+
+def _problem_assignments(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    scopes = [tree] + [
+        n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
+    found = set()
+    for scope in scopes:
+        names = _problem_names(scope)
+        for node in ast.walk(scope):
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) in ("setattr", "delattr")
+                and node.args
+                and _is_problem(node.args[0], names)
+            ):
+                found.add(f"{path}:{node.lineno}: {ast.unparse(node)[:60]}")
+            while targets:  # unpacking: a, problem.x = ... names the problem too
+                t = targets.pop()
+                if isinstance(t, (ast.Tuple, ast.List)):
+                    targets += t.elts
+                elif isinstance(t, ast.Starred):
+                    targets.append(t.value)
+                elif isinstance(t, ast.Attribute) and _is_problem(t.value, names):
+                    found.add(f"{path}:{t.lineno}: {ast.unparse(t)[:60]} = ...")
+    return sorted(found)
+
+
+def test_nothing_outside_problem_sets_attributes_on_a_problem():
+    """Issue 21: a problem gets what it keeps at construction (its input record with
+    ``Problem(record=...)`` / ``Problem.recorded``); the Hessian's kept-graph account lives
+    on the operator side (``curvscope.operators.graph_account``), not on the problem."""
+    repo = ROOT.parent
+    paths = [p for p in _files() if _unit(p) not in ("problem", "_problem")]
+    for extra in ("benchmarks", "scripts", "examples"):
+        paths += sorted((repo / extra).rglob("*.py"))
+    found = [v for p in paths for v in _problem_assignments(p)]
+    assert not found, "attributes set on a Problem outside curvscope/problem.py:\n" + "\n".join(
+        found
+    )
+
+
+def test_the_problem_assignment_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "def f(session, path):\n"
+        "    p = load(path)\n"
+        "    p.input_info = {}\n"
+        "    session.problem.graph_cache = 0\n"
+        "    q = session.problem\n"
+        "    q.hvp_record = {}\n"
+        "    setattr(p, 'notes', [])\n"
+        "    for w in p.model.parameters():\n"
+        "        w.grad = None\n"
+    )
+    found = _problem_assignments(bad)
+    assert len(found) == 4 and not any("grad" in f for f in found), found

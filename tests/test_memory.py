@@ -15,6 +15,7 @@ from curvscope.app import estimate_memory, parse_memory, refuse_if_too_large
 from curvscope.app._memory import activation_bytes
 from curvscope.cli import app
 from curvscope.linalg import KEEP_FRACTION
+from curvscope.operators import graph_account
 
 from .test_cli_spectrum import tiny  # noqa: F401  (fixture)
 
@@ -127,9 +128,9 @@ def test_kept_graphs_are_estimated_and_bounded_by_the_budget():
     assert tight.parts["kept graphs"] == pytest.approx(wanted / 2)
     assert "streamed" in tight.notes["kept graphs"]
     assert "kept graphs" not in estimate_memory(p, matrices=["ggn"]).parts
-    p.graph_cache = 0
+    graph_account(p).budget = 0
     assert "kept graphs" not in estimate_memory(p, matrices=["hessian"]).parts
-    p.graph_cache = 100.0
+    graph_account(p).budget = 100.0
     est = estimate_memory(p, basis=10**2, matrices=["hessian"])
     assert est.parts["kept graphs"] == 100.0 and est.graph_budget == 100.0
 

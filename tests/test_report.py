@@ -17,7 +17,7 @@ from curvscope._errors import CurvscopeError, OptionError
 from curvscope.app import run_report
 from curvscope.diagnostics import surface
 from curvscope.io import make_document, read_document, versions, write_document
-from curvscope.problem import Problem
+from curvscope.problem import InputRecord, Problem
 from curvscope.report import _plots as plots
 from curvscope.report import figures_for, render_directory, render_report, save_figures
 
@@ -388,9 +388,7 @@ def test_surface_cli(tmp_path, monkeypatch):
     from curvscope.cli import _common, app
     from curvscope.cli import surface as surface_cli
 
-    problem = _problem()
-
-    problem.input_info = INPUT
+    problem = _problem().recorded(InputRecord(info=INPUT))
 
     def fake_session(common):
         return _common.Session(problem, common)
@@ -506,11 +504,8 @@ def test_report_cli(tmp_path, monkeypatch):
     from curvscope.cli import _common, app
     from curvscope.cli import report as report_cli
 
-    problem = _problem()
+    problem = _problem().recorded(InputRecord(info=INPUT, notes=["n"]))
     seen = {}
-
-    problem.input_info = INPUT
-    problem.notes = ["n"]
 
     def fake_session(common):
         seen["common"] = common

@@ -1,7 +1,9 @@
-"""The counters every view of a problem shares: data passes, work, kept-graph bytes, meter.
+"""What every view of a problem shares: data passes, work, the meter, the family token.
 
 A view (a block, a subset, a dtype copy, a distributed copy) copies the problem's attributes,
-so each counter is a one-element list that all views hold together.
+so each counter is a one-element list that all views hold together, and :class:`Family` is
+one object they all carry: the key under which layers above keep per-problem state (the
+Hessian's kept-graph account, :func:`curvscope.operators.graph_account`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,14 @@ from collections.abc import Iterator
 from typing import Any
 
 
+class Family:
+    """The identity a problem shares with every view of it (hashable, weakly referable)."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Counters:
-    """Passes, work and kept-graph bytes counted over a problem and every view of it."""
+    """Passes and work counted over a problem and every view of it; their family token."""
 
     def _start_counters(self) -> None:
         # one counter shared by every view of this problem (blocks, subsets, dtype copies),
@@ -20,8 +28,8 @@ class Counters:
         self._passes = [0]
         # work for progress bars: one per pass, a k-column curvature product counts k
         self._work = [0]
-        # bytes held by kept Hessian graphs of every view, against one graph_cache budget
-        self._kept_bytes = [0]
+        # one token for the problem and its views: the Hessian keeps its graph account by it
+        self.family = Family()
         # the product meter installed by :meth:`metered` (one slot for every view)
         self._meter: list[Any] = [None]
 
@@ -29,10 +37,6 @@ class Counters:
     def data_passes(self) -> int:
         """Passes over the data so far, by this problem and every view of it."""
         return self._passes[0]
-
-    @data_passes.setter
-    def data_passes(self, value: int) -> None:
-        self._passes[0] = int(value)
 
     @property
     def work_done(self) -> int:
@@ -62,12 +66,3 @@ class Counters:
             yield meter
         finally:
             slot[0] = before
-
-    @property
-    def kept_graph_bytes(self) -> int:
-        """Bytes Hessian operators keep of first-order graphs, on this problem and its views."""
-        return self._kept_bytes[0]
-
-    def hold_graph_bytes(self, amount: int) -> None:
-        """Count ``amount`` more bytes of kept graphs (negative: given back)."""
-        self._kept_bytes[0] += int(amount)

@@ -211,10 +211,15 @@ class DataLoop:
         """Weight of a batch with ``terms`` loss terms in the total loss (``T_b/T`` or 1)."""
         return terms / self.num_terms if self.reduction == "mean" else 1.0
 
-    def batches(self) -> Iterator[Batch]:
-        """One pass over the data: batches moved to the parameters' device."""
-        self.data_passes += 1
-        self._work[0] += 1
+    def batches(self, *, counted: bool = True) -> Iterator[Batch]:
+        """One pass over the data: batches moved to the parameters' device.
+
+        ``counted=False``: a pass that is no part of the analysis (a memory measurement),
+        left out of :attr:`data_passes` and :attr:`work_done`.
+        """
+        if counted:
+            self._passes[0] += 1
+            self._work[0] += 1
         for i, item in enumerate(self._raw()):
             if not self.group.owns(i):
                 continue

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import Run, current_run, make_document, versions, write_document
+from ..operators import hvp_record
 from ..problem import Problem
 
 __all__ = ["describe", "document", "save_document"]
@@ -103,7 +104,8 @@ def document(
             state or ("complete" if complete else "interrupted")
         ),
     )
-    record = getattr(problem, "hvp_record", None)
+    # the Hessian operators' account of the problem, not the problem, keeps the record
+    record = hvp_record(problem)
     if record:  # how Hessian products were taken: backend, fallback, FD errors, kept graphs
         doc["hvp"] = dict(record)
     if not complete:

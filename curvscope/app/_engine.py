@@ -108,9 +108,12 @@ class Session:
     def test_problem(self, spec: str) -> Problem:
         """Other data (``solve --test-data``) through the same loading and preprocessing."""
         from .._load import load_like
+        from ..operators import graph_account
 
         split = "test" if self.common.split == "train" else self.common.split
-        return load_like(self.problem, spec, split=split)
+        # the budget the memory plan chose for this run's kept graphs
+        budget = graph_account(self.problem).budget
+        return load_like(self.problem, spec, split=split, graph_cache=budget)
 
     def operators(
         self,
@@ -651,6 +654,7 @@ def plan_memory(
     """
     from torch import nn
 
+    from ..operators import graph_account
     from ._memory import (
         available_memory,
         estimate_memory,
@@ -668,7 +672,8 @@ def plan_memory(
     limit = parse_memory(common.max_memory)
     if limit is None:
         limit = available_memory(p.device)
-    p.graph_cache = graph_cache_option(common.hvp_cache)
+    account = graph_account(p)
+    account.budget = graph_cache_option(common.hvp_cache)
     estimate = estimate_memory(
         p,
         matrices=matrices,
@@ -680,7 +685,7 @@ def plan_memory(
         limit=limit,
     )
     if estimate.graph_budget is not None:
-        p.graph_cache = estimate.graph_budget
+        account.budget = estimate.graph_budget
     notice("plan", f"memory: {estimate.describe()}")
     refuse_if_too_large(estimate, limit)
     session.memory = {**estimate.to_dict(), "limit_bytes": None if limit is None else int(limit)}

@@ -35,7 +35,7 @@ from .._device import available_memory, in_use
 from .._errors import OptionError, arg
 from .._options import parse_memory
 from ..linalg import KEEP_FRACTION
-from ..operators import GRAPH_CACHE_SHARE, HessianOperator
+from ..operators import GRAPH_CACHE_SHARE, HessianOperator, graph_account
 from ..problem import Batch, Problem
 
 __all__ = [
@@ -69,14 +69,11 @@ def _on_largest_batch(problem: Problem, measure: Callable[[Problem, Batch], int]
     """``measure(problem, batch)`` on the largest batch, in this process, not counted as a pass."""
     largest = max(range(len(problem.batch_sizes)), key=problem.batch_sizes.__getitem__)
     local = problem.alone()
-    try:
-        for i, batch in enumerate(local.batches()):
-            if i == largest:
-                return int(measure(local, batch))
-        return 0
-    finally:  # the measurement is not one of the command's passes
-        local.data_passes -= 1
-        local.add_work(-1)
+    # the measurement is not one of the command's passes
+    for i, batch in enumerate(local.batches(counted=False)):
+        if i == largest:
+            return int(measure(local, batch))
+    return 0
 
 
 def activation_bytes(problem: Problem) -> int:
@@ -197,7 +194,8 @@ def estimate_memory(
     """The expected peak of a command on ``problem``'s device (see the module docstring).
 
     With Hessian products, the first-order graphs they keep (``kept graphs``): what all
-    batches' graphs take, at most the problem's ``graph_cache`` budget. Without a budget
+    batches' graphs take, at most the budget of the problem's kept-graph account
+    (:func:`~curvscope.operators.graph_account`). Without a budget
     (``None``), the budget is :data:`~curvscope.operators.GRAPH_CACHE_SHARE` of what
     ``limit`` leaves beside the rest of the run, returned as ``graph_budget`` for the
     caller to set.
@@ -247,10 +245,11 @@ def estimate_memory(
         parts["Kronecker factors"] = float(sum(2 * (i * i + o * o) for i, o in kfac_layers) * item)
     budget = None
     wanted = 0.0
-    if "hessian" in matrices and problem.graph_cache != 0 and not problem.scripted:
+    asked = graph_account(problem).budget
+    if "hessian" in matrices and asked != 0 and not problem.scripted:
         wanted = float(kept_graph_bytes(problem))
     if wanted > 0:
-        budget = problem.graph_cache
+        budget = asked
         if budget is None:
             rest = sum(parts.values())
             budget = wanted if limit is None else GRAPH_CACHE_SHARE * max(0.0, limit - rest)

@@ -67,7 +67,7 @@ from ..io import (
     write_atomic,
     write_document,
 )
-from ..linalg import DEFAULT_TOL, eigsh, hutchinson_trace, hutchpp_trace
+from ..linalg import DEFAULT_TOL, LinearOperator, eigsh, hutchinson_trace, hutchpp_trace
 from ..operators import build_operators, preconditioned, resolve_matrices
 from ..problem import Problem
 from ..report import TRACK_FIGURES, remove_stale_figures
@@ -327,6 +327,50 @@ class _Measurer:
         ``unavailable`` says why a row that should have had one has none.
         """
         loss, grad = problem.loss_and_grad()
+        ops = self._operators(problem, preconditioner)
+        row: dict[str, Any] = {
+            "loss": float(loss),
+            "grad_norm": float(torch.linalg.vector_norm(grad.to(torch.float64))),
+            "eigenvalues": {},
+            "residuals": {},
+            "error_bounds": {},
+            "converged": {},
+        }
+        tally = _Tally(self.compare_cold)
+        k = self.gradient_overlap
+        top = max(self.top, k + 1) if k else self.top  # the (k+1)-th pair gives the gap
+        for name, op in ops.items():
+            tick = _labelled(progress, name)
+            results, used, cold, diff = self._solve(op, (name, "all"), top, self.bottom, tick)
+            tally.solved(used, cold, diff)
+            _record_pairs(row, name, results)
+            if k:
+                row.setdefault("gradient_overlap", {})[name] = _gradient_overlap(
+                    results, grad, k, name
+                )
+            if self.trace:
+                row.setdefault("trace", {})[name] = trace = self._trace(op)
+                tally.other += trace["num_matvecs"]
+            if self.per_layer:
+                layers, overlaps = self._per_layer(op, name, tally, problem, grad)
+                row.setdefault("per_layer_top", {})[name] = layers
+                if overlaps:
+                    row.setdefault("per_layer_gradient_overlap", {})[name] = overlaps
+        if preconditioner is not None:
+            row["optimizer"] = preconditioner.to_dict(params=False)
+        elif unavailable is not None:
+            row["optimizer"] = {"preconditioned": False, "reason": unavailable}
+        row["num_matvecs"] = tally.other + tally.eigen
+        row["num_matvecs_eigen"] = tally.eigen
+        if tally.cold is not None:
+            row["num_matvecs_cold"] = tally.cold
+            row["warm_cold_max_diff"] = tally.max_diff
+        return row
+
+    def _operators(
+        self, problem: Problem, preconditioner: Preconditioner | None
+    ) -> dict[str, Any]:
+        """The row's matrices, each also preconditioned when the optimiser preconditions."""
         ops, _ = build_operators(problem, self.matrices, seed=self.seed, hvp=self.hvp)
         if preconditioner is not None and preconditioner.preconditions:
             ops = {
@@ -336,108 +380,101 @@ class _Measurer:
                     for name, op in ops.items()
                 },
             }
-        row: dict[str, Any] = {
-            "loss": float(loss),
-            "grad_norm": float(torch.linalg.vector_norm(grad.to(torch.float64))),
-            "eigenvalues": {},
-            "residuals": {},
-            "error_bounds": {},
-            "converged": {},
+        return ops
+
+    def _trace(self, op: LinearOperator) -> dict[str, Any]:
+        """The trace estimate of ``op`` (Hutchinson or Hutch++) for the row."""
+        estimate = (hutchpp_trace if self.trace == "hutchpp" else hutchinson_trace)(
+            op, num_matvecs=self.trace_probes, seed=self._generator()
+        )
+        return {
+            "estimator": estimate.estimator,
+            "estimate": float(estimate.estimate),
+            "stderr": float(estimate.stderr),
+            "num_matvecs": int(estimate.num_matvecs),
         }
-        total = eigen = 0
-        cold_total: int | None = 0 if self.compare_cold else None
-        max_diff = 0.0
+
+    def _per_layer(
+        self, op: LinearOperator, name: str, tally: _Tally, problem: Problem, grad: torch.Tensor
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Each layer block's top eigenpair, and its gradient overlap with ``--gradient-overlap``.
+
+        With K, each block's gradient part in the block's top-K eigenspace (K + 1 pairs: the
+        (K + 1)-th gives the gap).
+        """
+        layers, overlaps = {}, {}
         k = self.gradient_overlap
-        top = max(self.top, k + 1) if k else self.top  # the (k+1)-th pair gives the gap
-        for name, op in ops.items():
-            tick = _labelled(progress, name)
-            results, used, cold, diff = self._solve(op, (name, "all"), top, self.bottom, tick)
-            eigen += used
-            if cold_total is not None:
-                cold_total += int(cold)
-                max_diff = max(max_diff, float(diff))
-            for key, attr in (
-                ("eigenvalues", "eigenvalues"),
-                ("residuals", "residual_norms"),
-                ("error_bounds", "error_bounds"),
-                ("converged", "converged"),
-            ):
-                row[key][name] = {
-                    r.which: [
-                        bool(v) if key == "converged" else float(v)
-                        for v in getattr(r, attr).tolist()
-                    ]
-                    for r in results
-                }
-            if k:
-                res = next(r for r in results if r.which == "top")
+        for block in op.named_blocks("per-layer"):
+            size = op.block(block).shape[0]
+            kb = min(k, size - 1) if k else 0
+            (res,), used, cold, diff = self._solve(
+                op.block(block), (name, block), kb + 1 if kb else 1, 0, None
+            )
+            tally.solved(used, cold, diff)
+            if kb:
                 ov = overlap_from_ritz(
-                    res.eigenvalues,
-                    res.eigenvectors,
-                    res.residual_norms,
-                    res.error_bounds,
-                    res.converged,
-                    grad,
-                    k,
-                    matrix=name,
+                    res.eigenvalues, res.eigenvectors, res.residual_norms, res.error_bounds,
+                    res.converged, _block_part(problem, block, grad), kb,
+                    matrix=name, block=block,
                 )
-                row.setdefault("gradient_overlap", {})[name] = _overlap_record(ov)
-            if self.trace:
-                estimate = (hutchpp_trace if self.trace == "hutchpp" else hutchinson_trace)(
-                    op, num_matvecs=self.trace_probes, seed=self._generator()
-                )
-                row.setdefault("trace", {})[name] = {
-                    "estimator": estimate.estimator,
-                    "estimate": float(estimate.estimate),
-                    "stderr": float(estimate.stderr),
-                    "num_matvecs": int(estimate.num_matvecs),
-                }
-                total += int(estimate.num_matvecs)
-            if self.per_layer:
-                layers, overlaps = {}, {}
-                for block in op.named_blocks("per-layer"):
-                    size = op.block(block).shape[0]
-                    # K + 1 pairs of the block for its overlap (the gap), where it has them
-                    kb = min(k, size - 1) if k else 0
-                    (res,), used_b, cold_b, diff_b = self._solve(
-                        op.block(block), (name, block), kb + 1 if kb else 1, 0, None
-                    )
-                    if kb:
-                        ov = overlap_from_ritz(
-                            res.eigenvalues,
-                            res.eigenvectors,
-                            res.residual_norms,
-                            res.error_bounds,
-                            res.converged,
-                            _block_part(problem, block, grad),
-                            kb,
-                            matrix=name,
-                            block=block,
-                        )
-                        overlaps[block] = _overlap_record(ov)
-                    eigen += used_b
-                    if cold_total is not None:
-                        cold_total += int(cold_b)
-                        max_diff = max(max_diff, float(diff_b))
-                    layers[block] = {
-                        "eigenvalue": float(res.eigenvalues[0]),
-                        "residual": float(res.residual_norms[0]),
-                        "error_bound": float(res.error_bounds[0]),
-                        "converged": bool(res.converged[0]),
-                    }
-                row.setdefault("per_layer_top", {})[name] = layers
-                if overlaps:
-                    row.setdefault("per_layer_gradient_overlap", {})[name] = overlaps
-        if preconditioner is not None:
-            row["optimizer"] = preconditioner.to_dict(params=False)
-        elif unavailable is not None:
-            row["optimizer"] = {"preconditioned": False, "reason": unavailable}
-        row["num_matvecs"] = total + eigen
-        row["num_matvecs_eigen"] = eigen
-        if cold_total is not None:
-            row["num_matvecs_cold"] = cold_total
-            row["warm_cold_max_diff"] = max_diff
-        return row
+                overlaps[block] = _overlap_record(ov)
+            layers[block] = {
+                "eigenvalue": float(res.eigenvalues[0]),
+                "residual": float(res.residual_norms[0]),
+                "error_bound": float(res.error_bounds[0]),
+                "converged": bool(res.converged[0]),
+            }
+        return layers, overlaps
+
+
+class _Tally:
+    """Products a row took: Lanczos (warm), the cold comparison, the rest (traces)."""
+
+    def __init__(self, compare_cold: bool) -> None:
+        self.eigen = 0
+        self.other = 0
+        self.cold: int | None = 0 if compare_cold else None
+        self.max_diff = 0.0
+
+    def solved(self, used: int, cold: Any, diff: Any) -> None:
+        """Count one eigen-solve (and its cold counterpart, when compared)."""
+        self.eigen += used
+        if self.cold is not None:
+            self.cold += int(cold)
+            self.max_diff = max(self.max_diff, float(diff))
+
+
+def _record_pairs(row: dict[str, Any], name: str, results: list) -> None:
+    """Matrix ``name``'s eigenvalues, residuals, bounds and convergence flags into ``row``."""
+    for key, attr in (
+        ("eigenvalues", "eigenvalues"),
+        ("residuals", "residual_norms"),
+        ("error_bounds", "error_bounds"),
+        ("converged", "converged"),
+    ):
+        row[key][name] = {
+            r.which: [
+                bool(v) if key == "converged" else float(v)
+                for v in getattr(r, attr).tolist()
+            ]
+            for r in results
+        }
+
+
+def _gradient_overlap(results: list, grad: torch.Tensor, k: int, name: str) -> dict[str, Any]:
+    """The fraction of the gradient in the top-``k`` eigenspace, with its interval."""
+    res = next(r for r in results if r.which == "top")
+    ov = overlap_from_ritz(
+        res.eigenvalues,
+        res.eigenvectors,
+        res.residual_norms,
+        res.error_bounds,
+        res.converged,
+        grad,
+        k,
+        matrix=name,
+    )
+    return _overlap_record(ov)
 
 
 def _overlap_record(ov) -> dict[str, Any]:
@@ -838,13 +875,7 @@ def track(
     stability = _stability(lr, momentum)
     paths = expand_checkpoints(checkpoints)
     ordered, order_by, notes = order_checkpoints(paths)
-    ckpt_options = {
-        "model": load_options.get("model", load_options.get("builder")),
-        "trust_checkpoint": bool(load_options.get("trust_checkpoint", False)),
-        "state_key": load_options.get("state_key"),
-        "strip_prefix": load_options.get("strip_prefix"),
-        **({"load_strict": False} if load_options.get("load_strict") is False else {}),
-    }
+    ckpt_options = _checkpoint_options(load_options)
     _check_architectures(ordered, ckpt_options)
     problem = load(ordered[0].path, data, seed=seed, **load_options)
     passes_before = problem.data_passes
@@ -873,26 +904,14 @@ def track(
             measurer,
             lr=lr,
             momentum=momentum,
-            checkpoints=[
-                str(c)
-                for c in ([checkpoints] if isinstance(checkpoints, (str, Path)) else checkpoints)
-            ],
+            checkpoints=_checkpoint_names(checkpoints),
             order=order_by,
             preconditioner=None if preconditioner is None else str(preconditioner),
             optimizer_key=optimizer_key,
         ),
     }
     with active_run("track") as run:
-        kept = _resumable(out, resume, all_settings, ordered, problem, run)
-        if out is not None and not kept:
-            # a fresh track: figures of an earlier one would sit beside its first rows
-            remove_stale_figures(Path(out) / "figures", [], TRACK_FIGURES)
-        if kept:
-            notes.append(
-                f"resumed run {run.id}: the {len(kept)} checkpoint(s) it had finished were kept, "
-                "not measured again; the first new one started from a random vector (no Ritz "
-                "vectors were kept)."
-            )
+        kept = _kept_rows(out, resume, all_settings, ordered, problem, run, notes)
         rows: list[dict[str, Any]] = list(kept)
         out_path: Path | None = None
 
@@ -915,38 +934,99 @@ def track(
                 out_path = write_document(doc, out)
             return doc
 
-        first_loaded = problem.loaded
         try:
-            for i, ckpt in enumerate(ordered):
-                if i < len(kept):
-                    continue
-                if i == 0:
-                    loaded = first_loaded
-                else:
-                    loaded = load_checkpoint(ckpt.path, **ckpt_options)
-                    with torch.no_grad():
-                        # copy_ converts to the analysis dtype and device; the problem's
-                        # parameter views share storage with the model: they see the weights
-                        problem.model.load_state_dict(loaded.model.state_dict())
-                if progress is not None:
-                    progress(i, len(ordered), "checkpoints")
-                row = {
-                    "index": i,
-                    "step": ckpt.step,
-                    "step_source": ckpt.step_source,
-                    "checkpoint": str(ckpt.path),
-                    "sha256": loaded.sha256 or None,
-                    **measurer.measure(problem, progress, precondition(ckpt.path)),
-                }
+            for row in _measured_rows(
+                ordered, len(kept), problem, ckpt_options, measurer, precondition, progress
+            ):
                 rows.append(row)
                 write(complete=False, state="running")
                 if progress is not None:
-                    progress(i + 1, len(ordered), "checkpoints")
+                    progress(row["index"] + 1, len(ordered), "checkpoints")
         except KeyboardInterrupt:
             write(complete=False, state="interrupted")
             raise
         doc = write(complete=True)
     return TrackRun(doc, out_path)
+
+
+def _kept_rows(
+    out: str | Path | None,
+    resume: bool | None,
+    settings: Mapping[str, Any],
+    ordered: Sequence[_Checkpoint],
+    problem: Problem,
+    run: Run,
+    notes: list[str],
+) -> list[dict[str, Any]]:
+    """The rows an interrupted run in ``out`` finished (a note says so), or none.
+
+    A fresh track removes the figures of an earlier one, which would sit beside its rows.
+    """
+    kept = _resumable(out, resume, settings, ordered, problem, run)
+    if out is not None and not kept:
+        remove_stale_figures(Path(out) / "figures", [], TRACK_FIGURES)
+    if kept:
+        notes.append(
+            f"resumed run {run.id}: the {len(kept)} checkpoint(s) it had finished were kept, "
+            "not measured again; the first new one started from a random vector (no Ritz "
+            "vectors were kept)."
+        )
+    return kept
+
+
+def _checkpoint_options(load_options: Mapping[str, Any]) -> dict[str, Any]:
+    """What reading each later checkpoint takes of :func:`curvscope.load`'s options."""
+    return {
+        "model": load_options.get("model", load_options.get("builder")),
+        "trust_checkpoint": bool(load_options.get("trust_checkpoint", False)),
+        "state_key": load_options.get("state_key"),
+        "strip_prefix": load_options.get("strip_prefix"),
+        **({"load_strict": False} if load_options.get("load_strict") is False else {}),
+    }
+
+
+def _checkpoint_names(checkpoints: Any) -> list[str]:
+    """The checkpoints as given (one path or glob, or several), as strings."""
+    given = [checkpoints] if isinstance(checkpoints, (str, Path)) else checkpoints
+    return [str(c) for c in given]
+
+
+def _measured_rows(
+    ordered: Sequence[_Checkpoint],
+    start: int,
+    problem: Problem,
+    ckpt_options: Mapping[str, Any],
+    measurer: _Measurer,
+    precondition: Callable[[Path], Any],
+    progress: Progress | None,
+) -> Iterator[dict[str, Any]]:
+    """One row a checkpoint from ``ordered[start]`` on, its weights loaded into ``problem``.
+
+    The first checkpoint is the one ``problem`` was loaded from; each later one is read and
+    copied into the model (the problem's parameter views see the new weights).
+    """
+    first_loaded = problem.loaded
+    for i, ckpt in enumerate(ordered):
+        if i < start:
+            continue
+        if i == 0:
+            loaded = first_loaded
+        else:
+            loaded = load_checkpoint(ckpt.path, **ckpt_options)
+            with torch.no_grad():
+                # copy_ converts to the analysis dtype and device; the problem's
+                # parameter views share storage with the model: they see the weights
+                problem.model.load_state_dict(loaded.model.state_dict())
+        if progress is not None:
+            progress(i, len(ordered), "checkpoints")
+        yield {
+            "index": i,
+            "step": ckpt.step,
+            "step_source": ckpt.step_source,
+            "checkpoint": str(ckpt.path),
+            "sha256": loaded.sha256 or None,
+            **measurer.measure(problem, progress, precondition(ckpt.path)),
+        }
 
 
 # ---------------------------------------------------------------------------- in training

@@ -474,6 +474,102 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+class _Progress:
+    """What a progress display shows: products done and planned, the phase, the time."""
+
+    def __init__(self, session: Session | None, planned: int | None) -> None:
+        self.session = session
+        self.planned = planned
+        self.done, self.total, self.what = 0, planned or 0, "starting"
+        self.start_work = session.problem.work_done if session is not None else 0
+        self.t0 = time.perf_counter()
+        self.bar: Any = None  # the terminal's bar and its task, when there is one
+        self.task: Any = None
+
+    def figures(self) -> tuple[int, int]:
+        """Products done and planned: the problem's count with a session, else the library's."""
+        if self.session is not None:
+            done = self.session.problem.work_done - self.start_work
+            return done, max(self.planned or 0, done)
+        return self.done, self.total
+
+    def update(self, completed: int, total: int, description: str) -> None:
+        """The library's report: the phase (and its own counts without a session)."""
+        from rich.markup import escape
+
+        # block names such as "[fc1.weight]" must not be read as markup
+        description = escape(description)
+        self.done, self.total, self.what = completed, total, description
+        if self.bar is not None:
+            done, tot = self.figures()
+            self.bar.update(self.task, completed=done, total=max(tot, 1), description=description)
+
+    def refresh(self) -> None:
+        """Move the bar to the problem's count (products advance between library calls)."""
+        done, tot = self.figures()
+        self.bar.update(self.task, completed=done, total=max(tot, 1))
+
+    def line(self) -> str:
+        """One log line: elapsed time, phase, products done, planned and time left."""
+        done, total = self.figures()
+        elapsed = time.perf_counter() - self.t0
+        text = f"[{_duration(elapsed)}] {self.what}: {done}"
+        text += f" of about {total}" if total else ""
+        text += " products" if self.session is not None else ""
+        if done and total > done:
+            text += f", about {_duration(elapsed / done * (total - done))} left"
+        return text
+
+
+@contextlib.contextmanager
+def _every(seconds: float, action: Callable[[], None]) -> Iterator[None]:
+    """Run ``action`` every ``seconds`` on a daemon thread while the block runs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(seconds):
+            action()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def _terminal_bar(progress: _Progress) -> Iterator[None]:
+    """A rich bar on the terminal: products done, planned, elapsed time and time left."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    unit = "products" if progress.session is not None else ""
+    progress.bar = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} " + unit),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    progress.task = progress.bar.add_task("starting", total=max(progress.planned or 1, 1))
+    with progress.bar:
+        if progress.session is None:
+            yield
+        else:  # products advance between the library's calls too
+            with _every(0.5, progress.refresh):
+                yield
+
+
 @contextlib.contextmanager
 def progress_bar(
     enabled: bool = True,
@@ -494,90 +590,14 @@ def progress_bar(
     if not enabled or not RANK_STATE["main"]:
         yield lambda *_: None
         return
-    state = {"done": 0, "total": planned or 0, "what": "starting"}
-    start_work = session.problem.work_done if session is not None else 0
-    t0 = time.perf_counter()
-
-    def figures() -> tuple[int, int]:
-        if session is not None:
-            done = session.problem.work_done - start_work
-            total = max(planned or 0, done)
-        else:
-            done, total = state["done"], state["total"]
-        return done, total
-
-    from rich.markup import escape
-
-    def update(completed: int, total: int, description: str) -> None:
-        # block names such as "[fc1.weight]" must not be read as markup
-        description = escape(description)
-        state.update(done=completed, total=total, what=description)
-        if bar is not None:
-            done, tot = figures()
-            bar.update(task, completed=done, total=max(tot, 1), description=description)
-
-    bar = task = None
+    progress = _Progress(session, planned)
     if err_console.is_terminal:
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        unit = "products" if session is not None else ""
-        bar = Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} " + unit),
-            TimeElapsedColumn(),
-            TextColumn("left"),
-            TimeRemainingColumn(),
-            console=err_console,
-            transient=True,
-        )
-        task = bar.add_task("starting", total=max(planned or 1, 1))
-        if session is not None:  # products advance between the library's calls too
-            stop = threading.Event()
-
-            def poll() -> None:
-                while not stop.wait(0.5):
-                    done, tot = figures()
-                    bar.update(task, completed=done, total=max(tot, 1))
-
-            poller = threading.Thread(target=poll, daemon=True)
-        with bar:
-            if session is not None:
-                poller.start()
-            try:
-                yield update
-            finally:
-                if session is not None:
-                    stop.set()
-                    poller.join()
+        with _terminal_bar(progress):
+            yield progress.update
         return
 
-    stop = threading.Event()
+    def log() -> None:
+        err_console.print(progress.line(), highlight=False, soft_wrap=True)
 
-    def line() -> None:
-        done, total = figures()
-        elapsed = time.perf_counter() - t0
-        text = f"[{_duration(elapsed)}] {state['what']}: {done}"
-        text += f" of about {total}" if total else ""
-        text += " products" if session is not None else ""
-        if done and total > done:
-            text += f", about {_duration(elapsed / done * (total - done))} left"
-        err_console.print(text, highlight=False, soft_wrap=True)
-
-    def report() -> None:
-        while not stop.wait(interval):
-            line()
-
-    reporter = threading.Thread(target=report, daemon=True)
-    reporter.start()
-    try:
-        yield update
-    finally:
-        stop.set()
-        reporter.join()
+    with _every(interval, log):
+        yield progress.update

@@ -132,18 +132,7 @@ def spectrum_cli(
         pre = _preconditioner(session, preconditioner, optimizer_key)
         pre_record = pre.to_dict() if pre is not None else None
         ops, _ = session.operators(matrices, preconditioner=pre)
-        plan_memory(
-            session,
-            matrices=matrices,
-            vectors=2 * (solve_top + bottom),
-            basis=lanczos_basis(session, blocks, solve_top + bottom, basis_size)
-            if method != "power"
-            else 0,
-        )
-        planned = announce(
-            *spectrum_plan(session, matrices, blocks, solve_top, bottom, method, repeats),
-            session,
-        )
+        planned = _plan(session, matrices, blocks, solve_top, bottom, method, repeats, basis_size)
         settings = {
             "matrix": matrices,
             "top": top,
@@ -182,18 +171,7 @@ def spectrum_cli(
                 progress=update,
                 gradient_overlap=gradient_overlap,
             )
-        notes = list(result.notes)
-        results = result.to_results()
-        if pre_record is not None:
-            results["preconditioner"] = pre_record
-            notes += pre_record["notes"]
-            notes.append(
-                "the matrices are P^-1/2 A P^-1/2, whose eigenvalues are those of P^-1 A "
-                "(Cohen et al. 2022, arXiv 2207.14484); an eigenvector u of it gives P^-1/2 u, "
-                "one of P^-1 A."
-            )
-        if save_eigenvectors_:
-            notes.append(f"eigenvectors written to {_save_vectors(session, result)}")
+        results, notes = _results_and_notes(session, result, pre_record, save_eigenvectors_)
         doc_path = finish(
             session,
             "spectrum",
@@ -208,6 +186,42 @@ def spectrum_cli(
             _print_threshold(pre_record, result)
     if strict and not result.all_converged:
         raise typer.Exit(code=3)
+
+
+def _plan(
+    session, matrices: list[str], blocks, top: int, bottom: int, method: str, repeats: int,
+    basis_size: int | None,
+) -> int:
+    """Plan the run's memory (refusing one too large) and announce its products."""
+    plan_memory(
+        session,
+        matrices=matrices,
+        vectors=2 * (top + bottom),
+        basis=lanczos_basis(session, blocks, top + bottom, basis_size) if method != "power" else 0,
+    )
+    return announce(
+        *spectrum_plan(session, matrices, blocks, top, bottom, method, repeats),
+        session,
+    )
+
+
+def _results_and_notes(
+    session, result, pre_record: dict | None, save_eigenvectors: bool
+) -> tuple[dict, list[str]]:
+    """The document's results and notes: the preconditioner's, where eigenvectors went."""
+    notes = list(result.notes)
+    results = result.to_results()
+    if pre_record is not None:
+        results["preconditioner"] = pre_record
+        notes += pre_record["notes"]
+        notes.append(
+            "the matrices are P^-1/2 A P^-1/2, whose eigenvalues are those of P^-1 A "
+            "(Cohen et al. 2022, arXiv 2207.14484); an eigenvector u of it gives P^-1/2 u, "
+            "one of P^-1 A."
+        )
+    if save_eigenvectors:
+        notes.append(f"eigenvectors written to {_save_vectors(session, result)}")
+    return results, notes
 
 
 def _check_counts(

@@ -212,10 +212,17 @@ def track_cli(
 
 
 def _print(run, figures, seconds) -> None:
+    """The checkpoints' table, then the stability threshold, warm start, notes and files."""
     doc = run.document
-    res = doc["results"]
-    rows = res["track"]
-    matrices = list(doc["settings"]["matrix"])
+    console.print(_table(doc))
+    _print_footer(run, figures, seconds)
+
+
+def _table(doc: dict) -> Table:
+    """One row a checkpoint: loss, gradient norm, each matrix's columns, products."""
+    rows = doc["results"]["track"]
+    settings = doc["settings"]
+    matrices = list(settings["matrix"])
     matrices += [
         m for r in rows for m in r.get("eigenvalues") or {} if m not in matrices
     ]
@@ -230,14 +237,12 @@ def _print(run, figures, seconds) -> None:
     table.add_column("grad norm", justify="right")
     for m in matrices:
         table.add_column(f"{m} top", justify="right")
-        if doc["settings"]["bottom"]:
+        if settings["bottom"]:
             table.add_column(f"{m} bottom", justify="right")
-        if doc["settings"]["trace"]:
+        if settings["trace"]:
             table.add_column(f"{m} trace ± se", justify="right")
-        if doc["settings"].get("gradient_overlap"):
-            table.add_column(
-                f"{m} grad in top-{doc['settings']['gradient_overlap']}", justify="right"
-            )
+        if settings.get("gradient_overlap"):
+            table.add_column(f"{m} grad in top-{settings['gradient_overlap']}", justify="right")
     table.add_column("products", justify="right")
     for r in rows:
         cells = [
@@ -246,29 +251,38 @@ def _print(run, figures, seconds) -> None:
             f"{r['grad_norm']:.3g}",
         ]
         for m in matrices:
-            if m not in r["eigenvalues"]:
-                cells += ["-"] * (
-                    1 + bool(doc["settings"]["bottom"]) + bool(doc["settings"]["trace"])
-                )
-                continue
-            ev = r["eigenvalues"][m]
-            conv = all(all(v) for v in r["converged"][m].values())
-            top = ev.get("top") or []
-            cells.append(f"{top[0]:.5g}" + ("" if conv else " [red](nc)[/]") if top else "-")
-            if doc["settings"]["bottom"]:
-                bot = ev.get("bottom") or []
-                cells.append(f"{bot[0]:.4g}" if bot else "-")
-            if doc["settings"]["trace"]:
-                t = r["trace"][m]
-                cells.append(f"{t['estimate']:.5g} ± {t['stderr']:.2g}")
-            if doc["settings"].get("gradient_overlap"):
-                o = (r.get("gradient_overlap") or {}).get(m)
-                cells.append(
-                    f"{o['fraction']:.3f} [{o['lower']:.3f}, {o['upper']:.3f}]" if o else "-"
-                )
+            cells += _matrix_cells(r, m, settings)
         cells.append(str(r["num_matvecs"]))
         table.add_row(*cells)
-    console.print(table)
+    return table
+
+
+def _matrix_cells(r: dict, m: str, settings: dict) -> list[str]:
+    """Row ``r``'s cells for matrix ``m``: top, bottom, trace, gradient overlap as asked."""
+    if m not in r["eigenvalues"]:
+        return ["-"] * (1 + bool(settings["bottom"]) + bool(settings["trace"]))
+    cells = []
+    ev = r["eigenvalues"][m]
+    conv = all(all(v) for v in r["converged"][m].values())
+    top = ev.get("top") or []
+    cells.append(f"{top[0]:.5g}" + ("" if conv else " [red](nc)[/]") if top else "-")
+    if settings["bottom"]:
+        bot = ev.get("bottom") or []
+        cells.append(f"{bot[0]:.4g}" if bot else "-")
+    if settings["trace"]:
+        t = r["trace"][m]
+        cells.append(f"{t['estimate']:.5g} ± {t['stderr']:.2g}")
+    if settings.get("gradient_overlap"):
+        o = (r.get("gradient_overlap") or {}).get(m)
+        cells.append(f"{o['fraction']:.3f} [{o['lower']:.3f}, {o['upper']:.3f}]" if o else "-")
+    return cells
+
+
+def _print_footer(run, figures, seconds) -> None:
+    """Batching, stability threshold, last optimiser, warm start, notes, counts, files."""
+    doc = run.document
+    res = doc["results"]
+    rows = res["track"]
     line = batch_line(doc.get("input") or {})
     if line:
         console.print(f"[yellow]{escape(line)}[/]", highlight=False)

@@ -10,7 +10,14 @@ from ._base import CurvatureOperator, work_dtype
 from ._classes import ClassStructure, LowRankOperator, check_classifier, class_structure
 from ._fisher import EmpiricalFisherOperator, FisherKind, FisherOperator
 from ._ggn import GGNOperator
-from ._hessian import GRAPH_CACHE_SHARE, HessianOperator, HVPMode
+from ._hessian import (
+    GRAPH_CACHE_SHARE,
+    GraphAccount,
+    HessianOperator,
+    HVPMode,
+    graph_account,
+    hvp_record,
+)
 from ._kfac import EKFACOperator, KFACFisherType, KFACOperator
 from ._pch import (
     ELEMENTWISE_ACTIVATIONS,
@@ -41,6 +48,8 @@ __all__ = [
     "CurvatureOperator",
     "LowRankOperator",
     "check_classifier",
+    "graph_account",
+    "hvp_record",
     "class_structure",
     "DenseOperator",
     "EKFACOperator",
@@ -50,6 +59,7 @@ __all__ = [
     "GGNOperator",
     "HVPMode",
     "GRAPH_CACHE_SHARE",
+    "GraphAccount",
     "HessianOperator",
     "IdentityOperator",
     "KFACFisherType",

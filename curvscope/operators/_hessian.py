@@ -12,7 +12,15 @@ from .._errors import OptionError, UnsupportedModelError, arg
 from ..problem import Batch, Problem, zeros_for_none
 from ._base import CurvatureOperator, autograd_nodes, once_differentiable_functions
 
-__all__ = ["GRAPH_CACHE_SHARE", "HVPMode", "HessianOperator", "missing_double_backward"]
+__all__ = [
+    "GRAPH_CACHE_SHARE",
+    "GraphAccount",
+    "HVPMode",
+    "HessianOperator",
+    "graph_account",
+    "hvp_record",
+    "missing_double_backward",
+]
 
 
 class HVPMode(str, Enum):
@@ -29,6 +37,55 @@ MAX_VMAP_COLUMNS = 32
 
 GRAPH_CACHE_SHARE = 0.5
 """Share of the device's free memory that kept graphs may take when no budget is set."""
+
+
+class GraphAccount:
+    """The Hessian's account of kept graphs, for one problem and every view of it.
+
+    Blocks, subsets, dtype and distributed copies of a problem keep their graphs against
+    one budget, so the account is found by the problem's :attr:`~curvscope.problem.Problem.family`
+    (:func:`graph_account`); the problem itself knows nothing of graphs.
+
+    Attributes:
+        budget: bytes kept graphs may take: ``None`` for :data:`GRAPH_CACHE_SHARE` of what
+            the device has free at the first product, ``0`` for none. It starts as the
+            problem's ``graph_cache``; the memory plan sets the budget it chose.
+        held: bytes the kept graphs of every view hold now.
+        record: how Hessian products were taken (backend, fallback, finite-difference step
+            and errors, kept graphs); result documents carry it as ``hvp``.
+    """
+
+    def __init__(self, budget: float | None) -> None:
+        self.budget = budget
+        self.held = 0
+        self.record: dict = {}
+
+    def hold(self, amount: int) -> None:
+        """Count ``amount`` more bytes of kept graphs (negative: given back)."""
+        self.held += int(amount)
+
+    def room(self) -> float | None:
+        """Bytes that may still be kept under the budget (``None``: no budget set)."""
+        return None if self.budget is None else max(0.0, self.budget - self.held)
+
+
+_ACCOUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The account of each problem family, dropped with the last view of the problem."""
+
+
+def graph_account(problem: Problem) -> GraphAccount:
+    """The kept-graph account of ``problem`` and its views (opened on first use)."""
+    account = _ACCOUNTS.get(problem.family)
+    if account is None:
+        account = _ACCOUNTS[problem.family] = GraphAccount(problem.graph_cache)
+    return account
+
+
+def hvp_record(problem: Problem | None) -> dict | None:
+    """How ``problem``'s Hessian products were taken (``None`` when none was taken)."""
+    family = getattr(problem, "family", None)
+    account = None if family is None else _ACCOUNTS.get(family)
+    return None if account is None else account.record
 
 
 def missing_double_backward(exc: BaseException) -> bool:
@@ -71,7 +128,8 @@ class HessianOperator(CurvatureOperator):
       **Kept graphs.** The forward pass and the first backward (with its graph) are the same
       at every product, since the weights are fixed; only the second backward depends on
       ``V``. The first product therefore keeps each batch's first-order graph while they fit
-      in the problem's ``graph_cache`` budget (shared with its blocks and subsets), and later
+      in the budget of the problem's :class:`GraphAccount` (shared with its blocks and
+      subsets; it starts as the problem's ``graph_cache``), and later
       products run only the second backward over the kept batches, without reading them
       again: on tiny-gpt 2.0 gradients a product instead of 3.4 (benchmarks/RESULTS.md). The
       batches that do not fit are streamed as before. Kept graphs are dropped when a
@@ -110,6 +168,7 @@ class HessianOperator(CurvatureOperator):
         super().__init__(problem, mode=mode)
         self.mode = mode
         self.info: dict = {"hvp": mode.value}
+        self.account = graph_account(problem)
         self._graphs: _KeptGraphs | None = None
         self._twice_checked = False  # the first graph was searched for once-only functions
         if problem.scripted:
@@ -135,7 +194,7 @@ class HessianOperator(CurvatureOperator):
     def _data_matmat(self, V: torch.Tensor) -> torch.Tensor:
         out = self._products(V)
         # the document's ``hvp`` section: how this command's Hessian products were taken
-        self.problem.hvp_record.update(self.info)
+        self.account.record.update(self.info)
         return out
 
     def _products(self, V: torch.Tensor) -> torch.Tensor:
@@ -227,15 +286,15 @@ class HessianOperator(CurvatureOperator):
         return (
             self.mode in (HVPMode.DOUBLE_BACKWARD, HVPMode.AUTO)
             and not p.scripted
-            and p.graph_cache != 0
+            and self.account.budget != 0
         )
 
     def _budget(self) -> float:
-        """Bytes this operator may keep now: the problem's budget less what views keep."""
-        p = self.problem
-        if p.graph_cache is not None:
-            return max(0.0, p.graph_cache - p.kept_graph_bytes)
-        free = free_memory(p.device)
+        """Bytes this operator may keep now: the account's budget less what views keep."""
+        room = self.account.room()
+        if room is not None:
+            return room
+        free = free_memory(self.problem.device)
         return 0.0 if free is None else GRAPH_CACHE_SHARE * free
 
     def _kept_matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -252,7 +311,7 @@ class HessianOperator(CurvatureOperator):
             return p.reduce(out)
         building = graphs is None
         if building:
-            graphs = _KeptGraphs(p, self._budget())
+            graphs = _KeptGraphs(p, self.account, self._budget())
         with p.mode(), torch.enable_grad():
             for batch in p.batches():
                 graph = graphs.entries.get(batch.index)
@@ -423,11 +482,11 @@ def _measured(build, *args) -> tuple[_Graph, int]:
 class _KeptGraphs:
     """First-order graphs of a prefix of the batches, kept between products.
 
-    Their bytes count against the problem's shared ``graph_cache`` account until released
+    Their bytes count against the problem's :class:`GraphAccount` until released
     (explicitly or when the operator holding them is freed).
     """
 
-    def __init__(self, problem: Problem, budget: float) -> None:
+    def __init__(self, problem: Problem, account: GraphAccount, budget: float) -> None:
         self.params = [(t, t._version) for t in problem.params.values()]
         self.budget = budget
         self.entries: dict[int, _Graph] = {}
@@ -435,8 +494,8 @@ class _KeptGraphs:
         self.batches = 0
         self.full = False  # a batch did not fit: later ones are not kept either
         self.complete = False
-        self._held = [0]  # bytes counted against the problem's account until freed
-        self._hold = problem.hold_graph_bytes
+        self._held = [0]  # bytes counted against the account until freed
+        self._hold = account.hold
         self._finalizer = weakref.finalize(self, _give_back, self._hold, self._held)
 
     def valid(self, problem: Problem) -> bool:

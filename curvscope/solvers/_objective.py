@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import NonFiniteError, OptionError
-from ..operators import CurvatureOperator, DenseOperator, HessianOperator
+from ..operators import CurvatureOperator, DenseOperator, HessianOperator, graph_account
 from ..problem import Problem
 
 __all__ = ["Counts", "Objective", "ProblemObjective", "QuadraticObjective"]
@@ -145,7 +145,7 @@ class ProblemObjective(Objective):
                 weight_decay=p.weight_decay,
                 train_mode=p.train_mode,
                 group=p.group,
-                graph_cache=p.graph_cache,  # the budget the memory plan chose
+                graph_cache=graph_account(p).budget,  # the budget the memory plan chose
             )
             self._work = work
         values = self._work.unflatten(w.detach())
