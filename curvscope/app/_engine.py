@@ -517,6 +517,9 @@ def open_session(common: RunOptions, command: str | None = None) -> Session:
         raise OptionError(f"{arg('max_iter')} must be at least 1, got {common.max_iter}.")
     if common.threads is not None and common.threads < 1:
         raise OptionError(f"{arg('threads')} must be at least 1, got {common.threads}.")
+    from .._options import parse_basis_device
+
+    parse_basis_device(common.basis_device)  # a bad device or disk: folder, before loading
     check_inputs(common)
     check_out_dir(common.out)
     command = command or _command_name()
@@ -629,23 +632,29 @@ def plan_memory(
     vectors: int = 0,
     basis: int = 0,
     slq_steps: int = 0,
-) -> None:
-    """Estimate the run's peak memory, print it, and refuse it over ``--max-memory``.
+    k: int = 1,
+    explicit_basis: bool = False,
+    movable: bool = False,
+):
+    """Estimate the run's peak memory, fit the Lanczos basis, print both, or refuse.
 
-    The default limit is what the device has free (plus what the process holds). The
-    estimate goes into the document's ``memory`` section beside the measured peak.
+    The default limit is what the device has free (plus what the process holds). With
+    ``movable`` (the command passes the returned choice on to ``eigsh``) a default basis
+    (not ``explicit_basis``) that does not fit is shrunk, down to the minimum for ``k``
+    pairs, or moved to host memory on a GPU (:func:`~curvscope.app._memory.fit_memory`);
+    one line says what was chosen and what it costs. The estimate goes into the document's
+    ``memory`` section beside the measured peak.
+
+    Returns:
+        The :class:`~curvscope.app._memory.BasisChoice`: the basis size and
+        ``basis_device`` to run with.
 
     Raises:
-        OptionError: when the estimate is larger than the limit (naming what to lower).
+        OptionError: when nothing fits, naming only changes that would fit.
     """
     from torch import nn
 
-    from ._memory import (
-        available_memory,
-        estimate_memory,
-        parse_memory,
-        refuse_if_too_large,
-    )
+    from ._memory import available_memory, fit_memory, parse_memory
 
     common = session.common
     p = session.problem
@@ -658,11 +667,14 @@ def plan_memory(
     if limit is None:
         limit = available_memory(p.device)
     p.graph_cache = graph_cache_option(common.hvp_cache)
-    estimate = estimate_memory(
+    estimate, choice = fit_memory(
         p,
         matrices=matrices,
         vectors=vectors,
         basis=basis,
+        k=k,
+        explicit=explicit_basis,
+        movable=movable,
         basis_device=common.basis_device,
         slq_steps=slq_steps,
         kfac_layers=layers,
@@ -671,12 +683,20 @@ def plan_memory(
     if estimate.graph_budget is not None:
         p.graph_cache = estimate.graph_budget
     notice("plan", f"memory: {estimate.describe()}")
-    refuse_if_too_large(estimate, limit)
-    session.memory = {**estimate.to_dict(), "limit_bytes": None if limit is None else int(limit)}
+    if choice.line is not None:
+        notice("plan", choice.line)
+    session.memory = {
+        **estimate.to_dict(),
+        "limit_bytes": None if limit is None else int(limit),
+        "basis": {"size": choice.size, "device": choice.device},
+    }
+    if estimate.disk_bytes:
+        session.memory["disk_bytes"] = int(estimate.disk_bytes)
     if p.device.type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(p.device)
+    return choice
 
 
 def peak_memory(device) -> int:

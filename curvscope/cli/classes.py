@@ -66,13 +66,16 @@ def classes_cli(
         from ..linalg import default_basis_size
 
         item = 8 if problem.dtype.itemsize == 8 else 4
-        plan_memory(
+        fitted = plan_memory(
             session,
             matrices=["ggn"],
             vectors=2 * (k + 1) + 2 * C * C,
             basis=min(problem.num_params, basis_size)
             if basis_size
             else default_basis_size(k + 1, problem.num_params, itemsize=item),
+            k=k + 1,
+            explicit_basis=basis_size is not None,
+            movable=True,
         )
         planned = announce(
             f"{C} classes: {C * C} class-mean vectors and ggn top-{k + 1} by Lanczos",
@@ -87,8 +90,8 @@ def classes_cli(
                 tol=common.tol,
                 rtol=rtol,
                 max_matvecs=max_matvecs if max_matvecs is not None else common.max_iter,
-                basis_size=basis_size,
-                basis_device=common.basis_device,
+                basis_size=fitted.size or basis_size,
+                basis_device=fitted.device,
                 seed=common.seed,
                 progress=update,
             )

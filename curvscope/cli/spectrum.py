@@ -132,13 +132,19 @@ def spectrum_cli(
         pre = _preconditioner(session, preconditioner, optimizer_key)
         pre_record = pre.to_dict() if pre is not None else None
         ops, _ = session.operators(matrices, preconditioner=pre)
-        plan_memory(
+        planned_basis = (
+            lanczos_basis(session, blocks, solve_top + bottom, basis_size)
+            if method != "power"
+            else 0
+        )
+        fitted = plan_memory(
             session,
             matrices=matrices,
             vectors=2 * (solve_top + bottom),
-            basis=lanczos_basis(session, blocks, solve_top + bottom, basis_size)
-            if method != "power"
-            else 0,
+            basis=planned_basis,
+            k=solve_top + bottom,
+            explicit_basis=basis_size is not None,
+            movable=True,
         )
         planned = announce(
             *spectrum_plan(session, matrices, blocks, solve_top, bottom, method, repeats),
@@ -177,8 +183,9 @@ def spectrum_cli(
                 repeats=repeats,
                 samples=repeat_samples,
                 rtol=rtol,
-                basis_size=basis_size,
-                basis_device=common.basis_device,
+                # the plan's size only where it shrank the basis: other blocks keep their own
+                basis_size=fitted.size if fitted.size != planned_basis else basis_size,
+                basis_device=fitted.device,
                 progress=update,
                 gradient_overlap=gradient_overlap,
             )
