@@ -180,16 +180,6 @@ class MemoryEstimate:
         }
 
 
-_LOWER = {
-    "activations": arg("batch_size"),
-    "Lanczos basis": f"{arg('basis_size')} or {arg('basis_device')} cpu",
-    "SLQ basis": arg("num_steps"),
-    "Kronecker factors": f"{arg('matrices')} (leave out kfac/ekfac) or {arg('params')}",
-    "vectors": f"{arg('top')}/{arg('bottom')}",
-    "in use": f"{arg('samples')} or {arg('params')}",
-    "kept graphs": f"{arg('hvp_cache')} (off, or a smaller size)",
-}
-
 
 def estimate_memory(
     problem: Problem,
@@ -513,7 +503,13 @@ def _refuse(
 ) -> None:
     """Raise the one-sentence refusal: what the run needs, against what, and what fits."""
     reasons = []
-    if limit is not None and estimate.total > limit:
+    held = estimate.parts.get("in use", 0.0)
+    if limit is not None and held > limit:
+        reasons.append(
+            f"the process already holds {format_bytes(held)} (torch, the model and the data), "
+            f"more than {arg('max_memory')} {format_bytes(limit)}"
+        )
+    elif limit is not None and estimate.total > limit:
         reasons.append(
             f"the run needs {estimate.describe()}, more than {arg('max_memory')} "
             f"{format_bytes(limit)}"
