@@ -684,7 +684,10 @@ def plan_memory(
         p.graph_cache = estimate.graph_budget
     notice("plan", f"memory: {estimate.describe()}")
     if choice.line is not None:
-        notice("plan", choice.line)
+        from .._errors import _ARG
+        from .._options import flag_of
+
+        notice("plan", _ARG.sub(lambda m: flag_of(m.group(1)) or m.group(1), choice.line))
     session.memory = {
         **estimate.to_dict(),
         "limit_bytes": None if limit is None else int(limit),

@@ -407,16 +407,21 @@ def fit_memory(
     if basis and movable and not explicit:
         m = largest(basis_device, lo, basis - 1)
         if m:
-            why = limit_text if fits(est(m, basis_device)) and disk is None else (
+            why = (
                 f"the {format_bytes(free_disk)} free in {disk}"
-                if est(basis, basis_device).disk_bytes > free_disk
+                if first.disk_bytes > free_disk
                 else limit_text
+            )
+            factor = products_factor(m, basis, k)
+            cost = (
+                "about as many products (more restarts)"
+                if factor < 1.1
+                else f"up to about {factor:.2g}x the products (more restarts)"
             )
             return est(m, basis_device), BasisChoice(
                 m,
                 basis_device,
-                f"basis: {m} vectors instead of {basis} to fit {why}: up to about "
-                f"{products_factor(m, basis, k):.2g}x the products (more restarts)",
+                f"basis: {m} vectors instead of {basis} to fit {why}: {cost}",
             )
         if dev.type == "cuda" and place is None:
             m = basis if fits(est(basis, "cpu")) else largest("cpu", lo, basis - 1)
