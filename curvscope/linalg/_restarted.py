@@ -775,13 +775,15 @@ def _finish(
     AY = matvec(Y, "final residual check")
     if progress is not None:
         progress(steps + checks + k, total, "residual check")
-    Y64 = Y.to(torch.float64)
-    AY64 = AY.to(torch.float64)
-    sq = (Y64 * Y64).sum(dim=0)
-    lam = ((Y64 * AY64).sum(dim=0) / sq).cpu()
-    resid = (
-        torch.linalg.vector_norm(AY64 - Y64 * lam.to(Y64.device).unsqueeze(0), dim=0) / sq.sqrt()
-    ).cpu()
+    # float64 one column at a time: whole float64 copies of Y and AY and their products were
+    # about 10 k parameter-sized float32 vectors at the peak (7 GB for k = 7 of 124M)
+    lam = torch.empty(k, dtype=torch.float64)
+    resid = torch.empty(k, dtype=torch.float64)
+    for c in range(k):
+        y64, ay64 = Y[:, c].to(torch.float64), AY[:, c].to(torch.float64)
+        sq = torch.dot(y64, y64)
+        lam[c] = float(torch.dot(y64, ay64) / sq)
+        resid[c] = float(torch.linalg.vector_norm(ay64 - y64 * float(lam[c])) / sq.sqrt())
     norm = max(float(vals.abs().max()), float(lam.abs().max()), 1e-300)
     eps = max(float(torch.finfo(Y.dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
     floor = ROUNDOFF * eps * math.sqrt(n) * norm
