@@ -11,7 +11,12 @@ before its first product (``memory.total_bytes``):
       vectors, so the cap measures the peak of a whole run at a fraction of its time (a
       whole top-5 run is about 80 products of 30 s each on this 2-core machine);
   (b) ``report --preset quick --budget-s 120`` on a 389k-parameter CNN (three conv layers,
-      two linear), 32 synthetic samples: every part of the report in one process.
+      two linear), 32 synthetic samples: every part of the report in one process;
+  (c) the same CNN's spectrum with the basis that fits (issue 24 item 2): ``-shrunk`` under a
+      ``--max-memory`` 60% of the default basis below its estimate (the plan shrinks the
+      basis), ``-disk`` with ``--basis-device disk:DIR`` (the basis in a mapped file). Peak
+      anon is the anonymous resident set, sampled: mapped file pages count in the RSS as page
+      cache the kernel may drop, so for the disk row that is the figure to read.
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/memory.py [--cases resnet18,cnn389k] [--quick]
 Prints a markdown table; a command that fails makes the benchmark fail (exit 1) after it.
@@ -83,7 +88,12 @@ def _write(folder: Path, name: str, n: int) -> tuple[Path, Path, int]:
     return ckpt, data, sum(p.numel() for p in model.parameters())
 
 
-def run(name: str, folder: Path, quick: bool = False) -> dict:
+def run(name: str, folder: Path, quick: bool = False, extra: list[str] | None = None,
+        label: str | None = None) -> dict:
+    """One command in a fresh process: its document's estimate and its peak RSS.
+
+    ``extra``: more flags (the basis rows); ``label``: the row's name.
+    """
     if quick:
         ckpt, data, P = _write(folder, name, 16)
         args = ["spectrum", str(ckpt), "--top", "2", "--bottom", "0", "--batch-size", "16"]
@@ -110,7 +120,8 @@ def run(name: str, folder: Path, quick: bool = False) -> dict:
         ckpt, data, P = _write(folder, name, 32)
         args = ["report", str(ckpt), "--preset", "quick", "--budget-s", "120", "--batch-size", "32"]
         command = "spectrum"  # every report document carries the one estimate
-    out = folder / f"out-{name}"
+    args += extra or []
+    out = folder / f"out-{label or name}"
     cmd = [
         sys.executable,
         "-m",
@@ -128,10 +139,19 @@ def run(name: str, folder: Path, quick: bool = False) -> dict:
         str(out),
     ]
     # a wrapper process reports its one child's peak RSS (RUSAGE_CHILDREN of a fresh process)
+    # and its peak anonymous RSS, sampled every 5 ms (a disk basis's mapped file pages count
+    # in the RSS as page cache, which the kernel may drop; RssAnon is what the run holds)
     wrapper = (
-        "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-        "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
-        "sys.exit(rc)"
+        "import resource, subprocess, sys, time\n"
+        "p = subprocess.Popen(sys.argv[1:]); anon = 0\n"
+        "while p.poll() is None:\n"
+        "    try:\n"
+        "        for ln in open(f'/proc/{p.pid}/status'):\n"
+        "            if ln.startswith('RssAnon:'): anon = max(anon, int(ln.split()[1]) * 1024)\n"
+        "    except OSError: pass\n"
+        "    time.sleep(0.005)\n"
+        "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+        "print('ANON', anon); sys.exit(p.returncode)"
     )
     t0 = time.perf_counter()
     res = subprocess.run(
@@ -148,8 +168,9 @@ def run(name: str, folder: Path, quick: bool = False) -> dict:
     peak = int(res.stdout.rsplit("PEAK", 1)[1].split()[0])
     memory = doc.get("memory") or {"total_bytes": doc["settings"]["memory_estimate_bytes"]}
     memory["peak_bytes"] = peak
+    memory["peak_anon_bytes"] = int(res.stdout.rsplit("ANON", 1)[1].split()[0])
     return {
-        "case": name,
+        "case": label or name,
         "params": P,
         "wall_s": wall,
         "memory": memory,
@@ -157,7 +178,34 @@ def run(name: str, folder: Path, quick: bool = False) -> dict:
         "estimate_line": next(
             (ln for ln in res.stderr.splitlines() if ln.startswith("memory:")), ""
         ),
+        "basis_line": next((ln for ln in res.stderr.splitlines() if ln.startswith("basis:")), ""),
+        "products": sum(s.get("num_matvecs", 0) for s in doc["results"].get("spectra", [])[:1]),
     }
+
+
+def basis_rows(name: str, folder: Path, quick: bool, plain: dict) -> list[dict]:
+    """The basis that fits (issue 24 item 2): auto-shrunk under a --max-memory, and on disk.
+
+    ``plain``: the row of the same case with its default basis. The limit takes away 60% of
+    its basis part, so the plan shrinks the basis; the matvec cap lets it restart (the peak
+    of a restart's block). The disk row keeps the default basis in a file in ``folder``.
+    """
+    if "failed" in plain:
+        return []
+    mem = plain["memory"]
+    basis = mem["parts_bytes"].get("Lanczos basis", 0)
+    limit = mem["total_bytes"] - 0.6 * basis
+    cap = ["--max-matvecs", "40" if quick else "120"]
+    scratch = folder / "scratch"
+    scratch.mkdir(exist_ok=True)
+    rows = [
+        run(name, folder, quick, [*cap, "--max-memory", f"{limit:.0f}"], f"{name}-shrunk"),
+        run(name, folder, quick, [*cap, "--basis-device", f"disk:{scratch}"], f"{name}-disk"),
+    ]
+    left = list(scratch.iterdir())
+    if left:
+        rows[-1] = {"case": f"{name}-disk", "failed": f"basis file left behind: {left}"}
+    return rows
 
 
 def main() -> None:
@@ -172,8 +220,13 @@ def main() -> None:
             row = run(name, Path(tmp), args.quick)
             rows.append(row)
             print(json.dumps(row, indent=1, default=str), flush=True)
-    print("\n| case | parameters | estimate | peak RSS | peak / estimate | wall |")
-    print("|---|---:|---:|---:|---:|---:|")
+            if name == "cnn389k":
+                for extra in basis_rows(name, Path(tmp), args.quick, row):
+                    rows.append(extra)
+                    print(json.dumps(extra, indent=1, default=str), flush=True)
+    print("\n| case | parameters | basis | estimate | peak RSS | peak / estimate | peak anon |"
+          " products | wall |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "failed" in r:
             print(f"| {r['case']} | failed | | | | |")
@@ -183,8 +236,14 @@ def main() -> None:
         peak = m["peak_bytes"]
         ratio = f"{peak / est:.2f}" if est else ""
         est_s = f"{est / 1e9:.2f} GB"
+        b = m.get("basis") or {}
+        where = b.get("device") or "device"
+        basis = f"{b.get('size', '')} on {where}" if b.get("size") else ""
+        if m.get("disk_bytes"):
+            basis += f" ({m['disk_bytes'] / 1e6:.0f} MB file)"
         print(
-            f"| {r['case']} | {r['params']} | {est_s} | {peak / 1e9:.2f} GB | {ratio} | "
+            f"| {r['case']} | {r['params']} | {basis} | {est_s} | {peak / 1e9:.2f} GB | {ratio} "
+            f"| {m['peak_anon_bytes'] / 1e9:.2f} GB | {r.get('products', '')} | "
             f"{r['wall_s']:.0f} s |"
         )
     failed = [r["case"] for r in rows if "failed" in r]

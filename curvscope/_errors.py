@@ -27,10 +27,29 @@ __all__ = [
     "OptionError",
     "UnsupportedModelError",
     "arg",
+    "render_args",
 ]
 
 # a name, or a name with its value (``load_strict=False``: a boolean flag turned off)
 _ARG = re.compile(r"\{@([A-Za-z_][A-Za-z0-9_]*(?:=[A-Za-z0-9_.]+)?)\}")
+
+
+def render_args(text: str, flags: Any = None) -> str:
+    """``text`` with each :func:`arg` placeholder written by ``flags``.
+
+    ``flags``: a mapping or a function of the argument name; names it does not cover (or
+    every name, for ``None``) are written as they are.
+    """
+
+    def name(m: re.Match) -> str:
+        key = m.group(1)
+        if flags is None:
+            return key
+        if callable(flags):
+            return flags(key) or key
+        return flags.get(key, key)
+
+    return _ARG.sub(name, text)
 
 
 def arg(name: str) -> str:
@@ -72,16 +91,7 @@ class CurvscopeError(Exception):
             flags: argument name -> how to write it (a mapping or a function); names it does
                 not cover are written as they are.
         """
-
-        def name(m: re.Match) -> str:
-            key = m.group(1)
-            if flags is None:
-                return key
-            if callable(flags):
-                return flags(key)
-            return flags.get(key, key)
-
-        return _ARG.sub(name, self.message)
+        return render_args(self.message, flags)
 
     def __str__(self) -> str:
         return self.render()

@@ -21,6 +21,7 @@ __all__ = [
     "OPTIONS",
     "Option",
     "flag_of",
+    "parse_basis_device",
     "parse_groups",
     "parse_hvp_cache",
     "parse_kwargs",
@@ -459,7 +460,9 @@ OPTIONS: tuple[Option, ...] = (
         None,
         (
             "Where the Lanczos basis lives: cpu keeps it in host memory when the device is "
-            "short (default: the --device)."
+            "short; disk:DIR in a memory-mapped scratch file in DIR, removed at the end "
+            "(default: the --device; the memory plan moves it to cpu or shrinks it to fit "
+            "--max-memory)."
         ),
         "Numerics",
         optional=True,
@@ -611,3 +614,49 @@ def parse_hvp_cache(value: str | float | None) -> float | None:
             f"{arg('hvp_cache')} {value!r} is not auto, off or an amount of memory (e.g. 4GB).",
             option="hvp_cache",
         ) from None
+
+
+def parse_basis_device(value: str | None) -> tuple[str | None, str | None]:
+    """``--basis-device``: ``(device, None)`` for a torch device, ``("cpu", DIR)`` for ``disk:DIR``.
+
+    ``None`` stays ``(None, None)`` (the parameters' device). A disk basis computes on the
+    CPU: its vectors are read from the mapped file there.
+
+    Raises:
+        OptionError: for text that is no device, or a ``disk:`` folder that does not exist
+            or cannot be written, in one sentence naming the flag.
+    """
+    if value is None:
+        return None, None
+    text = str(value).strip()
+    if text.lower().startswith("disk:"):
+        import os
+
+        folder = text[5:]
+        if not folder:
+            raise OptionError(
+                f"{arg('basis_device')} disk: needs a folder (e.g. disk:/scratch/me).",
+                option="basis_device",
+            )
+        if not os.path.isdir(folder):
+            raise OptionError(
+                f"{arg('basis_device')} {text!r}: {folder} is not an existing folder.",
+                option="basis_device",
+            )
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise OptionError(
+                f"{arg('basis_device')} {text!r}: {folder} cannot be written.",
+                option="basis_device",
+            )
+        return "cpu", folder
+    import torch
+
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise OptionError(
+            f"{arg('basis_device')} {text!r} is neither a device (cpu, cuda, cuda:N) nor "
+            "disk:DIR.",
+            option="basis_device",
+        ) from None
+    return text, None

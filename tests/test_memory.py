@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -14,7 +13,7 @@ from curvscope import OptionError, Problem
 from curvscope.app import estimate_memory, parse_memory, refuse_if_too_large
 from curvscope.app._memory import activation_bytes
 from curvscope.cli import app
-from curvscope.linalg import KEEP_FRACTION
+from curvscope.linalg._restarted import RESTART_BLOCK
 from curvscope.operators import graph_account
 
 from .test_cli_spectrum import tiny  # noqa: F401  (fixture)
@@ -47,8 +46,9 @@ def test_estimate_parts_and_basis_off_the_device():
     p = _problem(16)
     est = estimate_memory(p, matrices=["hessian"], vectors=4, basis=30)
     P = p.num_params
-    # a basis smaller than P restarts: the kept Ritz vectors are formed beside it
-    assert est.parts["Lanczos basis"] == pytest.approx(30 * P * 4 * (1 + KEEP_FRACTION))
+    # 31 columns (the next vector too); a basis smaller than P restarts: the kept Ritz
+    # vectors are formed a block of rows at a time beside it (here the block is all rows)
+    assert est.parts["Lanczos basis"] == pytest.approx(31 * P * 4 + min(RESTART_BLOCK, 30 * P * 4))
     assert est.parts["vectors"] == (4 + 6) * P * 4
     assert est.parts["activations"] == 3 * activation_bytes(p)
     assert est.parts["in use"] > 0 and est.total == pytest.approx(sum(est.parts.values()))
@@ -57,16 +57,15 @@ def test_estimate_parts_and_basis_off_the_device():
     assert off.parts["activations"] == 2 * activation_bytes(p)
 
 
-def test_refusal_names_the_largest_part():
+def test_refusal_advises_only_what_fits():
     p = _problem(16)
     est = estimate_memory(p, basis=10**6)  # a basis far beyond anything else
     held = est.parts["in use"]
-    # on the CPU the basis already lives in host memory: only a smaller basis is advice
-    with pytest.raises(OptionError, match=r"lower basis_size \(the largest part: Lanczos"):
+    # the estimate alone (no basis to move): the --max-memory that holds it, nothing vaguer
+    with pytest.raises(OptionError, match=r"it fits with max_memory [0-9.]+GB\.$") as err:
         refuse_if_too_large(est, held + 1)
-    on_gpu = dataclasses.replace(est, device="cuda:0")
-    with pytest.raises(OptionError, match="basis_size or basis_device cpu"):
-        refuse_if_too_large(on_gpu, held + 1)
+    (option, value), = err.value.advice
+    assert option == "max_memory" and parse_memory(value) >= est.total
     with pytest.raises(OptionError, match="already holds"):
         refuse_if_too_large(est, held / 2)
     refuse_if_too_large(est, est.total + 1)  # fits: no error

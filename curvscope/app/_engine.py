@@ -532,6 +532,9 @@ def open_session(common: RunOptions, command: str | None = None) -> Session:
             f"whose final checks run in float32); {command}'s error bars would not include "
             "bfloat16's round-off: use float32."
         )
+    from .._options import parse_basis_device
+
+    parse_basis_device(common.basis_device)  # a bad device or disk: folder, before loading
     check_inputs(common)
     check_out_dir(common.out)
     refuse_other_run(common.out, command, common.overwrite)
@@ -643,24 +646,30 @@ def plan_memory(
     vectors: int = 0,
     basis: int = 0,
     slq_steps: int = 0,
-) -> None:
-    """Estimate the run's peak memory, print it, and refuse it over ``--max-memory``.
+    k: int = 1,
+    explicit_basis: bool = False,
+    movable: bool = False,
+):
+    """Estimate the run's peak memory, fit the Lanczos basis, print both, or refuse.
 
-    The default limit is what the device has free (plus what the process holds). The
-    estimate goes into the document's ``memory`` section beside the measured peak.
+    The default limit is what the device has free (plus what the process holds). With
+    ``movable`` (the command passes the returned choice on to ``eigsh``) a default basis
+    (not ``explicit_basis``) that does not fit is shrunk, down to the minimum for ``k``
+    pairs, or moved to host memory on a GPU (:func:`~curvscope.app._memory.fit_memory`);
+    one line says what was chosen and what it costs. The estimate goes into the document's
+    ``memory`` section beside the measured peak.
+
+    Returns:
+        The :class:`~curvscope.app._memory.BasisChoice`: the basis size and
+        ``basis_device`` to run with.
 
     Raises:
-        OptionError: when the estimate is larger than the limit (naming what to lower).
+        OptionError: when nothing fits, naming only changes that would fit.
     """
     from torch import nn
 
     from ..operators import graph_account
-    from ._memory import (
-        available_memory,
-        estimate_memory,
-        parse_memory,
-        refuse_if_too_large,
-    )
+    from ._memory import available_memory, fit_memory, parse_memory
 
     common = session.common
     p = session.problem
@@ -674,11 +683,14 @@ def plan_memory(
         limit = available_memory(p.device)
     account = graph_account(p)
     account.budget = graph_cache_option(common.hvp_cache)
-    estimate = estimate_memory(
+    estimate, choice = fit_memory(
         p,
         matrices=matrices,
         vectors=vectors,
         basis=basis,
+        k=k,
+        explicit=explicit_basis,
+        movable=movable,
         basis_device=common.basis_device,
         slq_steps=slq_steps,
         kfac_layers=layers,
@@ -687,12 +699,23 @@ def plan_memory(
     if estimate.graph_budget is not None:
         account.budget = estimate.graph_budget
     notice("plan", f"memory: {estimate.describe()}")
-    refuse_if_too_large(estimate, limit)
-    session.memory = {**estimate.to_dict(), "limit_bytes": None if limit is None else int(limit)}
+    if choice.line is not None:
+        from .._errors import render_args
+        from .._options import flag_of
+
+        notice("plan", render_args(choice.line, flag_of))
+    session.memory = {
+        **estimate.to_dict(),
+        "limit_bytes": None if limit is None else int(limit),
+        "basis": {"size": choice.size, "device": choice.device},
+    }
+    if estimate.disk_bytes:
+        session.memory["disk_bytes"] = int(estimate.disk_bytes)
     if p.device.type == "cuda":
         import torch
 
         torch.cuda.reset_peak_memory_stats(p.device)
+    return choice
 
 
 def peak_memory(device) -> int:

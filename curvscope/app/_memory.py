@@ -25,6 +25,7 @@ Measured against peak RSS (benchmarks/memory.py): top-5 of a ResNet-18-shaped ne
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +34,16 @@ import torch
 
 from .._device import available_memory, in_use
 from .._errors import OptionError, arg
-from .._options import parse_memory
-from ..linalg import KEEP_FRACTION
+from .._options import parse_basis_device, parse_memory
+from ..linalg import RESTART_BLOCK
 from ..operators import GRAPH_CACHE_SHARE, HessianOperator, graph_account
 from ..problem import Batch, Problem
 
 __all__ = [
+    "BasisChoice",
     "MemoryEstimate",
+    "fit_memory",
+    "min_basis",
     "refuse_if_too_large",
     "activation_bytes",
     "available_memory",
@@ -139,6 +143,10 @@ class MemoryEstimate:
     notes: dict[str, str] = field(default_factory=dict)
     graph_budget: float | None = None
     """Bytes Hessian products may keep of first-order graphs (``None``: no Hessian)."""
+    disk_bytes: float = 0.0
+    """Bytes of a basis in a file (``--basis-device disk:DIR``), not in ``parts``."""
+    host_bytes: float = 0.0
+    """Bytes of a basis in host memory while the run is on a GPU, not in ``parts``."""
 
     @property
     def total(self) -> float:
@@ -169,16 +177,6 @@ class MemoryEstimate:
         }
 
 
-_LOWER = {
-    "activations": arg("batch_size"),
-    "Lanczos basis": f"{arg('basis_size')} or {arg('basis_device')} cpu",
-    "SLQ basis": arg("num_steps"),
-    "Kronecker factors": f"{arg('matrices')} (leave out kfac/ekfac) or {arg('params')}",
-    "vectors": f"{arg('top')}/{arg('bottom')}",
-    "in use": f"{arg('samples')} or {arg('params')}",
-    "kept graphs": f"{arg('hvp_cache')} (off, or a smaller size)",
-}
-
 
 def estimate_memory(
     problem: Problem,
@@ -190,6 +188,7 @@ def estimate_memory(
     slq_steps: int = 0,
     kfac_layers: Sequence[tuple[int, int]] = (),
     limit: float | None = None,
+    measured: tuple[int, float] | None = None,
 ) -> MemoryEstimate:
     """The expected peak of a command on ``problem``'s device (see the module docstring).
 
@@ -209,6 +208,8 @@ def estimate_memory(
         slq_steps: SLQ Lanczos steps per probe (its basis).
         kfac_layers: ``(in, out)`` of each layer with Kronecker factors.
         limit: the memory the run may take (bytes), for the kept graphs' budget.
+        measured: :func:`measure` of ``problem`` and ``matrices`` from an earlier call (the
+            plan tries several bases without running the model again).
     """
     dev = problem.device
     from ..operators import work_dtype
@@ -217,38 +218,36 @@ def estimate_memory(
     vector_dtype = work_dtype(problem.dtype)
     item = torch.empty((), dtype=vector_dtype).element_size()
     P = problem.num_params
-    acts = activation_bytes(problem)
+    acts, wanted = measured if measured is not None else measure(problem, matrices)
     factors = [ACTIVATION_FACTOR.get(m, OTHER_FACTOR) for m in matrices]
     factor = max(factors, default=ACTIVATION_FACTOR["gradient"])
     parts = {"in use": float(in_use(dev)), "activations": factor * acts}
+    disk_bytes = host_bytes = 0.0
     notes = {"activations": f"batch {max(problem.batch_sizes)}: {factor:g} x {format_bytes(acts)}"}
-    basis_bytes = float(basis * P * item)
-    bdev = torch.device(basis_device) if basis_device is not None else dev
+    place, disk = parse_basis_device(None if basis_device is None else str(basis_device))
+    bdev = torch.device(place) if place is not None else dev
     if basis:
-        # a restart forms the kept Ritz vectors (KEEP_FRACTION of the buffer) while the old
-        # basis is still alive: 1.65 bases at the peak (measured on ResNet-18: the basis alone
-        # left the peak 26% above the estimate)
-        keep = 1.0 + KEEP_FRACTION if basis < P else 1.0
-        basis_bytes *= keep
-        if bdev == dev:
-            parts["Lanczos basis"] = basis_bytes
-            notes["Lanczos basis"] = (
-                f"{basis} x {P} {str(vector_dtype).replace('torch.', '')}"
-                + (f", x{keep:g} at a restart" if keep > 1 else "")
-            )
+        bbytes = basis_bytes(basis, P, item)
+        dtype = str(vector_dtype).replace("torch.", "")
+        if disk is not None:
+            disk_bytes = float((basis + 1) * P * item)
+            notes["Lanczos basis"] = f"{format_bytes(disk_bytes)} on disk in {disk}"
+            if basis < P:  # the restart's block of rows is formed in RAM
+                parts["Lanczos basis"] = float(RESTART_BLOCK)
+        elif bdev == dev:
+            parts["Lanczos basis"] = bbytes
+            notes["Lanczos basis"] = f"{basis} x {P} {dtype}"
         else:
-            notes["Lanczos basis"] = f"{format_bytes(basis_bytes)} kept on {bdev}"
+            notes["Lanczos basis"] = f"{format_bytes(bbytes)} kept on {bdev}"
+            host_bytes = bbytes
     if slq_steps:
         parts["SLQ basis"] = float(slq_steps * P * item)
     parts["vectors"] = float((vectors + WORK_VECTORS) * P * item)
     if kfac_layers:
         parts["Kronecker factors"] = float(sum(2 * (i * i + o * o) for i, o in kfac_layers) * item)
     budget = None
-    wanted = 0.0
     asked = graph_account(problem).budget
-    if "hessian" in matrices and asked != 0 and not problem.scripted:
-        wanted = float(kept_graph_bytes(problem))
-    if wanted > 0:
+    if wanted > 0 and asked != 0:
         budget = asked
         if budget is None:
             rest = sum(parts.values())
@@ -259,30 +258,320 @@ def estimate_memory(
             if wanted <= budget
             else f"{format_bytes(budget)} of {format_bytes(wanted)}; the other batches streamed"
         )
-    return MemoryEstimate(str(dev), parts, notes, budget)
+    return MemoryEstimate(str(dev), parts, notes, budget, disk_bytes, host_bytes)
+
+
+def measure(problem: Problem, matrices: Sequence[str]) -> tuple[int, float]:
+    """What the estimate runs the model for: activation bytes and the kept graphs wanted."""
+    acts = activation_bytes(problem)
+    wanted = 0.0
+    if "hessian" in matrices and graph_account(problem).budget != 0 and not problem.scripted:
+        wanted = float(kept_graph_bytes(problem))
+    return acts, wanted
+
+
+def basis_bytes(basis: int, P: int, item: int) -> float:
+    """Bytes of a Lanczos basis of ``basis`` vectors, the restart's block included.
+
+    ``basis + 1`` columns (the next vector) and, when it restarts (``basis < P``), the block
+    of rows a restart forms its Ritz vectors in (:func:`~curvscope.linalg.restart_in_place`).
+    """
+    block = min(RESTART_BLOCK, P * basis * item) if basis < P else 0
+    return float((basis + 1) * P * item + block)
+
+
+MIN_EXTRA = 6
+"""Vectors beside the ``k`` wanted ones that a shrunk basis keeps at least (see
+:func:`min_basis`)."""
+
+
+def min_basis(k: int, n: int) -> int:
+    """The smallest basis the plan shrinks to: ``k + max(6, ceil(k / 2))``, at most ``n``.
+
+    Measured (docs/basis-fit.md): with ``k + 3`` or ``k + 4`` vectors thick restart took up
+    to 7x the products of an 80-vector basis (2 new directions a cycle); from ``k + 5`` up,
+    at most 3-4.6x and mostly 1.0-1.5x.
+    """
+    return min(n, k + max(MIN_EXTRA, -(-k // 2)))
+
+
+def products_factor(m: int, m0: int, k: int) -> float:
+    """About how many times the products a basis of ``m`` takes against ``m0``, at worst.
+
+    ``30 / (m - k)`` against the same for ``m0`` (each at least 1): the upper end of what
+    top/bottom sets of two test spectra took (docs/basis-fit.md); well-separated ends lose
+    nothing.
+    """
+
+    def worst(size: int) -> float:
+        return max(1.0, 30.0 / max(1, size - k))
+
+    return max(1.0, worst(m) / worst(m0))
+
+
+@dataclass(frozen=True)
+class BasisChoice:
+    """What the plan chose for the Lanczos basis, for the command to pass to ``eigsh``."""
+
+    size: int
+    """Basis vectors (0: no Lanczos basis)."""
+    device: str | None
+    """``--basis-device`` to use (``None``: the parameters' device)."""
+    line: str | None = None
+    """What was chosen and what it costs, when it differs from the request (or is on disk)."""
+
+
+def memory_amount(n: float) -> str:
+    """A ``--max-memory`` value at least ``n`` bytes, rounded up: ``31.06GB``, ``812MB``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{math.ceil(n / size * 100) / 100:g}{unit}"
+    return f"{math.ceil(n)}B"
+
+
+ADVICE_MARGIN = 1.05
+"""Advice leaves this much room: a re-plan measures the process again (a few MB differ)."""
+
+
+def fit_memory(
+    problem: Problem,
+    *,
+    matrices: Sequence[str] = ("hessian",),
+    vectors: int = 0,
+    basis: int = 0,
+    k: int = 1,
+    explicit: bool = False,
+    movable: bool = True,
+    basis_device: str | None = None,
+    slq_steps: int = 0,
+    kfac_layers: Sequence[tuple[int, int]] = (),
+    limit: float | None = None,
+) -> tuple[MemoryEstimate, BasisChoice]:
+    """The estimate and the basis that fit ``limit``, or a refusal whose advice all fits.
+
+    The requested basis (``basis`` vectors on ``basis_device``) when it fits. Else, when the
+    size is the default (not ``explicit``) and the command passes the choice on
+    (``movable``): the largest basis down to :func:`min_basis` that fits; else, on a GPU with
+    no ``basis_device`` given, the basis in host memory (shrunk there if need be). A disk
+    basis (``disk:DIR``) costs RAM for one block of rows only; its file must fit the folder's
+    free space, and a default basis is shrunk to fit it. The disk is never chosen unasked
+    (docs/basis-fit.md: which folder, and a RAM-backed ``/tmp`` gains nothing).
+
+    Raises:
+        OptionError: when nothing the plan may choose fits, in one sentence whose every
+            advice was planned and fits (``advice``: ``[(option, value), ...]``).
+    """
+    import shutil
+
+    measured = measure(problem, matrices)
+    P = problem.num_params
+    dev = problem.device
+    from ..operators import work_dtype
+
+    item = torch.empty((), dtype=work_dtype(problem.dtype)).element_size()
+    place, disk = parse_basis_device(basis_device)
+    free_disk = float(shutil.disk_usage(disk).free) if disk is not None else math.inf
+    host_free = math.inf
+    if dev.type == "cuda":
+        host = available_memory("cpu")
+        host_free = math.inf if host is None else float(host - in_use("cpu"))
+
+    def est(m: int, where: str | None) -> MemoryEstimate:
+        return estimate_memory(
+            problem, matrices=matrices, vectors=vectors, basis=m, basis_device=where,
+            slq_steps=slq_steps, kfac_layers=kfac_layers, limit=limit, measured=measured,
+        )
+
+    def fits(e: MemoryEstimate, margin: float = 1.0) -> bool:
+        return (
+            (limit is None or e.total * margin <= limit)
+            and e.disk_bytes * margin <= free_disk
+            and e.host_bytes * margin <= host_free
+        )
+
+    def largest(where: str | None, lo: int, hi: int, margin: float = 1.0) -> int:
+        """The largest size in ``[lo, hi]`` that fits (0: none); the parts grow with it."""
+        if hi < lo or not fits(est(lo, where), margin):
+            return 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(est(mid, where), margin) else (lo, mid - 1)
+        return lo
+
+    first = est(basis, basis_device)
+    limit_text = f"{arg('max_memory')} {format_bytes(limit)}" if limit is not None else ""
+    if fits(first):
+        return first, BasisChoice(basis, basis_device, _disk_line(first, basis, disk, free_disk))
+    lo = min(basis, min_basis(k, P))
+    if basis and movable and not explicit:
+        m = largest(basis_device, lo, basis - 1)
+        if m:
+            why = (
+                f"the {format_bytes(free_disk)} free in {disk}"
+                if first.disk_bytes > free_disk
+                else limit_text
+            )
+            return est(m, basis_device), BasisChoice(
+                m,
+                basis_device,
+                f"basis: {m} vectors instead of {basis} to fit {why}: "
+                f"{_cost_text(products_factor(m, basis, k))}",
+            )
+        if dev.type == "cuda" and place is None:
+            m = basis if fits(est(basis, "cpu")) else largest("cpu", lo, basis - 1)
+            if m:
+                e = est(m, "cpu")
+                size = f"{m} vectors instead of {basis}, " if m < basis else ""
+                return e, BasisChoice(
+                    m,
+                    "cpu",
+                    f"basis: {size}in host memory ({format_bytes(e.host_bytes)}) instead of "
+                    f"{dev} to fit {limit_text}: each Lanczos step copies vectors across the "
+                    "bus and orthogonalises on the CPU",
+                )
+    _refuse(first, limit, _advice(
+        first, limit, est=est, fits=fits, largest=largest, basis=basis, lo=lo,
+        auto=movable and not explicit, movable=movable, where=basis_device, disk=disk,
+        free_disk=free_disk, file_bytes=float((basis + 1) * P * item),
+        cuda=dev.type == "cuda" and place is None, batch=max(problem.batch_sizes),
+        graph_cache=graph_account(problem).budget,
+    ))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _disk_line(estimate: MemoryEstimate, basis: int, disk: str | None, free: float) -> str | None:
+    """The plan's line for a basis on disk (``None`` for one in memory)."""
+    if disk is None or not basis:
+        return None
+    return (
+        f"basis: {basis} vectors in a {format_bytes(estimate.disk_bytes)} file in {disk} "
+        f"({format_bytes(free)} free): each Lanczos step reads it back from disk"
+    )
+
+
+def _cost_text(factor: float) -> str:
+    """What a smaller basis costs, in words (``factor``: :func:`products_factor`)."""
+    if factor < 1.1:
+        return "about as many products (more restarts)"
+    return f"up to about {factor:.2g}x the products (more restarts)"
+
+
+def _advice(
+    first: MemoryEstimate,
+    limit: float | None,
+    *,
+    est: Callable[[int, str | None], MemoryEstimate],
+    fits: Callable[..., bool],
+    largest: Callable[..., int],
+    basis: int,
+    lo: int,
+    auto: bool,
+    movable: bool,
+    where: str | None,
+    disk: str | None,
+    free_disk: float,
+    file_bytes: float,
+    cuda: bool,
+    batch: int,
+    graph_cache: float | None,
+) -> list[tuple[str, str, str]]:
+    """``(option, value, text)`` for each single change that fits (checked with margin)."""
+    out: list[tuple[str, str, str]] = []
+    held = first.parts.get("in use", 0.0)
+    if limit is not None and held * ADVICE_MARGIN > limit:
+        value = memory_amount(first.total * ADVICE_MARGIN)
+        return [("max_memory", value, f"{arg('max_memory')} {value}")]
+    if basis and movable:
+        m = largest(where, min(basis, lo), basis - 1, ADVICE_MARGIN)
+        if m:
+            out.append(("basis_size", str(m), f"{arg('basis_size')} {m}"))
+        if cuda and fits(est(basis, "cpu"), ADVICE_MARGIN):
+            out.append(("basis_device", "cpu", f"{arg('basis_device')} cpu"))
+        on_disk = first.parts.get("Lanczos basis", 0.0) if disk is None else 0.0
+        if on_disk and (
+            limit is None or (first.total - on_disk + RESTART_BLOCK) * ADVICE_MARGIN <= limit
+        ):
+            out.append((
+                "basis_device", "disk:DIR",
+                f"{arg('basis_device')} disk:DIR (a folder with {format_bytes(file_bytes)} free)",
+            ))
+    base = est(lo, where) if auto and basis else first
+    acts = base.parts.get("activations", 0.0)
+    if limit is not None and acts > 0 and batch > 1 and base.disk_bytes <= free_disk:
+        room = limit / ADVICE_MARGIN - (base.total - acts)
+        b = min(batch - 1, int(batch * room / acts)) if room > 0 else 0
+        if b >= 1:
+            out.append(("batch_size", str(b), f"{arg('batch_size')} {b}"))
+    kept = base.parts.get("kept graphs", 0.0)
+    if (
+        limit is not None and kept > 0 and graph_cache is not None
+        and (base.total - kept) * ADVICE_MARGIN <= limit and base.disk_bytes <= free_disk
+    ):
+        out.append(("hvp_cache", "off", f"{arg('hvp_cache')} off"))
+    if limit is not None and first.disk_bytes <= free_disk and first.total > limit:
+        value = memory_amount(first.total * ADVICE_MARGIN)
+        out.append(("max_memory", value, f"{arg('max_memory')} {value}"))
+    return out
+
+
+def _refuse(
+    estimate: MemoryEstimate, limit: float | None, advice: list[tuple[str, str, str]]
+) -> None:
+    """Raise the one-sentence refusal: what the run needs, against what, and what fits."""
+    reasons = []
+    held = estimate.parts.get("in use", 0.0)
+    if limit is not None and held > limit:
+        reasons.append(
+            f"the process already holds {format_bytes(held)} (torch, the model and the data), "
+            f"more than {arg('max_memory')} {format_bytes(limit)}"
+        )
+    elif limit is not None and estimate.total > limit:
+        reasons.append(
+            f"the run needs {estimate.describe()}, more than {arg('max_memory')} "
+            f"{format_bytes(limit)}"
+        )
+    if estimate.disk_bytes and not reasons:
+        reasons.append(f"the disk basis needs {format_bytes(estimate.disk_bytes)}, more than "
+                       "its folder has free")
+    if estimate.host_bytes and not reasons:
+        reasons.append(f"the basis needs {format_bytes(estimate.host_bytes)} of host memory, "
+                       "more than is free")
+    texts = [t for _, _, t in advice]
+    if not texts:
+        fix = "nothing the plan can change fits; free memory or use a machine with more"
+    elif len(texts) == 1:
+        fix = f"it fits with {texts[0]}"
+    else:
+        fix = f"it fits with {', '.join(texts[:-1])} or {texts[-1]}"
+    raise OptionError(
+        f"{'; '.join(reasons) or 'the run does not fit'}; {fix}.",
+        option="max_memory",
+        advice=[(o, v) for o, v, _ in advice],
+    )
 
 
 def refuse_if_too_large(estimate: MemoryEstimate, limit: float | None) -> None:
-    """Refuse a run whose estimate exceeds ``limit`` bytes, naming what to lower.
+    """Refuse an estimate over ``limit`` bytes, advising what fits by the estimate alone.
+
+    For a plan whose basis may change, :func:`fit_memory` advises more (basis size and
+    place). Here: the batch size that scales the activations into the limit, and the
+    ``--max-memory`` that holds the estimate.
 
     Raises:
         OptionError: when the estimate is larger than the limit.
     """
     if limit is None or estimate.total <= limit:
         return
-    held = estimate.parts.get("in use", 0.0)
-    if held > limit:
-        raise OptionError(
-            f"the process already holds {format_bytes(held)} (torch, the model and the data), "
-            f"more than {arg('max_memory')} {format_bytes(limit)}; raise {arg('max_memory')}."
-        )
-    part = estimate.largest
-    lower = _LOWER.get(part, arg("batch_size"))
-    if part == "Lanczos basis" and str(estimate.device).startswith("cpu"):
-        # the basis already lives in host memory: moving it there is no advice
-        lower = arg("basis_size")
-    raise OptionError(
-        f"the run needs {estimate.describe()}, more than {arg('max_memory')} "
-        f"{format_bytes(limit)}; lower {lower} (the largest part: {part}) or raise "
-        f"{arg('max_memory')}."
-    )
+
+    def est(m: int, where: str | None) -> MemoryEstimate:
+        return estimate
+
+    def fits(e: MemoryEstimate, margin: float = 1.0) -> bool:
+        return e.total * margin <= limit
+
+    _refuse(estimate, limit, _advice(
+        estimate, limit, est=est, fits=fits, largest=lambda *a: 0, basis=0, lo=0,
+        auto=False, movable=False, where=None, disk=None, free_disk=math.inf, file_bytes=0.0,
+        cuda=False,
+        batch=10**9, graph_cache=None,
+    ))

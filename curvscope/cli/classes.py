@@ -64,11 +64,14 @@ def classes_cli(
         problem = session.problem
         C = check_classifier(problem)  # refuses mse, bce... in one sentence, before any work
         k = min(C * C if top is None else top, problem.num_params - 1)
-        plan_memory(
+        fitted = plan_memory(
             session,
             matrices=["ggn"],
             vectors=2 * (k + 1) + 2 * C * C,
             basis=lanczos_basis(session, "all", k + 1, basis_size),
+            k=k + 1,
+            explicit_basis=basis_size is not None,
+            movable=True,
         )
         planned = announce(
             f"{C} classes: {C * C} class-mean vectors and ggn top-{k + 1} by Lanczos",
@@ -89,8 +92,8 @@ def classes_cli(
                 tol=common.tol,
                 rtol=rtol,
                 max_matvecs=max_matvecs if max_matvecs is not None else common.max_iter,
-                basis_size=basis_size,
-                basis_device=common.basis_device,
+                basis_size=fitted.size or basis_size,
+                basis_device=fitted.device,
                 seed=common.seed,
                 progress=update,
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -132,7 +132,9 @@ def spectrum_cli(
         pre = _preconditioner(session, preconditioner, optimizer_key)
         pre_record = pre.to_dict() if pre is not None else None
         ops, _ = session.operators(matrices, preconditioner=pre)
-        planned = _plan(session, matrices, blocks, solve_top, bottom, method, repeats, basis_size)
+        planned_basis, fitted, planned = _plan(
+            session, matrices, blocks, solve_top, bottom, method, repeats, basis_size
+        )
         settings = {
             "matrix": matrices,
             "top": top,
@@ -166,8 +168,9 @@ def spectrum_cli(
                 repeats=repeats,
                 samples=repeat_samples,
                 rtol=rtol,
-                basis_size=basis_size,
-                basis_device=common.basis_device,
+                # the plan's size only where it shrank the basis: other blocks keep their own
+                basis_size=fitted.size if fitted.size != planned_basis else basis_size,
+                basis_device=fitted.device,
                 progress=update,
                 gradient_overlap=gradient_overlap,
             )
@@ -191,18 +194,29 @@ def spectrum_cli(
 def _plan(
     session, matrices: list[str], blocks, top: int, bottom: int, method: str, repeats: int,
     basis_size: int | None,
-) -> int:
-    """Plan the run's memory (refusing one too large) and announce its products."""
-    plan_memory(
+) -> tuple[int, Any, int]:
+    """Plan the run's memory and announce its products.
+
+    Returns the basis planned at first, what the plan fitted (a smaller basis, or one kept
+    elsewhere, where the first does not fit; refused when nothing fits) and the products.
+    """
+    planned_basis = (
+        lanczos_basis(session, blocks, top + bottom, basis_size) if method != "power" else 0
+    )
+    fitted = plan_memory(
         session,
         matrices=matrices,
         vectors=2 * (top + bottom),
-        basis=lanczos_basis(session, blocks, top + bottom, basis_size) if method != "power" else 0,
+        basis=planned_basis,
+        k=top + bottom,
+        explicit_basis=basis_size is not None,
+        movable=True,
     )
-    return announce(
+    planned = announce(
         *spectrum_plan(session, matrices, blocks, top, bottom, method, repeats),
         session,
     )
+    return planned_basis, fitted, planned
 
 
 def _results_and_notes(

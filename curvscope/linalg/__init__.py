@@ -26,7 +26,7 @@ from ._operator import (
     require_square,
 )
 from ._power import power_iteration
-from ._restarted import KEEP_FRACTION, default_basis_size, eigsh
+from ._restarted import KEEP_FRACTION, RESTART_BLOCK, default_basis_size, eigsh
 from ._slq import Density, SLQResult, slq, spectral_density
 from ._trace import (
     TraceEstimate,
@@ -41,6 +41,7 @@ __all__ = [
     "BlocksOf",
     "canonical_sign",
     "KEEP_FRACTION",
+    "RESTART_BLOCK",
     "DENSE_LIMIT",
     "AdjointOperator",
     "CallableOperator",

@@ -37,18 +37,22 @@ longer improves the wanted set: repeated eigenvalues then come out with their mu
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from .._errors import Interrupted, NonFiniteError, OptionError, arg
+from .._options import parse_basis_device
 from .._sampling import as_generator
 from ._lanczos import DEFAULT_TOL, EigenResult, orthogonalise
 from ._operator import as_operator
 
-__all__ = ["eigsh"]
+__all__ = ["basis_storage", "eigsh", "restart_in_place"]
 
 Progress = Callable[[int, int, str], None]
 
@@ -94,6 +98,71 @@ def default_basis_size(k: int, n: int, *, itemsize: int = 4, budget: int = BASIS
     floor = max(20, 2 * k + 10)
     fit = int(budget // max(1, n * itemsize))
     return min(n, max(floor, min(max(PREFERRED_BASIS, floor), fit)))
+
+
+RESTART_BLOCK = 2**24
+"""Bytes of the temporary a restart forms its kept Ritz vectors in, a block of rows at a time
+(16 MiB): the whole ``P x p`` product beside the basis was 0.65 bases more at the peak."""
+
+
+def restart_in_place(V: torch.Tensor, m: int, Sk: torch.Tensor) -> None:
+    """``V[:, :p] = V[:, :m] @ Sk`` a block of rows at a time (``p`` columns of ``Sk``).
+
+    Row ``i`` of the new columns depends only on row ``i`` of the old ones, so each block is
+    overwritten once its product is formed: the temporary is :data:`RESTART_BLOCK` bytes,
+    not ``P x p`` (and on a disk basis, RAM holds one block, not the kept vectors).
+    """
+    n, p = V.shape[0], Sk.shape[1]
+    rows = max(1, RESTART_BLOCK // max(1, p * V.element_size()))
+    for r in range(0, n, rows):
+        V[r : r + rows, :p] = V[r : r + rows, :m] @ Sk
+
+
+@contextlib.contextmanager
+def basis_storage(
+    columns: int, n: int, dtype: torch.dtype, device: torch.device, disk: str | None = None
+) -> Iterator[torch.Tensor]:
+    """A zero ``n x columns`` basis, column-major, on ``device`` or memory-mapped in ``disk``.
+
+    ``disk``: a folder; the basis is the raw file ``curvscope-basis-*.bin`` there
+    (``columns x n`` values of ``dtype``, one vector after the other), its space reserved up
+    front (a full disk is an error here, not a SIGBUS at some write), mapped shared, and
+    unlinked at once where the system allows it, so that nothing is left behind even when the
+    process is killed (the space is freed with the mapping); else removed on exit.
+
+    Raises:
+        OptionError: when the folder has no room for the file.
+    """
+    if disk is None:
+        yield torch.zeros(columns, n, dtype=dtype, device=device).T
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = columns * n * itemsize
+    fd, path = tempfile.mkstemp(prefix="curvscope-basis-", suffix=".bin", dir=disk)
+    left: str | None = path
+    try:
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # pragma: no cover - not POSIX
+                os.ftruncate(fd, size)
+        except OSError as e:
+            raise OptionError(
+                f"{arg('basis_device')} disk:{disk} has no room for the basis's "
+                f"{size / 1e9:.3g} GB ({e.strerror}); free space or give another folder.",
+                option="basis_device",
+            ) from None
+        finally:
+            os.close(fd)
+        flat = torch.from_file(path, shared=True, size=columns * n, dtype=dtype)
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # the mapping keeps the file until it goes
+            left = None
+        yield flat.view(columns, n).T
+    finally:
+        if left is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(left)
 
 
 def default_max_matvecs(k: int, n: int) -> int:
@@ -297,7 +366,8 @@ def eigsh(
         )
     gen = as_generator(seed)
     dtype = A.dtype
-    bdev = torch.device(basis_device) if basis_device is not None else torch.device(A.device)
+    place, disk = parse_basis_device(None if basis_device is None else str(basis_device))
+    bdev = torch.device(place) if place is not None else torch.device(A.device)
     # a model computing in float32 inside a float64 run has float32's floor
     eps = torch.finfo(dtype).eps  # the basis's arithmetic: breakdowns, orthogonality
     budget = total - k  # the final check needs k products
@@ -346,7 +416,8 @@ def eigsh(
     # column-major (each basis vector contiguous): Gram-Schmidt's V^T w and V c then read
     # the basis as two plain matrix-vector products, where a column slice of a row-major
     # basis was copied on every call (2 GB/s against the memory's speed)
-    V = torch.zeros(m + 1, n, dtype=dtype, device=bdev).T
+    stack = contextlib.ExitStack()
+    V = stack.enter_context(basis_storage(m + 1, n, dtype, bdev, disk))
     T = torch.zeros(m, m, dtype=torch.float64)
     X = torch.zeros(n, 0, dtype=dtype, device=bdev)  # locked exact eigenvectors
     x_vals = torch.zeros(0, dtype=torch.float64)
@@ -421,7 +492,7 @@ def eigsh(
                     keep = torch.sort(torch.cat([t_idx, b_idx])).values
                     p = keep.shape[0]
                     Sk = S[:, keep]
-                    V[:, :p] = V[:, :m] @ Sk.to(device=bdev, dtype=dtype)
+                    restart_in_place(V, m, Sk.to(device=bdev, dtype=dtype))
                     V[:, p] = V[:, m]
                     coupling = beta * Sk[m - 1, :]
                     T.zero_()
@@ -550,6 +621,9 @@ def eigsh(
                 est * est_scale, steps + checks, restarts,
             )
         ) from None
+    finally:
+        del V
+        stack.close()  # a disk basis's file, where it could not be unlinked at once
 
 
 def _current_results(
@@ -725,13 +799,15 @@ def _finish(
     AY = matvec(Y, "final residual check")
     if progress is not None:
         progress(steps + checks + k, total, "residual check")
-    Y64 = Y.to(torch.float64)
-    AY64 = AY.to(torch.float64)
-    sq = (Y64 * Y64).sum(dim=0)
-    lam = ((Y64 * AY64).sum(dim=0) / sq).cpu()
-    resid = (
-        torch.linalg.vector_norm(AY64 - Y64 * lam.to(Y64.device).unsqueeze(0), dim=0) / sq.sqrt()
-    ).cpu()
+    # float64 one column at a time: whole float64 copies of Y and AY and their products were
+    # about 10 k parameter-sized float32 vectors at the peak (7 GB for k = 7 of 124M)
+    lam = torch.empty(k, dtype=torch.float64)
+    resid = torch.empty(k, dtype=torch.float64)
+    for c in range(k):
+        y64, ay64 = Y[:, c].to(torch.float64), AY[:, c].to(torch.float64)
+        sq = torch.dot(y64, y64)
+        lam[c] = float(torch.dot(y64, ay64) / sq)
+        resid[c] = float(torch.linalg.vector_norm(ay64 - y64 * float(lam[c])) / sq.sqrt())
     norm = max(float(vals.abs().max()), float(lam.abs().max()), 1e-300)
     eps = max(float(torch.finfo(Y.dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
     floor = max(ROUNDOFF * eps * math.sqrt(n), min_floor) * norm
