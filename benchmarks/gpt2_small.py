@@ -14,6 +14,7 @@ same loss (next-token cross-entropy over the 128 targets of each window, mean), 
 ``lanczos(k=3, which="LA")`` in a fresh process: products, wall time, peak RSS, eigenvalues.
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/gpt2_small.py [--quick] [--max-memory 20GB]
+        [--extra '--batch-size 3'] [--no-peer]
 --quick: a 2-layer, 32-wide GPT-2 with a 64-token vocabulary (seconds).
 """
 
@@ -96,12 +97,15 @@ def build(root: Path, quick: bool) -> tuple[Path, Path]:
     return folder, tokens
 
 
-def run_curvscope(folder: Path, tokens: Path, out: Path, block: int, max_memory: str | None):
+def run_curvscope(
+    folder: Path, tokens: Path, out: Path, block: int, max_memory: str | None, extra: list[str]
+):
     cmd = [sys.executable, "-m", "curvscope", "spectrum", str(folder), "--data", str(tokens),
            "--block-size", str(block), "--samples", "8", "--top", "3", "--bottom", "0",
            "--out", str(out)]
     if max_memory:
         cmd += ["--max-memory", max_memory]
+    cmd += extra
     print("$ " + " ".join(cmd[2:]).replace(str(out.parent), "TMP"), flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -148,13 +152,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--max-memory", default=None, help="passed to curvscope (default: free)")
     ap.add_argument("--no-peer", action="store_true", help="skip hessian-eigenthings")
+    ap.add_argument("--extra", default="", help="more curvscope flags, e.g. '--batch-size 3'")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     block = 16 if args.quick else 128
     with tempfile.TemporaryDirectory(prefix="gpt2-") as tmp:
         root = Path(tmp)
         folder, tokens = build(root, args.quick)
-        ours = run_curvscope(folder, tokens, root / "out", block, args.max_memory)
+        ours = run_curvscope(folder, tokens, root / "out", block, args.max_memory,
+                             args.extra.split())
         peer = None if args.no_peer else run_peer(folder, tokens, block)
     gb = 1e9
     print("\n| tool | products | wall s | peak GB | estimate GB | top-3 eigenvalues |")
