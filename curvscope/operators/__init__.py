@@ -32,6 +32,7 @@ from ._registry import (
     report_matrices,
     resolve_matrices,
 )
+from ._sharded import ShardedHessianOperator
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
@@ -57,6 +58,7 @@ __all__ = [
     "LinearOperator",
     "MatrixSpec",
     "PCHApproximation",
+    "ShardedHessianOperator",
     "PCHMode",
     "PCHOperator",
     "PreconditionedOperator",
