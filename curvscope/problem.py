@@ -188,6 +188,21 @@ class Problem(Counters, Parameters, DataLoop, DataChecks):
         new._count()
         return new
 
+    def shard(self) -> Problem:
+        """The same problem in sharded mode (a copy; see ``shard`` of the class).
+
+        Raises:
+            OptionError: when the problem cannot be sharded (TorchScript, train mode, scalar
+                parameters, no process group for several ranks).
+        """
+        if self.sharding is not None:
+            return self
+        from ._sharded import shard_problem
+
+        new = self._copy()
+        shard_problem(new)
+        return new
+
     def alone(self) -> Problem:
         """This problem in one process: every batch evaluated here, nothing summed over ranks.
 

@@ -47,6 +47,7 @@ __all__ = [
     "join_ranks",
     "keep_partial",
     "load_kwargs",
+    "refuse_shard",
     "notice",
     "open_session",
     "peak_memory",
@@ -497,6 +498,24 @@ def load_kwargs(common: RunOptions) -> dict[str, Any]:
     return {name: getattr(common, name) for name in LOAD_OPTIONS}
 
 
+SHARD_COMMANDS = ("spectrum",)
+"""Commands that run in sharded mode (``--shard``, docs/sharded.md)."""
+
+
+def refuse_shard(common: RunOptions, command: str) -> None:
+    """Refuse ``--shard`` for a command that needs whole vectors, in one sentence.
+
+    Raises:
+        OptionError: for ``--shard`` on a command other than :data:`SHARD_COMMANDS`.
+    """
+    if getattr(common, "shard", False) and command not in SHARD_COMMANDS:
+        raise OptionError(
+            f"{arg('shard')} is available for spectrum only: {command} needs whole parameter "
+            f"vectors or matrices other than the Hessian; drop {arg('shard')}.",
+            option="shard",
+        )
+
+
 def open_session(common: RunOptions, command: str | None = None) -> Session:
     """Check the output folder and every input path, then load checkpoint and data.
 
@@ -517,9 +536,10 @@ def open_session(common: RunOptions, command: str | None = None) -> Session:
         raise OptionError(f"{arg('max_iter')} must be at least 1, got {common.max_iter}.")
     if common.threads is not None and common.threads < 1:
         raise OptionError(f"{arg('threads')} must be at least 1, got {common.threads}.")
+    command = command or _command_name()
+    refuse_shard(common, command)
     check_inputs(common)
     check_out_dir(common.out)
-    command = command or _command_name()
     refuse_other_run(common.out, command, common.overwrite)
     prepare_torch(common)
     from .._load import load

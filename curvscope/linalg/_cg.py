@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._errors import NonFiniteError, OptionError
+from ._inner import refuse_sharded
 
 __all__ = ["CGResult", "MinresResult", "cg", "minres"]
 
@@ -102,6 +103,7 @@ def _as_matvec(A) -> Matvec:
             raise OptionError(f"the solver needs a square matrix, got shape {tuple(A.shape)}.")
         return lambda v: A @ v
     if hasattr(A, "matvec"):
+        refuse_sharded(A, "a conjugate-gradient or MINRES solve")
         return A.matvec
     if callable(A):
         return A

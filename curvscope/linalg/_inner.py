@@ -84,3 +84,21 @@ class Inner:
         if self.local_rows is None:
             return full
         return full[self.local_rows]
+
+
+def refuse_sharded(A: Any, what: str) -> None:
+    """Refuse a sharded operator in an algorithm whose inner products are local, in one sentence.
+
+    Only :func:`~curvscope.linalg.eigsh` routes its inner products through :class:`Inner`;
+    every other algorithm would silently take one rank's rows for the whole vector.
+
+    Raises:
+        OptionError: when ``A`` declares ``reduce_inner``.
+    """
+    if getattr(A, "reduce_inner", None) is not None:
+        from .._errors import OptionError, arg
+
+        raise OptionError(
+            f"{what} is not available with {arg('shard')}: its inner products are not summed "
+            f"over the shards (only Lanczos eigenvalues are); drop {arg('shard')} for it."
+        )

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
+from ._inner import refuse_sharded
 from ._lanczos import DGKS
 from ._operator import as_operator
 from ._trace import _mean_stderr, random_probes
@@ -159,6 +160,7 @@ def slq(
         OptionError: for fewer than one probe or step, bad probes or distribution.
     """
     A = as_operator(A)
+    refuse_sharded(A, "stochastic Lanczos quadrature (density)")
     n = A.shape[0]
     if num_steps < 1:
         raise OptionError(f"SLQ needs at least one Lanczos step, got {num_steps}.")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .._errors import NonFiniteError, OptionError, arg
+from ..linalg import LinearOperator
 from ..problem import Problem
 from ._base import CurvatureOperator
 
@@ -252,6 +253,29 @@ class ShardedHessianOperator(CurvatureOperator):
 
     def _name_nonfinite(self, V: torch.Tensor) -> None:  # pragma: no cover - checked above
         raise NonFiniteError("a sharded Hessian product is NaN or Inf.")
+
+    # --------------------------------------------------------------- algebra
+    def _combined(self, *_: Any) -> Any:
+        from ..linalg._inner import refuse_sharded
+
+        refuse_sharded(self, "combining the sharded Hessian with other operators")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _combined
+    __neg__ = _combined
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            self._combined()
+        return self.matmat(other)
+
+    def dense(self, *, force: bool = False, chunk: int = 64) -> torch.Tensor:
+        """Refused: the matrix is spread over the ranks."""
+        self._combined()
+        raise AssertionError  # pragma: no cover
+
+    def to_scipy(self, dtype: Any = None):
+        """Refused: scipy would take one rank's rows for the whole vector."""
+        self._combined()
 
     # --------------------------------------------------------------- views
     def block(self, name: str) -> CurvatureOperator:
