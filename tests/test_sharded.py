@@ -143,3 +143,72 @@ def test_unsharded_lanczos_is_unchanged():
     r, _ = eigsh(A, top=3, bottom=1, tol=1e-12, seed=0)
     want = torch.linalg.eigvalsh(A)
     assert torch.allclose(r.eigenvalues, want.flip(0)[:3], rtol=1e-10)
+
+
+ARCH = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    import numpy as np
+
+    from curvscope.io import build_arch, save_checkpoint
+
+    torch.manual_seed(0)
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=g.normal(size=(23, 4)).astype(np.float32),
+             y=g.integers(0, 3, size=23))
+    meta = {"data": "data.npz", "loss": "cross_entropy", "reduction": "mean"}
+    save_checkpoint(tmp_path / "model.pt", build_arch(ARCH), ARCH, meta)
+    return tmp_path
+
+
+def _cli(tiny: Path, world: int, *args: str) -> subprocess.CompletedProcess:
+    if world == 1:
+        cmd = [sys.executable, "-m", "curvscope"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={world}", "-m", "curvscope"]
+    # this checkout's curvscope, whichever the environment installed
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**ENV, "TMPDIR": str(tiny), "PYTHONPATH": path}
+    return subprocess.run([*cmd, *args], cwd=tiny, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_torchrun_spectrum_with_shard_matches_one_process(tiny):
+    import json
+
+    common = ["spectrum", "model.pt", "--dtype", "float64", "--batch-size", "5", "--top", "3",
+              "--bottom", "1", "--tol", "1e-10"]
+    one = _cli(tiny, 1, *common, "--out", "one")
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = _cli(tiny, 2, *common, "--shard", "--out", "two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    a = json.loads((tiny / "one" / "spectrum.json").read_text())
+    b = json.loads((tiny / "two" / "spectrum.json").read_text())
+    va = [v for s in a["results"]["spectra"] for v in s["eigenvalues"]]
+    vb = [v for s in b["results"]["spectra"] for v in s["eigenvalues"]]
+    assert len(va) == len(vb) == 4
+    for x, y in zip(va, vb, strict=True):
+        assert abs(x - y) <= RTOL * abs(x)
+    assert b["settings"]["shard"] is True and b["settings"]["world_size"] == 2
+    assert b["hvp"]["stencil"] == "central-4-point" and b["hvp"]["step"] > 0
+    assert b["input"]["sharded"]["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["density", "model.pt", "--shard"],
+        ["spectrum", "model.pt", "--matrix", "ggn", "--shard"],
+        ["spectrum", "model.pt", "--per-layer", "--shard"],
+    ],
+)
+def test_cli_refuses_what_shard_cannot_do(tiny, args):
+    res = _cli(tiny, 1, *args, "--out", "out")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert "--shard" in res.stderr
+    line = res.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith("error:"), res.stderr

@@ -214,12 +214,17 @@ def estimate_memory(
     """
     dev = problem.device
     item = torch.empty((), dtype=problem.dtype).element_size()
-    P = problem.num_params
-    acts = activation_bytes(problem)
+    # sharded mode (docs/sharded.md): vectors are this rank's shards; the activations are
+    # not measured (the measurement runs a forward outside FSDP, on one rank alone)
+    sharding = getattr(problem, "sharding", None)
+    P = problem.num_params if sharding is None else sharding.n_local
+    acts = activation_bytes(problem) if sharding is None else 0
     factors = [ACTIVATION_FACTOR.get(m, OTHER_FACTOR) for m in matrices]
     factor = max(factors, default=ACTIVATION_FACTOR["gradient"])
     parts = {"in use": float(in_use(dev)), "activations": factor * acts}
     notes = {"activations": f"batch {max(problem.batch_sizes)}: {factor:g} x {format_bytes(acts)}"}
+    if sharding is not None:
+        notes["activations"] = "not measured in sharded mode"
     basis_bytes = float(basis * P * item)
     bdev = torch.device(basis_device) if basis_device is not None else dev
     if basis:
@@ -243,7 +248,8 @@ def estimate_memory(
         parts["Kronecker factors"] = float(sum(2 * (i * i + o * o) for i, o in kfac_layers) * item)
     budget = None
     wanted = 0.0
-    if "hessian" in matrices and problem.graph_cache != 0 and not problem.scripted:
+    if ("hessian" in matrices and problem.graph_cache != 0 and not problem.scripted
+            and sharding is None):
         wanted = float(kept_graph_bytes(problem))
     if wanted > 0:
         budget = problem.graph_cache
