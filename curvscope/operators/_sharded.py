@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .._errors import NonFiniteError, OptionError, arg
-from ..linalg import LinearOperator
+from ..linalg import LinearOperator, refuse_sharded
 from ..problem import Problem
 from ._base import CurvatureOperator
 
@@ -260,8 +260,6 @@ class ShardedHessianOperator(CurvatureOperator):
 
     # --------------------------------------------------------------- algebra
     def _combined(self, *_: Any) -> Any:
-        from ..linalg._inner import refuse_sharded
-
         refuse_sharded(self, "combining the sharded Hessian with other operators")
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = _combined
