@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import curvscope as cs  # noqa: E402
-from curvscope.linalg import eigsh  # noqa: E402
+from curvscope.linalg import eigsh, slq  # noqa: E402
 from curvscope.models import TinyGPT  # noqa: E402
 from tests import cases  # noqa: E402
 
@@ -51,8 +51,11 @@ def measure(name: str, group, shard: bool) -> dict:
                       shard=shard)
     op = cs.hessian(prob)
     (res,) = eigsh(op, top=TOP, tol=TOL, seed=0)
+    quad = slq(op, num_probes=2, num_steps=6, seed=0)
     out = {
         "eigenvalues": res.eigenvalues.to(torch.float64),
+        "slq_nodes": quad.nodes.to(torch.float64).reshape(-1),
+        "slq_weights": quad.weights.to(torch.float64).reshape(-1),
         "loss": prob.loss().to(torch.float64).reshape(1),
     }
     if shard:

@@ -4,7 +4,8 @@ The top eigenvalues of the Hessian, by Lanczos on the sharded operator (every ve
 shard, inner products all-reduced, products by finite differences of sharded gradients),
 must equal those of one unsharded process (double backward) to 1e-8 relative in float64,
 on an MLP with cross-entropy, an MLP with MSE, a CNN with BatchNorm in eval mode (ReLU and
-max pooling: kinks) and a tiny transformer. Also: the GGN and other matrices are refused in
+max pooling: kinks) and a tiny transformer; so must the nodes and weights of stochastic
+Lanczos quadrature on the sharded operator. Also: the GGN and other matrices are refused in
 one sentence, and the unsharded Lanczos path does not change.
 """
 
@@ -73,6 +74,11 @@ def test_two_sharded_processes_give_the_one_process_eigenvalues(tmp_path):
         assert want.shape == got["eigenvalues"].shape == (3,), case
         err = float(((got["eigenvalues"] - want).abs() / want.abs()).max())
         assert err <= RTOL, f"{case}: eigenvalues differ by {err:.2e} relative"
+        # SLQ (density): the same Lanczos nodes and weights from the same probes
+        for key in ("slq_nodes", "slq_weights"):
+            scale = float(ref[key].abs().max())
+            err = float((got[key] - ref[key]).abs().max()) / scale
+            assert err <= RTOL, f"{case} {key}: relative difference {err:.2e}"
         # the loss through the FSDP module is the unsharded loss
         assert float((got["loss"] - ref["loss"]).abs()) <= 1e-12 * float(ref["loss"].abs())
         # rank 0 holds a shard: about half the vector (dim-0 chunks of ceil(rows / 2))
@@ -106,6 +112,17 @@ def test_one_process_sharded_matches_double_backward():
     # the caller's module is not sharded; the problem's copy is
     assert all(type(p) is torch.nn.Parameter for p in sharded.original.parameters())
     assert all(type(p).__name__ == "DTensor" for p in sharded.model.parameters())
+
+
+def test_algorithms_with_local_inner_products_refuse_the_sharded_operator():
+    from curvscope.linalg import cg, hutchinson_trace, power_iteration
+
+    op = cs.hessian(_problem(True))
+    b = torch.ones(op.shape[0], dtype=torch.float64)
+    for call in (lambda: power_iteration(op, 1), lambda: hutchinson_trace(op, num_matvecs=2),
+                 lambda: cg(op, b), lambda: op + op, lambda: 2.0 * op):
+        with pytest.raises(OptionError, match="shard"):
+            call()
 
 
 @pytest.mark.parametrize("maker", [cs.ggn, cs.fisher, cs.empirical_fisher, cs.kfac])
