@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import curvscope as cs  # noqa: E402
-from curvscope.linalg import eigsh, slq  # noqa: E402
+from curvscope.linalg import cg, eigsh, slq  # noqa: E402
 from curvscope.models import TinyGPT  # noqa: E402
 from tests import cases  # noqa: E402
 
@@ -52,10 +52,16 @@ def measure(name: str, group, shard: bool) -> dict:
     op = cs.hessian(prob)
     (res,) = eigsh(op, top=TOP, tol=TOL, seed=0)
     quad = slq(op, num_probes=2, num_steps=6, seed=0)
+    rhs = torch.randn(prob.num_params, generator=torch.Generator().manual_seed(7),
+                      dtype=torch.float64)
+    if shard:  # this rank's rows of the right-hand side
+        rhs = rhs[op.local_rows]
+    sol = cg(op, rhs, max_iter=4, tol=1e-14, negative_curvature="continue")
     out = {
         "eigenvalues": res.eigenvalues.to(torch.float64),
         "slq_nodes": quad.nodes.to(torch.float64).reshape(-1),
         "slq_weights": quad.weights.to(torch.float64).reshape(-1),
+        "cg_x": sol.x.to(torch.float64),
         "loss": prob.loss().to(torch.float64).reshape(1),
     }
     if shard:
@@ -64,6 +70,7 @@ def measure(name: str, group, shard: bool) -> dict:
         out["step"] = torch.tensor([info["step"]], dtype=torch.float64)
         out["n_local"] = torch.tensor([float(op.shape[0])], dtype=torch.float64)
         out["n_global"] = torch.tensor([float(prob.num_params)], dtype=torch.float64)
+        out["rows"] = op.local_rows.to(torch.float64)
     return out
 
 

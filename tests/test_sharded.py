@@ -5,8 +5,9 @@ shard, inner products all-reduced, products by finite differences of sharded gra
 must equal those of one unsharded process (double backward) to 1e-8 relative in float64,
 on an MLP with cross-entropy, an MLP with MSE, a CNN with BatchNorm in eval mode (ReLU and
 max pooling: kinks) and a tiny transformer; so must the nodes and weights of stochastic
-Lanczos quadrature on the sharded operator. Also: the GGN and other matrices are refused in
-one sentence, and the unsharded Lanczos path does not change.
+Lanczos quadrature and the iterates of conjugate gradients on the sharded operator. Also: the
+GGN and other matrices are refused in one sentence, and the unsharded Lanczos path does not
+change.
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def test_two_sharded_processes_give_the_one_process_eigenvalues(tmp_path):
             scale = float(ref[key].abs().max())
             err = float((got[key] - ref[key]).abs().max()) / scale
             assert err <= RTOL, f"{case} {key}: relative difference {err:.2e}"
+        # CG: four steps on this rank's rows give the rows of one process's iterate
+        want_x = ref["cg_x"][got["rows"].long()]
+        err = float((got["cg_x"] - want_x).abs().max()) / float(ref["cg_x"].abs().max())
+        assert err <= RTOL, f"{case} cg: relative difference {err:.2e}"
         # the loss through the FSDP module is the unsharded loss
         assert float((got["loss"] - ref["loss"]).abs()) <= 1e-12 * float(ref["loss"].abs())
         # rank 0 holds a shard: about half the vector (dim-0 chunks of ceil(rows / 2))
@@ -115,12 +120,12 @@ def test_one_process_sharded_matches_double_backward():
 
 
 def test_algorithms_with_local_inner_products_refuse_the_sharded_operator():
-    from curvscope.linalg import cg, hutchinson_trace, power_iteration
+    from curvscope.linalg import hutchinson_trace, minres, power_iteration
 
     op = cs.hessian(_problem(True))
     b = torch.ones(op.shape[0], dtype=torch.float64)
     for call in (lambda: power_iteration(op, 1), lambda: hutchinson_trace(op, num_matvecs=2),
-                 lambda: cg(op, b), lambda: op + op, lambda: 2.0 * op):
+                 lambda: minres(op, b), lambda: op + op, lambda: 2.0 * op):
         with pytest.raises(OptionError, match="shard"):
             call()
 
