@@ -52,8 +52,15 @@ def hessian(problem: Problem, *, hvp: str = "auto", group: Any = None) -> Hessia
     Every matrix function takes ``group``: a :class:`~curvscope.Group` or an initialised
     ``torch.distributed`` process group; the batches are then split over its ranks and
     every product summed over them (data parallelism; the same matrix on every rank).
+    A sharded problem (``shard=True``) gives a
+    :class:`~curvscope.operators.ShardedHessianOperator` on this rank's shards.
     """
-    return HessianOperator(_on(problem, group), mode=hvp)
+    problem = _on(problem, group)
+    if getattr(problem, "sharding", None) is not None:  # Problem(..., shard=True)
+        from .operators import ShardedHessianOperator
+
+        return ShardedHessianOperator(problem, mode=hvp)
+    return HessianOperator(problem, mode=hvp)
 
 
 def ggn(problem: Problem, *, group: Any = None) -> GGNOperator:

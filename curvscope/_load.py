@@ -359,6 +359,7 @@ def load(
     hvp_cache: str | float | None = None,
     check_deterministic: bool | None = None,
     process_group: Any = None,
+    shard: bool = False,
     **data_options: Any,
 ) -> Problem:
     """Load a model and data into a :class:`~curvscope.problem.Problem`.
@@ -401,6 +402,9 @@ def load(
             Python data sources and data given directly).
         process_group: data parallelism: a :class:`~curvscope.Group` or an initialised
             ``torch.distributed`` process group (see :class:`~curvscope.problem.Problem`).
+        shard: sharded mode (docs/sharded.md): after loading and checking, the problem keeps
+            an FSDP2-sharded copy of the model over ``process_group``'s ranks
+            (:meth:`~curvscope.problem.Problem.shard`); only the Hessian is then available.
         **data_options: file options (``x_key``, ``y_key``, ``label_column``, ``split``,
             ``input_shape``, ``scale``, ``normalize``, ``block_size``, ``token_dtype``).
             The names of earlier versions are still taken: ``builder`` (now ``model``),
@@ -588,6 +592,13 @@ def load(
         "ignore_index": ignore_index, "forward_kwargs": dict(forward_kwargs or {}),
         "output": output, "groups": dict(groups or {}),
     }
+    if shard:
+        problem = problem.shard()
+        info["sharded"] = {
+            "world_size": problem.sharding.world_size,
+            "local_params": problem.sharding.n_local,
+            "layout": "FSDP2 fully_shard, dim-0 chunks of every parameter",
+        }
     return problem.recorded(InputRecord(
         info=info, notes=notes, loaded=loaded, source=src, load_options=load_options
     ))

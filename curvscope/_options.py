@@ -228,6 +228,20 @@ OPTIONS: tuple[Option, ...] = (
         load=True,
     ),
     Option(
+        "shard",
+        "--shard",
+        "bool",
+        False,
+        (
+            "Sharded mode (under torchrun, or one process): parameters, gradients and every "
+            "Lanczos vector as FSDP2 shards, about 1/N of the memory per process; Hessian "
+            "only, products by finite differences of sharded gradients (spectrum only)."
+        ),
+        "Input",
+        optional=False,
+        load=True,
+    ),
+    Option(
         "trust_checkpoint",
         "--trust-checkpoint",
         "bool",

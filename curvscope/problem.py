@@ -107,6 +107,13 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
             options to load other data alike), read back as ``input_info``, ``notes``,
             ``loaded``, ``data_source`` and ``load_options``. ``curvscope.load`` gives it
             with :meth:`recorded`; ``None`` for a problem built directly.
+        shard: sharded mode (docs/sharded.md): the problem keeps an FSDP2-sharded copy of
+            the model over ``group``'s ranks (``fully_shard``; one process: a group of one),
+            and :func:`curvscope.hessian` gives a
+            :class:`~curvscope.operators.ShardedHessianOperator` whose vectors are this
+            rank's shards, so the Lanczos basis costs about ``1/N`` per rank. Only Hessian
+            products (by finite differences of sharded gradients) and the loss are
+            available; the rest is refused in one sentence.
 
     Attributes:
         family: the token this problem shares with every view of it (blocks, subsets, dtype
@@ -132,6 +139,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         group: Any = None,
         graph_cache: float | None = None,
         record: InputRecord | None = None,
+        shard: bool = False,
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise OptionError(f"{arg('reduction')} {reduction!r} is not known; choose mean or sum.")
@@ -167,6 +175,9 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         self._count()
         if check_deterministic:
             self.check_deterministic()
+        self.sharding: Any = None
+        if shard:
+            self._shard_in_place()
         if record is not None:
             self._take_record(record)
 
@@ -198,10 +209,31 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         ``group``: a :class:`~curvscope._distributed.Group` or an initialised process group.
         One pass counts the batches' loss terms again, shared over the ranks.
         """
+        self._refuse_sharded("Problem.distributed")
         new = self._copy()
         new.group = as_group(group)
         new._count()
         return new
+
+    def shard(self) -> Problem:
+        """The same problem in sharded mode (a copy; see ``shard`` of the class).
+
+        Raises:
+            OptionError: when the problem cannot be sharded (TorchScript, train mode, scalar
+                parameters, no process group for several ranks).
+        """
+        if self.sharding is not None:
+            return self
+        new = self._copy()
+        new._shard_in_place()
+        return new
+
+    def _shard_in_place(self) -> None:
+        """Take an FSDP2-sharded copy of the model, its sharded parameters and their layout."""
+        from ._sharded import Sharding, sharded_model
+
+        self.model, self.params = sharded_model(self)
+        self.sharding = Sharding(self, list(self.params.values()))
 
     def alone(self) -> Problem:
         """This problem in one process: every batch evaluated here, nothing summed over ranks.
@@ -210,6 +242,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         """
         if not self.group.active:
             return self
+        self._refuse_sharded("Problem.alone")
         new = self._copy()
         new.group = as_group(None)
         return new
@@ -218,6 +251,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         """The same problem with the model cast to ``dtype`` (a copy; this one is untouched)."""
         if dtype == self.dtype:
             return self
+        self._refuse_sharded("Problem.to (another dtype)")
         model = copy.deepcopy(self.model).to(dtype)
         new = self._copy()
         new.model = model
@@ -380,6 +414,11 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         """
         if isinstance(inputs, torch.Tensor):
             inputs = Inputs((inputs,), dict(self.forward_kwargs))
+        if getattr(self, "sharding", None) is not None:
+            # the FSDP module gathers its own shards: only the problem's weights can go in
+            if params is not self.params:
+                self._refuse_sharded("evaluation at other weights")
+            return self.select_output(self.model(*inputs.args, **inputs.kwargs))
         if self.scripted:
             with self._scripted_bound(params):
                 out = self.model(*inputs.args, **inputs.kwargs)
@@ -415,8 +454,22 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
             return self.unflatten(params)
         return params
 
+    def _refuse_sharded(self, what: str) -> None:
+        """One sentence refusing ``what`` in sharded mode (no-op otherwise)."""
+        if getattr(self, "sharding", None) is not None:
+            from ._sharded import refuse_unsharded
+
+            refuse_unsharded(self, what)
+
     def loss(self, params: None | torch.Tensor | dict[str, torch.Tensor] = None) -> torch.Tensor:
         """Total loss (data term plus weight decay) at ``params`` (flat or dict; default: w)."""
+        if getattr(self, "sharding", None) is not None:
+            if params is not None:
+                self._refuse_sharded("the loss at other weights")
+            loss, _ = self.sharding.gradient()
+            w = self.sharding.vector()
+            decay = 0.5 * self.weight_decay * self.reduce(torch.dot(w, w).reshape(1))[0]
+            return torch.as_tensor(loss, dtype=self.dtype) + decay.to(self.dtype)
         params = self._default(params)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad(), self.mode():
@@ -429,6 +482,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         self, params: None | torch.Tensor | dict[str, torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Total loss and its flat gradient at ``params`` (default: the model's weights)."""
+        self._refuse_sharded("the full gradient (Problem.loss_and_grad)")
         params = self._default(params)
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         grad = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
@@ -451,6 +505,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         self, params: None | dict[str, torch.Tensor] = None
     ) -> Iterator[tuple[torch.Tensor, Batch]]:
         """Model outputs batch by batch (no gradient), with the batches they came from."""
+        self._refuse_sharded("evaluating outputs batch by batch")
         params = self._default(params)
         with torch.no_grad(), self.mode():
             for b in self.batches():

@@ -33,12 +33,13 @@ LAYERS: dict[str, set[str]] = {
     "io": BASE | {"models"},
     # data parallelism sits under the problem, which splits its batches over the ranks
     "_distributed": {"_errors"},
+    "_sharded": {"_errors"},
     # the parts Problem is composed of (parameters, data loop, checks, counters): below it,
     # and imported by nothing but problem (NEVER below says so)
     "_problem": BASE,
-    "problem": BASE | {"_distributed", "_precision", "_problem"},
+    "problem": BASE | {"_distributed", "_precision", "_problem", "_sharded"},
     "_load": BASE | {"io", "problem", "models", "_distributed"},
-    "operators": BASE | {"linalg", "problem", "_distributed"},
+    "operators": BASE | {"linalg", "problem", "_distributed", "_sharded"},
     # diagnostics read no files: eigenvector and direction files are read by io, for the
     # command line, the report and the flat curvscope.surface
     "diagnostics": BASE | {"linalg", "operators", "problem", "_distributed"},

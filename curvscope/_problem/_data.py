@@ -249,6 +249,7 @@ class DataLoop:
         Raises:
             OptionError: when ``n`` is not between 1 and the number of samples.
         """
+        self._refuse_sharded("sample subsets (Problem.subsample)")  # type: ignore[attr-defined]
         idx = subset_indices(self.num_samples, n, as_generator(seed))
         wanted = set(idx.tolist())
         picked: list[Any] = []

@@ -67,6 +67,7 @@ class Parameters:
 
         The new problem shares the data and the sample count; no pass over the data is made.
         """
+        self._refuse_sharded("parameter blocks (Problem.select)")  # type: ignore[attr-defined]
         new = self._copy()
         new._set_params(self._select(params, self.model))
         return new

@@ -27,6 +27,7 @@ _NAMES = {
     "join_ranks": "_engine",
     "keep_partial": "_engine",
     "load_kwargs": "_engine",
+    "refuse_shard": "_engine",
     "notice": "_engine",
     "open_session": "_engine",
     "peak_memory": "_engine",

@@ -47,6 +47,7 @@ __all__ = [
     "join_ranks",
     "keep_partial",
     "load_kwargs",
+    "refuse_shard",
     "notice",
     "open_session",
     "peak_memory",
@@ -505,6 +506,24 @@ BFLOAT16_COMMANDS = ("spectrum", "track")
 float32 copy of the model, so the bounds include what bfloat16 did to the iteration."""
 
 
+SHARD_COMMANDS = ("spectrum",)
+"""Commands that run in sharded mode (``--shard``, docs/sharded.md)."""
+
+
+def refuse_shard(common: RunOptions, command: str) -> None:
+    """Refuse ``--shard`` for a command that needs whole vectors, in one sentence.
+
+    Raises:
+        OptionError: for ``--shard`` on a command other than :data:`SHARD_COMMANDS`.
+    """
+    if getattr(common, "shard", False) and command not in SHARD_COMMANDS:
+        raise OptionError(
+            f"{arg('shard')} is available for spectrum only: {command} needs whole parameter "
+            f"vectors or matrices other than the Hessian; drop {arg('shard')}.",
+            option="shard",
+        )
+
+
 def open_session(common: RunOptions, command: str | None = None) -> Session:
     """Check the output folder and every input path, then load checkpoint and data.
 
@@ -526,6 +545,7 @@ def open_session(common: RunOptions, command: str | None = None) -> Session:
     if common.threads is not None and common.threads < 1:
         raise OptionError(f"{arg('threads')} must be at least 1, got {common.threads}.")
     command = command or _command_name()
+    refuse_shard(common, command)
     if str(common.dtype) == "bfloat16" and command not in BFLOAT16_COMMANDS:
         raise OptionError(
             f"{arg('dtype')} bfloat16 is for {' and '.join(BFLOAT16_COMMANDS)} (Lanczos, "

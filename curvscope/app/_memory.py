@@ -217,13 +217,18 @@ def estimate_memory(
     # vectors and bases in the work dtype: float32 for a bfloat16 model
     vector_dtype = work_dtype(problem.dtype)
     item = torch.empty((), dtype=vector_dtype).element_size()
-    P = problem.num_params
+    # sharded mode (docs/sharded.md): vectors are this rank's shards; the activations are
+    # not measured (the measurement runs a forward outside FSDP, on one rank alone)
+    sharding = getattr(problem, "sharding", None)
+    P = problem.num_params if sharding is None else sharding.n_local
     acts, wanted = measured if measured is not None else measure(problem, matrices)
     factors = [ACTIVATION_FACTOR.get(m, OTHER_FACTOR) for m in matrices]
     factor = max(factors, default=ACTIVATION_FACTOR["gradient"])
     parts = {"in use": float(in_use(dev)), "activations": factor * acts}
     disk_bytes = host_bytes = 0.0
     notes = {"activations": f"batch {max(problem.batch_sizes)}: {factor:g} x {format_bytes(acts)}"}
+    if sharding is not None:
+        notes["activations"] = "not measured in sharded mode"
     place, disk = parse_basis_device(None if basis_device is None else str(basis_device))
     bdev = torch.device(place) if place is not None else dev
     if basis:
@@ -262,7 +267,13 @@ def estimate_memory(
 
 
 def measure(problem: Problem, matrices: Sequence[str]) -> tuple[int, float]:
-    """What the estimate runs the model for: activation bytes and the kept graphs wanted."""
+    """What the estimate runs the model for: activation bytes and the kept graphs wanted.
+
+    Neither in sharded mode: its forward runs under FSDP on every rank, and its products
+    keep no graphs (finite differences of sharded gradients).
+    """
+    if getattr(problem, "sharding", None) is not None:
+        return 0, 0.0
     acts = activation_bytes(problem)
     wanted = 0.0
     if "hessian" in matrices and graph_account(problem).budget != 0 and not problem.scripted:

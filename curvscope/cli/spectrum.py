@@ -126,6 +126,9 @@ def spectrum_cli(
         blocks = block_mode(per_layer, per_param, common.group)
         solve_top, repeat_samples = _check_counts(common, top, bottom, gradient_overlap, repeats)
         check_preconditioner_flag(preconditioner, optimizer_key)
+        if common.shard:
+            _check_shard(method, blocks, repeats, save_eigenvectors_, preconditioner,
+                         gradient_overlap)
         session = open_session(common)
         from ..diagnostics import spectrum
 
@@ -236,6 +239,28 @@ def _results_and_notes(
     if save_eigenvectors:
         notes.append(f"eigenvectors written to {_save_vectors(session, result)}")
     return results, notes
+
+
+def _check_shard(method, blocks, repeats, save, preconditioner, gradient_overlap) -> None:
+    """Refuse, in one sentence, what ``--shard`` cannot do (docs/sharded.md)."""
+    given = [
+        flag
+        for flag, on in (
+            ("--method power", method == "power"),
+            (f"--{blocks} blocks", blocks != "all"),
+            ("--repeats", bool(repeats)),
+            ("--save-eigenvectors", save),
+            ("--preconditioner", preconditioner is not None),
+            ("--gradient-overlap", bool(gradient_overlap)),
+        )
+        if on
+    ]
+    if given:
+        raise OptionError(
+            f"--shard computes the whole-model Hessian spectrum by Lanczos only; drop "
+            f"{', '.join(given)} or --shard.",
+            option="shard",
+        )
 
 
 def _check_counts(

@@ -21,6 +21,7 @@ from ._common import (
     guarded,
     load_kwargs,
     progress_bar,
+    refuse_shard,
     start_run,
 )
 from ._names import MATRIX_NAMES, matrix_help
@@ -159,6 +160,7 @@ def track_cli(
             else parse_list(figures, "--figures", ["png", "pdf", "svg"])
         )
         check_preconditioner_flag(preconditioner, optimizer_key)
+        refuse_shard(common, "track")
         t0 = time.perf_counter()
         checkpoints = [str(c) for c in common.model_path]
         common.model_path = Path(checkpoints[0]) if checkpoints else Path()

@@ -121,7 +121,7 @@ def _solve(
     basis_size: int | None = None,
     basis_device: str | None = None,
 ) -> list[EigenResult]:
-    n = op.shape[0]
+    n = getattr(op, "global_size", None) or op.shape[0]  # a sharded operator's is local
     if top + bottom > n:
         raise OptionError(
             f"{arg('top')} {top} and {arg('bottom')} {bottom} ask for {top + bottom} "

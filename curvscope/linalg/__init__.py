@@ -8,6 +8,7 @@ knows about models or data.
 
 from .._signs import canonical_sign
 from ._cg import CGResult, MinresResult, cg, minres
+from ._inner import Inner, refuse_sharded
 from ._lanczos import DEFAULT_TOL, EigenResult
 from ._operator import (
     DENSE_LIMIT,
@@ -38,6 +39,8 @@ from ._trace import (
 )
 
 __all__ = [
+    "Inner",
+    "refuse_sharded",
     "BlocksOf",
     "canonical_sign",
     "KEEP_FRACTION",

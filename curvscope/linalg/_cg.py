@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._errors import NonFiniteError, OptionError
+from ._inner import Inner, refuse_sharded
 
 __all__ = ["CGResult", "MinresResult", "cg", "minres"]
 
@@ -121,12 +122,14 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"{what} holds NaN or Inf; the matrix or right-hand side overflows.")
 
 
-def _prepare(b: torch.Tensor, x0, max_iter, tol) -> tuple[torch.Tensor, int]:
+def _prepare(
+    b: torch.Tensor, x0, max_iter, tol, size: int | None = None
+) -> tuple[torch.Tensor, int]:
     if b.dim() != 1:
         raise OptionError(f"the right-hand side must be a vector [P], got {tuple(b.shape)}.")
     if not tol > 0:
         raise OptionError(f"the solver tolerance must be positive, got {tol}.")
-    n = b.shape[0]
+    n = b.shape[0] if size is None else size
     if max_iter is None:
         max_iter = 10 * n  # scipy.sparse.linalg's default for cg/minres
     if max_iter < 1:
@@ -181,7 +184,22 @@ def cg(
         )
     matvec = _as_matvec(A)
     psolve = _as_precond(preconditioner)
-    b, max_iter = _prepare(b, x0, max_iter, tol)
+    # a sharded operator (docs/sharded.md): b, x and every vector are this rank's rows, and
+    # inner products and norms are summed over the ranks (the plain expressions otherwise)
+    inner = Inner(A) if getattr(A, "reduce_inner", None) is not None else None
+    if inner is None:
+        def dot(u: torch.Tensor, v: torch.Tensor) -> float:
+            return float(u @ v)
+
+        def norm(u: torch.Tensor) -> float:
+            return float(torch.linalg.vector_norm(u))
+    else:
+        def dot(u: torch.Tensor, v: torch.Tensor) -> float:
+            return float(inner.reduce((u * v).sum().reshape(1))[0])
+
+        def norm(u: torch.Tensor) -> float:
+            return float(inner.norm(u))
+    b, max_iter = _prepare(b, x0, max_iter, tol, None if inner is None else inner.size)
     matvecs = 0
     if x0 is None:
         x = torch.zeros_like(b)
@@ -190,9 +208,9 @@ def cg(
         x = x0.to(b).clone()
         r = b - matvec(x)
         matvecs += 1
-    bnorm = float(torch.linalg.vector_norm(b))
+    bnorm = norm(b)
     threshold = max(tol * bnorm, atol)
-    rnorm = float(torch.linalg.vector_norm(r))
+    rnorm = norm(r)
     curvatures: list[float] = []
     rnorms = [rnorm]
 
@@ -215,7 +233,7 @@ def cg(
     if rnorm <= threshold:
         return result(0, "tolerance")
     z = r if psolve is None else psolve(r)
-    rz = float(r @ z)
+    rz = dot(r, z)
     if psolve is not None and not rz > 0:
         raise OptionError(
             "the preconditioner is not positive definite (r^T M^{-1} r <= 0); PCG needs an "
@@ -225,7 +243,7 @@ def cg(
     for k in range(1, max_iter + 1):
         Ap = matvec(p)
         matvecs += 1
-        pAp = float(p @ Ap)
+        pAp = dot(p, Ap)
         curvatures.append(pAp)
         if not math.isfinite(pAp):
             raise NonFiniteError("CG met a NaN or Inf curvature p^T A p; the product overflows.")
@@ -234,7 +252,7 @@ def cg(
         alpha = rz / pAp
         x = x + alpha * p
         r = r - alpha * Ap
-        rnorm = float(torch.linalg.vector_norm(r))
+        rnorm = norm(r)
         rnorms.append(rnorm)
         if not math.isfinite(rnorm):
             raise NonFiniteError("CG produced a NaN or Inf residual.")
@@ -243,7 +261,7 @@ def cg(
         if rnorm <= threshold:
             return result(k, "tolerance")
         z = r if psolve is None else psolve(r)
-        rz_new = float(r @ z)
+        rz_new = dot(r, z)
         beta = rz_new / rz
         rz = rz_new
         p = z + beta * p
@@ -294,6 +312,7 @@ def minres(
         OptionError: for a non-vector ``b``, a bad tolerance or an indefinite preconditioner.
         NonFiniteError: when the iteration produces NaN or Inf.
     """
+    refuse_sharded(A, "a MINRES solve")
     matvec = _as_matvec(A)
     psolve = _as_precond(preconditioner)
     b, max_iter = _prepare(b, x0, max_iter, tol)

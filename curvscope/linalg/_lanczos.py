@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ needs no second pass (the DGKS criterion, Daniel et al. 1976, as ARPACK uses it)
 
 
 def orthogonalise(
-    w: torch.Tensor, blocks: list[torch.Tensor]
+    w: torch.Tensor, blocks: list[torch.Tensor], inner: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Remove from ``w`` its components along orthonormal blocks; coefficients of the last.
 
@@ -81,17 +82,23 @@ def orthogonalise(
     enough", Giraud et al. 2005; a pass that kept more than :data:`DGKS` of the norm
     leaves ``w`` orthogonal to working precision). Each pass reads the whole basis, which
     dominates a step's cost beside the product on models with millions of parameters.
+    ``inner``: a :class:`~curvscope.linalg._inner.Inner` for sharded vectors (inner
+    products and norms summed over ranks); ``None``: plain local products.
     """
+    if inner is not None and inner.sharded:
+        dots, norm = inner.dots, inner.norm
+    else:
+        dots, norm = (lambda Q, x: Q.T @ x), torch.linalg.vector_norm
     coef = None
     for k in range(2):
-        before = torch.linalg.vector_norm(w)
+        before = norm(w)
         for i, Q in enumerate(blocks):
             if Q.shape[1] == 0:
                 continue
-            c = Q.T @ w
+            c = dots(Q, w)
             w = w - Q @ c
             if i == len(blocks) - 1:
                 coef = c if coef is None else coef + c
-        if k == 0 and torch.linalg.vector_norm(w) > DGKS * before:
+        if k == 0 and norm(w) > DGKS * before:
             break
     return w, coef

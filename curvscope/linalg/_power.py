@@ -13,6 +13,7 @@ import torch
 
 from .._errors import OptionError
 from .._sampling import as_generator
+from ._inner import refuse_sharded
 from ._lanczos import DEFAULT_TOL, EigenResult, Progress
 from ._operator import LinearOperator, as_operator, require_square
 
@@ -52,6 +53,7 @@ def power_iteration(
         OptionError: for an unknown ``which`` or ``k`` out of range.
     """
     A = as_operator(A)
+    refuse_sharded(A, "power iteration")
     require_square(A, "power iteration")
     n = A.shape[0]
     if which not in ("magnitude", "top", "bottom"):

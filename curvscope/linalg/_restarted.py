@@ -49,6 +49,7 @@ import torch
 from .._errors import Interrupted, NonFiniteError, OptionError, arg
 from .._options import parse_basis_device
 from .._sampling import as_generator
+from ._inner import Inner
 from ._lanczos import DEFAULT_TOL, EigenResult, orthogonalise
 from ._operator import as_operator
 
@@ -175,9 +176,17 @@ def default_max_matvecs(k: int, n: int) -> int:
     return min(max(300, 20 * k), max(20 * n, 2 * k))
 
 
-def _start(v0: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tensor:
-    """The start vector in float64 on the CPU: ``v0`` (its columns summed) or Gaussian."""
+def _start(
+    v0: torch.Tensor | None, n: int, gen: torch.Generator, inner: Inner | None = None
+) -> torch.Tensor:
+    """The start vector in float64 on the CPU: ``v0`` (its columns summed) or Gaussian.
+
+    Sharded (``inner``): ``v0`` is this rank's rows; the Gaussian is this rank's rows of the
+    full draw (:meth:`Inner.randn`).
+    """
     if v0 is None:
+        if inner is not None and inner.sharded:
+            return inner.randn(gen)
         return torch.randn(n, generator=gen, dtype=torch.float64)
     v = torch.as_tensor(v0).detach().to("cpu", torch.float64)
     if v.ndim == 2 and v.shape[0] == n:
@@ -187,7 +196,11 @@ def _start(v0: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tenso
             f"{arg('v0')} has shape {tuple(v0.shape)}; a start vector needs shape [{n}] or "
             f"[{n}, j]."
         )
-    if not bool(torch.isfinite(v).all()) or float(torch.linalg.vector_norm(v)) == 0.0:
+    if inner is not None and inner.sharded:
+        ok = inner.all_true(bool(torch.isfinite(v).all())) and float(inner.norm(v)) != 0.0
+    else:
+        ok = bool(torch.isfinite(v).all()) and float(torch.linalg.vector_norm(v)) != 0.0
+    if not ok:
         raise OptionError(f"{arg('v0')} sums to zero or is not finite; give another start.")
     return v
 
@@ -338,6 +351,11 @@ def eigsh(
     n = int(A.shape[0])
     if len(A.shape) != 2 or int(A.shape[1]) != n:
         raise OptionError(f"the operator must be square, not of shape {tuple(A.shape)}.")
+    # sharded operators (docs/sharded.md): n is this rank's rows, N the whole dimension, and
+    # every inner product and norm goes through `inner` (all-reduced); unsharded, N = n and
+    # `inner` computes exactly the plain expressions
+    inner = Inner(A)
+    local_n, n = n, inner.size
     if top < 0 or bottom < 0 or top + bottom == 0:
         raise OptionError(f"ask for at least one eigenvalue with {arg('top')} or {arg('bottom')}.")
     k = top + bottom
@@ -408,8 +426,8 @@ def eigsh(
 
     def matvec(V: torch.Tensor, what: str, op: Any = A) -> torch.Tensor:
         out = op @ V.to(device=op.device)
-        out = out.reshape(n, V.shape[1]).to(device=bdev, dtype=dtype)
-        if not bool(torch.isfinite(out).all()):
+        out = out.reshape(local_n, V.shape[1]).to(device=bdev, dtype=dtype)
+        if not inner.all_true(bool(torch.isfinite(out).all())):
             raise NonFiniteError(f"a product of the operator returned NaN or Inf ({what}).")
         return out
 
@@ -417,13 +435,13 @@ def eigsh(
     # the basis as two plain matrix-vector products, where a column slice of a row-major
     # basis was copied on every call (2 GB/s against the memory's speed)
     stack = contextlib.ExitStack()
-    V = stack.enter_context(basis_storage(m + 1, n, dtype, bdev, disk))
+    V = stack.enter_context(basis_storage(m + 1, local_n, dtype, bdev, disk))
     T = torch.zeros(m, m, dtype=torch.float64)
-    X = torch.zeros(n, 0, dtype=dtype, device=bdev)  # locked exact eigenvectors
+    X = torch.zeros(local_n, 0, dtype=dtype, device=bdev)  # locked exact eigenvectors
     x_vals = torch.zeros(0, dtype=torch.float64)
     x_est = torch.zeros(0, dtype=torch.float64)
-    q = _start(v0, n, gen).to(device=bdev, dtype=dtype)
-    V[:, 0] = q / torch.linalg.vector_norm(q)
+    q = _start(v0, local_n, gen, inner).to(device=bdev, dtype=dtype)
+    V[:, 0] = q / inner.norm(q)
     j = 0  # columns of V whose products are taken; V[:, j] is the next vector
     beta = 0.0
     scale = 0.0
@@ -505,16 +523,16 @@ def eigsh(
                 steps += 1
                 if progress is not None:
                     progress(steps, total, "Lanczos")
-                wnorm = float(torch.linalg.vector_norm(w))
+                wnorm = float(inner.norm(w))
                 scale = max(scale, wnorm)
-                w, coef = orthogonalise(w, [X, V[:, : j + 1]])
-                beta = float(torch.linalg.vector_norm(w))
+                w, coef = orthogonalise(w, [X, V[:, : j + 1]], inner)
+                beta = float(inner.norm(w))
                 if beta < 1e-2 * wnorm:
                     # Most of A v was in the basis: one more pass, as twice is enough only when
                     # the result is not tiny (Giraud et al. 2005).
-                    w, more = orthogonalise(w, [X, V[:, : j + 1]])
+                    w, more = orthogonalise(w, [X, V[:, : j + 1]], inner)
                     coef = coef + more
-                    beta = float(torch.linalg.vector_norm(w))
+                    beta = float(inner.norm(w))
                 T[j, j] = float(coef[j])
                 j += 1
                 theta, S = torch.linalg.eigh(T[:j, :j])
@@ -533,9 +551,9 @@ def eigsh(
                         break
                     # Lock the best pairs of both ends that pass the test (a breakdown declared on a
                     # beta above round-off leaves some inexact), then search the complement afresh.
-                    fresh = torch.randn(n, generator=gen, dtype=torch.float64).to(bdev, dtype)
-                    fresh, _ = orthogonalise(fresh, [X, V[:, :j]])
-                    fnorm = float(torch.linalg.vector_norm(fresh))
+                    fresh = inner.randn(gen).to(bdev, dtype)
+                    fresh, _ = orthogonalise(fresh, [X, V[:, :j]], inner)
+                    fnorm = float(inner.norm(fresh))
                     if fnorm <= math.sqrt(eps):
                         break  # nothing is left outside the subspaces found
                     keep = torch.cat([t_idx, b_idx])
@@ -549,7 +567,7 @@ def eigsh(
                             cols.append(V[:, :j] @ S[:, i - off].to(device=bdev, dtype=dtype))
                     X = torch.stack(cols).T if cols else X[:, :0]  # column-major, as V
                     x_vals, x_est = vals[keep], res[keep]
-                    V[:, 0] = fresh / torch.linalg.vector_norm(fresh)
+                    V[:, 0] = fresh / inner.norm(fresh)
                     T.zero_()
                     j = 0
                     theta = torch.zeros(0, dtype=torch.float64)
@@ -586,6 +604,7 @@ def eigsh(
                 S=S,
                 est=est,
                 complete=X.shape[1] + j >= n,
+                inner=inner,
                 steps=steps,
                 total=total,
                 restarts=restarts,
@@ -618,7 +637,7 @@ def eigsh(
         raise Interrupted(
             _current_results(
                 top, bottom, tol, X, x_vals, x_est * est_scale, V, j, theta, S,
-                est * est_scale, steps + checks, restarts,
+                est * est_scale, steps + checks, restarts, inner,
             )
         ) from None
     finally:
@@ -640,6 +659,7 @@ def _current_results(
     est: torch.Tensor,
     num: int,
     restarts: int,
+    inner: Inner | None = None,
 ) -> list[EigenResult]:
     """The Ritz pairs at hand when the iteration stops early, all marked not converged.
 
@@ -666,7 +686,10 @@ def _current_results(
             for i in idx.tolist()
         ]
         Y = torch.stack(cols, dim=1)
-        Y = Y / torch.linalg.vector_norm(Y, dim=0, keepdim=True).clamp_min(1e-300)
+        if inner is not None and inner.sharded:
+            Y = Y / inner.col_norms(Y, keepdim=True).clamp_min(1e-300)
+        else:
+            Y = Y / torch.linalg.vector_norm(Y, dim=0, keepdim=True).clamp_min(1e-300)
         out.append(
             EigenResult(
                 which, "lanczos", vals[idx], Y, res[idx],
@@ -769,6 +792,7 @@ def _finish(
     complete: bool,
     steps: int,
     total: int,
+    inner: Inner | None = None,
     restarts: int,
     checks: int = 0,
     est_scale: float = 1.0,
@@ -779,7 +803,8 @@ def _finish(
     estimates the iteration stopped on (at least 1), else ``None``. ``checks``: products of
     earlier final checks, counted in ``num_matvecs``.
     """
-    n = int(A.shape[0])
+    inner = inner if inner is not None else Inner(A)
+    local_n, n = int(A.shape[0]), inner.size
     k = top + bottom
     vals = torch.cat([x_vals, theta])
     res_est = torch.cat([x_est, est]) * est_scale
@@ -787,7 +812,7 @@ def _finish(
     sel = torch.cat([t_idx, b_idx])
     off = x_vals.shape[0]
     picked = sel.tolist()
-    Y = torch.empty(n, len(picked), dtype=V.dtype, device=V.device)
+    Y = torch.empty(local_n, len(picked), dtype=V.dtype, device=V.device)
     ritz = [c for c, i in enumerate(picked) if i >= off]
     if ritz:  # the Ritz vectors in one pass over the basis
         coef = S[:, [picked[c] - off for c in ritz]].to(device=V.device, dtype=V.dtype)
@@ -795,7 +820,7 @@ def _finish(
     for c, i in enumerate(picked):
         if i < off:
             Y[:, c] = X[:, i]
-    Y = Y / torch.linalg.vector_norm(Y, dim=0, keepdim=True)
+    Y = Y / inner.col_norms(Y, keepdim=True)
     AY = matvec(Y, "final residual check")
     if progress is not None:
         progress(steps + checks + k, total, "residual check")
@@ -804,10 +829,10 @@ def _finish(
     lam = torch.empty(k, dtype=torch.float64)
     resid = torch.empty(k, dtype=torch.float64)
     for c in range(k):
-        y64, ay64 = Y[:, c].to(torch.float64), AY[:, c].to(torch.float64)
-        sq = torch.dot(y64, y64)
-        lam[c] = float(torch.dot(y64, ay64) / sq)
-        resid[c] = float(torch.linalg.vector_norm(ay64 - y64 * float(lam[c])) / sq.sqrt())
+        y64, ay64 = Y[:, c : c + 1].to(torch.float64), AY[:, c : c + 1].to(torch.float64)
+        sq = inner.col_sums(y64 * y64)
+        lam[c] = float((inner.col_sums(y64 * ay64) / sq)[0])
+        resid[c] = float((inner.col_norms(ay64 - y64 * float(lam[c])) / sq.sqrt())[0])
     norm = max(float(vals.abs().max()), float(lam.abs().max()), 1e-300)
     eps = max(float(torch.finfo(Y.dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
     floor = max(ROUNDOFF * eps * math.sqrt(n), min_floor) * norm

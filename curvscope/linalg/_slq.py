@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .._errors import OptionError
+from ._inner import Inner
 from ._lanczos import DGKS
 from ._operator import as_operator
 from ._trace import _mean_stderr, random_probes
@@ -128,6 +129,13 @@ def _breakdown_tol(dtype: torch.dtype, scale: torch.Tensor, step: int) -> torch.
     return 10 * eps * scale.clamp_min(1e-300) * math.sqrt(step)
 
 
+def _row_norms(W: torch.Tensor, inner: Inner) -> torch.Tensor:
+    """The 2-norm of each row of ``W`` (over the whole vectors when sharded)."""
+    if not inner.sharded:
+        return torch.linalg.vector_norm(W, dim=1)
+    return inner.reduce((W * W).sum(dim=1)).sqrt()
+
+
 def slq(
     A,
     *,
@@ -159,7 +167,16 @@ def slq(
         OptionError: for fewer than one probe or step, bad probes or distribution.
     """
     A = as_operator(A)
-    n = A.shape[0]
+    # a sharded operator (docs/sharded.md): vectors are this rank's rows, n the whole size;
+    # every inner product and norm goes through `inner` (the plain expression unsharded)
+    inner = Inner(A)
+    local_n, n = A.shape[0], inner.size
+    if inner.sharded:
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return inner.reduce(x)
+    else:
+        def rows(x: torch.Tensor) -> torch.Tensor:
+            return x
     if num_steps < 1:
         raise OptionError(f"SLQ needs at least one Lanczos step, got {num_steps}.")
     if probes is None:
@@ -168,12 +185,16 @@ def slq(
         Z = random_probes(
             n, num_probes, distribution=distribution, seed=seed, dtype=torch.float64
         )
+        if inner.sharded:  # this rank's rows of the full draw, as one process draws it
+            Z = Z[inner.local_rows]
     else:
-        if probes.dim() != 2 or probes.shape[0] != n or probes.shape[1] < 1:
-            raise OptionError(f"SLQ probes must have shape [{n}, k], got {tuple(probes.shape)}.")
+        if probes.dim() != 2 or probes.shape[0] != local_n or probes.shape[1] < 1:
+            raise OptionError(
+                f"SLQ probes must have shape [{local_n}, k], got {tuple(probes.shape)}."
+            )
         Z = probes.to(torch.float64).cpu()
         distribution = "given"
-    norms = torch.linalg.vector_norm(Z, dim=0)
+    norms = inner.col_norms(Z)
     if (norms == 0).any():
         raise OptionError("an SLQ probe vector is zero.")
     Z = Z / norms
@@ -181,7 +202,7 @@ def slq(
     m_max = min(int(num_steps), n)
     dtype, device = A.dtype, A.device
 
-    Q = torch.zeros(b, m_max, n, dtype=dtype, device=device)  # per-probe bases, row-wise
+    Q = torch.zeros(b, m_max, local_n, dtype=dtype, device=device)  # per-probe bases, row-wise
     alphas = torch.zeros(b, m_max, dtype=torch.float64)
     betas = torch.zeros(b, m_max, dtype=torch.float64)
     steps = torch.zeros(b, dtype=torch.int64)
@@ -197,17 +218,17 @@ def slq(
         Q[idx, j] = q
         W = (A @ q.T).T  # [k, n]: one product serves every running probe
         matvecs += q.shape[0]
-        alpha = (q * W).sum(dim=1)
+        alpha = rows((q * W).sum(dim=1))
         # Three-term recurrence first, then full reorthogonalisation against the whole basis
         # (one classical Gram-Schmidt pass, a second one only where the first cancelled much:
         # the Daniel-Gragg-Kaufman-Stewart criterion, "twice is enough").
         W = W - alpha.unsqueeze(1) * q - beta_prev.unsqueeze(1) * q_prev
         Qa = Q[:, : j + 1] if everyone else Q[idx, : j + 1]  # [k, j+1, n]
         for _ in range(2):
-            before = torch.linalg.vector_norm(W, dim=1)
-            coeff = torch.bmm(Qa, W.unsqueeze(2))  # [k, j+1, 1]
+            before = _row_norms(W, inner)
+            coeff = rows(torch.bmm(Qa, W.unsqueeze(2)))  # [k, j+1, 1]
             W = W - torch.bmm(coeff.transpose(1, 2), Qa).squeeze(1)
-            beta = torch.linalg.vector_norm(W, dim=1)
+            beta = _row_norms(W, inner)
             if not bool((beta < DGKS * before).any()):
                 break
         a64, b64 = alpha.to(torch.float64).cpu(), beta.to(torch.float64).cpu()

@@ -25,6 +25,7 @@ import torch
 
 from .._errors import OptionError, arg
 from .._sampling import as_generator
+from ._inner import refuse_sharded
 from ._operator import LinearOperator, as_operator
 
 __all__ = [
@@ -214,6 +215,7 @@ def hutchinson_trace(
         OptionError: for fewer than one probe, a bad batch or distribution.
     """
     A = as_operator(A)
+    refuse_sharded(A, "a trace estimate")
     if num_matvecs < 1:
         raise OptionError(f"Hutchinson needs at least one probe, got {num_matvecs}.")
     batch = _check_batch(batch)
@@ -269,6 +271,7 @@ def hutchpp_trace(
         OptionError: for fewer than 3 products, a bad batch or distribution.
     """
     A = as_operator(A)
+    refuse_sharded(A, "a trace estimate")
     if num_matvecs < 3:
         raise OptionError(f"Hutch++ needs at least 3 products, got {num_matvecs}.")
     batch = _check_batch(batch)
@@ -317,6 +320,7 @@ def exact_trace(A, *, max_dim: int = EXACT_MAX_DIM, batch: int = 64) -> TraceEst
         OptionError: when ``P > max_dim``.
     """
     A = as_operator(A)
+    refuse_sharded(A, "a trace estimate")
     batch = _check_batch(batch)
     n = A.shape[0]
     if n > max_dim:

@@ -39,6 +39,7 @@ from ._registry import (
     report_matrices,
     resolve_matrices,
 )
+from ._sharded import ShardedHessianOperator
 
 __all__ = [
     "ELEMENTWISE_ACTIVATIONS",
@@ -67,6 +68,7 @@ __all__ = [
     "LinearOperator",
     "MatrixSpec",
     "PCHApproximation",
+    "ShardedHessianOperator",
     "PCHMode",
     "PCHOperator",
     "PreconditionedOperator",

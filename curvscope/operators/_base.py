@@ -86,8 +86,14 @@ class CurvatureOperator(LinearOperator):
     """
 
     SELF_ADJOINT = True
+    SHARDABLE = False
+    """Whether the matrix is built on sharded problems (``Problem(..., shard=True)``)."""
 
     def __init__(self, problem: Problem, **knobs: Any) -> None:
+        if not self.SHARDABLE and getattr(problem, "sharding", None) is not None:
+            from .._sharded import refuse_unsharded
+
+            refuse_unsharded(problem, f"the {getattr(self, 'name', type(self).__name__)} matrix")
         self.problem = problem
         self._knobs = knobs
         super().__init__()

@@ -55,6 +55,10 @@ class MatrixSpec:
 def _hessian(problem: Problem, *, hvp: str = "auto", **_: object) -> CurvatureOperator:
     from ._hessian import HessianOperator
 
+    if getattr(problem, "sharding", None) is not None:
+        from ._sharded import ShardedHessianOperator
+
+        return ShardedHessianOperator(problem, mode=hvp)
     return HessianOperator(problem, mode=hvp)
 
 
