@@ -2,8 +2,9 @@
 
 For three networks on the same device, in one run:
   (a) one full-data Hessian product and one GGN product over one full-data gradient (HVP/G;
-      the Hessian over kept graphs, as every product after an operator's first, and streamed
-      as with --hvp-cache off),
+      the Hessian over kept graphs, as every product after an operator's first, an operator's
+      first product (it builds the graphs) apart, and streamed as with --hvp-cache off; one
+      measurement with benchmarks/sequence_cost.py: its product_ratios, interleaved rounds),
   (b) top-5 Hessian eigenpairs to residual 1e-4 of ||A||: products and wall time for curvscope
       (thick-restart Lanczos), curvlinops + scipy eigsh (tol 1e-4) and PyHessian's power
       iteration (its defaults, maxIter=100, tol=1e-3), each on the device,
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from curvscope import Problem  # noqa: E402
 from curvscope.app import estimate_memory  # noqa: E402
 from curvscope.linalg import default_basis_size, eigsh  # noqa: E402
-from curvscope.operators import GGNOperator, HessianOperator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sequence_cost import product_ratios  # noqa: E402  (one HVP/G measurement for both)
 
 torch.set_flush_denormal(True)
 
@@ -143,20 +145,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-REPEATS = 3  # timed repeats after the warm-up (--quick: 1)
-
-
-def timed(fn, device, repeats: int | None = None) -> float:
-    repeats = repeats or REPEATS
-    fn()  # warm-up (kernels, allocator)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+REPEATS = 7  # interleaved rounds after the warm-up (--quick: 1)
 
 
 def on_device(batches, device):
@@ -215,21 +204,20 @@ def run(spec, device: torch.device, peers: bool, products_only: bool = False) ->
     model = model.to(device).eval()
     batches = on_device(batches, device)
     problem = Problem(model, "cross_entropy", batches)
-    H, G = HessianOperator(problem), GGNOperator(problem)
-    S = HessianOperator(Problem(model, "cross_entropy", batches, graph_cache=0))
     P = problem.num_params
-    v = torch.randn(P, 1, device=device, generator=torch.Generator(device).manual_seed(0))
     row: dict = {"model": name, "params": P, "samples": problem.num_samples,
                  "device": str(device)}
-    # HVP/G over kept graphs (the warm-up keeps them) and streamed (--hvp-cache off)
-    t_grad = timed(lambda: problem.loss_and_grad(), device)
-    t_h = timed(lambda: H @ v, device)
-    t_s = timed(lambda: S @ v, device)
-    t_g = timed(lambda: G @ v, device)
-    row.update(grad_s=t_grad, hvp_over_grad=t_h / t_grad, hvp_streamed_over_grad=t_s / t_grad,
-               ggn_over_grad=t_g / t_grad)
-    print(f"{name}: P={P}, gradient {t_grad * 1e3:.1f} ms, HVP/G {t_h / t_grad:.2f} (streamed "
-          f"{t_s / t_grad:.2f}), GGN/G {t_g / t_grad:.2f}", flush=True)
+    # HVP/G as benchmarks/sequence_cost.py measures it (one function): interleaved rounds,
+    # over kept graphs (the warm-up keeps them), an operator's first product apart, and
+    # streamed (--hvp-cache off)
+    r = product_ratios(problem, Problem(model, "cross_entropy", batches), REPEATS,
+                       lambda: sync(device))
+    H = r["H"]
+    row.update(grad_s=r["grad"], hvp_over_grad=r["kept"], hvp_first_over_grad=r["first"],
+               hvp_streamed_over_grad=r["streamed"], ggn_over_grad=r["ggn"])
+    print(f"{name}: P={P}, gradient {r['grad'] * 1e3:.1f} ms, HVP/G {r['kept']:.2f} (first "
+          f"product {r['first']:.2f}, streamed {r['streamed']:.2f}), GGN/G {r['ggn']:.2f}",
+          flush=True)
     if products_only:
         return row
 

@@ -52,18 +52,21 @@ def _problem(vocab: int, n: int, layers: int, bs: int) -> Problem:
     return Problem(model, "cross_entropy", data)
 
 
-def _rounds(fns: dict, rounds: int = 7) -> dict:
+def _rounds(fns: dict, rounds: int = 7, sync=lambda: None) -> dict:
     """Median over rounds of each function's time over the first's (``grad``), measured
     interleaved: every round times each once, so drifts of a shared machine's speed cancel
-    in the ratios instead of landing on whichever was timed during a slow spell."""
+    in the ratios instead of landing on whichever was timed during a slow spell. ``sync``
+    waits for the device (``torch.cuda.synchronize`` on a GPU)."""
     for fn in fns.values():
         fn()  # warm-up (and the kept graphs of the operators timed after it)
     ratios: dict = {name: [] for name in fns}
     for _ in range(rounds):
         times = {}
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name] = time.perf_counter() - t0
         for name in fns:
             ratios[name].append(times[name] / times["grad"] if name != "grad" else times[name])
@@ -74,14 +77,26 @@ def _first_product(p: Problem, v: torch.Tensor) -> None:
     HessianOperator(p) @ v  # a fresh operator: builds and keeps the graphs, then frees them
 
 
-def ratios(n: int = 256, bs: int = 64, rounds: int = 7) -> dict:
-    p = _problem(65, n, 2, bs)
-    streamed = _problem(65, n, 2, bs)
+def product_ratios(p: Problem, streamed: Problem, rounds: int = 7, sync=lambda: None) -> dict:
+    """HVP/G the one way both benchmarks measure it (gpu.py calls this too): medians of
+    interleaved rounds (:func:`_rounds`) of each product's time over a full-data gradient's,
+    after a warm-up; ``kept`` over the graphs the warm-up kept, ``first`` a fresh operator's
+    first product (it builds the graphs), ``streamed`` with ``streamed``'s kept-graph budget
+    set to 0, ``ggn`` the GGN product. Returns the ratios, ``grad`` in seconds, and the
+    operators (``H``, ``G``, ``S``)."""
     graph_account(streamed).budget = 0
-    v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(p.num_params, 1, generator=torch.Generator().manual_seed(1)).to(p.device)
     H, G, S = HessianOperator(p), GGNOperator(p), HessianOperator(streamed)
     r = _rounds({"grad": lambda: p.loss_and_grad(), "first": lambda: _first_product(p, v),
-                 "kept": lambda: H @ v, "streamed": lambda: S @ v, "ggn": lambda: G @ v}, rounds)
+                 "kept": lambda: H @ v, "streamed": lambda: S @ v, "ggn": lambda: G @ v},
+                rounds, sync)
+    return {**r, "H": H, "G": G, "S": S, "v": v}
+
+
+def ratios(n: int = 256, bs: int = 64, rounds: int = 7) -> dict:
+    p = _problem(65, n, 2, bs)
+    r = product_ratios(p, _problem(65, n, 2, bs), rounds)
+    H, G, S, v = r["H"], r["G"], r["S"], r["v"]
     flops = {name: _flops(fn) for name, fn in
              (("grad", p.loss_and_grad), ("hvp", lambda: H @ v), ("streamed", lambda: S @ v),
               ("ggn", lambda: G @ v))}

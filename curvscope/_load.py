@@ -357,6 +357,7 @@ def load(
     group: str | Mapping[str, Sequence[str]] | None = None,
     ignore_index: int = -100,
     hvp_cache: str | float | None = None,
+    compile: bool = False,  # noqa: A002  (the shared option's name)
     check_deterministic: bool | None = None,
     process_group: Any = None,
     shard: bool = False,
@@ -398,6 +399,8 @@ def load(
         hvp_cache: bytes Hessian products may keep of first-order graphs: a number,
             ``"4GB"``, ``"off"`` (0) or ``"auto"``/``None`` (half the device's free memory;
             see :class:`~curvscope.problem.Problem`).
+        compile: ``torch.compile`` the forward and loss of losses and gradients (see
+            :class:`~curvscope.problem.Problem`).
         check_deterministic: compare two passes over the first batches (default: for
             Python data sources and data given directly).
         process_group: data parallelism: a :class:`~curvscope.Group` or an initialised
@@ -518,6 +521,7 @@ def load(
         groups=groups,
         group=process_group,
         graph_cache=graph_cache,
+        compile=compile,
     )
     # the batches must fit the model (one sentence naming the data) before two passes over
     # the source compare them
@@ -582,6 +586,7 @@ def load(
         "device": str(device_t),
         "seed": seed,
         "train_mode": train_mode,
+        "compile": bool(compile),
         "batch_dependent": problem.batch_dependent,
         "precision": precision.to_dict(),
         "files": files,
@@ -806,6 +811,7 @@ def load_like(
         reduction=problem.reduction,
         params=list(problem.names),
         train_mode=problem.train_mode,
+        compile=problem.compile,
         forward_kwargs=opts.get("forward_kwargs"),
         output=opts.get("output"),
         group=problem.group,

@@ -455,6 +455,21 @@ OPTIONS: tuple[Option, ...] = (
         load=True,
     ),
     Option(
+        "compile",
+        "--compile",
+        "bool",
+        False,
+        (
+            "torch.compile the forward and loss of first-order passes (losses, gradients: "
+            "the solvers, finite-difference products); Hessian double backward and GGN "
+            "products stay eager (torch.compile has no double backward). Compile seconds "
+            "come first."
+        ),
+        "Numerics",
+        optional=False,
+        load=True,
+    ),
+    Option(
         "max_memory",
         "--max-memory",
         "str",

@@ -102,6 +102,13 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
             ``0``: keep none (the data are streamed at every product). The budget the
             problem's kept-graph account starts with; the account, not the problem, holds
             the budget in force (the memory plan sets it) and the bytes kept.
+        compile: ``torch.compile`` the forward and loss of first-order passes (:meth:`loss`,
+            :meth:`loss_and_grad`: the solvers and finite-difference Hessian products). Only
+            there: torch.compile (torch 2.13) refuses double backward ("does not currently
+            support double backward"), so Hessian products by double backward and the
+            torch.func products (GGN, forward-over-reverse) run the eager forward. The first
+            pass compiles (seconds to a minute on a CPU); a batch of another size compiles
+            once more. Ignored for TorchScript models. Measured in benchmarks/products.py.
         record: what the problem was loaded from (:class:`InputRecord`: the document's
             ``input`` section, the load's notes, the file read, the data source, the
             options to load other data alike), read back as ``input_info``, ``notes``,
@@ -138,6 +145,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         check_deterministic: bool = False,
         group: Any = None,
         graph_cache: float | None = None,
+        compile: bool = False,  # noqa: A002  (the shared option's name)
         record: InputRecord | None = None,
         shard: bool = False,
     ) -> None:
@@ -170,6 +178,8 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
             self.block_param_names(name)  # every group must select something
         self._start_counters()
         self.graph_cache = None if graph_cache is None else max(0.0, float(graph_cache))
+        self.compile = bool(compile) and not self.scripted
+        self._compiled: Callable[..., torch.Tensor] | None = None
         self.notes: list[str] = []
         self.record: InputRecord | None = None
         self._count()
@@ -256,6 +266,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         new = self._copy()
         new.model = model
         new._set_params(self._select(list(self.names), model))
+        new._compiled = None  # compiled for the other model
         new.scripted = _is_scripted(model)
         return new
 
@@ -442,6 +453,26 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         """Weighted data loss of one batch (its share of the total loss, without decay)."""
         return self.batch_value(self.forward(params, batch.inputs), batch)
 
+    def first_order_loss(self, params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """:meth:`batch_loss` for passes differentiated once (compiled with ``compile``).
+
+        The compiled graph has no double backward: never differentiate its value twice.
+        """
+        if not self.compile:
+            return self.batch_loss(params, batch)
+        if self._compiled is None:
+            import torch._functorch.config as functorch_config
+
+            # a compiled backward may reuse (donate) its buffers unless graphs are retained
+            functorch_config.donated_buffer = False
+            self._compiled = torch.compile(self._loss_of, dynamic=False)
+        return self._compiled(params, batch.inputs, batch.target, batch.weight, batch.terms)
+
+    def _loss_of(self, params, inputs, target, weight, terms) -> torch.Tensor:
+        """:meth:`batch_loss` from a batch's fields (what ``compile`` compiles)."""
+        batch = Batch(inputs, target, weight, 0, terms, index=0)
+        return self.batch_value(self.forward(params, inputs), batch)
+
     def regulariser(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weight-decay term lambda/2 ||w||^2 over the selected parameters."""
         total = sum((p * p).sum() for p in params.values())
@@ -474,7 +505,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with torch.no_grad(), self.mode():
             for b in self.batches():
-                total = total + self.batch_loss(params, b)
+                total = total + self.first_order_loss(params, b)
             total = self.reduce(total) + self.regulariser(params)
         return total
 
@@ -489,7 +520,7 @@ class Problem(Counters, Parameters, DataLoop, DataChecks, Recorded):
         with self.mode(), torch.enable_grad(), self.leaves(params) as leaves:
             values = list(leaves.values())
             for b in self.batches():
-                value = self.batch_loss(leaves, b)
+                value = self.first_order_loss(leaves, b)
                 if value.requires_grad:
                     gs = torch.autograd.grad(value, values, allow_unused=True)
                     grad += self.flatten(zeros_for_none(gs, values))

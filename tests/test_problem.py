@@ -141,3 +141,21 @@ def test_torchscript_model_falls_back_to_double_backward():
     before = [p.clone() for p in scripted.parameters()]
     problem.loss(problem.param_vector() + 1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, scripted.parameters(), strict=True))
+
+
+def test_compile_first_order_passes_agree_and_products_stay_eager():
+    """``compile``: losses and gradients through torch.compile agree with eager to round-off;
+    Hessian products (double backward, which compiled graphs refuse) are bitwise unchanged."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    data = [(x[:16], y[:16]), (x[16:], y[16:])]
+    eager = Problem(model, "cross_entropy", data)
+    comp = Problem(model, "cross_entropy", data, compile=True)
+    le, ge = eager.loss_and_grad()
+    lc, gc = comp.loss_and_grad()
+    assert abs(float(lc - le)) < 1e-6 and float((gc - ge).norm() / ge.norm()) < 1e-5
+    assert abs(float(comp.loss() - eager.loss())) < 1e-6
+    v = torch.randn(eager.num_params, 2)
+    assert torch.equal(HessianOperator(eager) @ v, HessianOperator(comp) @ v)
+    assert comp.to(torch.float64)._compiled is None  # compiled for the float32 model

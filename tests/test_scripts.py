@@ -50,6 +50,7 @@ def _written_since(t0: float) -> list[str]:
 def test_every_script_is_listed():
     assert len(SCRIPTS) >= 20, SCRIPTS
     assert "benchmarks/spectrum.py" in SCRIPTS and "scripts/make_reports.py" in SCRIPTS
+    assert "benchmarks/products.py" in SCRIPTS  # issue 24 item 6's measurements
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
