@@ -79,8 +79,11 @@ def test_spectrum_end_to_end_against_dense_float64(tiny):
     vecs = load_eigenvectors(out / "eigenvectors.pt")
     assert vecs["entries"][0]["vectors"].shape == (len(ev), 3)
     assert "residual" in result.output and "spectrum.json" in result.output
-    # at 1e-10 the residuals are below a float64 product's round-off too; float64 is in use
-    assert "round-off of one product" in " ".join(result.output.split())
+    # at 1e-10 the residuals are below a float64 product's round-off too, where measured (the
+    # Lanczos relation's, verified by two random combinations, carry the check's margin)
+    floored = any(b > r for b, r in zip(top["error_bounds"], top["residual_norms"], strict=True))
+    assert floored == ("round-off of one product" in " ".join(result.output.split()))
+    assert floored or top["residual_check"] == "relation"
     assert "--dtype float64 lowers" not in " ".join(result.output.split())
 
 

@@ -73,6 +73,7 @@ class SpectrumEntry:
     spread: dict | None = None
     error_bounds: list[float] | None = None
     restarts: int = 0
+    residual_check: str = "measured"
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,7 @@ def spectrum(
                                     None if res.error_bounds is None else res.error_bounds.tolist()
                                 ),
                                 restarts=int(getattr(res, "restarts", 0)),
+                                residual_check=getattr(res, "residual_check", "measured"),
                             )
                         )
                         vectors.append(canonical_sign(res.eigenvectors.detach()))

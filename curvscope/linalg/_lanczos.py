@@ -36,7 +36,8 @@ class EigenResult:
         method: ``"lanczos"`` or ``"power"``.
         eigenvalues: ``[k]`` float64.
         eigenvectors: ``[P, k]`` unit-norm columns in the operator's dtype.
-        residual_norms: ``[k]`` absolute ``||A v - lambda v||`` (measured with products).
+        residual_norms: ``[k]`` absolute ``||A v - lambda v||``, measured with products, or
+            bounded by the Lanczos relation verified with products (``residual_check``).
         converged: ``[k]`` bool: residual <= tol * norm_estimate.
         num_matvecs: products used, residual checks included.
         norm_estimate: ``||A||_2`` estimated by the largest ``|Ritz value|``.
@@ -46,6 +47,9 @@ class EigenResult:
         error_bounds: ``[k]`` float64 bounds on ``|lambda_true - lambda|`` (thick-restart
             :func:`~curvscope.linalg.eigsh`), else ``None``.
         restarts: basis restarts (thick-restart Lanczos), else 0.
+        residual_check: ``"measured"`` (a product with every vector) or ``"relation"`` (the
+            Lanczos relation's residuals, verified on random combinations of the vectors:
+            :func:`~curvscope.linalg.eigsh`).
     """
 
     which: str
@@ -61,6 +65,7 @@ class EigenResult:
     shift: float | None = None
     error_bounds: torch.Tensor | None = None
     restarts: int = 0
+    residual_check: str = "measured"
 
     @property
     def all_converged(self) -> bool:

@@ -610,6 +610,10 @@ def eigsh(
                 restarts=restarts,
                 checks=checks,
                 est_scale=est_scale,
+                # the relation's prediction holds for A's products only: a final check on
+                # another operator (a bfloat16 model's float32 copy) measures every residual
+                f=w if checker is A and j > 0 else None,
+                gen=gen,
             )
             if worst is None or not on_estimates or steps >= budget:
                 return results
@@ -626,8 +630,9 @@ def eigsh(
                 return results
             last_failing = failing
             est_scale *= 2.0 * worst
-            checks += k
-            budget -= k
+            spent = results[0].num_matvecs - steps - checks  # k, or the relation's probes too
+            checks += spent
+            budget -= spent
             next_check = steps + m
             if steps >= budget:
                 return results
@@ -771,6 +776,76 @@ def _improves(
     return bool((nt > ot + delta).any() or (nb < ob - delta).any())
 
 
+RELATION_PROBES = 2
+"""Random combinations of the picked Ritz vectors the final check multiplies to verify the
+Lanczos relation (:func:`_relation_check`); with fewer picked vectors than this plus one, it
+measures each vector's residual instead."""
+
+RELATION_SAFETY = 100.0
+"""``sigma = RELATION_SAFETY * max_j ||E c_j||`` bounds ``||E||_2`` unless every probe's
+component along ``E``'s top right singular vector is below ``1/RELATION_SAFETY`` in magnitude:
+probability ``(sqrt(2/pi) / RELATION_SAFETY) ** RELATION_PROBES``, 6.4e-5 for two probes."""
+
+
+def _measured_residuals(
+    matvec: Callable[[torch.Tensor, str], torch.Tensor], Y: torch.Tensor, inner: Inner
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rayleigh quotients and residual norms of ``Y``'s columns, from ``A Y`` (k products)."""
+    k = Y.shape[1]
+    AY = matvec(Y, "final residual check")
+    # float64 one column at a time: whole float64 copies of Y and AY and their products were
+    # about 10 k parameter-sized float32 vectors at the peak (7 GB for k = 7 of 124M)
+    lam = torch.empty(k, dtype=torch.float64)
+    resid = torch.empty(k, dtype=torch.float64)
+    for c in range(k):
+        y64, ay64 = Y[:, c : c + 1].to(torch.float64), AY[:, c : c + 1].to(torch.float64)
+        sq = inner.col_sums(y64 * y64)
+        lam[c] = float((inner.col_sums(y64 * ay64) / sq)[0])
+        resid[c] = float((inner.col_norms(ay64 - y64 * float(lam[c])) / sq.sqrt())[0])
+    return lam, resid
+
+
+def _relation_check(
+    matvec: Callable[[torch.Tensor, str], torch.Tensor],
+    Y: torch.Tensor,
+    values: torch.Tensor,
+    f: torch.Tensor,
+    share: torch.Tensor,
+    inner: Inner,
+    gen: torch.Generator,
+    allowed: float,
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    r"""Verify ``A Y = Y diag(values) + f share^T`` on random combinations: 2 products, not k.
+
+    With full reorthogonalisation the Lanczos relation predicts each Ritz vector's residual
+    vector exactly, up to round-off, where the operator is a fixed linear map: ``f s_j``. What
+    could make it wrong (an operator whose products are not one linear map, lost
+    orthogonality, a locked vector's own residual) is all in ``E = A Y - prediction``. For
+    Gaussian ``c`` the component of ``c`` along ``E``'s top right singular vector is standard
+    normal, so ``||E||_2 <= RELATION_SAFETY max_j ||E c_j||`` except with probability
+    :data:`RELATION_SAFETY`'s figure (6.4e-5). Where that ``sigma`` is at most a tenth of the
+    tolerance ``allowed``, the residuals are ``||f|| |share_i| + sigma`` and the values the
+    Ritz values (within ``sigma`` of the Rayleigh quotients); otherwise ``None``, and the
+    caller measures every residual. A well-separated top-5 then costs its Lanczos steps and
+    2 products, where measuring took 5 (``benchmarks/lanczos_restart.py``).
+    """
+    k = Y.shape[1]
+    C = torch.randn(k, RELATION_PROBES, generator=gen, dtype=torch.float64)
+    AZ = matvec(Y @ C.to(device=Y.device, dtype=Y.dtype), "final residual check (relation)")
+    values = values.to(torch.float64)
+    gaps = []
+    for p in range(RELATION_PROBES):  # E c in float64, one parameter-sized vector at a time
+        e = AZ[:, p].to(torch.float64) - f.to(torch.float64) * float(share @ C[:, p])
+        for i in range(k):
+            e -= Y[:, i].to(torch.float64) * float(values[i] * C[i, p])
+        gaps.append(float(inner.norm(e)))
+    sigma = RELATION_SAFETY * max(gaps)
+    if not sigma <= allowed:
+        return None
+    fnorm = float(inner.norm(f.to(torch.float64)))
+    return values.clone(), fnorm * share.abs() + sigma, sigma
+
+
 def _finish(
     A: Any,
     matvec: Callable[[torch.Tensor, str], torch.Tensor],
@@ -796,12 +871,20 @@ def _finish(
     restarts: int,
     checks: int = 0,
     est_scale: float = 1.0,
+    f: torch.Tensor | None = None,
+    gen: torch.Generator | None = None,
 ) -> tuple[list[EigenResult], float | None]:
-    """One product with all requested Ritz vectors; Rayleigh quotients, residuals, bounds.
+    """The final check of the picked Ritz vectors: Rayleigh quotients, residuals, bounds.
 
-    Also returns, when a pair fails its test, how far the measured residuals exceed the
-    estimates the iteration stopped on (at least 1), else ``None``. ``checks``: products of
-    earlier final checks, counted in ``num_matvecs``.
+    With the Lanczos remainder ``f`` (``A V = V T + f e_j^T``) and a generator, first the
+    relation itself is checked on :data:`RELATION_PROBES` random combinations of the picked
+    vectors (:func:`_relation_check`, that many products); where it holds, the predicted
+    residuals plus the check's bound are the residuals. Otherwise, and without ``f``, one
+    product with every picked vector measures them (:func:`_measured_residuals`).
+
+    Also returns, when a pair fails its test, how far the residuals exceed the estimates the
+    iteration stopped on (at least 1), else ``None``. ``checks``: products of earlier final
+    checks, counted in ``num_matvecs``.
     """
     inner = inner if inner is not None else Inner(A)
     local_n, n = int(A.shape[0]), inner.size
@@ -820,19 +903,41 @@ def _finish(
     for c, i in enumerate(picked):
         if i < off:
             Y[:, c] = X[:, i]
-    Y = Y / inner.col_norms(Y, keepdim=True)
-    AY = matvec(Y, "final residual check")
-    if progress is not None:
-        progress(steps + checks + k, total, "residual check")
-    # float64 one column at a time: whole float64 copies of Y and AY and their products were
-    # about 10 k parameter-sized float32 vectors at the peak (7 GB for k = 7 of 124M)
-    lam = torch.empty(k, dtype=torch.float64)
-    resid = torch.empty(k, dtype=torch.float64)
-    for c in range(k):
-        y64, ay64 = Y[:, c : c + 1].to(torch.float64), AY[:, c : c + 1].to(torch.float64)
-        sq = inner.col_sums(y64 * y64)
-        lam[c] = float((inner.col_sums(y64 * ay64) / sq)[0])
-        resid[c] = float((inner.col_norms(ay64 - y64 * float(lam[c])) / sq.sqrt())[0])
+    lengths = inner.col_norms(Y, keepdim=True)
+    Y = Y / lengths
+    # the residual vector the Lanczos relation predicts for each picked vector: f s_j for a
+    # Ritz vector V s (f: the remainder, A V = V T + f e_j^T), none for a locked one
+    share = torch.zeros(k, dtype=torch.float64)
+    if f is not None and ritz:
+        share[ritz] = S[-1, [picked[c] - off for c in ritz]].to(torch.float64)
+    share = share / lengths.reshape(-1).to(torch.float64).cpu()
+    checked = None
+    used = 0
+    # only where the predicted residuals pass with room to spare: the check then certifies
+    # them; near the tolerance the measured residuals decide, as they always did
+    tol_abs = tol * max(float(vals.abs().max()), 1e-300)
+    predicted = float(inner.norm(f)) * share.abs() if f is not None else None
+    # float64 only: in float32 the relation holds to the products' round-off, which the
+    # check's safety factor of 100 lifts above the tolerance (a 238k-parameter sigmoid MLP:
+    # sigma 0.089 against 4.8e-3 left), so two products would be spent for nothing
+    if (
+        predicted is not None and gen is not None and k > RELATION_PROBES and rtol is None
+        and Y.dtype == torch.float64 and float(predicted.max()) < tol_abs
+    ):
+        used = RELATION_PROBES
+        checked = _relation_check(
+            matvec, Y, vals[sel], f, share, inner, gen, tol_abs - float(predicted.max())
+        )
+    sigma = 0.0
+    if checked is not None:
+        lam, resid, sigma = checked
+        if progress is not None:
+            progress(steps + checks + used, total, "residual check")
+    else:
+        lam, resid = _measured_residuals(matvec, Y, inner)
+        used += k
+        if progress is not None:
+            progress(steps + checks + used, total, "residual check")
     norm = max(float(vals.abs().max()), float(lam.abs().max()), 1e-300)
     eps = max(float(torch.finfo(Y.dtype).eps), float(getattr(A, "roundoff_eps", 0.0)))
     floor = max(ROUNDOFF * eps * math.sqrt(n), min_floor) * norm
@@ -849,11 +954,15 @@ def _finish(
         complete=complete,
         floor=floor,
     )[:k]
+    if sigma:
+        # resid bounds ||A y - lambda y|| itself; the gap bound is the Rayleigh quotient's,
+        # which the Ritz value meets to within sigma
+        bounds = torch.minimum(bounds + sigma, torch.clamp(resid, min=floor))
     if rtol is None:
         converged = resid <= tol * norm
     else:
         converged = bounds <= rtol * lam.abs()
-    num = steps + checks + k
+    num = steps + checks + used
     worst = None
     if not bool(converged.all()):
         floor_est = torch.clamp(res_est[sel], min=torch.finfo(torch.float64).tiny)
@@ -881,6 +990,7 @@ def _finish(
                 steps,
                 error_bounds=bounds[idx],
                 restarts=restarts,
+                residual_check="measured" if checked is None else "relation",
             )
         )
     return out, worst
