@@ -159,7 +159,9 @@ def _dense_factors(model, x, targets, names, fisher_type, causal=False):
                 else:
                     a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
                     A = A + a.T @ a
-        factors[n] = (A / locations, G)
+        # contiguous: with opt_einsum installed (the peers bring it) torch.einsum returns G
+        # with strides that torch.kron (2.13) cannot view
+        factors[n] = (A / locations, G.contiguous())
     return factors
 
 
