@@ -20,6 +20,8 @@ import torch
 
 from curvscope.io import build_arch, save_checkpoint
 
+from .ranks import run_ranks
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
 CASES = "mlp-ce-mean-5batches,mlp-mse-sum-unequal,cnn-bn-eval-ce-mean,mlp-sigmoid-dataloader"
@@ -32,20 +34,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _run_ranks(tmp: Path, world: int, out: Path) -> None:
-    store = tmp / f"store-{world}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), str(store), str(out), CASES],
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log}"
+    run_ranks(WORKER, world, str(tmp / f"store-{world}"), out, CASES)
 
 
 def test_two_processes_give_the_one_process_numbers(tmp_path):

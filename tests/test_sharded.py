@@ -25,6 +25,8 @@ from curvscope._errors import OptionError
 from curvscope.linalg import as_operator, eigsh
 from curvscope.operators import hvp_record
 
+from .ranks import run_ranks
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "shard_worker.py"
 CASES = "mlp-ce-mean-unequal,mlp-mse-sum-unequal,cnn-bn-eval-ce-mean,tiny-gpt"
@@ -48,20 +50,7 @@ def _private_group():
 
 
 def _run(tmp: Path, world: int, out: Path) -> None:
-    store = "-" if world == 1 else str(tmp / f"store-{world}")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(r), str(world), store, str(out), CASES],
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    for r, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log}"
+    run_ranks(WORKER, world, "-" if world == 1 else str(tmp / f"store-{world}"), out, CASES)
 
 
 def test_two_sharded_processes_give_the_one_process_eigenvalues(tmp_path):
