@@ -220,3 +220,15 @@ def test_quick_report_end_to_end(digits_mlp, tmp_path):
     record = _record(out)
     assert [s["part"] for s in record["skipped"]] == ["solve"]  # full preset only
     assert wall < 60 + max(p["measured"]["seconds"] for p in record["budget"]["parts"].values())
+
+
+def test_a_budget_no_part_fits_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    # 30 s a product against 20 s: calibrating alone spends the budget, every part is left out;
+    # the report says what would run instead of "no result documents to render"
+    _slow_products(monkeypatch, first=30.0, later=30.0)
+    with pytest.raises(OptionError) as err:
+        run_report(_problem(), out_dir=tmp_path / "out", budget_s=20, parts=("spectrum", "density"))
+    text = err.value.render(lambda k: "--" + k.replace("_", "-"))
+    assert text.startswith("no part of the report fits --budget-s 20, at 30 s a Hessian product")
+    assert "--samples" in text and text.count(". ") == 0
+    assert not (tmp_path / "out" / "report.html").exists()

@@ -484,6 +484,26 @@ def _calibrate(problem: Problem, budget: _Budget) -> None:
     budget.calibration_s = time.perf_counter() - t0
 
 
+def _refuse_empty_budget(ctx: _Context) -> None:
+    """Every part was left out by the budget: say so in one sentence, with what would run.
+
+    (A tiny-gpt report on 11.1k windows spent 120 s of its 120 s calibrating at 26 s a
+    product, left every part out and then failed with "there are no result documents".)
+
+    Raises:
+        OptionError: naming ``--budget-s``, the measured product cost and ``--samples``.
+    """
+    b = ctx.budget
+    timed = [p for p in b.meter.products if not p.first] or list(b.meter.products)
+    cost = f", at {timed[-1].seconds:.2g} s a Hessian product measured here" if timed else ""
+    raise OptionError(
+        f"no part of the report fits {arg('budget_s')} {b.total_s:.0f}{cost} "
+        f"(calibrating took {b.calibration_s:.0f} s): raise {arg('budget_s')} or analyse fewer "
+        f"samples with {arg('samples')}.",
+        option="budget_s",
+    )
+
+
 ReportRun = Rendered
 """What :func:`run_report` wrote: the page, the documents, figures, skips and timings."""
 
@@ -1130,6 +1150,8 @@ def _run_parts(
         if doc is not None:
             documents[part] = doc
             paths[part] = write_document(doc, out)
+    if not documents and not interrupted and ctx.budget is not None:
+        _refuse_empty_budget(ctx)
     html, figures = render_documents(
         documents, out, plotly_js=plotly_js, figure_formats=figure_formats, skipped=ctx.skipped
     )
