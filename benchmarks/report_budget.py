@@ -55,8 +55,12 @@ def _example(name: str, folder: Path) -> Path:
     return folder / "model.pt"
 
 
-def _report(model: Path, out: Path, budget_s: float, threads: str | None) -> dict:
+def _report(
+    model: Path, out: Path, budget_s: float, threads: str | None, samples: int | None = None
+) -> dict:
     args = ["report", str(model), "--preset", "quick", "--budget-s", str(budget_s)]
+    if samples:
+        args += ["--samples", str(samples)]
     args += ["--out", str(out)]
     if threads is not None:
         args += ["--threads", threads]
@@ -102,9 +106,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="digits-mlp only, 20 s budget")
     ap.add_argument("--budget-s", type=float, default=None, help="default 300 (20 with --quick)")
+    ap.add_argument("--models", default=None, help="comma-separated (default digits-cnn,tiny-gpt)")
+    ap.add_argument("--samples", type=int, default=None, help="passed to the report")
     args = ap.parse_args()
     budget_s = args.budget_s or (20.0 if args.quick else 300.0)
     models = ["digits-mlp"] if args.quick else ["digits-cnn", "tiny-gpt"]
+    if args.models:
+        models = args.models.split(",")
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
@@ -112,7 +120,7 @@ def main() -> None:
             for threads in (None, "1"):
                 label = f"{name}, {'default threads' if threads is None else '--threads 1'}"
                 out = Path(tmp) / f"{name}-{threads or 'default'}"
-                r = _report(model, out, budget_s, threads)
+                r = _report(model, out, budget_s, threads, args.samples)
                 _print(label, budget_s, r)
                 failed |= not r["holds"]
     if failed:
