@@ -50,11 +50,17 @@ def test_estimate_parts_and_basis_off_the_device():
     # vectors are formed a block of rows at a time beside it (here the block is all rows)
     assert est.parts["Lanczos basis"] == pytest.approx(31 * P * 4 + min(RESTART_BLOCK, 30 * P * 4))
     assert est.parts["vectors"] == (4 + 6) * P * 4
-    # a Hessian product holds three forwards' activations, or two first-order graphs where
-    # those are larger (here: the graph is 1.8 forwards)
+    # a Hessian product over kept graphs holds three forwards' activations or one first-order
+    # graph, whichever is more; a streamed one two graphs where those are more (here: the
+    # graph is 1.8 forwards)
     graph = largest_graph_bytes(p)
     assert graph > 1.5 * activation_bytes(p)
-    assert est.parts["activations"] == max(3 * activation_bytes(p), 2 * graph)
+    assert est.parts["activations"] == max(3 * activation_bytes(p), graph)
+    graph_account(p).budget = 0
+    streamed = estimate_memory(p, matrices=["hessian"], vectors=4, basis=30)
+    assert "kept graphs" not in streamed.parts
+    assert streamed.parts["activations"] == max(3 * activation_bytes(p), 2 * graph)
+    graph_account(p).budget = None
     assert est.parts["in use"] > 0 and est.total == pytest.approx(sum(est.parts.values()))
     off = estimate_memory(p, matrices=["ggn"], basis=30, basis_device="meta")
     assert "Lanczos basis" not in off.parts and "kept on meta" in off.notes["Lanczos basis"]
@@ -124,8 +130,11 @@ def test_kept_graphs_are_estimated_and_bounded_by_the_budget():
     assert H.info["kept_graphs"]["bytes"] == pytest.approx(wanted, rel=0.02)
     est = estimate_memory(p, matrices=["hessian"], limit=1e12)
     assert est.parts["kept graphs"] == wanted and est.graph_budget >= wanted
-    # auto: half of what the limit leaves beside the rest of the run
-    rest = sum(v for k, v in est.parts.items() if k != "kept graphs")
+    # auto: half of what the limit leaves beside the rest of the run, priced streamed (its
+    # activations are then two first-order graphs: the budget may keep none)
+    graph_account(p).budget = 0
+    rest = estimate_memory(p, matrices=["hessian"], limit=1e12).total
+    graph_account(p).budget = None
     tight = estimate_memory(p, matrices=["hessian"], limit=rest + wanted)
     assert tight.graph_budget == pytest.approx(wanted / 2)
     assert tight.parts["kept graphs"] == pytest.approx(wanted / 2)

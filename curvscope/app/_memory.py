@@ -7,10 +7,10 @@ work will add:
 - **activations**: the tensors one forward pass saves for the backward pass on the largest
   batch, measured by running that forward once under ``saved_tensors_hooks`` (no product),
   times the passes a product keeps alive at once: 3 for a Hessian product (the forward, the
-  first backward graph kept for the second, and the second backward), or twice the largest
-  batch's measured first-order graph where that is more (transformers: a GPT-2's graph is 4
-  forwards), 2 for the other curvature matrices (a jvp and a vjp through the same forward),
-  1.5 for gradients;
+  first backward graph kept for the second, and the second backward), or where more the
+  largest batch's measured first-order graph (every graph kept) or twice it (streamed;
+  transformers: a GPT-2's graph is 4 forwards), 2 for the other curvature matrices (a jvp and
+  a vjp through the same forward), 1.5 for gradients;
 - **vectors**: the Lanczos basis (``basis_size`` vectors of ``P`` parameters), the Ritz
   vectors and the products with them (``2 k``), and a few work vectors; SLQ's basis of
   ``lanczos_steps`` vectors per probe; Hutch++'s sketch;
@@ -238,12 +238,14 @@ def estimate_memory(
     parts = {"in use": float(in_use(dev)), "activations": factor * acts}
     disk_bytes = host_bytes = 0.0
     notes = {"activations": f"batch {max(problem.batch_sizes)}: {factor:g} x {format_bytes(acts)}"}
+    streamed_acts = factor * acts
     if 2 * graph > parts["activations"]:
-        # a Hessian product of one batch holds its first-order graph and the second backward's
-        # temporaries, about as large again: transformers save far more for double backward
-        # than 3 forward passes (a 2-layer GPT-2 streamed: peak 1.11x an estimate of 3 x 150 MB
-        # forwards; its graph is 596 MB, and 2 graphs bring the estimate within 1%)
-        parts["activations"] = 2.0 * graph
+        # a streamed Hessian product of one batch holds its first-order graph and the second
+        # backward's temporaries, about as large again: transformers save far more for double
+        # backward than 3 forward passes (a 2-layer GPT-2 streamed: peak 1.11x an estimate of
+        # 3 x 150 MB forwards; its graph is 596 MB, and 2 graphs bring it within 1%)
+        streamed_acts = 2.0 * graph
+        parts["activations"] = streamed_acts
         notes["activations"] = (
             f"batch {max(problem.batch_sizes)}: 2 x its first-order graph {format_bytes(graph)}"
         )
@@ -283,6 +285,17 @@ def estimate_memory(
             if wanted <= budget
             else f"{format_bytes(budget)} of {format_bytes(wanted)}; the other batches streamed"
         )
+        if wanted <= budget and streamed_acts > factor * acts:
+            # every graph kept: a product is the second backward through a kept graph, whose
+            # temporaries are about one graph (ResNet-18 kept: 2 graphs put the estimate at
+            # 1.31x the peak, 3 forwards at 1.15x)
+            kept_acts = max(factor * acts, graph)
+            parts["activations"] = kept_acts
+            notes["activations"] = (
+                f"batch {max(problem.batch_sizes)}: "
+                + (f"its first-order graph {format_bytes(graph)}" if graph >= factor * acts
+                   else f"{factor:g} x {format_bytes(acts)}")
+            )
     return MemoryEstimate(str(dev), parts, notes, budget, disk_bytes, host_bytes)
 
 
