@@ -193,15 +193,16 @@ def basis_rows(name: str, folder: Path, quick: bool, plain: dict) -> list[dict]:
     if "failed" in plain:
         return []
     if "parts_bytes" not in plain["memory"]:
-        # the full run's cnn389k row is a report (no parts): price the basis on the quick
-        # spectrum run of the same network instead
+        # the full run's cnn389k row is a report (no parts, no spectrum flags): the basis rows
+        # run the quick spectrum of the same network
+        quick = True
         plain = run(name, folder, True)
         if "failed" in plain:
             return [plain]
     mem = plain["memory"]
     basis = mem["parts_bytes"].get("Lanczos basis", 0)
     limit = mem["total_bytes"] - 0.6 * basis
-    cap = ["--max-matvecs", "40" if quick else "120"]
+    cap = ["--max-matvecs", "40"]
     scratch = folder / "scratch"
     scratch.mkdir(exist_ok=True)
     rows = [
