@@ -9,24 +9,19 @@ float64. The cases split unequal batches unevenly over the ranks (5 batches: ran
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from curvscope.io import build_arch, save_checkpoint
-
-from .ranks import run_ranks
+from .ranks import run_cli, run_ranks, write_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "dist_worker.py"
 CASES = "mlp-ce-mean-5batches,mlp-mse-sum-unequal,cnn-bn-eval-ce-mean,mlp-sigmoid-dataloader"
 RTOL = 1e-10  # the bar; seen: 2e-15 (the order of the sum over batches changes)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -57,32 +52,13 @@ def test_two_processes_give_the_one_process_numbers(tmp_path):
     assert checked >= 50
 
 
-ARCH = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
-
-
 @pytest.fixture
 def tiny(tmp_path):
-    torch.manual_seed(0)
-    g = np.random.default_rng(0)
-    np.savez(
-        tmp_path / "data.npz",
-        x=g.normal(size=(23, 4)).astype(np.float32),
-        y=g.integers(0, 3, size=23),
-    )
-    meta = {"data": "data.npz", "loss": "cross_entropy", "reduction": "mean"}
-    save_checkpoint(tmp_path / "model.pt", build_arch(ARCH), ARCH, meta)
-    return tmp_path
+    return write_tiny(tmp_path)
 
 
 def _cli(tiny: Path, world: int, *args: str) -> subprocess.CompletedProcess:
-    if world == 1:
-        cmd = [sys.executable, "-m", "curvscope"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={world}", "-m", "curvscope"]
-    env = {**ENV, "TMPDIR": str(tiny)}  # where non-zero ranks keep their private folders
-    res = subprocess.run([*cmd, *args], cwd=tiny, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = run_cli(tiny, world, *args)
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 

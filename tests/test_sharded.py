@@ -12,9 +12,6 @@ change.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,13 +22,12 @@ from curvscope._errors import OptionError
 from curvscope.linalg import as_operator, eigsh
 from curvscope.operators import hvp_record
 
-from .ranks import run_ranks
+from .ranks import run_cli, run_ranks, write_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "shard_worker.py"
 CASES = "mlp-ce-mean-unequal,mlp-mse-sum-unequal,cnn-bn-eval-ce-mean,tiny-gpt"
 RTOL = 1e-8  # the bar; seen: 6e-13, 2e-13, 6e-12, 4e-12
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -157,35 +153,12 @@ def test_unsharded_lanczos_is_unchanged():
     assert torch.allclose(r.eigenvalues, want.flip(0)[:3], rtol=1e-10)
 
 
-ARCH = {"type": "mlp", "sizes": [4, 6, 3], "activation": "tanh", "bias": True}
-
-
 @pytest.fixture
 def tiny(tmp_path):
-    import numpy as np
-
-    from curvscope.io import build_arch, save_checkpoint
-
-    torch.manual_seed(0)
-    g = np.random.default_rng(0)
-    np.savez(tmp_path / "data.npz", x=g.normal(size=(23, 4)).astype(np.float32),
-             y=g.integers(0, 3, size=23))
-    meta = {"data": "data.npz", "loss": "cross_entropy", "reduction": "mean"}
-    save_checkpoint(tmp_path / "model.pt", build_arch(ARCH), ARCH, meta)
-    return tmp_path
+    return write_tiny(tmp_path)
 
 
-def _cli(tiny: Path, world: int, *args: str) -> subprocess.CompletedProcess:
-    if world == 1:
-        cmd = [sys.executable, "-m", "curvscope"]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={world}", "-m", "curvscope"]
-    # this checkout's curvscope, whichever the environment installed
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**ENV, "TMPDIR": str(tiny), "PYTHONPATH": path}
-    return subprocess.run([*cmd, *args], cwd=tiny, env=env, capture_output=True, text=True,
-                          timeout=300)
+_cli = run_cli
 
 
 def test_torchrun_spectrum_with_shard_matches_one_process(tiny):

@@ -811,6 +811,7 @@ def _relation_check(
     values: torch.Tensor,
     f: torch.Tensor,
     share: torch.Tensor,
+    predicted: torch.Tensor,
     inner: Inner,
     gen: torch.Generator,
     allowed: float,
@@ -823,8 +824,9 @@ def _relation_check(
     orthogonality, a locked vector's own residual) is all in ``E = A Y - prediction``. For
     Gaussian ``c`` the component of ``c`` along ``E``'s top right singular vector is standard
     normal, so ``||E||_2 <= RELATION_SAFETY max_j ||E c_j||`` except with probability
-    :data:`RELATION_SAFETY`'s figure (6.4e-5). Where that ``sigma`` is at most a tenth of the
-    tolerance ``allowed``, the residuals are ``||f|| |share_i| + sigma`` and the values the
+    :data:`RELATION_SAFETY`'s figure (6.4e-5). Where that ``sigma`` is at most ``allowed``
+    (what the tolerance leaves above the largest predicted residual), the residuals are
+    ``predicted + sigma`` (``predicted``: ``||f|| |share_i|``) and the values the
     Ritz values (within ``sigma`` of the Rayleigh quotients); otherwise ``None``, and the
     caller measures every residual. A well-separated top-5 then costs its Lanczos steps and
     2 products, where measuring took 5 (``benchmarks/lanczos_restart.py``).
@@ -842,8 +844,7 @@ def _relation_check(
     sigma = RELATION_SAFETY * max(gaps)
     if not sigma <= allowed:
         return None
-    fnorm = float(inner.norm(f.to(torch.float64)))
-    return values.clone(), fnorm * share.abs() + sigma, sigma
+    return values.clone(), predicted + sigma, sigma
 
 
 def _finish(
@@ -913,10 +914,14 @@ def _finish(
     share = share / lengths.reshape(-1).to(torch.float64).cpu()
     checked = None
     used = 0
-    # only where the predicted residuals pass with room to spare: the check then certifies
-    # them; near the tolerance the measured residuals decide, as they always did
+    # only where the predicted residuals pass the tolerance: the check then certifies them
+    # with its margin; where the margin does not fit under the tolerance, the measured
+    # residuals decide, as they always did
     tol_abs = tol * max(float(vals.abs().max()), 1e-300)
-    predicted = float(inner.norm(f)) * share.abs() if f is not None else None
+    # the predicted residual norms, ||f|| |share_i| (f in float64: its norm is the residual's)
+    predicted = (
+        float(inner.norm(f.to(torch.float64))) * share.abs() if f is not None else None
+    )
     # float64 only: in float32 the relation holds to the products' round-off, which the
     # check's safety factor of 100 lifts above the tolerance (a 238k-parameter sigmoid MLP:
     # sigma 0.089 against 4.8e-3 left), so two products would be spent for nothing
@@ -926,7 +931,8 @@ def _finish(
     ):
         used = RELATION_PROBES
         checked = _relation_check(
-            matvec, Y, vals[sel], f, share, inner, gen, tol_abs - float(predicted.max())
+            matvec, Y, vals[sel], f, share, predicted, inner, gen,
+            tol_abs - float(predicted.max()),
         )
     sigma = 0.0
     if checked is not None:
