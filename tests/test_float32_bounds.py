@@ -66,3 +66,34 @@ def test_float32_bounds_hold_against_float64_truth(scale):
         bounds = torch.as_tensor(res.error_bounds, dtype=torch.float64)
         assert bool(res.converged.all()), (scale, res.which, res.residual_norms)
         assert bool((err <= bounds).all()), (scale, res.which, err, bounds)
+
+
+def test_float32_tolerance_below_the_bounds_floor_is_raised_to_it():
+    """On P = 90k float32 rows, 4 eps sqrt(P) = 1.4e-4 ||A|| is above --tol 1e-4: no bound
+    can fall below it, so the iteration stops there (GPT-2's 124M: 5.3e-3, where 1e-4 was
+    never reached) and the result records the tolerance it used; the bounds still hold
+    against the exact eigenvalues of the diagonal operator."""
+    from curvscope.linalg import as_operator, eigsh
+    from curvscope.linalg._restarted import ROUNDOFF
+
+    n = 90_000
+    g = torch.Generator().manual_seed(0)
+    lam = torch.rand(n, generator=g, dtype=torch.float64) * 2.0 - 1.0
+    lam[:3] = torch.tensor([10.0, 9.0, 8.5], dtype=torch.float64)
+    d32 = lam.to(torch.float32)
+    A = as_operator(lambda V: d32[:, None] * V, size=n, dtype=torch.float32)
+    floor = ROUNDOFF * torch.finfo(torch.float32).eps * n**0.5
+    assert floor > 1e-4
+    (top,) = eigsh(A, top=3, bottom=0, tol=1e-4, seed=0)
+    assert top.tol == pytest.approx(floor)
+    assert all(top.converged)
+    truth = torch.tensor([10.0, 9.0, 8.5], dtype=torch.float64)
+    err = (top.eigenvalues.to(torch.float64) - truth).abs()
+    assert bool((err <= torch.as_tensor(top.error_bounds, dtype=torch.float64)).all()), err
+    # a tolerance above the floor is kept as asked
+    (loose,) = eigsh(A, top=3, bottom=0, tol=1e-3, seed=0)
+    assert loose.tol == pytest.approx(1e-3)
+    # float64 on the same rows: its floor (2.7e-13) is far below the tolerance
+    d64 = lam.clone()
+    (exact,) = eigsh(as_operator(lambda V: d64[:, None] * V, size=n), top=3, bottom=0, tol=1e-4)
+    assert exact.tol == pytest.approx(1e-4)
