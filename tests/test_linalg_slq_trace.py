@@ -238,3 +238,36 @@ def test_slq_probes_breaking_down_at_different_steps_stay_exact():
         want = (V * (torch.diag(lam**k) @ V)).sum(0)
         assert torch.allclose(res.moments(k), want, rtol=REL, atol=0)
     assert torch.allclose(res.weights.sum(1), torch.ones(3, dtype=torch.float64), atol=1e-14)
+
+
+@pytest.mark.parametrize("block", [1, 2, 5])
+def test_slq_in_probe_blocks_gives_the_same_quadrature_in_the_same_products(block):
+    """Blocks of probes (what the memory plan shrinks SLQ to) leave each probe's recurrence
+    as it was: the same nodes and weights to round-off, the same products, and probes that
+    break down at different steps inside a block still stop on their own."""
+    lam = torch.tensor([1.0, 2.0, 2.0, 3.0, 5.0, 8.0], dtype=torch.float64)
+    M = torch.diag(lam)
+    probes = torch.stack(
+        [torch.tensor([1.0, 0, 0, 0, 0, 0]), torch.tensor([1.0, 1.0, 0, 0, 0, 0]),
+         torch.ones(6), torch.tensor([0.0, 1.0, 0, 1.0, 0, 0]),
+         torch.tensor([0, 0, 0, 1.0, 1.0, 1.0])],
+        dim=1,
+    ).to(torch.float64)
+    whole = slq(M, probes=probes, num_steps=6)
+    parts = slq(M, probes=probes, num_steps=6, probe_block=block)
+    assert parts.num_steps.tolist() == whole.num_steps.tolist() == [1, 2, 5, 2, 3]
+    assert parts.num_matvecs == whole.num_matvecs
+    assert torch.allclose(parts.nodes, whole.nodes, rtol=0, atol=1e-12)
+    assert torch.allclose(parts.weights, whole.weights, rtol=0, atol=1e-12)
+    A, _ = known()
+    calls = []
+    r1 = slq(A, num_probes=7, num_steps=12, seed=3)
+    r2 = slq(A, num_probes=7, num_steps=12, seed=3, probe_block=block,
+             progress=lambda d, t, w: calls.append((d, t)))
+    assert torch.allclose(r1.nodes, r2.nodes, rtol=0, atol=1e-10)
+    assert torch.allclose(r1.weights, r2.weights, rtol=0, atol=1e-12)
+    assert r1.num_matvecs == r2.num_matvecs
+    blocks = -(-7 // block)
+    assert calls[-1] == (blocks * 12, blocks * 12)  # progress runs over all blocks once
+    with pytest.raises(OptionError, match="probe block"):
+        slq(A, num_probes=3, num_steps=4, probe_block=0)

@@ -200,3 +200,59 @@ def test_cgroup_limits_are_read_from_v2_and_v1_trees(tmp_path):
     (v1 / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
     assert cgroup_free(str(proc), str(tmp_path / "fs")) is None
     assert cgroup_free(str(tmp_path / "missing")) is None
+
+
+def test_slq_bases_are_estimated_per_probe_and_shrunk_to_a_block_that_fits():
+    """SLQ holds every probe's basis at once (20 probes x (30 steps + work rows)); where that
+    does not fit, the plan runs the probes in the largest block that does, and says so."""
+    from curvscope.app._memory import SLQ_WORK, fit_memory
+
+    p = _problem(16, width=2000)
+    P = p.num_params
+    whole, choice = fit_memory(p, matrices=["hessian"], vectors=2, slq_steps=30, slq_probes=20)
+    assert whole.parts["SLQ basis"] == 20 * (30 + SLQ_WORK) * P * 4
+    assert choice.probe_block is None and choice.line is None
+    per_probe = (30 + SLQ_WORK) * P * 4
+    limit = whole.total - 12.5 * per_probe  # room for 7 probes' bases, not 8
+    est, choice = fit_memory(
+        p, matrices=["hessian"], vectors=2, slq_steps=30, slq_probes=20, limit=limit
+    )
+    assert choice.probe_block == 7
+    assert est.total <= limit and est.parts["SLQ basis"] == 7 * per_probe
+    assert "blocks of 7 instead of all 20" in choice.line
+    # the traces draw their probes at once after SLQ: the larger of the two is planned
+    est = estimate_memory(p, matrices=["hessian"], slq_steps=30, slq_probes=1, trace_probes=100)
+    assert est.parts["SLQ basis"] == 100 * (16 + 4) * P
+    assert "traces" in est.notes["SLQ basis"]
+    # nothing fits below one probe's basis: a refusal, not a block of 0
+    with pytest.raises(OptionError, match="more than max_memory"):
+        fit_memory(p, matrices=["hessian"], slq_steps=30, slq_probes=20,
+                   limit=whole.total - 19.9 * per_probe)
+
+
+def test_check_plans_its_float64_copy():
+    p = _problem(16, width=2000)
+    P = p.num_params
+    f32 = estimate_memory(p, matrices=["hessian"], vectors=4, basis=20)
+    f64 = estimate_memory(p, matrices=["hessian"], vectors=4, basis=20, float64=True)
+    assert f64.parts["float64 copy"] == P * 8
+    assert f64.parts["vectors"] == 2 * f32.parts["vectors"]
+    assert f64.parts["activations"] == pytest.approx(2 * f32.parts["activations"])
+
+
+def test_report_prints_its_largest_part_and_records_the_plan_in_every_document(tiny):  # noqa: F811
+    """The report's parts run one after another: the printed estimate is the largest
+    (density's 20 SLQ bases on this model, more than the spectrum's basis), and every
+    document carries that plan beside the peak when its part ended."""
+    runner = CliRunner()
+    out = tiny / "rep"
+    res = runner.invoke(app, ["report", str(tiny / "model.pt"), "--out", str(out),
+                              "--budget-s", "600"])
+    assert res.exit_code == 0, res.output
+    assert "in its largest part, density" in res.output
+    spectrum = json.loads((out / "spectrum.json").read_text())
+    density = json.loads((out / "density.json").read_text())
+    mem = spectrum["memory"]
+    assert mem["largest_part"] == "density" and "SLQ basis" in mem["parts_bytes"]
+    assert density["memory"]["total_bytes"] == mem["total_bytes"]
+    assert density["memory"]["peak_bytes"] >= mem["peak_bytes"] > 0

@@ -59,6 +59,7 @@ _NAMES = {
     "parse_memory": "_memory",
     "preserved": "_track",
     "refuse_if_too_large": "_memory",
+    "report_memory_phases": "_report",
     "report_plan": "_report",
     "run_report": "_report",
     "save_document": "_documents",

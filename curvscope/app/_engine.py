@@ -18,6 +18,7 @@ shared options of :data:`curvscope._options.OPTIONS` as attributes of one object
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -666,9 +667,12 @@ def plan_memory(
     vectors: int = 0,
     basis: int = 0,
     slq_steps: int = 0,
+    slq_probes: int = 1,
+    trace_probes: int = 0,
     k: int = 1,
     explicit_basis: bool = False,
     movable: bool = False,
+    phases: dict[str, dict] | None = None,
 ):
     """Estimate the run's peak memory, fit the Lanczos basis, print both, or refuse.
 
@@ -677,7 +681,13 @@ def plan_memory(
     (not ``explicit_basis``) that does not fit is shrunk, down to the minimum for ``k``
     pairs, or moved to host memory on a GPU (:func:`~curvscope.app._memory.fit_memory`);
     one line says what was chosen and what it costs. The estimate goes into the document's
-    ``memory`` section beside the measured peak.
+    ``memory`` section beside the measured peak. SLQ's probes (``slq_probes`` of
+    ``slq_steps`` steps) run in the largest block that fits (``probe_block``).
+
+    ``phases`` (a report): later parts that run one after another, each with its own
+    ``matrices``/``vectors``/``basis``/``slq_*``/``float64`` (keywords of
+    :func:`~curvscope.app._memory.fit_memory`); each is fitted like the first, and the
+    estimate printed and recorded is the largest, named.
 
     Returns:
         The :class:`~curvscope.app._memory.BasisChoice`: the basis size and
@@ -689,46 +699,63 @@ def plan_memory(
     from torch import nn
 
     from ..operators import graph_account
-    from ._memory import available_memory, fit_memory, parse_memory
+    from ._memory import available_memory, fit_memory, measure, parse_memory
 
     common = session.common
     p = session.problem
-    layers = []
-    if any(m.startswith(("kfac", "ekfac")) for m in matrices):
-        for m in p.model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                layers.append((m.weight[0].numel() + 1, m.weight.shape[0]))
+    layers = [
+        (m.weight[0].numel() + 1, m.weight.shape[0])
+        for m in p.model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    ]
     limit = parse_memory(common.max_memory)
     if limit is None:
         limit = available_memory(p.device)
     account = graph_account(p)
     account.budget = graph_cache_option(common.hvp_cache)
-    estimate, choice = fit_memory(
-        p,
-        matrices=matrices,
-        vectors=vectors,
-        basis=basis,
-        k=k,
-        explicit=explicit_basis,
-        movable=movable,
-        basis_device=common.basis_device,
-        slq_steps=slq_steps,
-        kfac_layers=layers,
-        limit=limit,
+    every = {m for kw in (phases or {}).values() for m in kw.get("matrices", ())}
+    measured = measure(p, sorted(every.union(matrices)))  # the model runs once
+
+    def fit(**kw):
+        kfac = any(m.startswith(("kfac", "ekfac")) for m in kw.get("matrices", matrices))
+        return fit_memory(
+            p, basis_device=common.basis_device, kfac_layers=layers if kfac else (),
+            limit=limit, k=k, explicit=explicit_basis, movable=movable, measured=measured,
+            **kw,
+        )
+
+    estimate, choice = fit(
+        matrices=matrices, vectors=vectors, basis=basis, slq_steps=slq_steps,
+        slq_probes=slq_probes, trace_probes=trace_probes,
     )
+    lines = [choice.line]
+    largest = ""
+    for name, kw in (phases or {}).items():
+        e, c = fit(**kw)
+        lines.append(c.line)
+        if c.probe_block is not None:
+            choice = dataclasses.replace(choice, probe_block=c.probe_block)
+        if e.total > estimate.total:
+            estimate, largest = e, name
     if estimate.graph_budget is not None:
         account.budget = estimate.graph_budget
-    notice("plan", f"memory: {estimate.describe()}")
-    if choice.line is not None:
-        from .._errors import render_args
-        from .._options import flag_of
+    notice("plan", f"memory: {estimate.describe()}" + (f" in its largest part, {largest}"
+                                                       if largest else ""))
+    for line in lines:
+        if line is not None:
+            from .._errors import render_args
+            from .._options import flag_of
 
-        notice("plan", render_args(choice.line, flag_of))
+            notice("plan", render_args(line, flag_of))
     session.memory = {
         **estimate.to_dict(),
         "limit_bytes": None if limit is None else int(limit),
         "basis": {"size": choice.size, "device": choice.device},
     }
+    if largest:
+        session.memory["largest_part"] = largest
+    if choice.probe_block is not None:
+        session.memory["slq_probe_block"] = choice.probe_block
     if estimate.disk_bytes:
         session.memory["disk_bytes"] = int(estimate.disk_bytes)
     if p.device.type == "cuda":

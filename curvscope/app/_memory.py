@@ -12,8 +12,10 @@ work will add:
   transformers: a GPT-2's graph is 4 forwards), 2 for the other curvature matrices (a jvp and
   a vjp through the same forward), 1.5 for gradients;
 - **vectors**: the Lanczos basis (``basis_size`` vectors of ``P`` parameters), the Ritz
-  vectors and the products with them (``2 k``), and a few work vectors; SLQ's basis of
-  ``lanczos_steps`` vectors per probe; Hutch++'s sketch;
+  vectors and the products with them (``2 k``), and a few work vectors; SLQ's bases of
+  ``lanczos_steps`` vectors per probe for every probe of a block (all probes at once, or
+  the block the plan shrinks them to) and :data:`SLQ_WORK` work vectors per probe;
+  Hutch++'s sketch;
 - **Kronecker factors** for KFAC/EKFAC (``in^2 + out^2`` per layer and their eigenbases);
 - **kept graphs**: with Hessian products, each batch's forward and first-backward graph kept
   between products (measured on the largest batch, scaled by samples), at most the budget:
@@ -61,6 +63,9 @@ OTHER_FACTOR = 2.0
 WORK_VECTORS = 6
 """Parameter-sized tensors a product and the iteration hold besides the basis (gradient,
 product, residual, next Lanczos vector, reorthogonalisation scratch)."""
+SLQ_WORK = 5
+"""Parameter-sized rows SLQ holds per probe of a block besides its basis (the current and
+previous vectors, the product and its transposed copy, the projection's output)."""
 
 
 def format_bytes(n: float) -> str:
@@ -197,9 +202,12 @@ def estimate_memory(
     basis: int = 0,
     basis_device: str | torch.device | None = None,
     slq_steps: int = 0,
+    slq_probes: int = 1,
     kfac_layers: Sequence[tuple[int, int]] = (),
     limit: float | None = None,
     measured: tuple[int, float, float] | None = None,
+    float64: bool = False,
+    trace_probes: int = 0,
 ) -> MemoryEstimate:
     """The expected peak of a command on ``problem``'s device (see the module docstring).
 
@@ -217,10 +225,15 @@ def estimate_memory(
         basis: Lanczos basis vectors.
         basis_device: where the basis lives (default the parameters' device).
         slq_steps: SLQ Lanczos steps per probe (its basis).
+        slq_probes: SLQ probes run together (a block: each holds its basis).
         kfac_layers: ``(in, out)`` of each layer with Kronecker factors.
         limit: the memory the run may take (bytes), for the kept graphs' budget.
         measured: :func:`measure` of ``problem`` and ``matrices`` from an earlier call (the
             plan tries several bases without running the model again).
+        trace_probes: Hutchinson's and Hutch++'s probes, after SLQ: Hutchinson draws all of
+            them at once (an int64 and a float64 draw, then the operator's dtype).
+        float64: the work runs on a float64 copy of a lower-precision model (``check``'s
+            derivative tests): the copy, and activations and vectors at 8 bytes a number.
     """
     dev = problem.device
     from ..operators import work_dtype
@@ -228,6 +241,11 @@ def estimate_memory(
     # vectors and bases in the work dtype: float32 for a bfloat16 model
     vector_dtype = work_dtype(problem.dtype)
     item = torch.empty((), dtype=vector_dtype).element_size()
+    widen = 1.0
+    if float64 and problem.dtype != torch.float64:
+        vector_dtype = torch.float64
+        widen = 8.0 / item
+        item = 8
     # sharded mode (docs/sharded.md): vectors are this rank's shards; the activations are
     # not measured (the measurement runs a forward outside FSDP, on one rank alone)
     sharding = getattr(problem, "sharding", None)
@@ -235,6 +253,7 @@ def estimate_memory(
     acts, wanted, graph = measured if measured is not None else measure(problem, matrices)
     factors = [ACTIVATION_FACTOR.get(m, OTHER_FACTOR) for m in matrices]
     factor = max(factors, default=ACTIVATION_FACTOR["gradient"])
+    acts, graph, wanted = acts * widen, graph * widen, wanted * widen
     parts = {"in use": float(in_use(dev)), "activations": factor * acts}
     disk_bytes = host_bytes = 0.0
     notes = {"activations": f"batch {max(problem.batch_sizes)}: {factor:g} x {format_bytes(acts)}"}
@@ -267,9 +286,19 @@ def estimate_memory(
         else:
             notes["Lanczos basis"] = f"{format_bytes(bbytes)} kept on {bdev}"
             host_bytes = bbytes
-    if slq_steps:
-        parts["SLQ basis"] = float(slq_steps * P * item)
+    if slq_steps or trace_probes:
+        # SLQ's bases are freed before the traces draw their probes: the larger of the two
+        slq = float(slq_probes * (slq_steps + SLQ_WORK) * P * item)
+        traces = float(trace_probes * (16 + item) * P)
+        parts["SLQ basis"] = max(slq, traces)
+        notes["SLQ basis"] = (
+            f"{slq_probes} probe(s) x {slq_steps} steps" if slq >= traces
+            else f"the traces' {trace_probes} probes, drawn at once, more than SLQ's bases"
+        )
     parts["vectors"] = float((vectors + WORK_VECTORS) * P * item)
+    if widen > 1.0:
+        parts["float64 copy"] = float(P * item)
+        notes["float64 copy"] = "the model's parameters"
     if kfac_layers:
         parts["Kronecker factors"] = float(sum(2 * (i * i + o * o) for i, o in kfac_layers) * item)
     budget = None
@@ -367,6 +396,8 @@ class BasisChoice:
     """``--basis-device`` to use (``None``: the parameters' device)."""
     line: str | None = None
     """What was chosen and what it costs, when it differs from the request (or is on disk)."""
+    probe_block: int | None = None
+    """SLQ probes to run together (``None``: all of them; :func:`fit_memory` shrinks it)."""
 
 
 def memory_amount(n: float) -> str:
@@ -392,8 +423,12 @@ def fit_memory(
     movable: bool = True,
     basis_device: str | None = None,
     slq_steps: int = 0,
+    slq_probes: int = 1,
     kfac_layers: Sequence[tuple[int, int]] = (),
     limit: float | None = None,
+    float64: bool = False,
+    trace_probes: int = 0,
+    measured: tuple[int, float, float] | None = None,
 ) -> tuple[MemoryEstimate, BasisChoice]:
     """The estimate and the basis that fit ``limit``, or a refusal whose advice all fits.
 
@@ -405,13 +440,17 @@ def fit_memory(
     free space, and a default basis is shrunk to fit it. The disk is never chosen unasked
     (docs/basis-fit.md: which folder, and a RAM-backed ``/tmp`` gains nothing).
 
+    SLQ (``slq_steps``): its ``slq_probes`` probes run as one block when that fits, else in
+    the largest block that does (``probe_block``): the same result in the same products.
+
     Raises:
         OptionError: when nothing the plan may choose fits, in one sentence whose every
             advice was planned and fits (``advice``: ``[(option, value), ...]``).
     """
     import shutil
 
-    measured = measure(problem, matrices)
+    if measured is None:
+        measured = measure(problem, matrices)
     P = problem.num_params
     dev = problem.device
     from ..operators import work_dtype
@@ -424,10 +463,13 @@ def fit_memory(
         host = available_memory("cpu")
         host_free = math.inf if host is None else float(host - in_use("cpu"))
 
+    block = max(1, slq_probes)
+
     def est(m: int, where: str | None) -> MemoryEstimate:
         return estimate_memory(
             problem, matrices=matrices, vectors=vectors, basis=m, basis_device=where,
-            slq_steps=slq_steps, kfac_layers=kfac_layers, limit=limit, measured=measured,
+            slq_steps=slq_steps, slq_probes=block, kfac_layers=kfac_layers, limit=limit,
+            measured=measured, float64=float64, trace_probes=trace_probes,
         )
 
     def fits(e: MemoryEstimate, margin: float = 1.0) -> bool:
@@ -446,10 +488,28 @@ def fit_memory(
             lo, hi = (mid, hi) if fits(est(mid, where), margin) else (lo, mid - 1)
         return lo
 
-    first = est(basis, basis_device)
     limit_text = f"{arg('max_memory')} {format_bytes(limit)}" if limit is not None else ""
+    if slq_steps and block > 1 and not fits(est(basis, basis_device)):
+        # SLQ's bases shrink without changing its result: the largest block of probes that fits
+        lo, hi = 1, block - 1
+        block = 1
+        if fits(est(basis, basis_device)):
+            while lo < hi:
+                block = (lo + hi + 1) // 2
+                lo, hi = (block, hi) if fits(est(basis, basis_device)) else (lo, block - 1)
+            block = lo
+            return est(basis, basis_device), BasisChoice(
+                basis, basis_device,
+                f"SLQ: probes in blocks of {block} instead of all {slq_probes} at once to fit "
+                f"{limit_text}: the same products, each shared by fewer probes",
+                probe_block=block,
+            )
+    first = est(basis, basis_device)
     if fits(first):
-        return first, BasisChoice(basis, basis_device, _disk_line(first, basis, disk, free_disk))
+        return first, BasisChoice(
+            basis, basis_device, _disk_line(first, basis, disk, free_disk),
+            probe_block=block if slq_steps and block < slq_probes else None,
+        )
     lo = min(basis, min_basis(k, P))
     if basis and movable and not explicit:
         m = largest(basis_device, lo, basis - 1)

@@ -36,6 +36,7 @@ __all__ = [
     "SKIPPED_FILE",
     "ReportRun",
     "lanczos_products",
+    "report_memory_phases",
     "report_plan",
     "run_report",
 ]
@@ -254,6 +255,38 @@ def _plans(problem: Problem, preset: str) -> dict[str, _Plan]:
         "classes": _classes_plan(problem, C, min(C * C, problem.num_params - 1))
         if full and (C := _num_classes(problem))
         else _Plan(),
+    }
+
+
+def report_memory_phases(problem: Problem, preset: str) -> dict[str, dict[str, Any]]:
+    """The memory of the report's parts after the spectrum, for the command's plan.
+
+    Keywords of :func:`~curvscope.app._memory.fit_memory` per part that holds something the
+    spectrum does not: density's SLQ bases (all probes at once, or the block the plan fits)
+    and trace probes, and ``check``'s float64 copy of the model with its Lanczos basis.
+    The parts run one after another, so the run's peak is the largest of them.
+    """
+    from ..linalg import default_basis_size
+
+    full = preset == "full"
+    names = ["hessian"] + (
+        [n for n in report_matrices("full") if n in ("ggn", "pch-abs")] if full else []
+    )
+    n = problem.num_params
+    return {
+        "density": {
+            "matrices": names,
+            "vectors": 2,
+            "slq_steps": min(80 if full else 30, n),
+            "slq_probes": 20,
+            "trace_probes": 100 if full else 30,
+        },
+        "check": {
+            "matrices": ["hessian"],
+            "vectors": 4,
+            "basis": default_basis_size(1, n, itemsize=8),
+            "float64": True,
+        },
     }
 
 
@@ -560,6 +593,8 @@ class _Context:
     budget: _Budget | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
     plan: _Plan | None = None  # the plan the running part was priced with
+    probe_block: int | None = None  # SLQ probes at once, as the memory plan fitted them
+    memory: dict[str, Any] | None = None  # the command's memory plan, for every document
 
     def fit(self, part: str, plan: Callable[[dict], _Plan], shrink: Callable[[dict], bool]):
         """Shrink the part's settings (``knobs``) until its priced plan fits the time left.
@@ -663,6 +698,10 @@ class _Context:
         if self.budget is not None and part in self.budget.parts:
             # filled with the measured side when the part returns (see _run_parts)
             doc["budget"] = {"budget_s": self.budget.total_s, **self.budget.parts[part]}
+        if self.memory is not None:  # the plan of all parts, and the peak so far
+            from .._device import peak_in_use
+
+            doc["memory"] = {**self.memory, "peak_bytes": int(peak_in_use(self.problem.device))}
         return doc
 
 
@@ -744,6 +783,7 @@ def _density(ctx: _Context) -> dict:
         exact_trace_max=settings["exact_trace_max"],
         seed=ctx.seed,
         progress=ctx.progress,
+        probe_block=ctx.probe_block,
     )
     return ctx.document(
         "density", settings, res.to_results(), t0, passes, res.num_matvecs, res.notes
@@ -1009,6 +1049,8 @@ def run_report(
     parts: tuple[str, ...] = REPORT_PARTS,
     budget_s: float | None = None,
     progress: Progress | None = None,
+    probe_block: int | None = None,
+    memory: dict[str, Any] | None = None,
 ) -> ReportRun:
     """Run spectrum, density, checks, comparison, surface (and solvers in ``full``); render.
 
@@ -1042,6 +1084,10 @@ def run_report(
             of the part's document; each document's ``budget`` section and
             ``report-skipped.json``'s record the planned and measured seconds and products.
         progress: ``progress(completed, total, description)``.
+        probe_block: density's SLQ probes run at once (default all; the command's memory
+            plan fits it, :func:`report_memory_phases`).
+        memory: the command's memory plan (its ``memory`` section): each document records
+            it with the process's peak when the part ended.
 
     Every document of the report records one run (the command's, or a new one); before the
     first part, the documents of report parts in ``out_dir`` written by another run are
@@ -1064,6 +1110,7 @@ def run_report(
         raise OptionError(f"{arg('budget_s')} must be positive, got {budget_s}.")
     out = Path(out_dir)
     ctx = _Context(problem, preset, seed, tol, max_iter, dict(base_settings or {}), progress)
+    ctx.probe_block, ctx.memory = probe_block, memory
     if budget_s is None and preset == "quick":
         budget_s = QUICK_BUDGET_S
     if budget_s is not None:

@@ -97,7 +97,10 @@ def density_cli(
             for n in sizes
         ]
         where = "" if blocks == "all" else f" in each of {len(sizes)} blocks"
-        plan_memory(session, matrices=matrices, vectors=2, slq_steps=min(lanczos_steps, max(sizes)))
+        fitted = plan_memory(
+            session, matrices=matrices, vectors=2, slq_steps=min(lanczos_steps, max(sizes)),
+            slq_probes=probes, trace_probes=trace_probes,
+        )
         planned = announce(
             f"{', '.join(matrices)} density by SLQ ({probes} probes x {lanczos_steps} steps) "
             f"and traces{where}",
@@ -128,6 +131,7 @@ def density_cli(
                 distribution=distribution,
                 seed=common.seed,
                 progress=update,
+                probe_block=fitted.probe_block,
             )
         doc_path = finish(
             session,

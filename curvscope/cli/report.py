@@ -122,14 +122,17 @@ def report_cli(
             if preset not in ("quick", "full"):
                 raise OptionError(f"--preset {preset!r} is not known; choose quick or full.")
             session = open_session(common)
-            from ..app import run_report
+            from ..app import report_memory_phases, run_report
             from .spectrum import lanczos_basis
 
-            plan_memory(
+            # every part in turn: the spectrum's basis, density's SLQ bases (in blocks that
+            # fit), check's float64 copy; the printed estimate is the largest of them
+            fitted = plan_memory(
                 session,
                 matrices=["hessian", "ggn", "kfac"],
                 vectors=14,
                 basis=lanczos_basis(session, "all", 7, None),
+                phases=report_memory_phases(session.problem, preset),
             )
             planned = announce(
                 f"report ({preset}): spectrum, density, check, compare and surface"
@@ -139,7 +142,12 @@ def report_cli(
             )
             # after every check: a refused report writes nothing
             _ensure_plotly(Path(common.out), plotly_js)
-            with progress_bar(session=session, planned=planned) as update:
+            from ..linalg import basis_placement
+
+            with (
+                progress_bar(session=session, planned=planned) as update,
+                basis_placement(common.basis_device),
+            ):
                 run = run_report(
                     session.problem,
                     out_dir=common.out,
@@ -155,6 +163,8 @@ def report_cli(
                     figure_formats=formats,
                     budget_s=budget_s,
                     progress=update,
+                    probe_block=fitted.probe_block,
+                    memory=session.memory,
                 )
         _print(run, time.perf_counter() - t0)
 

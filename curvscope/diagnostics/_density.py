@@ -128,6 +128,7 @@ def density(
     distribution: str = "rademacher",
     seed: int | torch.Generator = 0,
     progress: Progress | None = None,
+    probe_block: int | None = None,
 ) -> DensityResult:
     r"""Spectral density and trace of each requested matrix and block.
 
@@ -147,6 +148,8 @@ def density(
         seed: seeds the probes: an int gives every operator and block a fresh generator
             with that seed (so every matrix sees the same probes); a generator is used as is.
         progress: ``progress(completed, total, description)``.
+        probe_block: SLQ probes run together (default all; :func:`~curvscope.linalg.slq`):
+            fewer hold less memory, with the same result in the same products.
 
     Returns:
         A :class:`DensityResult`.
@@ -196,6 +199,7 @@ def density(
                         distribution=distribution,
                         seed=gen,
                         progress=labelled(progress, label),
+                        probe_block=probe_block,
                     )
                     d = spectral_density(q, num_points=num_points, sigma=sigma)
                     m1, se1 = q.moment(1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -136,6 +137,82 @@ def _row_norms(W: torch.Tensor, inner: Inner) -> torch.Tensor:
     return inner.reduce((W * W).sum(dim=1)).sqrt()
 
 
+def _block_progress(progress: Progress, i: int, count: int, m_max: int) -> Progress:
+    """Progress over all blocks: block ``i`` of ``count`` reports its steps after the others'."""
+
+    def report(step: int, total: int, what: str) -> None:
+        progress(i * m_max + step, count * m_max, what)
+
+    return report
+
+
+def _lanczos_block(
+    A: Any,
+    Z: torch.Tensor,
+    m_max: int,
+    inner: Inner,
+    rows: Callable[[torch.Tensor], torch.Tensor],
+    alphas: torch.Tensor,
+    betas: torch.Tensor,
+    steps: torch.Tensor,
+    progress: Progress | None,
+) -> int:
+    """Lanczos on the unit columns of ``Z`` at once, filling ``alphas``, ``betas``, ``steps``.
+
+    Returns the products taken (per column). Full reorthogonalisation against each probe's own
+    basis; a probe stops at its breakdown while the others go on.
+    """
+    b, local_n = Z.shape[1], Z.shape[0]
+    dtype, device = A.dtype, A.device
+    Q = torch.zeros(b, m_max, local_n, dtype=dtype, device=device)  # per-probe bases, row-wise
+    scale = torch.zeros(b, dtype=torch.float64)
+    q = Z.T.to(dtype=dtype, device=device)  # [b, n] current vectors
+    active = torch.arange(b)
+    q_prev = torch.zeros_like(q)
+    beta_prev = torch.zeros(b, dtype=dtype, device=device)
+    matvecs = 0
+    for j in range(m_max):
+        everyone = active.shape[0] == b
+        idx = active.to(device)
+        Q[idx, j] = q
+        W = (A @ q.T).T  # [k, n]: one product serves every running probe
+        matvecs += q.shape[0]
+        alpha = rows((q * W).sum(dim=1))
+        # Three-term recurrence first, then full reorthogonalisation against the whole basis
+        # (one classical Gram-Schmidt pass, a second one only where the first cancelled much:
+        # the Daniel-Gragg-Kaufman-Stewart criterion, "twice is enough").
+        W = W - alpha.unsqueeze(1) * q - beta_prev.unsqueeze(1) * q_prev
+        # the whole block's bases as a view; stopped probes' rows of W are zero there
+        # (indexing Q by the running probes copied their bases: twice the SLQ basis)
+        Qa = Q[:, : j + 1]
+        for _ in range(2):
+            before = _row_norms(W, inner)
+            Wb = W if everyone else torch.zeros(b, local_n, dtype=dtype, device=device)
+            if not everyone:
+                Wb[idx] = W
+            coeff = rows(torch.bmm(Qa, Wb.unsqueeze(2)))  # [b, j+1, 1]
+            W = W - torch.bmm(coeff.transpose(1, 2), Qa).squeeze(1)[idx]
+            beta = _row_norms(W, inner)
+            if not bool((beta < DGKS * before).any()):
+                break
+        a64, b64 = alpha.to(torch.float64).cpu(), beta.to(torch.float64).cpu()
+        alphas[active, j] = a64
+        betas[active, j] = b64
+        steps[active] = j + 1
+        scale[active] = torch.maximum(scale[active], a64.abs() + b64)
+        if progress is not None:
+            progress(j + 1, m_max, "SLQ")
+        keep = b64 > _breakdown_tol(dtype, scale[active], j + 1)
+        if j + 1 == m_max or not keep.any():
+            break
+        active = active[keep]
+        keep_d = keep.to(device)
+        q_prev = q[keep_d]
+        beta_prev = beta[keep_d]
+        q = W[keep_d] / beta_prev.unsqueeze(1)
+    return matvecs
+
+
 def slq(
     A,
     *,
@@ -145,8 +222,9 @@ def slq(
     probes: torch.Tensor | None = None,
     seed: int | torch.Generator | None = 0,
     progress: Progress | None = None,
+    probe_block: int | None = None,
 ) -> SLQResult:
-    r"""Stochastic Lanczos quadrature with full reorthogonalisation, all probes at once.
+    r"""Stochastic Lanczos quadrature with full reorthogonalisation, probes in blocks.
 
     Args:
         A: symmetric operator or square tensor.
@@ -158,7 +236,10 @@ def slq(
         probes: explicit probe columns ``[P, k]`` (normalised here), e.g. the identity to make
             the estimate of :math:`\operatorname{tr} f(A)/P` exact.
         seed: an int or a torch.Generator: the random source for the probes.
-        progress: ``progress(step, num_steps, "SLQ")`` after every step.
+        progress: ``progress(step, total, "SLQ")`` after every step of every block.
+        probe_block: probes run together, sharing each product (default: all). A block of
+            ``c`` holds ``c num_steps P`` numbers of bases; smaller blocks fit less memory
+            and give the same result in the same number of products.
 
     Returns:
         An :class:`SLQResult`.
@@ -200,52 +281,23 @@ def slq(
     Z = Z / norms
     b = Z.shape[1]
     m_max = min(int(num_steps), n)
-    dtype, device = A.dtype, A.device
-
-    Q = torch.zeros(b, m_max, local_n, dtype=dtype, device=device)  # per-probe bases, row-wise
+    if probe_block is not None and probe_block < 1:
+        raise OptionError(f"SLQ's probe block must hold at least one probe, got {probe_block}.")
+    # every probe's recurrence is its own: a block of c probes holds c bases (c m_max P
+    # numbers) and shares each product among its c columns; smaller blocks give the same
+    # nodes and weights (the probes are drawn first) in the same number of products
+    c = b if probe_block is None else min(int(probe_block), b)
     alphas = torch.zeros(b, m_max, dtype=torch.float64)
     betas = torch.zeros(b, m_max, dtype=torch.float64)
     steps = torch.zeros(b, dtype=torch.int64)
-    scale = torch.zeros(b, dtype=torch.float64)
-    q = Z.T.to(dtype=dtype, device=device)  # [b, n] current vectors
-    active = torch.arange(b)
-    q_prev = torch.zeros_like(q)
-    beta_prev = torch.zeros(b, dtype=dtype, device=device)
     matvecs = 0
-    for j in range(m_max):
-        everyone = active.shape[0] == b
-        idx = active.to(device)
-        Q[idx, j] = q
-        W = (A @ q.T).T  # [k, n]: one product serves every running probe
-        matvecs += q.shape[0]
-        alpha = rows((q * W).sum(dim=1))
-        # Three-term recurrence first, then full reorthogonalisation against the whole basis
-        # (one classical Gram-Schmidt pass, a second one only where the first cancelled much:
-        # the Daniel-Gragg-Kaufman-Stewart criterion, "twice is enough").
-        W = W - alpha.unsqueeze(1) * q - beta_prev.unsqueeze(1) * q_prev
-        Qa = Q[:, : j + 1] if everyone else Q[idx, : j + 1]  # [k, j+1, n]
-        for _ in range(2):
-            before = _row_norms(W, inner)
-            coeff = rows(torch.bmm(Qa, W.unsqueeze(2)))  # [k, j+1, 1]
-            W = W - torch.bmm(coeff.transpose(1, 2), Qa).squeeze(1)
-            beta = _row_norms(W, inner)
-            if not bool((beta < DGKS * before).any()):
-                break
-        a64, b64 = alpha.to(torch.float64).cpu(), beta.to(torch.float64).cpu()
-        alphas[active, j] = a64
-        betas[active, j] = b64
-        steps[active] = j + 1
-        scale[active] = torch.maximum(scale[active], a64.abs() + b64)
-        if progress is not None:
-            progress(j + 1, m_max, "SLQ")
-        keep = b64 > _breakdown_tol(dtype, scale[active], j + 1)
-        if j + 1 == m_max or not keep.any():
-            break
-        active = active[keep]
-        keep_d = keep.to(device)
-        q_prev = q[keep_d]
-        beta_prev = beta[keep_d]
-        q = W[keep_d] / beta_prev.unsqueeze(1)
+    blocks = list(range(0, b, c))
+    for i, first in enumerate(blocks):
+        rows_i = slice(first, min(first + c, b))
+        matvecs += _lanczos_block(
+            A, Z[:, rows_i], m_max, inner, rows, alphas[rows_i], betas[rows_i], steps[rows_i],
+            None if progress is None else _block_progress(progress, i, len(blocks), m_max),
+        )
 
     m = int(steps.max())
     nodes = torch.zeros(b, m, dtype=torch.float64)
