@@ -19,6 +19,8 @@ from curvscope.linalg._restarted import restart_in_place
 from curvscope.operators import HessianOperator
 from curvscope.problem import Problem
 
+from .test_cli_spectrum import tiny  # noqa: F401  (fixture)
+
 runner = CliRunner()
 WIDE = {"type": "mlp", "sizes": [4, 512, 512, 3], "activation": "tanh", "bias": True}
 """267k parameters: the default basis (80 vectors, 86 MB) dwarfs the rest of the plan."""
@@ -186,3 +188,36 @@ def test_cli_refuses_a_bad_disk_folder_in_one_sentence(wide, tmp_path, where):
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert "--basis-device" in res.output and "not an existing folder" in res.output
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("command", [["surface", "--directions", "eigen", "--steps", "3"],
+                                     ["check", "--directions", "1"]])
+def test_commands_whose_eigensolves_run_inside_the_library_put_the_basis_where_asked(
+    tiny, tmp_path, monkeypatch, command  # noqa: F811
+):
+    """check/compare/surface/report plan the basis at --basis-device: their eigsh calls
+    must put it there too (they had kept it in RAM whatever the flag said)."""
+    import curvscope.linalg._restarted as r
+
+    seen = []
+    original = r.basis_storage
+
+    def spy(rows, n, dtype, device, disk):
+        seen.append(disk)
+        return original(rows, n, dtype, device, disk)
+
+    monkeypatch.setattr(r, "basis_storage", spy)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    res = runner.invoke(
+        app, [command[0], str(tiny / "model.pt"), *command[1:], "--out", str(tmp_path / "o"),
+              "--basis-device", f"disk:{scratch}"],
+    )
+    assert res.exit_code == 0, res.output
+    assert seen and all(d is not None and os.path.samefile(d, scratch) for d in seen), seen
+    assert os.listdir(scratch) == []
+    seen.clear()
+    res = runner.invoke(app, [command[0], str(tiny / "model.pt"), *command[1:], "--out",
+                              str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    assert seen and all(d is None for d in seen)

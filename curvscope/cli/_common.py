@@ -270,11 +270,15 @@ def computing(
     """A command's computation: its progress bar, and on Ctrl-C its partial document.
 
     Yields the ``progress`` callback for the library (see :func:`progress_bar`); see
-    :func:`keep_partial` for what an interrupt writes (and ``show`` prints).
+    :func:`keep_partial` for what an interrupt writes (and ``show`` prints). Every Lanczos
+    basis inside puts itself where ``--basis-device`` says, as the memory plan priced it.
     """
+    from ..linalg import basis_placement
+
     with (
         keep_partial(session, command, settings, results_of, show),
         progress_bar(session=session, planned=planned) as update,
+        basis_placement(session.common.basis_device),
     ):
         yield update
 

@@ -27,7 +27,13 @@ from ._operator import (
     require_square,
 )
 from ._power import power_iteration
-from ._restarted import KEEP_FRACTION, RESTART_BLOCK, default_basis_size, eigsh
+from ._restarted import (
+    KEEP_FRACTION,
+    RESTART_BLOCK,
+    basis_placement,
+    default_basis_size,
+    eigsh,
+)
 from ._slq import Density, SLQResult, slq, spectral_density
 from ._trace import (
     TraceEstimate,
@@ -65,6 +71,7 @@ __all__ = [
     "DEFAULT_TOL",
     "EigenResult",
     "power_iteration",
+    "basis_placement",
     "default_basis_size",
     "eigsh",
     "Density",
