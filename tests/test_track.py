@@ -498,3 +498,21 @@ def test_tracker_leaves_batchnorm_buffers_alone():
     after = model.state_dict()
     assert all(torch.equal(buffers[k], after[k]) for k in buffers)  # num_batches_tracked too
     assert len(row["weights_sha256"]) == 64
+
+
+def test_track_row_without_a_matrix_has_a_dash_in_every_column_it_would_fill():
+    """A row that lacks a matrix (its run failed or it was not asked at that checkpoint)
+    fills each of that matrix's columns with "-", the gradient overlap's included, so the
+    row has as many cells as the table has columns."""
+    from curvscope.cli.track import _matrix_cells
+
+    settings = {"bottom": 1, "trace": True, "gradient_overlap": 3}
+    full = {
+        "eigenvalues": {"hessian": {"top": [2.0], "bottom": [-1.0]}},
+        "converged": {"hessian": {"top": [True], "bottom": [True]}},
+        "trace": {"hessian": {"estimate": 3.0, "stderr": 0.1}},
+        "gradient_overlap": {"hessian": {"fraction": 0.5, "lower": 0.4, "upper": 0.6}},
+    }
+    empty = {"eigenvalues": {}, "converged": {}}
+    assert len(_matrix_cells(full, "hessian", settings)) == 4
+    assert _matrix_cells(empty, "hessian", settings) == ["-"] * 4

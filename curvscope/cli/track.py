@@ -262,7 +262,11 @@ def _table(doc: dict) -> Table:
 def _matrix_cells(r: dict, m: str, settings: dict) -> list[str]:
     """Row ``r``'s cells for matrix ``m``: top, bottom, trace, gradient overlap as asked."""
     if m not in r["eigenvalues"]:
-        return ["-"] * (1 + bool(settings["bottom"]) + bool(settings["trace"]))
+        # one "-" per column this matrix has, the gradient overlap's included
+        return ["-"] * (
+            1 + bool(settings["bottom"]) + bool(settings["trace"])
+            + bool(settings.get("gradient_overlap"))
+        )
     cells = []
     ev = r["eigenvalues"][m]
     conv = all(all(v) for v in r["converged"][m].values())
