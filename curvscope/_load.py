@@ -11,6 +11,7 @@ problem its input record (:class:`~curvscope.problem.InputRecord`: the result do
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -599,6 +600,9 @@ def load(
     }
     if shard:
         problem = problem.shard()
+        # the record must not hold the unsharded module: a full copy of the parameters on
+        # every rank, the memory sharding is there to save (no sharded command reads it)
+        loaded = dataclasses.replace(loaded, model=None)
         info["sharded"] = {
             "world_size": problem.sharding.world_size,
             "local_params": problem.sharding.n_local,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -89,6 +90,13 @@ def sharded_model(problem: Any) -> tuple[Any, dict[str, Any]]:
     for n, p in named.items():
         p.requires_grad_(n in problem.params)
     mesh = _mesh(problem.group, problem.device)
+    if problem.group.rank != 0:
+        # FSDP2 warns when a wrapped module returns a view (most transformers do); the same
+        # model gives every rank the same warning: rank 0 says it once for all of them
+        warnings.filterwarnings(
+            "ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+            category=UserWarning,
+        )
     for module in model.modules():
         if module is not model and _own_params(module):
             fully_shard(module, mesh=mesh)
@@ -108,7 +116,8 @@ class Sharding:
         rank, world_size: this process among the shards.
         rows: per selected parameter, the ``(start, stop)`` dim-0 rows held here.
         n_local: entries of the local vector.
-        local_rows: positions of the local entries in the unsharded flat vector (``int64``).
+        local_rows: positions of the local entries in the unsharded flat vector (``int64``,
+            built when asked for: kept, it would take twice the memory of the shard).
     """
 
     def __init__(self, problem: Any, params: list[torch.Tensor]) -> None:
@@ -118,7 +127,7 @@ class Sharding:
         self.tensors = params
         self.locals = [p.to_local() for p in params]
         self.rows: list[tuple[int, int]] = []
-        pieces = []
+        self._spans: list[tuple[int, int]] = []  # [first, last) of the flat vector, per tensor
         for i, (p, loc) in enumerate(zip(params, self.locals, strict=True)):
             d0 = int(p.shape[0])
             c = math.ceil(d0 / self.world_size)
@@ -132,12 +141,17 @@ class Sharding:
             self.rows.append((start, stop))
             row = p[0].numel() if d0 else 0
             base = problem.offsets[i]
-            pieces.append(torch.arange(base + start * row, base + stop * row, dtype=torch.int64))
-        self.local_rows = torch.cat(pieces)
-        self.n_local = int(self.local_rows.numel())
+            self._spans.append((base + start * row, base + stop * row))
+        self.n_local = sum(b - a for a, b in self._spans)
         counts = len(problem.batch_sizes)
         # every rank makes the same number of forward/backward calls (FSDP's collectives)
         self.calls = math.ceil(counts / self.world_size)
+
+    @property
+    def local_rows(self) -> torch.Tensor:
+        """Positions of this rank's entries in the unsharded flat vector (a new tensor)."""
+        pieces = [torch.arange(a, b, dtype=torch.int64) for a, b in self._spans]
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
     # ------------------------------------------------------------------ vectors
     def vector(self) -> torch.Tensor:

@@ -197,3 +197,32 @@ def test_cli_refuses_what_shard_cannot_do(tiny, args):
     assert "--shard" in res.stderr
     line = res.stderr.strip().splitlines()
     assert len(line) == 1 and line[0].startswith("error:"), res.stderr
+
+
+def test_a_sharded_load_lets_the_unsharded_module_go(tmp_path):
+    """cs.load(shard=True) reads the whole module, shards a copy and must not keep the
+    original: its record kept it, a full parameter copy on every rank (the memory sharding
+    is for). After the load no plain Parameter of the checkpoint's shapes is alive."""
+    import gc
+
+    import numpy as np
+
+    from curvscope.io import build_arch, save_checkpoint
+
+    arch = {"type": "mlp", "sizes": [7, 13, 5], "activation": "tanh", "bias": True}
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=g.normal(size=(9, 7)).astype(np.float32),
+             y=g.integers(0, 5, size=9))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "m.pt", build_arch(arch), arch,
+                    {"data": "data.npz", "loss": "cross_entropy", "reduction": "mean"})
+    prob = cs.load(str(tmp_path / "m.pt"), shard=True)
+    gc.collect()
+    shapes = {(13, 7), (5, 13)}
+    alive = [o for o in gc.get_objects()
+             if type(o) is torch.nn.Parameter and tuple(o.shape) in shapes]
+    assert prob.loaded.model is None and prob.loaded.sha256
+    assert alive == []
+    assert all(type(p).__name__ == "DTensor" for p in prob.model.parameters())
+    # the positions of the local rows are built when asked for, not kept beside the shard
+    assert prob.sharding.local_rows.tolist() == list(range(prob.num_params))

@@ -48,7 +48,8 @@ class LoadedModel:
     """A model loaded from a file, with what the result document records about it.
 
     Attributes:
-        model: the module, in eval mode as loaded.
+        model: the module, in eval mode as loaded (``None`` in a sharded problem's record:
+            the problem holds the sharded copy, and the whole module is let go).
         path: the checkpoint file.
         format: ``curvscope/1``, ``safetensors``, ``safetensors+model``, ``state_dict``,
             ``torchscript`` or ``pickle``.

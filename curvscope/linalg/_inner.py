@@ -36,7 +36,15 @@ class Inner:
         self.reduce = getattr(A, "reduce_inner", None)
         n = int(A.shape[0])
         self.size = int(getattr(A, "global_size", None) or n) if self.reduce else n
-        self.local_rows = getattr(A, "local_rows", None) if self.reduce else None
+        self._A = A if self.reduce else None
+
+    @property
+    def local_rows(self) -> torch.Tensor | None:
+        """This rank's rows of the global vector (``None`` when not sharded).
+
+        A new tensor each time: an int64 per local entry, twice a float32 shard, not kept.
+        """
+        return None if self._A is None else getattr(self._A, "local_rows", None)
 
     @property
     def sharded(self) -> bool:
@@ -81,9 +89,8 @@ class Inner:
         rows, so the start vectors are those of one process (one transient ``P``-vector).
         """
         full = torch.randn(self.size, generator=gen, dtype=torch.float64)
-        if self.local_rows is None:
-            return full
-        return full[self.local_rows]
+        rows = self.local_rows
+        return full if rows is None else full[rows]
 
 
 def refuse_sharded(A: Any, what: str) -> None:

@@ -91,7 +91,6 @@ class ShardedHessianOperator(CurvatureOperator):
         self.sharding = sh
         self.reduce_inner = sh.reduce_inner
         self.global_size = int(problem.num_params)
-        self.local_rows = sh.local_rows
         self.info: dict[str, Any] = {
             "hvp": "finite-difference",
             "stencil": STENCIL,
@@ -107,6 +106,11 @@ class ShardedHessianOperator(CurvatureOperator):
         )
 
     # --------------------------------------------------------------- description
+    @property
+    def local_rows(self) -> torch.Tensor:
+        """This rank's positions in the unsharded flat vector (built when asked for)."""
+        return self.sharding.local_rows
+
     @property
     def shape(self) -> tuple[int, int]:
         """``(n_local, n_local)``: this rank's rows of the ``P x P`` matrix."""
