@@ -108,10 +108,12 @@ def run_curvscope(
     cmd += extra
     print("$ " + " ".join(cmd[2:]).replace(str(out.parent), "TMP"), flush=True)
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # streamed, so that a 45-minute run shows its plan and progress as it goes
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+    proc.wait()
     wall = time.perf_counter() - t
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-14:])
-    print(tail)
     if proc.returncode != 0:
         raise SystemExit(f"curvscope spectrum failed with exit {proc.returncode}")
     doc = json.loads((out / "spectrum.json").read_text())
@@ -153,10 +155,12 @@ def main() -> None:
     ap.add_argument("--max-memory", default=None, help="passed to curvscope (default: free)")
     ap.add_argument("--no-peer", action="store_true", help="skip hessian-eigenthings")
     ap.add_argument("--extra", default="", help="more curvscope flags, e.g. '--batch-size 3'")
+    ap.add_argument("--tmp", default=None, help="where the model folder and output go "
+                    "(default: the system's temporary directory)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     block = 16 if args.quick else 128
-    with tempfile.TemporaryDirectory(prefix="gpt2-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="gpt2-", dir=args.tmp) as tmp:
         root = Path(tmp)
         folder, tokens = build(root, args.quick)
         ours = run_curvscope(folder, tokens, root / "out", block, args.max_memory,
