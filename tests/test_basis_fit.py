@@ -145,6 +145,11 @@ def test_cli_runs_the_shrunk_basis_to_convergence(wide, tmp_path):
     assert doc["memory"]["total_bytes"] <= limit
     for part in doc["results"]["spectra"]:
         assert all(part["converged"])
+    # 267k float32 parameters: the bounds' floor 4 eps sqrt(P) = 2.46e-4 is above --tol 1e-4,
+    # which is raised to it, recorded and said under the table
+    floor = 4 * torch.finfo(torch.float32).eps * load(wide / "model.pt").num_params ** 0.5
+    assert all(part["tol"] == pytest.approx(floor) for part in doc["results"]["spectra"])
+    assert f"--tol was raised from 0.0001 to {floor:.3g}" in " ".join(res.output.split())
 
 
 def test_cli_refuses_an_explicit_basis_with_advice_that_names_flags(wide, tmp_path):

@@ -255,7 +255,6 @@ def estimate_memory(
     factor = max(factors, default=ACTIVATION_FACTOR["gradient"])
     acts, graph, wanted = acts * widen, graph * widen, wanted * widen
     parts = {"in use": float(in_use(dev)), "activations": factor * acts}
-    disk_bytes = host_bytes = 0.0
     notes = {"activations": f"batch {max(problem.batch_sizes)}: {factor:g} x {format_bytes(acts)}"}
     streamed_acts = factor * acts
     if 2 * graph > parts["activations"]:
@@ -270,22 +269,9 @@ def estimate_memory(
         )
     if sharding is not None:
         notes["activations"] = "not measured in sharded mode"
-    place, disk = parse_basis_device(None if basis_device is None else str(basis_device))
-    bdev = torch.device(place) if place is not None else dev
-    if basis:
-        bbytes = basis_bytes(basis, P, item)
-        dtype = str(vector_dtype).replace("torch.", "")
-        if disk is not None:
-            disk_bytes = float((basis + 1) * P * item)
-            notes["Lanczos basis"] = f"{format_bytes(disk_bytes)} on disk in {disk}"
-            if basis < P:  # the restart's block of rows is formed in RAM
-                parts["Lanczos basis"] = float(RESTART_BLOCK)
-        elif bdev == dev:
-            parts["Lanczos basis"] = bbytes
-            notes["Lanczos basis"] = f"{basis} x {P} {dtype}"
-        else:
-            notes["Lanczos basis"] = f"{format_bytes(bbytes)} kept on {bdev}"
-            host_bytes = bbytes
+    disk_bytes, host_bytes = _basis_parts(
+        parts, notes, basis, basis_device, dev, P, item, str(vector_dtype).replace("torch.", "")
+    )
     if slq_steps or trace_probes:
         # SLQ's bases are freed before the traces draw their probes: the larger of the two
         slq = float(slq_probes * (slq_steps + SLQ_WORK) * P * item)
@@ -326,6 +312,37 @@ def estimate_memory(
                    else f"{factor:g} x {format_bytes(acts)}")
             )
     return MemoryEstimate(str(dev), parts, notes, budget, disk_bytes, host_bytes)
+
+
+def _basis_parts(
+    parts: dict[str, float],
+    notes: dict[str, str],
+    basis: int,
+    basis_device: str | torch.device | None,
+    dev: torch.device,
+    P: int,
+    item: int,
+    dtype: str,
+) -> tuple[float, float]:
+    """The Lanczos basis's part (and note) where it lives; returns ``(disk, host)`` bytes."""
+    disk_bytes = host_bytes = 0.0
+    place, disk = parse_basis_device(None if basis_device is None else str(basis_device))
+    bdev = torch.device(place) if place is not None else dev
+    if not basis:
+        return disk_bytes, host_bytes
+    bbytes = basis_bytes(basis, P, item)
+    if disk is not None:
+        disk_bytes = float((basis + 1) * P * item)
+        notes["Lanczos basis"] = f"{format_bytes(disk_bytes)} on disk in {disk}"
+        if basis < P:  # the restart's block of rows is formed in RAM
+            parts["Lanczos basis"] = float(RESTART_BLOCK)
+    elif bdev == dev:
+        parts["Lanczos basis"] = bbytes
+        notes["Lanczos basis"] = f"{basis} x {P} {dtype}"
+    else:
+        notes["Lanczos basis"] = f"{format_bytes(bbytes)} kept on {bdev}"
+        host_bytes = bbytes
+    return disk_bytes, host_bytes
 
 
 def measure(problem: Problem, matrices: Sequence[str]) -> tuple[int, float, float]:
@@ -447,8 +464,6 @@ def fit_memory(
         OptionError: when nothing the plan may choose fits, in one sentence whose every
             advice was planned and fits (``advice``: ``[(option, value), ...]``).
     """
-    import shutil
-
     if measured is None:
         measured = measure(problem, matrices)
     P = problem.num_params
@@ -457,15 +472,9 @@ def fit_memory(
 
     item = torch.empty((), dtype=work_dtype(problem.dtype)).element_size()
     place, disk = parse_basis_device(basis_device)
-    free_disk = float(shutil.disk_usage(disk).free) if disk is not None else math.inf
-    host_free = math.inf
-    if dev.type == "cuda":
-        host = available_memory("cpu")
-        host_free = math.inf if host is None else float(host - in_use("cpu"))
+    free_disk, host_free = _room(dev, disk)
 
-    block = max(1, slq_probes)
-
-    def est(m: int, where: str | None) -> MemoryEstimate:
+    def est(m: int, where: str | None, block: int = max(1, slq_probes)) -> MemoryEstimate:
         return estimate_memory(
             problem, matrices=matrices, vectors=vectors, basis=m, basis_device=where,
             slq_steps=slq_steps, slq_probes=block, kfac_layers=kfac_layers, limit=limit,
@@ -480,36 +489,24 @@ def fit_memory(
         )
 
     def largest(where: str | None, lo: int, hi: int, margin: float = 1.0) -> int:
-        """The largest size in ``[lo, hi]`` that fits (0: none); the parts grow with it."""
-        if hi < lo or not fits(est(lo, where), margin):
-            return 0
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(est(mid, where), margin) else (lo, mid - 1)
-        return lo
+        """The largest basis in ``[lo, hi]`` that fits (0: none)."""
+        return _largest(lo, hi, lambda m: fits(est(m, where), margin))
 
     limit_text = f"{arg('max_memory')} {format_bytes(limit)}" if limit is not None else ""
-    if slq_steps and block > 1 and not fits(est(basis, basis_device)):
+    first = est(basis, basis_device)
+    if slq_steps and slq_probes > 1 and not fits(first):
         # SLQ's bases shrink without changing its result: the largest block of probes that fits
-        lo, hi = 1, block - 1
-        block = 1
-        if fits(est(basis, basis_device)):
-            while lo < hi:
-                block = (lo + hi + 1) // 2
-                lo, hi = (block, hi) if fits(est(basis, basis_device)) else (lo, block - 1)
-            block = lo
-            return est(basis, basis_device), BasisChoice(
+        block = _largest(1, slq_probes - 1, lambda c: fits(est(basis, basis_device, c)))
+        if block:
+            return est(basis, basis_device, block), BasisChoice(
                 basis, basis_device,
                 f"SLQ: probes in blocks of {block} instead of all {slq_probes} at once to fit "
                 f"{limit_text}: the same products, each shared by fewer probes",
                 probe_block=block,
             )
-    first = est(basis, basis_device)
+        first = est(basis, basis_device, 1)  # refused below: advice with one probe's basis
     if fits(first):
-        return first, BasisChoice(
-            basis, basis_device, _disk_line(first, basis, disk, free_disk),
-            probe_block=block if slq_steps and block < slq_probes else None,
-        )
+        return first, BasisChoice(basis, basis_device, _disk_line(first, basis, disk, free_disk))
     lo = min(basis, min_basis(k, P))
     if basis and movable and not explicit:
         m = largest(basis_device, lo, basis - 1)
@@ -545,6 +542,28 @@ def fit_memory(
         graph_cache=graph_account(problem).budget,
     ))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _room(dev: torch.device, disk: str | None) -> tuple[float, float]:
+    """Free bytes in the disk basis's folder and, beside a GPU, in host memory (else inf)."""
+    import shutil
+
+    free_disk = float(shutil.disk_usage(disk).free) if disk is not None else math.inf
+    host_free = math.inf
+    if dev.type == "cuda":
+        host = available_memory("cpu")
+        host_free = math.inf if host is None else float(host - in_use("cpu"))
+    return free_disk, host_free
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The largest ``m`` in ``[lo, hi]`` with ``ok(m)`` (0: none); ``ok`` falls as ``m`` grows."""
+    if hi < lo or not ok(lo):
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
 
 def _disk_line(estimate: MemoryEstimate, basis: int, disk: str | None, free: float) -> str | None:
