@@ -16,7 +16,10 @@ before its first product (``memory.total_bytes``):
       ``--max-memory`` 60% of the default basis below its estimate (the plan shrinks the
       basis), ``-disk`` with ``--basis-device disk:DIR`` (the basis in a mapped file). Peak
       anon is the anonymous resident set, sampled: mapped file pages count in the RSS as page
-      cache the kernel may drop, so for the disk row that is the figure to read.
+      cache the kernel may drop, so for the disk row that is the figure to read;
+  (d) the same CNN's ``density`` (20 probes x 30 steps, 30 trace probes): all probes' SLQ
+      bases at once, then ``-blocks`` under a ``--max-memory`` that leaves room for 40% of
+      them (the plan runs the probes in smaller blocks).
 
 Usage:  OMP_NUM_THREADS=1 python benchmarks/memory.py [--cases resnet18,cnn389k] [--quick]
 Prints a markdown table; a command that fails makes the benchmark fail (exit 1) after it.
@@ -89,12 +92,18 @@ def _write(folder: Path, name: str, n: int) -> tuple[Path, Path, int]:
 
 
 def run(name: str, folder: Path, quick: bool = False, extra: list[str] | None = None,
-        label: str | None = None) -> dict:
+        label: str | None = None, density: bool = False) -> dict:
     """One command in a fresh process: its document's estimate and its peak RSS.
 
-    ``extra``: more flags (the basis rows); ``label``: the row's name.
+    ``extra``: more flags (the basis rows); ``label``: the row's name; ``density``: the
+    ``density`` command (20 probes x 30 steps, 30 trace probes) instead of the case's own.
     """
-    if quick:
+    if density:
+        ckpt, data, P = _write(folder, name, 32)
+        args = ["density", str(ckpt), "--batch-size", "32", "--probes", "20",
+                "--lanczos-steps", "30", "--trace-probes", "30"]
+        command = "density"
+    elif quick:
         ckpt, data, P = _write(folder, name, 16)
         args = ["spectrum", str(ckpt), "--top", "2", "--bottom", "0", "--batch-size", "16"]
         args += ["--max-matvecs", "6"]
@@ -119,7 +128,7 @@ def run(name: str, folder: Path, quick: bool = False, extra: list[str] | None = 
     else:
         ckpt, data, P = _write(folder, name, 32)
         args = ["report", str(ckpt), "--preset", "quick", "--budget-s", "120", "--batch-size", "32"]
-        command = "spectrum"  # every report document carries the one estimate
+        command = "spectrum"  # every report document carries the report's plan
     args += extra or []
     out = folder / f"out-{label or name}"
     cmd = [
@@ -171,6 +180,7 @@ def run(name: str, folder: Path, quick: bool = False, extra: list[str] | None = 
     memory["peak_anon_bytes"] = int(res.stdout.rsplit("ANON", 1)[1].split()[0])
     return {
         "case": label or name,
+        "command": args[0],
         "params": P,
         "wall_s": wall,
         "memory": memory,
@@ -192,9 +202,9 @@ def basis_rows(name: str, folder: Path, quick: bool, plain: dict) -> list[dict]:
     """
     if "failed" in plain:
         return []
-    if "parts_bytes" not in plain["memory"]:
-        # the full run's cnn389k row is a report (no parts, no spectrum flags): the basis rows
-        # run the quick spectrum of the same network
+    if plain.get("command") == "report":
+        # the full run's cnn389k row is a report (no spectrum flags): the basis rows run the
+        # quick spectrum of the same network
         quick = True
         plain = run(name, folder, True)
         if "failed" in plain:
@@ -212,6 +222,15 @@ def basis_rows(name: str, folder: Path, quick: bool, plain: dict) -> list[dict]:
     left = list(scratch.iterdir())
     if left:
         rows[-1] = {"case": f"{name}-disk", "failed": f"basis file left behind: {left}"}
+    # SLQ's bases: all 20 probes at once, then under a limit that leaves room for 40% of them
+    # (the plan runs the probes in smaller blocks)
+    whole = run(name, folder, False, [], f"{name}-density", density=True)
+    rows.append(whole)
+    if "failed" not in whole:
+        m = whole["memory"]
+        limit = m["total_bytes"] - 0.6 * m["parts_bytes"]["SLQ basis"]
+        rows.append(run(name, folder, False, ["--max-memory", f"{limit:.0f}"],
+                        f"{name}-density-blocks", density=True))
     return rows
 
 
@@ -248,6 +267,10 @@ def main() -> None:
         basis = f"{b.get('size', '')} on {where}" if b.get("size") else ""
         if m.get("disk_bytes"):
             basis += f" ({m['disk_bytes'] / 1e6:.0f} MB file)"
+        if r.get("command") == "density":
+            basis = f"SLQ probes {m.get('slq_probe_block') or 'all 20'} at once"
+        elif m.get("largest_part"):
+            basis = f"largest part: {m['largest_part']}"
         print(
             f"| {r['case']} | {r['params']} | {basis} | {est_s} | {peak / 1e9:.2f} GB | {ratio} "
             f"| {m['peak_anon_bytes'] / 1e9:.2f} GB | {r.get('products', '')} | "
