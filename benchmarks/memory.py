@@ -98,10 +98,11 @@ def run(name: str, folder: Path, quick: bool = False, extra: list[str] | None = 
     ``extra``: more flags (the basis rows); ``label``: the row's name; ``density``: the
     ``density`` command (20 probes x 30 steps, 30 trace probes) instead of the case's own.
     """
-    if density:
-        ckpt, data, P = _write(folder, name, 32)
-        args = ["density", str(ckpt), "--batch-size", "32", "--probes", "20",
-                "--lanczos-steps", "30", "--trace-probes", "30"]
+    if density:  # --quick: 8 probes x 6 steps, 6 trace probes on 16 samples (seconds)
+        ckpt, data, P = _write(folder, name, 16 if quick else 32)
+        args = ["density", str(ckpt), "--batch-size", "16" if quick else "32",
+                "--probes", "8" if quick else "20", "--lanczos-steps", "6" if quick else "30",
+                "--trace-probes", "6" if quick else "30"]
         command = "density"
     elif quick:
         ckpt, data, P = _write(folder, name, 16)
@@ -224,12 +225,12 @@ def basis_rows(name: str, folder: Path, quick: bool, plain: dict) -> list[dict]:
         rows[-1] = {"case": f"{name}-disk", "failed": f"basis file left behind: {left}"}
     # SLQ's bases: all 20 probes at once, then under a limit that leaves room for 40% of them
     # (the plan runs the probes in smaller blocks)
-    whole = run(name, folder, False, [], f"{name}-density", density=True)
+    whole = run(name, folder, quick, [], f"{name}-density", density=True)
     rows.append(whole)
     if "failed" not in whole:
         m = whole["memory"]
         limit = m["total_bytes"] - 0.6 * m["parts_bytes"]["SLQ basis"]
-        rows.append(run(name, folder, False, ["--max-memory", f"{limit:.0f}"],
+        rows.append(run(name, folder, quick, ["--max-memory", f"{limit:.0f}"],
                         f"{name}-density-blocks", density=True))
     return rows
 
@@ -268,7 +269,8 @@ def main() -> None:
         if m.get("disk_bytes"):
             basis += f" ({m['disk_bytes'] / 1e6:.0f} MB file)"
         if r.get("command") == "density":
-            basis = f"SLQ probes {m.get('slq_probe_block') or 'all 20'} at once"
+            block = m.get("slq_probe_block")
+            basis = f"SLQ probes {block} at once" if block else "SLQ probes all at once"
         elif m.get("largest_part"):
             basis = f"largest part: {m['largest_part']}"
         print(
