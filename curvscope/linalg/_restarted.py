@@ -703,10 +703,10 @@ def _at_roundoff(results: list[EigenResult], floor: float) -> list[EigenResult]:
 
     After two final checks a basis cycle apart, the worst measured residual did not halve
     though the iteration went on: what is left is the round-off of the products that
-    measure it (the estimate ``floor`` is a rule of thumb, which real products may exceed). A pair whose residual is within :data:`STALL_MARGIN` of the
-    round-off estimate ``floor ||A||`` is converged at the tolerance of the largest such
-    residual (recorded as the result's ``tol``); its bound is still at least that residual.
-    Pairs above it stay not converged.
+    measure it (``floor`` is a rule of thumb for it). A pair whose residual is within
+    :data:`STALL_MARGIN` of ``floor ||A||`` is converged at the tolerance of the largest
+    such residual (recorded as the result's ``tol``); its bound is still at least that
+    residual. Pairs above it stay not converged.
     """
     out = []
     for r in results:
