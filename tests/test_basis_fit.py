@@ -226,3 +226,37 @@ def test_commands_whose_eigensolves_run_inside_the_library_put_the_basis_where_a
                               str(tmp_path / "p")])
     assert res.exit_code == 0, res.output
     assert seen and all(d is None for d in seen)
+
+
+def test_report_leaves_out_a_part_that_does_not_fit_and_runs_the_rest(wide, tmp_path):
+    """check works on a float64 copy with a float64 basis: on this 267k-parameter float32
+    model it needs more than the spectrum. Under a --max-memory between the two, the report
+    runs (density in smaller SLQ blocks) and leaves check out, saying why and what fits."""
+    from curvscope.app import report_memory_phases
+    from curvscope.app._memory import fit_memory
+
+    problem = load(wide / "model.pt")
+    phases = report_memory_phases(problem, "quick")
+    spectrum, _ = fit_memory(problem, matrices=["hessian", "ggn", "kfac"], vectors=14,
+                             basis=80, k=7, movable=False)
+    check, _ = fit_memory(problem, **phases["check"])
+    assert check.total > spectrum.total + 50e6
+    limit = (spectrum.total + check.total) / 2
+    out = tmp_path / "rep"
+    res = runner.invoke(app, ["report", str(wide / "model.pt"), "--out", str(out),
+                              "--max-memory", f"{limit:.0f}", "--budget-s", "300"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "check: left out: it does not fit the memory" in text
+    assert "SLQ: probes in blocks of" in text
+    skipped = json.loads((out / "report-skipped.json").read_text())["skipped"]
+    reasons = {s["part"]: s["reason"] for s in skipped}
+    assert reasons["check"].startswith("left out: it does not fit the memory")
+    assert "--max-memory" in reasons["check"]
+    density = json.loads((out / "density.json").read_text())
+    # (peaks are measured by benchmarks/memory.py in fresh processes: this one's high-water
+    # mark holds the earlier tests')
+    assert density["memory"]["slq_probe_block"] < 20
+    assert density["memory"]["total_bytes"] <= limit
+    assert not (out / "check.json").exists()
+    assert "check" not in text.split("products of")[0].split("report (quick):")[1]

@@ -222,7 +222,9 @@ def test_slq_bases_are_estimated_per_probe_and_shrunk_to_a_block_that_fits():
     assert "blocks of 7 instead of all 20" in choice.line
     # the traces draw their probes at once after SLQ: the larger of the two is planned
     est = estimate_memory(p, matrices=["hessian"], slq_steps=30, slq_probes=1, trace_probes=100)
-    assert est.parts["SLQ basis"] == 100 * (16 + 4) * P
+    # Hutch++'s 33 sketch and 34 Gaussian columns with the sketch's products, their float64
+    # copy, Q and its workspace, and Q in float32
+    assert est.parts["SLQ basis"] == ((3 * 33 + 34) * 4 + 24 * 33) * P
     assert "traces" in est.notes["SLQ basis"]
     # nothing fits below one probe's basis: a refusal, not a block of 0
     with pytest.raises(OptionError, match="more than max_memory"):

@@ -687,7 +687,9 @@ def plan_memory(
     ``phases`` (a report): later parts that run one after another, each with its own
     ``matrices``/``vectors``/``basis``/``slq_*``/``float64`` (keywords of
     :func:`~curvscope.app._memory.fit_memory`); each is fitted like the first, and the
-    estimate printed and recorded is the largest, named.
+    estimate printed and recorded is the largest, named. A phase that does not fit is left
+    out (``session.memory["left_out"]``: part -> the reason, with what would fit) instead
+    of refusing the run.
 
     Returns:
         The :class:`~curvscope.app._memory.BasisChoice`: the basis size and
@@ -730,8 +732,15 @@ def plan_memory(
     )
     lines = [choice.line]
     largest = ""
+    left_out = {}
     for name, kw in (phases or {}).items():
-        e, c = fit(**kw)
+        try:
+            e, c = fit(**kw)
+        except OptionError as exc:  # that part is left out, the others run
+            from .._options import flag_of
+
+            left_out[name] = f"left out: it does not fit the memory; {exc.render(flag_of)}"
+            continue
         lines.append(c.line)
         if c.probe_block is not None:
             choice = dataclasses.replace(choice, probe_block=c.probe_block)
@@ -754,6 +763,10 @@ def plan_memory(
     }
     if largest:
         session.memory["largest_part"] = largest
+    if left_out:
+        session.memory["left_out"] = left_out
+        for name, why in left_out.items():
+            notice("plan", f"{name}: {why}")
     if choice.probe_block is not None:
         session.memory["slq_probe_block"] = choice.probe_block
     if estimate.disk_bytes:

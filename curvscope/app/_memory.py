@@ -230,8 +230,7 @@ def estimate_memory(
         limit: the memory the run may take (bytes), for the kept graphs' budget.
         measured: :func:`measure` of ``problem`` and ``matrices`` from an earlier call (the
             plan tries several bases without running the model again).
-        trace_probes: Hutchinson's and Hutch++'s probes, after SLQ: Hutchinson draws all of
-            them at once (an int64 and a float64 draw, then the operator's dtype).
+        trace_probes: Hutchinson's and Hutch++'s probes, after SLQ (:func:`trace_bytes`).
         float64: the work runs on a float64 copy of a lower-precision model (``check``'s
             derivative tests): the copy, and activations and vectors at 8 bytes a number.
     """
@@ -275,11 +274,11 @@ def estimate_memory(
     if slq_steps or trace_probes:
         # SLQ's bases are freed before the traces draw their probes: the larger of the two
         slq = float(slq_probes * (slq_steps + SLQ_WORK) * P * item)
-        traces = float(trace_probes * (16 + item) * P)
+        traces = float(trace_bytes(trace_probes, item) * P)
         parts["SLQ basis"] = max(slq, traces)
         notes["SLQ basis"] = (
             f"{slq_probes} probe(s) x {slq_steps} steps" if slq >= traces
-            else f"the traces' {trace_probes} probes, drawn at once, more than SLQ's bases"
+            else f"the traces' {trace_probes} probes, more than SLQ's bases"
         )
     parts["vectors"] = float((vectors + WORK_VECTORS) * P * item)
     if widen > 1.0:
@@ -312,6 +311,21 @@ def estimate_memory(
                    else f"{factor:g} x {format_bytes(acts)}")
             )
     return MemoryEstimate(str(dev), parts, notes, budget, disk_bytes, host_bytes)
+
+
+def trace_bytes(m: int, item: int) -> int:
+    """Bytes per parameter that the trace estimators hold at most with ``m`` probes each.
+
+    Hutch++ (the larger): its ``k = m // 3`` sketch columns and ``g = m - 2k`` Gaussian
+    ones in the operator's dtype, the sketch's products, and their float64 copy, ``Q`` and
+    the QR's workspace (8 bytes each), and ``Q`` in the dtype: ``(3k + g) item + 24 k``.
+    Hutchinson draws its ``m`` probes at once: a Gaussian draw in float64 then the dtype,
+    ``(8 + item) m`` (Rademacher: an int8 draw, ``(1 + item) m``).
+    """
+    if m <= 0:
+        return 0
+    k = m // 3
+    return max((3 * k + (m - 2 * k)) * item + 24 * k, (8 + item) * m)
 
 
 def _basis_parts(

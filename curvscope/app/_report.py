@@ -595,6 +595,7 @@ class _Context:
     plan: _Plan | None = None  # the plan the running part was priced with
     probe_block: int | None = None  # SLQ probes at once, as the memory plan fitted them
     memory: dict[str, Any] | None = None  # the command's memory plan, for every document
+    left_out: dict[str, str] = field(default_factory=dict)  # parts the plan left out, why
 
     def fit(self, part: str, plan: Callable[[dict], _Plan], shrink: Callable[[dict], bool]):
         """Shrink the part's settings (``knobs``) until its priced plan fits the time left.
@@ -1087,7 +1088,8 @@ def run_report(
         probe_block: density's SLQ probes run at once (default all; the command's memory
             plan fits it, :func:`report_memory_phases`).
         memory: the command's memory plan (its ``memory`` section): each document records
-            it with the process's peak when the part ended.
+            it with the process's peak when the part ended; the parts it left out
+            (``left_out``: part -> reason) are skipped with that reason.
 
     Every document of the report records one run (the command's, or a new one); before the
     first part, the documents of report parts in ``out_dir`` written by another run are
@@ -1111,6 +1113,7 @@ def run_report(
     out = Path(out_dir)
     ctx = _Context(problem, preset, seed, tol, max_iter, dict(base_settings or {}), progress)
     ctx.probe_block, ctx.memory = probe_block, memory
+    ctx.left_out = dict((memory or {}).get("left_out") or {})
     if budget_s is None and preset == "quick":
         budget_s = QUICK_BUDGET_S
     if budget_s is not None:
@@ -1157,6 +1160,9 @@ def _run_parts(
     for part in parts:
         if interrupted:
             ctx.skipped.append({"part": part, "reason": "not run: interrupted (Ctrl-C)."})
+            continue
+        if part in ctx.left_out:  # the memory plan found it would not fit
+            ctx.skipped.append({"part": part, "reason": ctx.left_out[part]})
             continue
         t0 = time.perf_counter()
         budget = ctx.budget

@@ -134,10 +134,12 @@ def report_cli(
                 basis=lanczos_basis(session, "all", 7, None),
                 phases=report_memory_phases(session.problem, preset),
             )
+            left_out = (session.memory or {}).get("left_out") or {}
+            names = [n for n in ("spectrum", "density", "check", "compare") if n not in left_out]
             planned = announce(
-                f"report ({preset}): spectrum, density, check, compare and surface"
+                f"report ({preset}): {', '.join(names)} and surface"
                 + (", solvers and, for a softmax classifier, classes" if preset == "full" else ""),
-                report_plan(session, preset),
+                report_plan(session, preset, left_out),
                 session,
             )
             # after every check: a refused report writes nothing
@@ -169,11 +171,14 @@ def report_cli(
         _print(run, time.perf_counter() - t0)
 
 
-def report_plan(session, preset: str) -> int:
-    """About how many products the report's parts take (the app's plan, summed)."""
+def report_plan(session, preset: str, left_out=()) -> int:
+    """About how many products the report's parts take (the app's plan, summed).
+
+    The parts the memory plan left out are not counted.
+    """
     from ..app import report_plan as plan
 
-    return sum(plan(session.problem, preset).values())
+    return sum(n for part, n in plan(session.problem, preset).items() if part not in left_out)
 
 
 def _ensure_plotly(out_dir: Path, plotly_js: str) -> None:

@@ -94,15 +94,18 @@ def random_probes(
     """
     gen = as_generator(seed)
     if distribution == "rademacher":
-        z = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int64)
-        z = z.to(torch.float64) * 2 - 1
-    elif distribution == "gaussian":
+        # int8 draws are the int64 ones (same values, same generator state after), at an
+        # eighth of the memory; +-1 is exact in every dtype, made in place
+        bits = torch.randint(0, 2, (n, k), generator=gen, dtype=torch.int8)
+        z = bits.to(dtype)
+        del bits
+        return z.mul_(2).sub_(1).to(device=device)
+    if distribution == "gaussian":
         z = torch.randn(n, k, generator=gen, dtype=torch.float64)
-    else:
-        raise OptionError(
-            f"probe distribution {distribution!r} is not known; choose rademacher or gaussian."
-        )
-    return z.to(device=device, dtype=dtype)
+        return z.to(device=device, dtype=dtype)
+    raise OptionError(
+        f"probe distribution {distribution!r} is not known; choose rademacher or gaussian."
+    )
 
 
 def _check_batch(batch: int) -> int:
