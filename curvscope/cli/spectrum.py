@@ -462,9 +462,10 @@ def _print_footer(result, session, doc_path, saved) -> None:
     used = max((e.tol for e in result.spectra if e.tol is not None), default=asked)
     if used > asked * (1 + 1e-9):
         console.print(
-            f"--tol was raised from {asked:.3g} to {used:.3g} (the largest of its blocks): the "
-            f"round-off of one product in {str(session.problem.dtype).removeprefix('torch.')} "
-            "on P parameters, 4 eps sqrt(P), below which no error bound falls.",
+            f"--tol was raised from {asked:.3g} to {used:.3g} (the largest of its blocks): to "
+            f"the round-off of the products in {str(session.problem.dtype).removeprefix('torch.')}"
+            ", 4 eps sqrt(P) on P parameters, below which no error bound falls, or to the "
+            "residuals that stalled there (up to twice it).",
             highlight=False,
         )
     in_float32 = str(session.problem.dtype) != "torch.float64"
