@@ -966,16 +966,19 @@ def _finish(
     sel = torch.cat([t_idx, b_idx])
     off = x_vals.shape[0]
     picked = sel.tolist()
-    Y = torch.empty(local_n, len(picked), dtype=V.dtype, device=V.device)
     ritz = [c for c, i in enumerate(picked) if i >= off]
-    if ritz:  # the Ritz vectors in one pass over the basis
-        coef = S[:, [picked[c] - off for c in ritz]].to(device=V.device, dtype=V.dtype)
-        Y[:, ritz] = V @ coef
-    for c, i in enumerate(picked):
-        if i < off:
-            Y[:, c] = X[:, i]
+    coef = S[:, [picked[c] - off for c in ritz]].to(device=V.device, dtype=V.dtype)
+    if len(ritz) == len(picked):  # the Ritz vectors in one pass over the basis, no copy
+        Y = V @ coef
+    else:
+        Y = torch.empty(local_n, len(picked), dtype=V.dtype, device=V.device)
+        if ritz:
+            Y[:, ritz] = V @ coef
+        for c, i in enumerate(picked):
+            if i < off:
+                Y[:, c] = X[:, i]
     lengths = inner.col_norms(Y, keepdim=True)
-    Y = Y / lengths
+    Y.div_(lengths)  # in place: k parameter-sized vectors fewer at the check's peak
     # the residual vector the Lanczos relation predicts for each picked vector: f s_j for a
     # Ritz vector V s (f: the remainder, A V = V T + f e_j^T), none for a locked one
     share = torch.zeros(k, dtype=torch.float64)
