@@ -673,6 +673,9 @@ def eigsh(
             next_check = steps + m
             if steps >= budget:
                 return results
+            # the iteration goes on: let the checked Ritz vectors go (k parameter-sized
+            # vectors: GPT-2-small's steps after a failed check ran 3 GB above those before)
+            del results
     except KeyboardInterrupt:
         # Ctrl-C (or a budget's stop): the current Ritz pairs with their residual estimates,
         # not converged, instead of nothing (hours of products kept no eigenvalue before)
