@@ -662,8 +662,10 @@ def _skipped(skipped: list[dict[str, str]]) -> str:
     rows = [[_td(s.get("part")), _td(s.get("reason"))] for s in skipped]
     return (
         '<section id="skipped"><h2>What was skipped, and why</h2>'
-        '<p class="read">Parts of the analysis this model or this version of curvscope does '
-        "not support. Nothing on this page stands in for them.</p>"
+        '<p class="read">Parts of the analysis left out: not supported for this model or by '
+        "this version of curvscope, over the time budget or the memory limit, or interrupted "
+        "(each reason says which, and what would let it run). Nothing on this page stands in "
+        "for them.</p>"
         + _table(["part", "reason"], rows)
         + "</section>"
     )
