@@ -89,3 +89,17 @@ def test_torchrun_command_matches_one_process(tiny, command, extra):
     # rank 0 prints and writes; the other rank's private folder is gone
     assert res.stdout.count("Result:") <= 1
     assert not list(tiny.glob("curvscope-rank*"))
+
+
+def test_torchrun_report_agrees_on_its_memory_plan(tmp_path):
+    """Under torchrun every rank plans the report's memory from its own resident set; the
+    ranks must take the same decisions (parts left out, SLQ blocks) or their collectives
+    would hang. Two ranks run a whole quick report to the end with one plan recorded."""
+    from .ranks import run_cli, write_tiny
+
+    write_tiny(tmp_path)
+    proc = run_cli(tmp_path, 2, "report", "model.pt", "--out", "rep", "--budget-s", "120",
+                   "--batch-size", "8")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    density = json.loads((tmp_path / "rep" / "density.json").read_text())
+    assert density["memory"]["largest_part"] == "density"

@@ -746,6 +746,8 @@ def plan_memory(
             choice = dataclasses.replace(choice, probe_block=c.probe_block)
         if e.total > estimate.total:
             estimate, largest = e, name
+    if p.group.active:
+        choice = _agree(p, choice, left_out, list(phases or {}))
     if estimate.graph_budget is not None:
         account.budget = estimate.graph_budget
     notice("plan", f"memory: {estimate.describe()}" + (f" in its largest part, {largest}"
@@ -776,6 +778,25 @@ def plan_memory(
 
         torch.cuda.reset_peak_memory_stats(p.device)
     return choice
+
+
+def _agree(p: Any, choice: Any, left_out: dict[str, str], phases: list[str]) -> Any:
+    """The plan's choices made the same on every rank (each measured its own memory).
+
+    Ranks run the same collectives, so they must run the same parts, basis and SLQ blocks:
+    the smallest basis and block any rank chose, and every part any rank left out.
+    """
+    for name in phases:
+        if p.reduce(1.0 if name in left_out else 0.0, op="max") and name not in left_out:
+            left_out[name] = "left out: it does not fit the memory of another rank."
+    size = int(-p.reduce(-float(choice.size), op="max"))
+    block = choice.probe_block
+    # every rank takes part in each reduction (collectives): no short cut around one
+    if p.reduce(0.0 if block is None else 1.0, op="max"):
+        mine = float(block) if block is not None else 1e18
+        found = -p.reduce(-mine, op="max")
+        block = None if found >= 1e18 else int(found)
+    return dataclasses.replace(choice, size=size, probe_block=block)
 
 
 def peak_memory(device) -> int:
